@@ -1,0 +1,56 @@
+"""The executor interface: how the job lifecycle hands work to something that runs it.
+
+An executor receives `Task`s, reports `started` and exactly one `finished` per
+task it started, and can be asked to cancel. It knows nothing about conditions,
+the store or the network; the job manager does not know which executor runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Task:
+    job_id: str
+    attempt: int
+    kind: str                      # "call" or "command"
+    target: str = ""               # "package.module:function" for calls
+    args_json: str = ""
+    kwargs_json: str = ""
+    argv: tuple[str, ...] = ()
+    work_dir: Path                 # where the attempt runs; renamed to final_dir when it ends
+    final_dir: Path
+    output_name: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    ok: bool
+    result_json: str = ""
+    result_file: str = ""          # path, when the result was kept as a file
+    result_format: str = ""        # "json" or "pickle"
+    error: str = ""
+    traceback: str = ""
+    outputs: tuple[tuple[str, str, int, str], ...] = ()   # (name, path, size, sha256)
+
+
+StartedCallback = Callable[[str, int], None]             # (job_id, attempt)
+FinishedCallback = Callable[[str, int, Outcome], None]   # (job_id, attempt, outcome)
+
+
+class Executor(Protocol):
+    async def start(self, on_started: StartedCallback, on_finished: FinishedCallback) -> None: ...
+
+    def submit(self, task: Task) -> None:
+        """Queue a task; returns at once."""
+
+    def cancel(self, job_id: str) -> None:
+        """Drop a queued task, or terminate a running one (then kill it after a grace period).
+
+        A cancelled task is not reported as finished."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,126 @@
+"""Assemble and run a broker: store, executor, job manager, gRPC server.
+
+`serve` returns when the broker is asked to stop (SIGTERM, SIGINT) or when the
+store refuses a commit; in both cases it stops accepting calls, gives running
+calls a grace period, stops the workers and closes the store. Running jobs are
+not waited for: recovery re-runs them on the next start.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
+from park_broker.events import EventHub
+from park_broker.jobs import JobManager, SiteInfo
+from park_broker.local_executor import LocalExecutor
+from park_broker.policy import PolicyInterceptor, local_identity
+from park_broker.servicer import JobsServicer, SiteServicer
+from park_broker.site import SiteConfig, SiteError
+from park_broker.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 16 * 1024 * 1024
+# Both sides of every channel use these, so idle Watch and federation streams
+# survive middleboxes and neither side is told too_many_pings.
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass(kw_only=True)
+class ServeOptions:
+    listen: str | None = None
+    workers: int | None = None
+    python_path: list[str] = field(default_factory=list)
+    grace: float = 5.0
+
+
+def check_loopback(listen: str) -> None:
+    """Before authentication exists, a broker must not be reachable from other hosts."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise SiteError(f"refusing to listen on {listen}: without authentication a broker listens on loopback only "
+                    "(127.0.0.1, ::1 or localhost)")
+
+
+async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | None = None) -> int:
+    listen = options.listen or site.listen
+    check_loopback(listen)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    hub = EventHub()
+    store = Store(site.db_path, on_commit=hub.publish)
+    store.open()
+    executor = LocalExecutor(workers=options.workers, python_path=options.python_path, grace=options.grace)
+    manager = JobManager(SiteInfo(site.name, site.files_root), store, executor, hub)
+    hub.head = await store.head_seq()
+    await executor.start(manager.on_started, manager.on_finished)
+    await manager.recover()
+
+    server = grpc.aio.server(
+        interceptors=[PolicyInterceptor(local_identity())],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                 ("grpc.max_send_message_length", MAX_MESSAGE), *KEEPALIVE])
+    jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(manager), server)
+    identity = site.identity_key().public_key().public_bytes(serialization.Encoding.Raw,
+                                                             serialization.PublicFormat.Raw)
+    info = site_pb2.InfoResponse(site=site.name, files_root=str(site.files_root), identity_public_key=identity,
+                                 certificate_pem=site.certificate().decode(), executor="local",
+                                 capabilities=["jobs", "watch"])
+    site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(info), server)
+    health = health_async.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    credentials = grpc.ssl_server_credentials([(site.tls_key(), site.certificate())])
+    port = server.add_secure_port(listen, credentials)
+    await server.start()
+    for service in ("", "park.v1.Jobs", "park.v1.Site"):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{listen.rpartition(':')[0]}:{port}"
+    _write_serve_file(site.directory, address)
+    log.info("site %s serving on %s", site.name, address)
+    print(f"park-broker: site {site.name} serving on {address}", flush=True)
+
+    failed = asyncio.create_task(manager.failed.wait())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([failed, stopping], return_when=asyncio.FIRST_COMPLETED)
+    for task in (failed, stopping):
+        task.cancel()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=options.grace)
+    await executor.close()
+    store.close()
+    (site.directory / "serve.json").unlink(missing_ok=True)
+    return 1 if manager.failed.is_set() else 0
+
+
+def _write_serve_file(directory: Path, address: str) -> None:
+    """Tell local tools (and tests that listen on port 0) where the broker is."""
+    tmp = directory / "serve.json.tmp"
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.replace(directory / "serve.json")

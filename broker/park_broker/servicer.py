@@ -1,0 +1,123 @@
+"""gRPC servicers: the only code that knows about status codes.
+
+Each method validates what the wire cannot, calls the transport-free JobManager
+with the caller from `policy.current_identity`, and maps domain errors through
+`status_for`. Anything unexpected becomes INTERNAL with the detail logged, never
+sent.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
+
+import grpc
+
+import park
+from park._proto import jobs_pb2 as jpb
+from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
+from park_broker.errors import BrokerError
+from park_broker.jobs import JobManager
+from park_broker.policy import current_identity
+
+log = logging.getLogger(__name__)
+
+
+def status_for(error: BrokerError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code.name]
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
+    if isinstance(exc, BrokerError):
+        await context.abort(status_for(exc), exc.message)
+    log.error("internal error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the broker log has the details")
+    raise AssertionError("context.abort returned")
+
+
+def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Map a unary handler's domain errors to statuses (see the module docstring)."""
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, fn.__name__, exc)
+    return wrapper
+
+
+def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, fn.__name__, exc)
+    return wrapper
+
+
+class JobsServicer(jobs_pb2_grpc.JobsServicer):
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+
+    @unary
+    async def SubmitMany(self, request: jpb.SubmitManyRequest, context: grpc.aio.ServicerContext
+                         ) -> jpb.SubmitManyResponse:
+        submissions = await self.manager.submit_many(current_identity.get().user, list(request.jobs))
+        response = jpb.SubmitManyResponse()
+        for spec, sub in zip(request.jobs, submissions):
+            result = response.results.add(id=spec.id)
+            if sub.error is not None:
+                result.code = status_for(sub.error).value[0]
+                result.message = sub.error.message
+            else:
+                job = sub.job
+                assert job is not None
+                result.ref.CopyFrom(jpb.JobRef(id=job.id, url=job.url, filename=job.filename, state=job.state,
+                                               memo_hit=job.memo_hit))
+        return response
+
+    @unary
+    async def Get(self, request: jpb.GetRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
+        caller = current_identity.get()
+        return await self.manager.get(caller.user, request.job_id, admin=caller.admin)
+
+    @unary
+    async def List(self, request: jpb.ListRequest, context: grpc.aio.ServicerContext) -> jpb.ListResponse:
+        caller = current_identity.get()
+        jobs = await self.manager.list(caller.user, request.states, request.after_id, request.limit,
+                                       admin=caller.admin)
+        limit = min(max(request.limit or 100, 1), 1000)
+        return jpb.ListResponse(jobs=jobs, next_after_id=jobs[-1].id if len(jobs) == limit else "")
+
+    @unary
+    async def Cancel(self, request: jpb.CancelRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
+        caller = current_identity.get()
+        return await self.manager.cancel(caller.user, request.job_id, request.reason, admin=caller.admin)
+
+    @streaming
+    async def Watch(self, request: jpb.WatchRequest, context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[jpb.WatchResponse]:
+        caller = current_identity.get()
+        async for item in self.manager.watch(caller.user, request.job_id, request.from_seq, admin=caller.admin):
+            yield item
+
+
+class SiteServicer(site_pb2_grpc.SiteServicer):
+    def __init__(self, info: site_pb2.InfoResponse):
+        self.info = info
+
+    @unary
+    async def Info(self, request: site_pb2.InfoRequest, context: grpc.aio.ServicerContext
+                   ) -> site_pb2.InfoResponse:
+        response = site_pb2.InfoResponse()
+        response.CopyFrom(self.info)
+        response.caller = current_identity.get().user
+        response.version = park.__version__
+        return response

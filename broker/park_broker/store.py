@@ -1,0 +1,245 @@
+"""The durable job store: one SQLite file per broker, and all of Park's SQL.
+
+Constraints this module guarantees:
+- WAL mode with `synchronous=FULL`: once `commit()` returns, its changes survive
+  `kill -9` and power loss, so an event a peer has seen never rolls back.
+- One writer connection, used only by one thread, in `BEGIN IMMEDIATE`
+  transactions. A job's new record and its event are written in the same
+  transaction, and every change that is waiting when the writer becomes free
+  shares one transaction (group commit): throughput scales with batch size,
+  not with fsync latency.
+- Event sequence numbers are the event table's primary key, assigned in commit
+  order, so they are strictly increasing and never reused.
+- Readers use their own connections on other threads and see only committed data.
+
+Jobs are kept as a serialized `park.v1.Job` record beside the columns that
+queries filter on; the schema version is `PRAGMA user_version`.
+"""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from park._proto import jobs_pb2 as jpb
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE jobs (
+    id      TEXT PRIMARY KEY,
+    owner   TEXT NOT NULL,
+    state   INTEGER NOT NULL,
+    record  BLOB NOT NULL
+);
+CREATE INDEX jobs_owner ON jobs(owner, id);
+CREATE INDEX jobs_active ON jobs(state) WHERE state IN (1, 2, 3);
+CREATE TABLE events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id  TEXT NOT NULL,
+    owner   TEXT NOT NULL,
+    body    BLOB NOT NULL
+);
+CREATE INDEX events_job ON events(job_id, seq);
+CREATE INDEX events_owner ON events(owner, seq);
+"""
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (wrong schema version, corrupt file)."""
+
+
+@dataclass(slots=True)
+class Change:
+    """A job's new record and the event that explains it, written together."""
+
+    job: jpb.Job
+    event: jpb.Event
+    insert: bool = False
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class Store:
+    """Asynchronous front of the SQLite store; safe to use from one event loop."""
+
+    def __init__(self, path: Path, on_commit: Callable[[list[Change]], None] | None = None):
+        """`on_commit` receives each transaction's changes, in sequence order, once they are durable."""
+        self.path = path
+        self._on_commit = on_commit
+        self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="park-store-writer")
+        self._reader_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="park-store-reader")
+        self._local = threading.local()
+        self._writer: sqlite3.Connection | None = None
+        self._pending: list[tuple[list[Change], asyncio.Future[None]]] = []
+        self._flushing = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create or check the schema. Raises StoreError for an unknown version."""
+        self._writer = self._writer_pool.submit(_connect, self.path).result()
+        version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            self._writer.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        elif version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version}; this broker knows {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._writer_pool.shutdown(wait=True)
+        self._reader_pool.shutdown(wait=True)
+        if self._writer is not None:
+            self._writer.close()
+
+    # -- writes ----------------------------------------------------------------
+
+    async def commit(self, changes: list[Change]) -> None:
+        """Write `changes` durably; fills in each event's `seq` and the job's `last_seq`.
+
+        Concurrent callers are grouped into one transaction. If the transaction
+        fails, every caller in it gets the exception and nothing of it is kept.
+        """
+        if not changes:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((changes, future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await loop.run_in_executor(self._writer_pool, self._write, [c for cs, _ in batch for c in cs])
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                if self._on_commit is not None:
+                    self._on_commit([c for cs, _ in batch for c in cs])
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._flushing = False
+
+    def _write(self, changes: Sequence[Change]) -> None:
+        conn = self._writer
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for change in changes:
+                job, event = change.job, change.event
+                event.ClearField("seq")
+                cur = conn.execute("INSERT INTO events (job_id, owner, body) VALUES (?, ?, ?)",
+                                   (job.id, job.owner, event.SerializeToString()))
+                event.seq = job.last_seq = cur.lastrowid or 0
+                record = job.SerializeToString()
+                if change.insert:
+                    conn.execute("INSERT INTO jobs (id, owner, state, record) VALUES (?, ?, ?, ?)",
+                                 (job.id, job.owner, job.state, record))
+                else:
+                    conn.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?", (job.state, record, job.id))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            for change in changes:
+                change.event.seq = 0
+            raise
+
+    # -- reads -----------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _connect(self.path)
+        return conn
+
+    async def _read(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, fn, *args)
+
+    async def get(self, job_id: str) -> jpb.Job | None:
+        return await self._read(self._get, job_id)
+
+    def _get(self, job_id: str) -> jpb.Job | None:
+        row = self._reader().execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return jpb.Job.FromString(row[0]) if row else None
+
+    async def get_many(self, job_ids: Iterable[str]) -> dict[str, jpb.Job]:
+        return await self._read(self._get_many, list(job_ids))
+
+    def _get_many(self, job_ids: list[str]) -> dict[str, jpb.Job]:
+        found: dict[str, jpb.Job] = {}
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start:start + 500]
+            rows = self._reader().execute(
+                f"SELECT record FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            for (record,) in rows:
+                job = jpb.Job.FromString(record)
+                found[job.id] = job
+        return found
+
+    async def list(self, owner: str | None, states: Sequence[int], after_id: str, limit: int) -> list[jpb.Job]:
+        return await self._read(self._list, owner, list(states), after_id, limit)
+
+    def _list(self, owner: str | None, states: list[int], after_id: str, limit: int) -> list[jpb.Job]:
+        sql, args = "SELECT record FROM jobs WHERE id > ?", [after_id]
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args += states
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        return [jpb.Job.FromString(r[0]) for r in self._reader().execute(sql, args)]
+
+    async def active(self) -> list[jpb.Job]:
+        """Every job that is not in a terminal state, in id order (for recovery)."""
+        return await self._read(self._active)
+
+    def _active(self) -> list[jpb.Job]:
+        rows = self._reader().execute("SELECT record FROM jobs WHERE state IN (1, 2, 3) ORDER BY id")
+        return [jpb.Job.FromString(r[0]) for r in rows]
+
+    async def events(self, after_seq: int, *, job_id: str | None, owner: str | None,
+                     limit: int = 1000) -> list[jpb.Event]:
+        """Committed events with seq > after_seq, oldest first, filtered by job or owner."""
+        return await self._read(self._events, after_seq, job_id, owner, limit)
+
+    def _events(self, after_seq: int, job_id: str | None, owner: str | None, limit: int) -> list[jpb.Event]:
+        sql, args = "SELECT seq, body FROM events WHERE seq > ?", [after_seq]
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        out = []
+        for seq, body in self._reader().execute(sql, args):
+            event = jpb.Event.FromString(body)
+            event.seq = seq
+            out.append(event)
+        return out
+
+    async def head_seq(self) -> int:
+        return await self._read(lambda: self._reader().execute("SELECT COALESCE(MAX(seq), 0) FROM events")
+                                .fetchone()[0])
+

@@ -1,0 +1,25 @@
+"""Park: durable, condition-gated jobs across sites.
+
+    import park
+    cluster = park.remote_service("127.0.0.1:7702", cert="cluster/tls.crt")
+    with cluster:
+        a = park.submit("mymodel.sim:prefit", 3, steps=100)
+        b = park.run(["reduce", "--in", "x.nxs"], when=a.iscompleted)
+    print(b.result())
+
+The public surface is exactly `__all__` (pinned by tests/test_exports.py).
+"""
+from park.api import CurrentJob, current_job, job, run, submit
+from park.conditions import Condition, State
+from park.errors import (ConfigError, JobCancelled, JobFailed, NoServiceError, ParkError, ServiceError,
+                         SubmitError)
+from park.job import Job, JobEvent, ResultFile
+from park.service import Service, remote_service
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Condition", "ConfigError", "CurrentJob", "Job", "JobCancelled", "JobEvent", "JobFailed", "NoServiceError",
+    "ParkError", "ResultFile", "Service", "ServiceError", "State", "SubmitError", "current_job", "job",
+    "remote_service", "run", "submit",
+]

@@ -1,0 +1,1 @@
+"""Generated wire stubs; regenerate with scripts/gen_protos.py, never edit."""

@@ -1,0 +1,178 @@
+"""Conversions between Park's Python values and their wire messages, and the
+limits every party checks before trusting a message.
+
+Both the client and the broker call `condition_from_proto` and the `check_*`
+functions, so a bad input is refused with the same words on both sides. Every
+check raises `InvalidInput` with a message that says what to fix.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+from park._proto import conditions_pb2 as cpb
+from park._proto import jobs_pb2 as jpb
+from park.conditions import ATOM_KINDS, And, Atom, AtomKey, Condition, Not, Or
+
+__all__ = [
+    "InvalidInput", "condition_to_proto", "condition_from_proto", "check_job_id", "check_site",
+    "check_target", "check_name", "STATE_NAMES", "TERMINAL_STATES", "JOB_ID_LENGTH",
+    "MAX_CONDITION_NODES", "MAX_CONDITION_ATOMS", "MAX_CONDITION_DEPTH", "MAX_ARGS_BYTES",
+]
+
+MAX_CONDITION_NODES = 512
+MAX_CONDITION_ATOMS = 128
+MAX_CONDITION_DEPTH = 64
+MAX_ARGS_BYTES = 1 << 20
+MAX_EXPR_LENGTH = 500
+JOB_ID_LENGTH = 26
+
+_JOB_ID = re.compile(r"[a-z2-7]{26}")
+_SITE = re.compile(r"[a-z][a-z0-9-]{0,62}")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_TARGET = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}")
+
+STATE_NAMES = {
+    jpb.JOB_STATE_WAITING: "waiting",
+    jpb.JOB_STATE_QUEUED: "queued",
+    jpb.JOB_STATE_RUNNING: "running",
+    jpb.JOB_STATE_COMPLETED: "completed",
+    jpb.JOB_STATE_FAILED: "failed",
+    jpb.JOB_STATE_CANCELLED: "cancelled",
+}
+TERMINAL_STATES = frozenset((jpb.JOB_STATE_COMPLETED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED))
+
+_KIND_TO_PROTO = {
+    "completed": cpb.ATOM_KIND_COMPLETED,
+    "cancelled": cpb.ATOM_KIND_CANCELLED,
+    "finished": cpb.ATOM_KIND_FINISHED,
+    "improved": cpb.ATOM_KIND_IMPROVED,
+}
+_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+_OPS = {And: cpb.OP_AND, Or: cpb.OP_OR}
+
+
+class InvalidInput(ValueError):
+    """A message or argument that breaks a rule; the text says which and how to fix it."""
+
+
+def check_job_id(job_id: str, what: str = "job id") -> str:
+    if not _JOB_ID.fullmatch(job_id):
+        shown = job_id[:40] + ("..." if len(job_id) > 40 else "")
+        raise InvalidInput(f"{what} {shown!r} is not a Park job id ({JOB_ID_LENGTH} characters of a-z and 2-7)")
+    return job_id
+
+
+def check_site(site: str) -> str:
+    if not _SITE.fullmatch(site):
+        raise InvalidInput(f"site name {site[:70]!r} must be 1-63 characters of a-z, 0-9 and '-', "
+                           "starting with a letter")
+    return site
+
+
+def check_target(target: str) -> str:
+    if not _TARGET.fullmatch(target) or len(target) > 500:
+        raise InvalidInput(f"callable {target[:100]!r} must look like 'package.module:function'")
+    return target
+
+
+def check_name(name: str, what: str = "output name") -> str:
+    """A single file name: no separators, no '..', no NUL, no leading dot."""
+    if not _NAME.fullmatch(name) or name in {".", ".."}:
+        raise InvalidInput(f"{what} {name[:100]!r} must be a plain file name (letters, digits, '_.+-', "
+                           "not starting with '.', no '/', at most 255 characters)")
+    return name
+
+
+def check_json(text: str, kind: type, what: str) -> str:
+    if len(text.encode()) > MAX_ARGS_BYTES:
+        raise InvalidInput(f"{what} is larger than {MAX_ARGS_BYTES} bytes; pass a file instead")
+    if text:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+        if not isinstance(value, kind):
+            raise InvalidInput(f"{what} must be a JSON {'array' if kind is list else 'object'}")
+    return text
+
+
+def condition_to_proto(cond: Condition | None) -> cpb.Condition:
+    """Postfix form of `cond`; None (no condition) is the empty, always-true form."""
+    out = cpb.Condition()
+    if cond is None:
+        return out
+    stack: list[tuple[Condition, bool]] = [(cond, False)]
+    # Iterative post-order walk: a deep expression must not hit the recursion limit.
+    while stack:
+        node, expanded = stack.pop()
+        if isinstance(node, Atom):
+            out.postfix.add().atom.CopyFrom(atom_to_proto(node.key))
+        elif expanded:
+            out.postfix.add().op = cpb.OP_NOT if isinstance(node, Not) else _OPS[type(node)]
+        elif isinstance(node, Not):
+            stack += [(node, True), (node.inner, False)]
+        elif isinstance(node, (And, Or)):
+            stack += [(node, True), (node.right, False), (node.left, False)]
+        else:
+            raise InvalidInput(f"cannot send a {type(node).__name__} to a broker")
+    return out
+
+
+def atom_to_proto(key: object) -> cpb.Atom:
+    if not isinstance(key, AtomKey):
+        raise InvalidInput(f"atom {key!r} is not bound to a job; use job.iscompleted and friends")
+    return cpb.Atom(site=key.site, job_id=key.job_id, kind=_KIND_TO_PROTO[key.kind], expr=key.expr)
+
+
+def atom_from_proto(msg: cpb.Atom) -> AtomKey:
+    kind = _KIND_FROM_PROTO.get(msg.kind)
+    if kind is None:
+        raise InvalidInput(f"atom kind {msg.kind} is not one of {', '.join(ATOM_KINDS)}")
+    check_site(msg.site)
+    check_job_id(msg.job_id, "atom's job id")
+    if kind == "improved":
+        if not msg.expr or len(msg.expr) > MAX_EXPR_LENGTH:
+            raise InvalidInput(f"an improved(...) atom needs an expression of 1-{MAX_EXPR_LENGTH} characters")
+    elif msg.expr:
+        raise InvalidInput(f"only improved(...) atoms take an expression, not {kind}")
+    return AtomKey(msg.site, msg.job_id, kind, msg.expr)
+
+
+def condition_from_proto(msg: cpb.Condition) -> Condition | None:
+    """Rebuild and bound-check a postfix condition; None when it is empty."""
+    nodes = msg.postfix
+    if not nodes:
+        return None
+    if len(nodes) > MAX_CONDITION_NODES:
+        raise InvalidInput(f"condition has {len(nodes)} nodes; the limit is {MAX_CONDITION_NODES}")
+    stack: list[tuple[Condition, int]] = []
+    atoms = 0
+    for i, node in enumerate(nodes):
+        which = node.WhichOneof("node")
+        if which == "atom":
+            atoms += 1
+            if atoms > MAX_CONDITION_ATOMS:
+                raise InvalidInput(f"condition names more than {MAX_CONDITION_ATOMS} atoms")
+            stack.append((Atom(atom_from_proto(node.atom)), 1))
+            continue
+        arity = {cpb.OP_AND: 2, cpb.OP_OR: 2, cpb.OP_NOT: 1}.get(node.op) if which == "op" else None
+        if arity is None:
+            raise InvalidInput(f"condition node {i} is neither an atom nor AND/OR/NOT")
+        if len(stack) < arity:
+            raise InvalidInput(f"condition node {i} ({cpb.Op.Name(node.op)}) lacks operands; "
+                               "the postfix form is malformed")
+        operands = [stack.pop() for _ in range(arity)][::-1]
+        depth = 1 + max(d for _, d in operands)
+        if depth > MAX_CONDITION_DEPTH:
+            raise InvalidInput(f"condition is nested deeper than {MAX_CONDITION_DEPTH}")
+        if node.op == cpb.OP_NOT:
+            built: Condition = Not(operands[0][0])
+        else:
+            built = (And if node.op == cpb.OP_AND else Or)(operands[0][0], operands[1][0])
+        stack.append((built, depth))
+    if len(stack) != 1:
+        raise InvalidInput(f"condition leaves {len(stack)} expressions instead of one; "
+                           "the postfix form is malformed")
+    return stack[0][0]

@@ -1,0 +1,131 @@
+"""The functions a script calls: submit, run, the @job decorator, current_job.
+
+Each checks its arguments on the spot, with the same rules the broker applies
+(park._wire), so a mistake is reported at the line that made it, then queues
+the job with its service and returns a `Job` without waiting for the broker.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from park._proto import jobs_pb2 as jpb
+from park._wire import InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto
+from park.conditions import Condition
+from park.errors import ParkError
+from park.job import Job
+from park.service import Service, default_service, new_job_id
+
+__all__ = ["submit", "run", "job", "current_job", "CurrentJob"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _target_of(fn: Callable[..., Any]) -> str:
+    """`module:qualname` of a function the broker can import."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if module is None or "<" in qualname:
+        raise ValueError(f"{fn!r} is not importable by name; define it at the top level of a module")
+    if module == "__main__":
+        # A script's functions are importable on the broker under the script's file name.
+        main_file = getattr(sys.modules["__main__"], "__file__", None)
+        if not main_file:
+            raise ValueError(f"{fn.__name__} is defined interactively; put it in a module the broker can import")
+        module = Path(main_file).stem
+    return f"{module}:{qualname}"
+
+
+def _spec(service: Service, when: Condition | None, output: str, label: str | None) -> jpb.JobSpec:
+    if when is not None and not isinstance(when, Condition):
+        raise TypeError(f"when= takes a condition such as job.iscompleted, not {type(when).__name__}")
+    spec = jpb.JobSpec(id=new_job_id(), output_name=output, label=label or "")
+    try:
+        check_name(output)
+        spec.when.CopyFrom(condition_to_proto(when))
+        condition_from_proto(spec.when)   # the broker's limits, checked before sending
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+    return spec
+
+
+def _queue(service: Service, spec: jpb.JobSpec) -> Job:
+    info = service.info
+    directory = f"{info.files_root}/{info.caller}/{spec.id}"
+    job = Job(service, spec.id, url=f"park://{info.site}/files/{info.caller}/{spec.id}/{spec.output_name}",
+              filename=f"{directory}/{spec.output_name}")
+    job._pending = service.enqueue(spec)
+    return job
+
+
+def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None = None,
+           service: Service | None = None, requires: Sequence[str] = (), output: str = "output",
+           label: str | None = None, **kwargs: Any) -> Job:
+    """Submit a Python call `target(*args, **kwargs)` to run at `service` once `when` holds.
+
+    `target` is "package.module:function" or a function the broker can import.
+    Arguments must be JSON-able. Returns at once; see park.Job.
+    """
+    service = default_service(service)
+    name = target if isinstance(target, str) else _target_of(target)
+    spec = _spec(service, when, output, label or name)
+    try:
+        check_target(name)
+        spec.call.target = name
+        spec.call.args_json = check_json(json.dumps(list(args), allow_nan=False), list, "args")
+        spec.call.kwargs_json = check_json(json.dumps(kwargs, allow_nan=False), dict, "kwargs")
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"arguments of {name} must be JSON-able (numbers, strings, lists, dicts): {exc}") from None
+    spec.requires.extend(requires)
+    return _queue(service, spec)
+
+
+def run(argv: Sequence[str], *, when: Condition | None = None, service: Service | None = None,
+        output: str = "output", label: str | None = None) -> Job:
+    """Submit a command line (no shell) to run in the job's directory once `when` holds."""
+    if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
+        raise TypeError("run() takes a list of strings, e.g. ['reduce', '--in', 'x.nxs']")
+    service = default_service(service)
+    spec = _spec(service, when, output, label or argv[0])
+    spec.command.argv.extend(argv)
+    return _queue(service, spec)
+
+
+def job(fn: F) -> Callable[..., Job]:
+    """Decorate a function so that calling it submits it: `prefit(3, when=..., service=...) -> Job`.
+
+    The plain function stays available as `.local`."""
+    target = _target_of(fn)
+
+    @functools.wraps(fn)
+    def submitter(*args: Any, when: Condition | None = None, service: Service | None = None, **kwargs: Any) -> Job:
+        return submit(target, *args, when=when, service=service, **kwargs)
+
+    submitter.local = fn  # type: ignore[attr-defined]
+    return submitter
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentJob:
+    id: str
+    site: str
+    directory: str
+    filename: str
+    url: str
+
+
+def current_job() -> CurrentJob:
+    """Inside a running job: its id, directory and the filename its output goes to."""
+    env = os.environ
+    if "PARK_JOB_ID" not in env:
+        raise ParkError("park.current_job() works only inside a job run by a Park broker")
+    return CurrentJob(env["PARK_JOB_ID"], env["PARK_SITE"], env["PARK_JOB_DIR"], env["PARK_JOB_FILENAME"],
+                      env["PARK_JOB_URL"])

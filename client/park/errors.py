@@ -1,0 +1,62 @@
+"""Park's exceptions, all in one tree:
+
+    ParkError
+    ├── ServiceError        a broker refused a call or could not be reached (.code, .message)
+    │   └── SubmitError     a submitted job was refused (.job_id)
+    ├── JobFailed           job.result() of a job that failed (.job, .error, .traceback)
+    ├── JobCancelled        job.result() of a job that was cancelled (.job, .cause)
+    ├── NoServiceError      no service given and no `with service:` around the call
+    └── ConfigError         the client configuration is missing or wrong
+
+Waiting too long raises the built-in TimeoutError.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+__all__ = ["ParkError", "ServiceError", "SubmitError", "JobFailed", "JobCancelled", "NoServiceError", "ConfigError"]
+
+
+class ParkError(Exception):
+    """Base of every error Park raises on purpose."""
+
+
+class ServiceError(ParkError):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code          # a gRPC status name: "NOT_FOUND", "INVALID_ARGUMENT", ...
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError, doing: str) -> ServiceError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code.name, f"{doing}: {details}")
+
+
+class SubmitError(ServiceError):
+    def __init__(self, job_id: str, code: str, message: str):
+        super().__init__(code, message)
+        self.job_id = job_id
+
+
+class JobFailed(ParkError):
+    def __init__(self, job: Any, error: str, traceback: str = ""):
+        super().__init__(f"job {job.id} failed: {error}")
+        self.job, self.error, self.traceback = job, error, traceback
+
+
+class JobCancelled(ParkError):
+    def __init__(self, job: Any, cause: str):
+        super().__init__(f"job {job.id} was cancelled: {cause}")
+        self.job, self.cause = job, cause
+
+
+class NoServiceError(ParkError):
+    pass
+
+
+class ConfigError(ParkError):
+    pass

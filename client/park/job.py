@@ -1,0 +1,206 @@
+"""Job proxies: the client's handle on a job at a broker.
+
+A `Job` is usable as soon as `submit` returns: its id, url and filename are
+known, and its atoms (`iscompleted`, `iscancelled`, `isfinished`) can gate
+later submissions. Anything that needs the broker's answer (state, result,
+events) first waits for the submission to be acknowledged and raises
+`SubmitError` if it was refused.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import json_format
+
+from park._proto import jobs_pb2 as jpb
+from park._wire import STATE_NAMES, TERMINAL_STATES
+from park.conditions import Atom, AtomKey, State
+from park.errors import JobCancelled, JobFailed, ServiceError
+
+if TYPE_CHECKING:
+    from park.service import Service, _Pending
+
+__all__ = ["Job", "JobEvent", "ResultFile"]
+
+_RECONNECT_FOR = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One entry of a job's event stream (`kind` is submitted, queued, started, completed, ...)."""
+
+    seq: int
+    job_id: str
+    time: float
+    kind: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, event: jpb.Event) -> JobEvent:
+        kind = event.WhichOneof("kind") or "unknown"
+        detail = json_format.MessageToDict(getattr(event, kind)) if kind != "unknown" else {}
+        return cls(event.seq, event.job_id, event.time, kind, detail)
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class ResultFile:
+    """A result kept as a file on the broker's site (too large, or not JSON)."""
+
+    path: str
+    format: str
+
+
+class Job:
+    """A job at a broker. Cheap to create; talks to the broker only when asked."""
+
+    def __init__(self, service: Service, job_id: str, url: str, filename: str, pending: _Pending | None = None):
+        self.service = service
+        self.id = job_id
+        self.url = url
+        self.filename = filename
+        self._pending = pending
+
+    def __repr__(self) -> str:
+        return f"<park.Job {self.url.split('/files/')[0]}/jobs/{self.id}>"
+
+    # -- conditions ------------------------------------------------------------------
+
+    def _atom(self, kind: str, expr: str = "") -> Atom:
+        return Atom(AtomKey(self.site, self.id, kind, expr), source=self._atom_state)
+
+    @property
+    def site(self) -> str:
+        return self.url.split("/")[2]
+
+    @property
+    def iscompleted(self) -> Atom:
+        """Ready when the job completed; cancelled when it failed or was cancelled."""
+        return self._atom("completed")
+
+    @property
+    def iscancelled(self) -> Atom:
+        """Ready when the job failed or was cancelled; cancelled when it completed."""
+        return self._atom("cancelled")
+
+    @property
+    def isfinished(self) -> Atom:
+        """Ready when the job reached any terminal state; never cancelled."""
+        return self._atom("finished")
+
+    @property
+    def isfetched(self) -> Atom:
+        """Ready when a fetch job has its file. Raises NotImplementedError until fetches exist (issue 4)."""
+        raise NotImplementedError("fetch jobs arrive with federation (issue 4)")
+
+    def improved(self, expr: str) -> Atom:
+        """Ready on the first progress report satisfying `expr`. NotImplementedError until issue 5."""
+        raise NotImplementedError("progress conditions arrive with park.report (issue 5)")
+
+    def _atom_state(self, key: AtomKey) -> State:
+        state = self.state
+        if state not in ("completed", "failed", "cancelled"):
+            return State.PENDING
+        ok = state == "completed"
+        return {"completed": State.READY if ok else State.CANCELLED,
+                "cancelled": State.CANCELLED if ok else State.READY,
+                "finished": State.READY}[key.kind]
+
+    # -- broker state -------------------------------------------------------------------
+
+    def acknowledged(self, timeout: float | None = None) -> jpb.JobRef:
+        """Wait for the broker to accept the submission; raises SubmitError if it refused."""
+        pending = self._pending
+        if pending is None:
+            return jpb.JobRef(id=self.id, url=self.url, filename=self.filename)
+        if not pending.done.wait(timeout):
+            raise TimeoutError(f"the submission of {self.id} was not acknowledged within {timeout} s")
+        if pending.error is not None:
+            raise pending.error
+        assert pending.ref is not None
+        return pending.ref
+
+    @property
+    def memo_hit(self) -> bool:
+        """True if the broker answered with an earlier identical job (memoization, issue 6)."""
+        return self.acknowledged().memo_hit
+
+    def record(self) -> jpb.Job:
+        """The broker's full record of the job."""
+        self.acknowledged()
+        return self.service.call(self.service.jobs_stub.Get, jpb.GetRequest(job_id=self.id), f"reading job {self.id}")
+
+    @property
+    def state(self) -> str:
+        """'waiting', 'queued', 'running', 'completed', 'failed' or 'cancelled'."""
+        return STATE_NAMES[self.record().state]
+
+    def cancel(self, reason: str = "") -> str:
+        """Cancel the job if it has not finished; returns its state afterwards."""
+        self.acknowledged()
+        job = self.service.call(self.service.jobs_stub.Cancel, jpb.CancelRequest(job_id=self.id, reason=reason),
+                                f"cancelling job {self.id}")
+        return STATE_NAMES[job.state]
+
+    def events(self, from_seq: int = 0, timeout: float | None = None) -> Iterator[JobEvent]:
+        """The job's events after `from_seq`, replayed then followed live, ending with the terminal one.
+
+        Reconnects after a broken stream from the last event seen, so no event is
+        missed or repeated."""
+        self.acknowledged(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = from_seq
+        broken_since: float | None = None
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+            stream = self.service.jobs_stub.Watch(jpb.WatchRequest(job_id=self.id, from_seq=last), timeout=left)
+            try:
+                for item in stream:
+                    broken_since = None
+                    if item.HasField("event"):
+                        last = item.event.seq
+                        event = JobEvent.from_proto(item.event)
+                        yield event
+                        if event.terminal:
+                            return
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"job {self.id} did not finish within {timeout} s") from None
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise ServiceError.from_rpc(exc, f"watching job {self.id}") from None
+                broken_since = broken_since or time.monotonic()
+                if time.monotonic() - broken_since > _RECONNECT_FOR:
+                    raise ServiceError.from_rpc(exc, f"watching job {self.id}") from None
+                time.sleep(0.2)
+            finally:
+                stream.cancel()
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the job is completed, failed or cancelled; returns that state."""
+        for event in self.events(timeout=timeout):
+            if event.terminal:
+                return event.kind
+        raise AssertionError("event stream ended without a terminal event")
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's return value; raises JobFailed or JobCancelled."""
+        self.wait(timeout)
+        job = self.record()
+        if job.state == jpb.JOB_STATE_FAILED:
+            raise JobFailed(self, job.error, job.traceback)
+        if job.state == jpb.JOB_STATE_CANCELLED:
+            raise JobCancelled(self, job.cause.message)
+        assert job.state in TERMINAL_STATES
+        if job.HasField("result_file"):
+            return ResultFile(job.result_file.path, job.result_file.format)
+        return json.loads(job.result_json) if job.result_json else None

@@ -1,0 +1,261 @@
+"""A connection to one broker, and the default service of a `with` block.
+
+`Service` is synchronous for scripts. Submissions do not wait for the broker:
+job ids are chosen here, so a job's id, filename and url are known when
+`submit` returns, and a background thread sends everything queued since the
+last send as one `SubmitMany` call. Sends are retried on UNAVAILABLE; a retry is
+safe because the broker recognises an id it already holds. A job the broker
+refuses raises `SubmitError` from anything that needs it, and from
+`service.flush()`, which runs when a `with service:` block ends and when the
+interpreter exits.
+
+The default service is the one documented piece of global state: a ContextVar
+holding the stack of services entered with `with`, so it nests and is separate
+per thread and per asyncio task.
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import contextvars
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from park._proto import jobs_pb2 as jpb
+from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
+from park.config import load_services
+from park.errors import ConfigError, NoServiceError, ServiceError, SubmitError
+
+_default: contextvars.ContextVar[tuple[Service, ...]] = contextvars.ContextVar("park_default_service", default=())
+
+MAX_BATCH = 1000
+RETRY_FOR = 60.0          # seconds a submission keeps retrying an unreachable broker
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def new_job_id() -> str:
+    """128 random bits as 26 lowercase base32 characters."""
+    return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+def default_service(service: Service | None = None) -> Service:
+    """`service` if given, else the innermost `with service:`; raises NoServiceError."""
+    if service is not None:
+        return service
+    stack = _default.get()
+    if not stack:
+        raise NoServiceError("no service: pass service=... or submit inside `with service:`")
+    return stack[-1]
+
+
+def remote_service(address_or_name: str, cert: str | os.PathLike[str] | None = None) -> Service:
+    """Connect to a broker by HOST:PORT (with `cert`, its TLS certificate) or by a configured name."""
+    if cert is not None:
+        return Service(address_or_name, Path(cert))
+    services = load_services()
+    entry = services.get(address_or_name)
+    if entry is None:
+        known = ", ".join(sorted(services)) or "none"
+        raise ConfigError(f"no service named {address_or_name!r} in the client config (known: {known}); "
+                          "add it with `park services add NAME --address HOST:PORT --cert FILE`, "
+                          "or pass cert= with an address")
+    return Service(entry.address, entry.cert)
+
+
+@dataclass(slots=True)
+class _Pending:
+    spec: jpb.JobSpec
+    done: threading.Event
+    ref: jpb.JobRef | None = None
+    error: SubmitError | None = None
+
+
+class Service:
+    """One broker. Use `with service:` to make it the default for submissions inside."""
+
+    def __init__(self, address: str, cert: Path):
+        try:
+            pem = cert.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the certificate of {address}: {exc}") from None
+        self.address = address
+        self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem),
+                                            options=CHANNEL_OPTIONS)
+        self.jobs_stub = jobs_pb2_grpc.JobsStub(self._channel)
+        self._site_stub = site_pb2_grpc.SiteStub(self._channel)
+        self._info: site_pb2.InfoResponse | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[_Pending] = deque()
+        self._in_flight = 0
+        self._refused: list[SubmitError] = []
+        self._closed = False
+        self._sender: threading.Thread | None = None
+        atexit.register(self._at_exit)
+
+    # -- identity of the site ------------------------------------------------------
+
+    @property
+    def info(self) -> site_pb2.InfoResponse:
+        """What the broker says about itself; fetched once."""
+        if self._info is None:
+            info = self.call(self._site_stub.Info, site_pb2.InfoRequest(), f"reaching {self.address}", timeout=30)
+            self._info = info
+        return self._info
+
+    @property
+    def site(self) -> str:
+        return self.info.site
+
+    def __repr__(self) -> str:
+        return f"<park.Service {self.address}>"
+
+    # -- default service -----------------------------------------------------------
+
+    def __enter__(self) -> Service:
+        _default.set((*_default.get(), self))
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        stack = _default.get()
+        if not stack or stack[-1] is not self:
+            raise RuntimeError("`with service:` blocks were exited out of order")
+        _default.set(stack[:-1])
+        if kind is None:
+            self.flush()
+
+    # -- calls -----------------------------------------------------------------------
+
+    def call(self, method, request, doing: str, timeout: float | None = 60):  # type: ignore[no-untyped-def]
+        """One unary call with Park's error translation."""
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise ServiceError.from_rpc(exc, doing) from None
+
+    # -- submission pipeline -----------------------------------------------------------
+
+    def enqueue(self, spec: jpb.JobSpec) -> _Pending:
+        pending = _Pending(spec, threading.Event())
+        with self._lock:
+            if self._closed:
+                raise ServiceError("FAILED_PRECONDITION", f"{self} is closed")
+            self._queue.append(pending)
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_loop, name=f"park-submit-{self.address}",
+                                                daemon=True)
+                self._sender.start()
+            self._wake.notify()
+        return pending
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every submission so far is acknowledged; raise for refused ones."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._queue or self._in_flight:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"submissions to {self.address} not acknowledged within {timeout} s")
+                self._wake.wait(left)
+            refused, self._refused = self._refused, []
+        if refused:
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            first = refused[0]
+            raise SubmitError(first.job_id, first.code, f"job {first.job_id} was refused{more}: {first.message}")
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+                self._in_flight = len(batch)
+            self._send(batch)
+            with self._lock:
+                self._in_flight = 0
+                self._wake.notify_all()
+
+    def _send(self, batch: list[_Pending]) -> None:
+        request = jpb.SubmitManyRequest(jobs=[p.spec for p in batch])
+        deadline = time.monotonic() + RETRY_FOR
+        delay = 0.1
+        while True:
+            try:
+                response = self.jobs_stub.SubmitMany(request, timeout=60)
+                break
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                error = ServiceError.from_rpc(exc, "submitting jobs")
+                for p in batch:
+                    p.error = SubmitError(p.spec.id, error.code, error.message)
+                    self._finish(p)
+                return
+        for p, result in zip(batch, response.results):
+            if result.code:
+                p.error = SubmitError(p.spec.id, _status_name(result.code), result.message)
+            else:
+                p.ref = result.ref
+            self._finish(p)
+
+    def _finish(self, pending: _Pending) -> None:
+        if pending.error is not None:
+            with self._lock:
+                self._refused.append(pending.error)
+        pending.done.set()
+
+    def close(self) -> None:
+        """Send what is queued, then close the connection."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._sender is not None:
+            self._sender.join()
+        self._channel.close()
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        # A script that ends right after submitting must not lose its jobs.
+        try:
+            self.flush(timeout=RETRY_FOR)
+        except (SubmitError, TimeoutError) as exc:
+            print(f"park: {exc}", flush=True)
+
+    # -- queries ---------------------------------------------------------------------
+
+    def list_jobs(self, states: Iterator[int] | list[int] = (), limit: int = 1000) -> list[jpb.Job]:
+        """Every job of the caller on this site, oldest first, in pages of `limit`."""
+        out: list[jpb.Job] = []
+        after = ""
+        while True:
+            page = self.call(self.jobs_stub.List, jpb.ListRequest(states=list(states), limit=limit, after_id=after),
+                             "listing jobs")
+            out += page.jobs
+            if not page.next_after_id:
+                return out
+            after = page.next_after_id
+
+
+def _status_name(number: int) -> str:
+    return next((s.name for s in grpc.StatusCode if s.value[0] == number), "UNKNOWN")
