@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import pytest
 import park
 
 TASKS = Path(__file__).parent / "tasks"
+sys.path.insert(0, str(TASKS))  # the @park.job test imports the same module the brokers run
 
 
 @dataclass
@@ -86,12 +87,25 @@ def make_broker(tmp_path: Path, site: str = "sns", **kwargs: object) -> Broker:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = make_broker(tmp_path).start()
-    yield b
-    for s in b.services:
-        s.close()
-    b.stop()
+def new_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """A factory of initialised (not yet started) brokers, all stopped after the test."""
+    made: list[Broker] = []
+
+    def factory(site: str = "sns", **kwargs: object) -> Broker:
+        made.append(make_broker(tmp_path, site, **kwargs))
+        return made[-1]
+
+    yield factory
+    for b in made:
+        for s in b.services:
+            s.close()
+        if b.proc is not None:
+            b.stop()
+
+
+@pytest.fixture
+def broker(new_broker: Callable[..., Broker]) -> Broker:
+    return new_broker().start()
 
 
 @pytest.fixture

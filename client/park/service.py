@@ -34,6 +34,7 @@ from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
 from park.config import load_services
 from park.errors import ConfigError, NoServiceError, ServiceError, SubmitError
+from park.job import Job
 
 _default: contextvars.ContextVar[tuple[Service, ...]] = contextvars.ContextVar("park_default_service", default=())
 
@@ -243,6 +244,11 @@ class Service:
             print(f"park: {exc}", flush=True)
 
     # -- queries ---------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job:
+        """A proxy for a job already at this broker; raises ServiceError NOT_FOUND if it is not."""
+        record = self.call(self.jobs_stub.Get, jpb.GetRequest(job_id=job_id), f"reading job {job_id}")
+        return Job(self, record.id, record.url, record.filename)
 
     def list_jobs(self, states: Iterator[int] | list[int] = (), limit: int = 1000) -> list[jpb.Job]:
         """Every job of the caller on this site, oldest first, in pages of `limit`."""

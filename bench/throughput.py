@@ -1,0 +1,243 @@
+"""Throughput of trivial Python jobs: one Park broker against dask.distributed, same machine, same run.
+
+    python bench/throughput.py [--jobs 2000] [--workers 2] [--width 100] [--repeat 3]
+
+Two shapes, each of `--jobs` calls of `bench_tasks.noop`:
+
+- independent: no job waits on another;
+- dag: layers of `--width` jobs; every job of a layer waits on two jobs of the
+  layer before it (Park: `when=a.iscompleted & b.iscompleted`; Dask:
+  `client.submit(noop, a, b)`).
+
+Park: every measurement starts a fresh `park-broker serve` in its own temporary
+site directory (SQLite in WAL mode with synchronous=FULL, so every commit is
+fsynced: the broker is durable while measured) with `--workers W` local
+workers. The clock runs from the first `park.submit` until a single Watch
+stream over all of the caller's jobs has delivered a terminal event for every
+job; broker start-up is not timed.
+
+Dask: one `LocalCluster(n_workers=W, threads_per_worker=1, processes=True)`,
+started once and reused; the clock runs from the first `client.submit` /
+`client.map` (with `pure=False`) until `client.gather` of every future returns.
+
+Each (system, shape) is measured `--repeat` times; the table shows the median
+rate in jobs/s and the ratio park/dask.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import dask
+import distributed
+import grpc
+
+import park
+from park._proto import jobs_pb2
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))  # Dask pickles `noop` by reference; its spawned workers inherit sys.path.
+
+from bench_tasks import noop  # noqa: E402
+
+TARGET = "bench_tasks:noop"
+SHAPES = ("independent", "dag")
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+def dag_edges(jobs: int, width: int) -> list[tuple[int, int] | None]:
+    """For each job index, the two jobs of the previous layer it waits on (None in the first layer)."""
+    edges: list[tuple[int, int] | None] = []
+    for i in range(jobs):
+        layer, pos = divmod(i, width)
+        if layer == 0:
+            edges.append(None)
+        else:
+            base = (layer - 1) * width
+            edges.append((base + pos, base + (pos + 1) % width))
+    return edges
+
+
+# -- Park ----------------------------------------------------------------------------
+
+
+class Broker:
+    """A `park-broker serve` subprocess in a fresh temporary site directory."""
+
+    def __init__(self, workers: int):
+        self._tmp = tempfile.TemporaryDirectory(prefix="park-bench-")
+        self.directory = Path(self._tmp.name) / "bench"
+        subprocess.run([sys.executable, "-m", "park_broker.cli", "init", str(self.directory), "--site", "bench"],
+                       check=True, capture_output=True)
+        self._log = open(self.directory / "broker.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "park_broker.cli", "--log-level", "WARNING", "serve", str(self.directory),
+             "--listen", "127.0.0.1:0", "--workers", str(workers), "--python-path", str(BENCH_DIR)],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        serve_file = self.directory / "serve.json"
+        deadline = time.monotonic() + 60
+        while not serve_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"broker did not start:\n{(self.directory / 'broker.log').read_text()}")
+            time.sleep(0.05)
+        self.address: str = json.loads(serve_file.read_text())["address"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self._tmp.cleanup()
+
+
+def _watch_until_done(service: park.Service, expected: int, done: threading.Event,
+                      outcome: dict[str, int]) -> None:
+    """Count terminal events on one Watch stream over all the caller's jobs; set `done` at `expected`."""
+    stream = service.jobs_stub.Watch(jobs_pb2.WatchRequest(from_seq=0))
+    try:
+        for response in stream:
+            kind = response.event.WhichOneof("kind") if response.HasField("event") else None
+            if kind in TERMINAL:
+                outcome[kind] = outcome.get(kind, 0) + 1
+                if sum(outcome.values()) == expected:
+                    break
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.CANCELLED:
+            outcome["watch_error"] = 1
+    finally:
+        stream.cancel()
+        done.set()
+
+
+def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float) -> float:
+    """Seconds from the first submit until every job's terminal event has been watched."""
+    broker = Broker(workers)
+    try:
+        service = park.Service(broker.address, broker.directory / "tls.crt")
+        try:
+            service.info  # connect and fetch the site's identity before the clock starts
+            done, outcome = threading.Event(), {}
+            watcher = threading.Thread(target=_watch_until_done, args=(service, jobs, done, outcome), daemon=True)
+            watcher.start()
+            edges = dag_edges(jobs, width) if shape == "dag" else [None] * jobs
+            start = time.perf_counter()
+            with service:
+                submitted: list[park.Job] = []
+                for i, edge in enumerate(edges):
+                    when = None if edge is None else submitted[edge[0]].iscompleted & submitted[edge[1]].iscompleted
+                    submitted.append(park.submit(TARGET, i, when=when))
+            if not done.wait(timeout):
+                raise TimeoutError(f"park {shape}: not finished after {timeout} s ({outcome})")
+            elapsed = time.perf_counter() - start
+            watcher.join()
+        finally:
+            service.close()
+    finally:
+        broker.close()
+    if outcome.get("completed") != jobs:
+        raise RuntimeError(f"park {shape}: expected {jobs} completed jobs, got {outcome}")
+    return elapsed
+
+
+# -- Dask ----------------------------------------------------------------------------
+
+
+def run_dask(client: distributed.Client, shape: str, jobs: int, width: int) -> float:
+    """Seconds from the first submit until every result has been gathered."""
+    start = time.perf_counter()
+    if shape == "independent":
+        futures = client.map(noop, range(jobs), pure=False)
+    else:
+        futures = []
+        for i, edge in enumerate(dag_edges(jobs, width)):
+            deps = () if edge is None else (futures[edge[0]], futures[edge[1]])
+            futures.append(client.submit(noop, i, *deps, pure=False))
+    client.gather(futures)
+    elapsed = time.perf_counter() - start
+    client.cancel(futures)
+    return elapsed
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def machine_facts() -> list[tuple[str, str]]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return [
+        ("date (UTC)", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")),
+        ("cpu", model),
+        ("cores", str(os.cpu_count())),
+        ("os", platform.platform()),
+        ("python", platform.python_version()),
+        ("grpcio", grpc.__version__),
+        ("dask / distributed", f"{dask.__version__} / {distributed.__version__}"),
+        ("park", park.__version__),
+    ]
+
+
+def measure(label: str, repeat: int, jobs: int, fn: Callable[[], float]) -> float:
+    """Median rate in jobs/s over `repeat` runs of `fn`; prints each run."""
+    rates = []
+    for i in range(repeat):
+        seconds = fn()
+        rates.append(jobs / seconds)
+        print(f"  {label:<18} run {i + 1}: {seconds:7.2f} s  {jobs / seconds:8.1f} jobs/s", flush=True)
+    return statistics.median(rates)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per shape (default 2000)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes for both systems (default 2)")
+    parser.add_argument("--width", type=int, default=100, help="jobs per DAG layer (default 100)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is shown")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one Park run may take")
+    args = parser.parse_args()
+    if args.jobs < 1 or args.workers < 1 or args.width < 2 or args.repeat < 1:
+        parser.error("--jobs, --workers, --repeat must be >= 1 and --width >= 2")
+
+    facts = machine_facts()
+    for key, value in facts:
+        print(f"{key:<20} {value}")
+    print(f"{'jobs / workers':<20} {args.jobs} / {args.workers}; dag: {args.jobs // args.width} layers "
+          f"of {args.width}\n", flush=True)
+
+    results: dict[tuple[str, str], float] = {}
+    for shape in SHAPES:
+        results["park", shape] = measure(f"park {shape}", args.repeat, args.jobs,
+                                         lambda: run_park(shape, args.jobs, args.workers, args.width, args.timeout))
+    with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        for shape in SHAPES:
+            results["dask", shape] = measure(f"dask {shape}", args.repeat, args.jobs,
+                                             lambda: run_dask(client, shape, args.jobs, args.width))
+
+    print("\n| shape | park jobs/s | dask jobs/s | park/dask |\n|---|---:|---:|---:|")
+    for shape in SHAPES:
+        p, d = results["park", shape], results["dask", shape]
+        print(f"| {shape} | {p:.0f} | {d:.0f} | {p / d:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The public surface is small and pinned: changing it is a decision, not an accident."""
+from __future__ import annotations
+
+import park
+from park._proto import jobs_pb2, site_pb2
+from park_broker.policy import POLICY
+
+
+def test_park_exports_exactly_the_documented_names() -> None:
+    assert sorted(park.__all__) == sorted([
+        "Condition", "ConfigError", "CurrentJob", "Job", "JobCancelled", "JobEvent", "JobFailed",
+        "NoServiceError", "ParkError", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
+        "current_job", "job", "remote_service", "run", "submit",
+    ])
+    for name in park.__all__:
+        assert hasattr(park, name), name
+
+
+def test_policy_covers_exactly_the_served_methods() -> None:
+    served = {f"/park.v1.{svc.name}/{m.name}"
+              for module in (jobs_pb2, site_pb2) for svc in module.DESCRIPTOR.services_by_name.values()
+              for m in svc.methods}
+    health = {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List"}
+    assert set(POLICY) == served | health

@@ -1,0 +1,71 @@
+"""The scheduler's index and verdicts, without a broker."""
+from __future__ import annotations
+
+from park.conditions import Atom, AtomKey, State
+from park_broker.scheduler import Scheduler, Verdict
+
+
+def key(job: str, kind: str = "completed") -> AtomKey:
+    return AtomKey("sns", job * 26, kind)
+
+
+def atom(job: str, kind: str = "completed") -> Atom:
+    return Atom(key(job, kind))
+
+
+def test_no_condition_starts_at_once() -> None:
+    d = Scheduler().add("j", None, {})
+    assert d is not None and d.verdict is Verdict.START
+
+
+def test_waits_then_starts_when_both_complete() -> None:
+    s = Scheduler()
+    assert s.add("j", atom("a") & atom("b"), {}) is None
+    assert "j" in s and s.pending_atoms() == {key("a"), key("b")}
+    assert s.resolve(key("a"), State.READY) == []
+    [d] = s.resolve(key("b"), State.READY)
+    assert d.verdict is Verdict.START and "j" not in s and s.pending_atoms() == set()
+
+
+def test_cancelled_atom_cancels_with_cause() -> None:
+    s = Scheduler()
+    s.add("j", atom("a") & atom("b"), {})
+    [d] = s.resolve(key("a"), State.CANCELLED)
+    assert d.verdict is Verdict.CANCEL and d.atoms == (key("a"),)
+    assert s.pending_atoms() == set(), "a decided job must leave the index"
+
+
+def test_never_holds_is_detected() -> None:
+    s = Scheduler()
+    s.add("j", atom("a") & ~atom("b"), {})
+    [d] = s.resolve(key("b"), State.READY)
+    assert d.verdict is Verdict.NEVER and d.atoms == (key("b"),)
+
+
+def test_not_of_pending_is_ready_at_submission() -> None:
+    d = Scheduler().add("j", ~atom("x"), {})
+    assert d is not None and d.verdict is Verdict.START
+
+
+def test_or_survives_one_cancelled_side() -> None:
+    s = Scheduler()
+    s.add("j", atom("a") | atom("b"), {})
+    assert s.resolve(key("a"), State.CANCELLED) == []
+    [d] = s.resolve(key("b"), State.READY)
+    assert d.verdict is Verdict.START
+
+
+def test_resolution_touches_only_dependents() -> None:
+    s = Scheduler()
+    for i in range(1000):
+        s.add(f"w{i}", atom("z"), {})
+    s.add("target", atom("a"), {})
+    [d] = s.resolve(key("a"), State.READY)
+    assert d.job_id == "target" and len(s) == 1000
+
+
+def test_remove_unindexes() -> None:
+    s = Scheduler()
+    s.add("j", atom("a"), {})
+    assert s.remove("j") is True and s.remove("j") is False
+    assert s.resolve(key("a"), State.READY) == []

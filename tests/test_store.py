@@ -1,0 +1,65 @@
+"""The SQLite store on its own: durability settings, group commit, ordering, versioning."""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from park._proto import jobs_pb2 as jpb
+from park_broker.store import SCHEMA_VERSION, Change, Store, StoreError
+
+
+def _job(i: int) -> jpb.Job:
+    return jpb.Job(id=f"{i:026d}", owner="alice", state=jpb.JOB_STATE_WAITING)
+
+
+def test_concurrent_commits_share_transactions_and_seqs_increase(tmp_path: Path) -> None:
+    published: list[list[int]] = []
+    store = Store(tmp_path / "park.db", on_commit=lambda cs: published.append([c.event.seq for c in cs]))
+    store.open()
+
+    async def main() -> None:
+        await asyncio.gather(*(store.commit([Change(_job(i), jpb.Event(job_id=f"{i:026d}"), insert=True)])
+                               for i in range(200)))
+
+    asyncio.run(main())
+    seqs = [s for batch in published for s in batch]
+    assert seqs == list(range(1, 201))
+    assert len(published) < 200, "concurrent commits should have been grouped"
+    events = asyncio.run(store.events(0, job_id=None, owner="alice", limit=1000))
+    assert [e.seq for e in events] == seqs
+    store.close()
+
+
+def test_durability_settings(tmp_path: Path) -> None:
+    store = Store(tmp_path / "park.db")
+    store.open()
+    assert store._writer is not None
+    assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    store.close()
+
+
+def test_failed_transaction_keeps_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "park.db")
+    store.open()
+
+    async def main() -> None:
+        await store.commit([Change(_job(1), jpb.Event(), insert=True)])
+        with pytest.raises(sqlite3.IntegrityError):
+            # The second insert of the same id fails: the first change of the batch must roll back too.
+            await store.commit([Change(_job(2), jpb.Event(), insert=True), Change(_job(1), jpb.Event(), insert=True)])
+        assert await store.get(f"{2:026d}") is None
+        assert await store.head_seq() == 1
+
+    asyncio.run(main())
+    store.close()
+
+
+def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "park.db"
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        Store(path).open()
