@@ -85,7 +85,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     while len(chunks) < n:
         chunk = sock.recv(n - len(chunks))
         if not chunk:
-            raise NoAgentError("the agent closed the connection")
+            raise ConnectionResetError("end of stream")
         chunks += chunk
     return bytes(chunks)
 
@@ -117,6 +117,9 @@ class AgentClient:
                 response = apb.AgentResponse.FromString(_recv_exactly(sock, size))
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise NoAgentError(f"no agent listening at {self.path} ({e.strerror})") from None
+        except (ConnectionResetError, BrokenPipeError):
+            # What a foreign uid, an oversize frame or a stopping agent gets.
+            raise NoAgentError(f"the agent at {self.path} closed the connection") from None
         except OSError as e:
             raise NoAgentError(f"agent at {self.path} unreachable: {e}") from None
         if response.WhichOneof("response") == "error":

@@ -1,5 +1,6 @@
 """Shared fixtures for the security suite.
 
+`start_agent` and `agent_process` (from tests/agent_harness.py) run real agents.
 `kit` crafts token chains link by link, bypassing the checks of `issue` and
 `attenuate`, so that each test can build exactly the malformed or malicious
 chain it names and see the verifier refuse it.
@@ -7,13 +8,18 @@ chain it names and see the verifier refuse it.
 from __future__ import annotations
 
 import secrets
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from park import tokens
 from park._proto import tokens_pb2 as pb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from agent_harness import agent_process, start_agent  # noqa: E402,F401  (fixtures for test_agent_*)
 
 T0 = 1_800_000_000.0
 
