@@ -60,16 +60,17 @@ class InProcessAgent:
 
 @pytest.fixture
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., InProcessAgent]]:
-    """start_agent(uid=None, **Agent kwargs): an in-process agent with a FakeClock unless given one."""
+    """start_agent(uid=None, parent=tmp_path, **Agent kwargs): an in-process agent, on a FakeClock
+    unless given a clock, whose socket directory is made under `parent`."""
     started: list[InProcessAgent] = []
 
-    def start(*, uid: int | None = None, **kwargs: object) -> InProcessAgent:
+    def start(*, uid: int | None = None, parent: Path = tmp_path, **kwargs: object) -> InProcessAgent:
         clock = kwargs.setdefault("clock", FakeClock())
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
         agent = Agent(subject=SUBJECT, **kwargs)  # type: ignore[arg-type]
-        server = AgentServer(agent, make_socket_dir(str(tmp_path)), uid=uid, handle_signals=False)
+        server = AgentServer(agent, make_socket_dir(str(parent)), uid=uid, handle_signals=False)
         ready = threading.Event()
         done = asyncio.run_coroutine_threadsafe(server.run(ready.set), loop)
         assert ready.wait(10), "agent did not start"

@@ -7,10 +7,12 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 import park
 from park._proto import jobs_pb2 as jpb
+from park._proto import jobs_pb2_grpc as jpb_grpc
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -213,3 +215,34 @@ def test_job_decorator_submits(service: park.Service) -> None:
     with service:
         assert remote_add(20, 22).result(timeout=30) == 42
     assert remote_add.local(1, 1) == 2
+
+
+def test_many_submissions_share_few_round_trips(broker) -> None:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+
+    class Count(grpc.UnaryUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+            if details.method.endswith("/SubmitMany"):
+                calls.append(len(request.jobs))
+            return continuation(details, request)
+
+    service = broker.service()
+    service._channel = grpc.intercept_channel(service._channel, Count())
+    service.jobs_stub = jpb_grpc.JobsStub(service._channel)
+    with service:
+        jobs = [park.submit("park_test_tasks:noop") for _ in range(1000)]
+    assert sum(calls) == 1000
+    assert len(calls) < 200, f"1000 submissions took {len(calls)} round trips"
+    assert jobs[-1].wait(timeout=60) == "completed"
+
+
+def test_live_condition_interface_of_the_seed(service: park.Service) -> None:
+    with service:
+        a = park.submit("park_test_tasks:add", 1, 1)
+        bad = park.submit("park_test_tasks:fail", "no")
+    a.wait(timeout=30)
+    bad.wait(timeout=30)
+    assert (a.iscompleted & bad.iscancelled).ready is True
+    assert (a.iscompleted | bad.iscompleted).cancelled is False
+    with pytest.raises(park.Condition.Cancelled):
+        (a.iscompleted & bad.iscompleted).ready

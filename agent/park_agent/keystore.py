@@ -12,7 +12,6 @@ a write to any keyring is read back before the key counts as stored.
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from park import tokens
 from park.signer import KeyFileError, read_private_key, write_private_key
 
 __all__ = ["KeyStore", "KeyStoreError", "keyring_problem", "default_key_dir", "Store"]
-
-log = logging.getLogger(__name__)
 
 KEYRING_SERVICE = "park"
 _USELESS_BACKENDS = ("keyring.backends.null", "keyring.backends.fail")
@@ -84,9 +81,8 @@ class KeyStore:
         if store == "keyring" and problem:
             raise KeyStoreError(f"{problem}; use --store file")
         key = Ed25519PrivateKey.generate()
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if store == "file" or problem:
-            if problem and store == "auto":
-                log.warning("%s; keeping the key in an encrypted file instead", problem)
             secret = passphrase()
             if not secret:
                 raise KeyStoreError("an empty passphrase would leave the key file unprotected")
@@ -94,7 +90,7 @@ class KeyStore:
                 write_private_key(self.private_path, key, secret)
             except KeyFileError as e:
                 raise KeyStoreError(str(e)) from None
-            where = f"encrypted file {self.private_path}"
+            where = f"encrypted file {self.private_path}" + (f" ({problem})" if problem else "")
         else:
             self._to_keyring(key)
             where = f"keyring ({type(keyring.get_keyring()).__name__})"

@@ -114,7 +114,7 @@ class JobManager:
                 parsed.append(exc)
         wanted = {s.id for s in specs} | {
             a.key.job_id for c in parsed if isinstance(c, Condition) for a in c.depends}
-        stored = await self.store.get_many(j for j in wanted if j not in self._active)
+        stored = await self._lookup(wanted)
         # From here to the commit nothing awaits: the batch is decided atomically.
         results: list[Submission] = []
         changes: list[Change] = []
@@ -148,6 +148,20 @@ class JobManager:
             results.append(Submission(job=job))
         await self._commit(changes, queued)
         return results
+
+    async def _lookup(self, job_ids: set[str]) -> dict[str, jpb.Job]:
+        """Stored records of the ids not in memory, consistent with memory when this returns.
+
+        A job can leave `_active` while the store is read (its terminal commit
+        finished meanwhile); such jobs are read again, now committed."""
+        stored: dict[str, jpb.Job] = {}
+        in_memory = {j for j in job_ids if j in self._active}
+        ask = job_ids - in_memory
+        while ask:
+            stored.update(await self.store.get_many(ask))
+            ask = {j for j in in_memory if j not in self._active}
+            in_memory -= ask
+        return stored
 
     def _validate(self, spec: jpb.JobSpec) -> Condition | None:
         try:

@@ -58,10 +58,8 @@ def _spec(service: Service, when: Condition | None, output: str, label: str | No
 def _queue(service: Service, spec: jpb.JobSpec) -> Job:
     info = service.info
     directory = f"{info.files_root}/{info.caller}/{spec.id}"
-    job = Job(service, spec.id, url=f"park://{info.site}/files/{info.caller}/{spec.id}/{spec.output_name}",
-              filename=f"{directory}/{spec.output_name}")
-    job._pending = service.enqueue(spec)
-    return job
+    return Job(service, spec.id, url=f"park://{info.site}/files/{info.caller}/{spec.id}/{spec.output_name}",
+               filename=f"{directory}/{spec.output_name}", pending=service.enqueue(spec))
 
 
 def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None = None,

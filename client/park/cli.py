@@ -281,7 +281,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"job": job.id, "reference": _reference(job), "before": before, "state": state})
         elif state == "cancelled":
-            print(f"{_reference(job)} cancelled" + (" already" if before == state else f" (was {before})"))
+            print(f"{_reference(job)} " + ("was already cancelled" if before == state else f"cancelled (was {before})"))
     if state != "cancelled":
         _die(f"job {job.id} had already {state}; it was not cancelled")
     return 0

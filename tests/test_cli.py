@@ -1,0 +1,230 @@
+"""The `park` command line against real brokers, and `park demo` end to end."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import park
+from park.cli import main
+from park.config import add_service, load_services
+from park.demo import EXAMPLE, expected_states
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "client" / "config.toml"
+    monkeypatch.setenv("PARK_CONFIG", str(path))
+    return path
+
+
+@pytest.fixture
+def configured(broker, config) -> Path:
+    add_service("sns", broker.address, broker.cert)
+    return config
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_services_add_writes_the_config(broker, config, capsys):
+    status, out, _ = run(capsys, "services", "add", "sns", "--address", broker.address, "--cert", str(broker.cert))
+    assert status == 0 and "saved in" in out
+    entry = load_services(config)["sns"]
+    assert (entry.address, entry.cert) == (broker.address, broker.cert.resolve())
+
+
+def test_services_add_refuses_bad_input(broker, config, capsys):
+    status, _, err = run(capsys, "services", "add", "sns", "--address", "no-port", "--cert", str(broker.cert))
+    assert status == 2 and "park: --address 'no-port' must be HOST:PORT" in err
+    status, _, err = run(capsys, "services", "add", "sns", "--address", broker.address, "--cert", "/nonexistent.crt")
+    assert status == 1 and "certificate /nonexistent.crt does not exist" in err
+    status, _, err = run(capsys, "services", "add")
+    assert status == 2 and "park services add: error" in err
+    assert not config.exists()
+
+
+def test_status_of_a_reachable_service(configured, capsys):
+    status, out, err = run(capsys, "status", "--json")
+    assert status == 0, err
+    [row] = json.loads(out)["services"]
+    assert row["reachable"] and row["site"] == "sns" and row["version"] == park.__version__ and row["caller"]
+    status, out, _ = run(capsys, "status")
+    assert status == 0 and re.search(r"sns .* yes .* sns .* " + re.escape(park.__version__), out)
+
+
+def test_status_fails_when_a_service_is_unreachable(configured, broker, capsys):
+    add_service("down", f"127.0.0.1:{closed_port()}", broker.cert)
+    status, out, err = run(capsys, "status", "--json")
+    assert status == 1
+    rows = {r["name"]: r for r in json.loads(out)["services"]}
+    assert rows["sns"]["reachable"] and not rows["down"]["reachable"]
+    assert "UNAVAILABLE" in rows["down"]["error"]
+    assert "park: service down is unreachable: UNAVAILABLE" in err
+
+
+def test_status_without_services(config, capsys):
+    status, _, err = run(capsys, "status")
+    assert status == 1 and "no services configured" in err and "park services add" in err
+
+
+def test_jobs_json_lists_jobs_with_states(configured, service, capsys):
+    with service:
+        good = park.submit("park_test_tasks:add", 1, 2, label="adder")
+        bad = park.submit("park_test_tasks:fail", "boom")
+    assert good.wait(timeout=30) == "completed" and bad.wait(timeout=30) == "failed"
+    status, out, err = run(capsys, "jobs", "--json")
+    assert status == 0, err
+    rows = {r["id"]: r for r in json.loads(out)["jobs"]}
+    assert set(rows) == {good.id, bad.id}
+    assert rows[good.id]["label"] == "adder" and rows[good.id]["state"] == "completed"
+    assert rows[bad.id]["state"] == "failed" and rows[bad.id]["finished"] is not None
+    status, out, _ = run(capsys, "jobs", "--service", "sns", "--state", "failed", "--json")
+    assert status == 0 and [r["id"] for r in json.loads(out)["jobs"]] == [bad.id]
+    status, out, _ = run(capsys, "jobs")
+    assert status == 0 and good.id in out and "adder" in out
+
+
+def test_jobs_rejects_unknown_service_and_state(configured, capsys):
+    status, _, err = run(capsys, "jobs", "--service", "nowhere")
+    assert status == 2 and "no service named 'nowhere'" in err
+    status, _, err = run(capsys, "jobs", "--state", "sleeping")
+    assert status == 2 and "invalid choice: 'sleeping'" in err
+
+
+def test_watch_a_finished_job_prints_its_events(configured, service, capsys):
+    with service:
+        job = park.submit("park_test_tasks:add", 1, 2)
+    assert job.result(timeout=30) == 3
+    status, out, err = run(capsys, "watch", job.id)
+    assert status == 0, err
+    assert f"watching park://sns/jobs/{job.id}" in out
+    assert [line.split()[2] for line in out.splitlines()[1:]] == ["submitted", "queued", "started", "completed"]
+    assert "result 3" in out
+    status, out, _ = run(capsys, "watch", f"park://sns/jobs/{job.id}", "--json")
+    document = json.loads(out)
+    assert status == 0 and document["state"] == "completed"
+    assert [e["kind"] for e in document["events"]] == ["submitted", "queued", "started", "completed"]
+
+
+def test_watch_exit_status_of_a_failed_job(configured, service, capsys):
+    with service:
+        job = park.submit("park_test_tasks:fail", "on purpose")
+    assert job.wait(timeout=30) == "failed"
+    status, out, _ = run(capsys, "watch", job.id)
+    assert status == 0 and "ValueError: on purpose" in out
+    status, _, _ = run(capsys, "watch", job.id, "--exit-status")
+    assert status == 1
+
+
+@pytest.mark.timeout(60)
+def test_cancel_a_waiting_job_and_watch_shows_the_cause(configured, service, capsys):
+    with service:
+        sleeper = park.submit("park_test_tasks:sleep", 30)
+        waiting = park.submit("park_test_tasks:add", 1, 2, when=sleeper.iscompleted)
+        after = park.submit("park_test_tasks:add", 3, 4, when=waiting.iscompleted)
+    assert waiting.state == "waiting"
+    status, out, err = run(capsys, "cancel", f"park://sns/jobs/{waiting.id}", "--reason", "not needed")
+    assert status == 0, err
+    assert f"park://sns/jobs/{waiting.id} cancelled (was waiting)" in out
+    assert waiting.state == "cancelled" and after.wait(timeout=30) == "cancelled"
+    assert "not needed" in waiting.record().cause.message
+    status, out, _ = run(capsys, "watch", waiting.id)
+    assert status == 0 and "cancelled by" in out and "not needed" in out
+    status, out, _ = run(capsys, "watch", after.id)
+    assert status == 0 and f"its condition was cancelled by sns/{waiting.id}.completed" in out
+    status, out, _ = run(capsys, "cancel", waiting.id)
+    assert status == 0 and "was already cancelled" in out
+    assert run(capsys, "cancel", sleeper.id, "--json")[0] == 0
+
+
+def test_cancel_a_completed_job_fails(configured, service, capsys):
+    with service:
+        job = park.submit("park_test_tasks:add", 1, 2)
+    job.wait(timeout=30)
+    status, _, err = run(capsys, "cancel", job.id)
+    assert status == 1 and f"park: job {job.id} had already completed; it was not cancelled" in err
+
+
+def test_bad_job_ids_fail_with_a_clear_message(configured, broker, capsys):
+    status, out, err = run(capsys, "watch", "not-a-job")
+    assert (status, out) == (1, "")
+    assert err.startswith("park: job id 'not-a-job' is not a Park job id")
+    unknown = "a" * 26
+    status, _, err = run(capsys, "cancel", unknown)
+    assert status == 1 and f"NOT_FOUND: reading job {unknown}: site 'sns' has no job {unknown}" in err
+    status, _, err = run(capsys, "watch", f"park://elsewhere/jobs/{unknown}")
+    assert status == 1 and "no configured service is site 'elsewhere'" in err
+    add_service("other", broker.address, broker.cert)
+    status, _, err = run(capsys, "watch", unknown)
+    assert status == 2 and "several services are configured (other, sns)" in err
+
+
+def _demo(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "park.cli", "demo", "--plain", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore
+
+
+def _state_dir(output: str) -> Path:
+    match = re.search(r"state in (\S+)", output)
+    assert match, output
+    return Path(match[1])
+
+
+@pytest.mark.timeout(120)
+def test_demo_plain_runs_the_example_to_success():
+    proc = _demo()
+    out, err = proc.communicate(timeout=110)
+    assert proc.returncode == 0, out + err
+    expected = expected_states(ROOT / "examples" / EXAMPLE)
+    for label, state in expected.items():
+        assert re.search(rf"{re.escape(label)}\s+{state}", out), f"{label} did not end {state}:\n{out}"
+    assert f"all {len(expected)} jobs ended as expected" in out
+    assert not _state_dir(out).exists(), "the demo left its temporary directory behind"
+
+
+@pytest.mark.timeout(60)
+def test_demo_stops_its_broker_when_terminated():
+    proc = _demo("--keep")
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    state = _state_dir(first)
+    serve = json.loads((state / "sns" / "serve.json").read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=40)
+    assert proc.returncode == 130 and "park: interrupted" in err
+    deadline = time.monotonic() + 10
+    while _alive(serve["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(serve["pid"]), "the demo broker outlived the demo"
+    assert f"kept {state}" in out and (state / "broker.log").exists()
+    shutil.rmtree(state)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
