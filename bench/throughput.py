@@ -16,17 +16,21 @@ workers. The clock runs from the first `park.submit` until a single Watch
 stream over all of the caller's jobs has delivered a terminal event for every
 job; broker start-up is not timed.
 
-Dask: one `LocalCluster(n_workers=W, threads_per_worker=1, processes=True)`,
-started once and reused; the clock runs from the first `client.submit` /
-`client.map` (with `pure=False`) until `client.gather` of every future returns.
+Dask: every measurement starts a fresh `LocalCluster(n_workers=W,
+threads_per_worker=1, processes=True)` and waits for its workers (not timed);
+the clock runs from the first `client.submit` / `client.map` (with `pure=False`)
+until `client.gather` of every future returns.
 
-Each (system, shape) is measured `--repeat` times; the table shows the median
-rate in jobs/s and the ratio park/dask.
+Each (system, shape) is measured `--repeat` times, Park and Dask runs
+alternating; the table shows the median rate in jobs/s and the ratio park/dask.
+The machine facts and load averages are printed with it: on a shared machine,
+compare runs only at a similar load.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -132,7 +136,7 @@ def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float) ->
         service = park.Service(broker.address, broker.directory / "tls.crt")
         try:
             service.info  # connect and fetch the site's identity before the clock starts
-            done, outcome = threading.Event(), {}
+            done, outcome = threading.Event(), dict[str, int]()
             watcher = threading.Thread(target=_watch_until_done, args=(service, jobs, done, outcome), daemon=True)
             watcher.start()
             edges = dag_edges(jobs, width) if shape == "dag" else [None] * jobs
@@ -158,20 +162,21 @@ def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float) ->
 # -- Dask ----------------------------------------------------------------------------
 
 
-def run_dask(client: distributed.Client, shape: str, jobs: int, width: int) -> float:
-    """Seconds from the first submit until every result has been gathered."""
-    start = time.perf_counter()
-    if shape == "independent":
-        futures = client.map(noop, range(jobs), pure=False)
-    else:
-        futures = []
-        for i, edge in enumerate(dag_edges(jobs, width)):
-            deps = () if edge is None else (futures[edge[0]], futures[edge[1]])
-            futures.append(client.submit(noop, i, *deps, pure=False))
-    client.gather(futures)
-    elapsed = time.perf_counter() - start
-    client.cancel(futures)
-    return elapsed
+def run_dask(shape: str, jobs: int, workers: int, width: int) -> float:
+    """Seconds from the first submit until every result has been gathered, on a fresh LocalCluster."""
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        client.wait_for_workers(workers)
+        start = time.perf_counter()
+        if shape == "independent":
+            futures = client.map(noop, range(jobs), pure=False)
+        else:
+            futures = []
+            for i, edge in enumerate(dag_edges(jobs, width)):
+                deps = () if edge is None else (futures[edge[0]], futures[edge[1]])
+                futures.append(client.submit(noop, i, *deps, pure=False))
+        client.gather(futures)
+        return time.perf_counter() - start
 
 
 # -- report --------------------------------------------------------------------------
@@ -192,17 +197,15 @@ def machine_facts() -> list[tuple[str, str]]:
         ("grpcio", grpc.__version__),
         ("dask / distributed", f"{dask.__version__} / {distributed.__version__}"),
         ("park", park.__version__),
+        ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
     ]
 
 
-def measure(label: str, repeat: int, jobs: int, fn: Callable[[], float]) -> float:
-    """Median rate in jobs/s over `repeat` runs of `fn`; prints each run."""
-    rates = []
-    for i in range(repeat):
-        seconds = fn()
-        rates.append(jobs / seconds)
-        print(f"  {label:<18} run {i + 1}: {seconds:7.2f} s  {jobs / seconds:8.1f} jobs/s", flush=True)
-    return statistics.median(rates)
+def timed_run(label: str, jobs: int, fn: Callable[[], float]) -> float:
+    """The rate of one run of `fn` in jobs/s; prints it."""
+    seconds = fn()
+    print(f"  {label:<24} {seconds:7.2f} s  {jobs / seconds:8.1f} jobs/s", flush=True)
+    return jobs / seconds
 
 
 def main() -> int:
@@ -216,25 +219,28 @@ def main() -> int:
     if args.jobs < 1 or args.workers < 1 or args.width < 2 or args.repeat < 1:
         parser.error("--jobs, --workers, --repeat must be >= 1 and --width >= 2")
 
-    facts = machine_facts()
-    for key, value in facts:
+    for key, value in machine_facts():
         print(f"{key:<20} {value}")
-    print(f"{'jobs / workers':<20} {args.jobs} / {args.workers}; dag: {args.jobs // args.width} layers "
+    print(f"{'jobs / workers':<20} {args.jobs} / {args.workers}; dag: {-(-args.jobs // args.width)} layers "
           f"of {args.width}\n", flush=True)
 
-    results: dict[tuple[str, str], float] = {}
+    rates: dict[tuple[str, str], list[float]] = {(system, shape): [] for system in ("park", "dask")
+                                                 for shape in SHAPES}
+    # Park and Dask alternate, so that a change in the machine's load affects both alike; each run
+    # has the machine to itself (its broker or cluster is started before and stopped after it).
     for shape in SHAPES:
-        results["park", shape] = measure(f"park {shape}", args.repeat, args.jobs,
-                                         lambda: run_park(shape, args.jobs, args.workers, args.width, args.timeout))
-    with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        for shape in SHAPES:
-            results["dask", shape] = measure(f"dask {shape}", args.repeat, args.jobs,
-                                             lambda: run_dask(client, shape, args.jobs, args.width))
+        for i in range(1, args.repeat + 1):
+            rates["park", shape].append(timed_run(
+                f"park {shape} run {i}", args.jobs,
+                functools.partial(run_park, shape, args.jobs, args.workers, args.width, args.timeout)))
+            rates["dask", shape].append(timed_run(
+                f"dask {shape} run {i}", args.jobs,
+                functools.partial(run_dask, shape, args.jobs, args.workers, args.width)))
 
-    print("\n| shape | park jobs/s | dask jobs/s | park/dask |\n|---|---:|---:|---:|")
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"median of {args.repeat} runs\n\n| shape | park jobs/s | dask jobs/s | park/dask |\n|---|---:|---:|---:|")
     for shape in SHAPES:
-        p, d = results["park", shape], results["dask", shape]
+        p, d = statistics.median(rates["park", shape]), statistics.median(rates["dask", shape])
         print(f"| {shape} | {p:.0f} | {d:.0f} | {p / d:.2f} |")
     return 0
 

@@ -40,7 +40,7 @@ def _atom(job_id: str, site: str = "sns") -> cpb.ConditionNode:
      "args is not valid JSON"),
     (_call({"call": jpb.PythonCall(target="m:f", kwargs_json="[1]")}), grpc.StatusCode.INVALID_ARGUMENT,
      "kwargs must be a JSON object"),
-    (jpb.JobSpec(id=GOOD_ID), grpc.StatusCode.INVALID_ARGUMENT, "needs a Python call or a command line"),
+    (jpb.JobSpec(id=GOOD_ID), grpc.StatusCode.INVALID_ARGUMENT, "needs a Python call, a command line or a race"),
     (jpb.JobSpec(id=GOOD_ID, command=jpb.CommandLine(argv=[])), grpc.StatusCode.INVALID_ARGUMENT,
      "at least a program name"),
     (jpb.JobSpec(id=GOOD_ID, command=jpb.CommandLine(argv=["ls", "a\0b"])), grpc.StatusCode.INVALID_ARGUMENT,
@@ -52,6 +52,11 @@ def _atom(job_id: str, site: str = "sns") -> cpb.ConditionNode:
     (_call({"when": cpb.Condition(postfix=[_atom("c" * 26, site="cluster")])}), grpc.StatusCode.UNIMPLEMENTED,
      "no federation peers"),
     (_call({"requires": ["numpy==1.0"]}), grpc.StatusCode.UNIMPLEMENTED, "package support"),
+    (_call({"when": cpb.Condition(postfix=[cpb.ConditionNode(atom=cpb.Atom(site="sns", job_id="c" * 26, kind=cpb.ATOM_KIND_IMPROVED, expr="__import__('os')"))])}),
+     grpc.StatusCode.INVALID_ARGUMENT, "is not allowed"),
+    (jpb.JobSpec(id=GOOD_ID, race=jpb.Race()), grpc.StatusCode.INVALID_ARGUMENT, "1 to 64 contestants"),
+    (jpb.JobSpec(id=GOOD_ID, race=jpb.Race(contestants=["c" * 26], until="x.y > 1")), grpc.StatusCode.INVALID_ARGUMENT,
+     "is not allowed"),
 ])
 def test_bad_specs_are_refused_one_by_one(service: park.Service, spec: jpb.JobSpec, code: grpc.StatusCode,
                                           fragment: str) -> None:

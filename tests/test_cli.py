@@ -180,6 +180,13 @@ def test_bad_job_ids_fail_with_a_clear_message(configured, broker, capsys):
     assert status == 2 and "several services are configured (other, sns)" in err
 
 
+def test_demo_outside_a_checkout_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(park, "__file__", str(tmp_path / "site-packages" / "lib" / "park" / "__init__.py"))
+    status, _, err = run(capsys, "demo", "--plain")
+    assert status == 1 and "cannot find examples/single_site.py; run `park demo` from the Park checkout" in err
+
+
 def _demo(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "park.cli", "demo", "--plain", *args], cwd=ROOT, env=env,

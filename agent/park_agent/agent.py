@@ -182,6 +182,12 @@ class Agent:
         held = self._keys.get(kid)
         if held is None:
             return error_response(_E.AGENT_ERROR_CODE_UNKNOWN_KEY, f"no key {kid[:12]!r} in the agent")
+        try:
+            issued = make(held.signer)
+        except tokens.TokenError as e:
+            return error_response(_E.AGENT_ERROR_CODE_INVALID_ARGUMENT, e.message)
+        # Signed first so that the user is only ever asked about a valid request;
+        # the token is dropped unless the answer is yes.
         if held.confirm:
             if not await self._confirm(f"Allow park-agent to sign {what} with key {kid[:12]} ({held.comment})?"):
                 log.info("use of key refused by the user", extra={"key_id": kid})
@@ -191,10 +197,6 @@ class Agent:
             if self.locked or self._keys.get(kid) is not held:
                 return error_response(_E.AGENT_ERROR_CODE_LOCKED if self.locked else _E.AGENT_ERROR_CODE_UNKNOWN_KEY,
                                       "the key was locked or removed while awaiting confirmation")
-        try:
-            issued = make(held.signer)
-        except tokens.TokenError as e:
-            return error_response(_E.AGENT_ERROR_CODE_INVALID_ARGUMENT, e.message)
         log.info("token signed", extra={"key_id": kid, "expires": issued.expires})
         return apb.AgentResponse(token=apb.AgentTokenResponse(token=issued.token, expires=issued.expires,
                                                               key_id=issued.key_id))

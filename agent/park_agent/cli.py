@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--store", choices=("auto", "keyring", "file"), default="auto")
     keygen.add_argument("--comment", default=f"{default_subject()}@{socket.gethostname()}")
     add = sub.add_parser("add", help="load your key into the agent")
-    add.add_argument("-t", dest="lifetime", type=int, default=0, metavar="SECONDS", help="forget it after this long")
+    add.add_argument("-t", dest="lifetime", type=_seconds, default=0, metavar="SECONDS",
+                     help="forget it after this long")
     add.add_argument("-c", dest="confirm", action="store_true", help="ask $PARK_ASKPASS before each use")
     sub.add_parser("list", help="list the keys the agent holds")
     sub.add_parser("pubkey", help="print your public key")
@@ -102,16 +103,25 @@ def _start(foreground: bool, debug: bool) -> int:
     return 0
 
 
-def _new_passphrase() -> str:
-    first = read_passphrase("Passphrase for the new key file: ")
+def _new_passphrase(prompt: str) -> str:
+    """Ask once through $PARK_ASKPASS, twice on a terminal, where a typo would go unseen."""
+    first = read_passphrase(prompt)
     if first and not os.environ.get("PARK_ASKPASS") and read_passphrase("Same passphrase again: ") != first:
         raise AskpassError("the passphrases differ")
     return first
 
 
+def _seconds(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 2**32:
+        raise argparse.ArgumentTypeError("a positive number of seconds")
+    return value
+
+
 def _keygen(args: argparse.Namespace) -> int:
     store = KeyStore(default_key_dir())
-    key, where = store.create(store=args.store, comment=args.comment, passphrase=_new_passphrase)
+    key, where = store.create(store=args.store, comment=args.comment,
+                              passphrase=lambda: _new_passphrase("Passphrase for the new key file: "))
     print(f"Key stored in {where}; public key in {store.public_path}:", file=sys.stderr)
     print(store.public_line())
     try:
@@ -123,8 +133,6 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    if args.lifetime < 0:
-        raise AskpassError("-t needs a positive number of seconds")
     client = AgentClient.from_env()
     store = KeyStore(default_key_dir())
     key = store.load(read_passphrase)
@@ -149,10 +157,7 @@ def _list() -> int:
 
 
 def _lock() -> int:
-    passphrase = read_passphrase("Lock passphrase: ")
-    if passphrase and not os.environ.get("PARK_ASKPASS") and read_passphrase("Again: ") != passphrase:
-        raise AskpassError("the passphrases differ")
-    AgentClient.from_env().lock(passphrase)
+    AgentClient.from_env().lock(_new_passphrase("Lock passphrase: "))
     print("Agent locked.", file=sys.stderr)
     return 0
 

@@ -30,12 +30,12 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 class FrameError(Exception):
     """The peer broke the protocol; `code` is the AgentErrorCode to answer with, if any."""
 
-    def __init__(self, code: int | None, message: str) -> None:
+    def __init__(self, code: apb.AgentErrorCode.ValueType | None, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-def error_response(code: int, message: str) -> apb.AgentResponse:
+def error_response(code: apb.AgentErrorCode.ValueType, message: str) -> apb.AgentResponse:
     return apb.AgentResponse(error=apb.AgentError(code=code, message=message))
 
 
@@ -71,4 +71,4 @@ class _Socket(Protocol):
 def peer_uid(sock: _Socket) -> int:
     """The uid of the process at the other end of a connected Unix socket (Linux SO_PEERCRED)."""
     _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return uid
+    return int(uid)

@@ -58,9 +58,14 @@ class AgentServer:
     def stop(self) -> None:
         self._stopped.set()
 
-    async def run(self, ready: Callable[[], None] | None = None) -> None:
+    async def run(self, ready: Callable[[], object] | None = None) -> None:
+        """Listen, call `ready()` once connections can be made, serve until stopped, clean up."""
         loop = asyncio.get_running_loop()
-        server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        try:
+            server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        except OSError:
+            self.directory.rmdir()
+            raise
         try:
             # The 0700 directory already keeps others out of the window before this chmod.
             os.chmod(self.path, 0o600)

@@ -67,11 +67,13 @@ class EventHub:
                         yield jpb.WatchResponse(event=event)
                     if len(page) < PAGE:
                         break
+                # Caught up: tells the watcher that what follows is live.
+                yield jpb.WatchResponse(progress=jpb.Progress(seq=last))
                 while not sub.overflowed:
                     try:
                         event = await asyncio.wait_for(sub.queue.get(), idle)
                     except TimeoutError:
-                        yield jpb.WatchResponse(progress=jpb.Progress(seq=max(last, self.head)))
+                        yield jpb.WatchResponse(progress=jpb.Progress(seq=last))
                         continue
                     if event.seq > last:
                         last = event.seq

@@ -34,6 +34,7 @@ class Identity:
 current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("park_identity")
 
 PUBLIC = "public"
+JOB = "job"   # authenticated by the job-scoped token inside the request, checked by the handler
 POLICY: dict[str, str] = {
     "/park.v1.Site/Info": PUBLIC,
     "/park.v1.Jobs/SubmitMany": "submit",
@@ -41,6 +42,7 @@ POLICY: dict[str, str] = {
     "/park.v1.Jobs/List": "read",
     "/park.v1.Jobs/Cancel": "submit",
     "/park.v1.Jobs/Watch": "read",
+    "/park.v1.Jobs/Report": JOB,
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.health.v1.Health/List": PUBLIC,
@@ -94,7 +96,7 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        if rule != PUBLIC and rule not in self._identity.permissions:
+        if rule not in (PUBLIC, JOB) and rule not in self._identity.permissions:
             return _refuse(grpc.StatusCode.PERMISSION_DENIED, f"{self._identity.user} may not {rule}")
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=_wrap(handler.unary_unary, self._identity, False))

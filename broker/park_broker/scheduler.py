@@ -56,6 +56,7 @@ class Scheduler:
     def __init__(self) -> None:
         self._waiting: dict[str, _Waiting] = {}
         self._index: dict[AtomKey, set[str]] = {}
+        self._improved: dict[str, set[AtomKey]] = {}   # job id -> its pending improved(...) atoms
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -74,6 +75,8 @@ class Scheduler:
             for atom in known:
                 if known[atom] is State.PENDING:
                     self._index.setdefault(atom.key, set()).add(job_id)
+                    if atom.key.kind == "improved":
+                        self._improved.setdefault(atom.key.job_id, set()).add(atom.key)
         return decision
 
     def remove(self, job_id: str) -> bool:
@@ -90,7 +93,9 @@ class Scheduler:
         if state is State.PENDING:
             return []
         decisions = []
-        for job_id in sorted(self._index.pop(key, ())):
+        waiting = self._index.get(key, set())
+        self._drop(key)
+        for job_id in sorted(waiting):
             entry = self._waiting[job_id]
             entry.states[Atom(key)] = state
             decision = self._decide(job_id, entry.condition, entry.states)
@@ -102,18 +107,31 @@ class Scheduler:
     def pending_atoms(self) -> set[AtomKey]:
         return set(self._index)
 
+    def improved_atoms(self, job_id: str) -> set[AtomKey]:
+        """The improved(...) atoms of `job_id` that some waiting job still needs."""
+        return set(self._improved.get(job_id, ()))
+
     def _unindex(self, key: AtomKey, job_id: str) -> None:
         jobs = self._index.get(key)
         if jobs is not None:
             jobs.discard(job_id)
             if not jobs:
-                del self._index[key]
+                self._drop(key)
+
+    def _drop(self, key: AtomKey) -> None:
+        self._index.pop(key, None)
+        if key.kind == "improved":
+            keys = self._improved.get(key.job_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._improved[key.job_id]
 
     @staticmethod
     def _decide(job_id: str, condition: Condition, states: Mapping[Atom, State]) -> Decision | None:
         state = condition.evaluate(states)
         if state is State.READY:
-            return Decision(job_id, Verdict.START, ())
+            return Decision(job_id, Verdict.START, tuple(sorted(a.key for a, s in states.items() if s is State.READY)))
         resolved = tuple(sorted(a.key for a, s in states.items() if s is not State.PENDING))
         if state is State.CANCELLED:
             cancelled = tuple(sorted(a.key for a, s in states.items() if s is State.CANCELLED))

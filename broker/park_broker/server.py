@@ -78,10 +78,9 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     store = Store(site.db_path, on_commit=hub.publish)
     store.open()
     executor = LocalExecutor(workers=options.workers, python_path=options.python_path, grace=options.grace)
-    manager = JobManager(SiteInfo(site.name, site.files_root), store, executor, hub)
+    info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path))
+    manager = JobManager(info, store, executor, hub)
     hub.head = await store.head_seq()
-    await executor.start(manager.on_started, manager.on_finished)
-    await manager.recover()
 
     server = grpc.aio.server(
         interceptors=[PolicyInterceptor(local_identity())],
@@ -90,18 +89,21 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(manager), server)
     identity = site.identity_key().public_key().public_bytes(serialization.Encoding.Raw,
                                                              serialization.PublicFormat.Raw)
-    info = site_pb2.InfoResponse(site=site.name, files_root=str(site.files_root), identity_public_key=identity,
-                                 certificate_pem=site.certificate().decode(), executor="local",
-                                 capabilities=["jobs", "watch"])
-    site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(info), server)
+    site_info = site_pb2.InfoResponse(
+        site=site.name, files_root=str(site.files_root), identity_public_key=identity,
+        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race"])
+    site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     credentials = grpc.ssl_server_credentials([(site.tls_key(), site.certificate())])
+    # Bound before recovery, so re-run jobs know where to report; served only after it.
     port = server.add_secure_port(listen, credentials)
+    address = info.address = f"{listen.rpartition(':')[0]}:{port}"
+    await executor.start(manager.on_started, manager.on_finished)
+    await manager.recover()
     await server.start()
     for service in ("", "park.v1.Jobs", "park.v1.Site"):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{listen.rpartition(':')[0]}:{port}"
     _write_serve_file(site.directory, address)
     log.info("site %s serving on %s", site.name, address)
     print(f"park-broker: site {site.name} serving on {address}", flush=True)

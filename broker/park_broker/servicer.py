@@ -17,7 +17,7 @@ import grpc
 import park
 from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
-from park_broker.errors import BrokerError
+from park_broker.errors import BrokerError, Code, fail
 from park_broker.jobs import JobManager
 from park_broker.policy import current_identity
 
@@ -107,6 +107,28 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         caller = current_identity.get()
         async for item in self.manager.watch(caller.user, request.job_id, request.from_seq, admin=caller.admin):
             yield item
+
+
+    async def Report(self, request_iterator: AsyncIterator[jpb.ReportRequest], context: grpc.aio.ServicerContext
+                     ) -> jpb.ReportResponse:
+        """Progress from a running job; authenticated by its job-scoped token, not a user's."""
+        accepted = 0
+        job: tuple[str, int] | None = None
+        try:
+            async for request in request_iterator:
+                if job is None:
+                    job = self.manager.check_report_token(request.token)
+                elif request.token and request.token != self.manager.report_token(*job):
+                    fail(Code.INVALID_ARGUMENT, "one report stream serves one job attempt")
+                reports = [dict(r.values) for r in request.reports]
+                if reports:
+                    await self.manager.report(*job, reports)
+                    accepted += len(reports)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, "Report", exc)
+        return jpb.ReportResponse(accepted=accepted)
 
 
 class SiteServicer(site_pb2_grpc.SiteServicer):

@@ -60,6 +60,7 @@ class Change:
     job: jpb.Job
     event: jpb.Event
     insert: bool = False
+    record: bool = True     # False: only the event is written; the job's row is left as it is
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -149,6 +150,8 @@ class Store:
                 cur = conn.execute("INSERT INTO events (job_id, owner, body) VALUES (?, ?, ?)",
                                    (job.id, job.owner, event.SerializeToString()))
                 event.seq = job.last_seq = cur.lastrowid or 0
+                if not change.record:
+                    continue
                 record = job.SerializeToString()
                 if change.insert:
                     conn.execute("INSERT INTO jobs (id, owner, state, record) VALUES (?, ?, ?, ?)",
@@ -198,23 +201,25 @@ class Store:
         return await self._read(self._list, owner, list(states), after_id, limit)
 
     def _list(self, owner: str | None, states: list[int], after_id: str, limit: int) -> list[jpb.Job]:
-        sql, args = "SELECT record FROM jobs WHERE id > ?", [after_id]
+        # rowid order is submission order; paging resumes after the row of `after_id`.
+        sql, args = "SELECT record FROM jobs WHERE rowid > COALESCE((SELECT rowid FROM jobs WHERE id = ?), 0)", \
+            [after_id]
         if owner is not None:
             sql += " AND owner = ?"
             args.append(owner)
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += states
-        sql += " ORDER BY id LIMIT ?"
+        sql += " ORDER BY rowid LIMIT ?"
         args.append(limit)
         return [jpb.Job.FromString(r[0]) for r in self._reader().execute(sql, args)]
 
     async def active(self) -> list[jpb.Job]:
-        """Every job that is not in a terminal state, in id order (for recovery)."""
+        """Every job that is not in a terminal state, in submission order (for recovery)."""
         return await self._read(self._active)
 
     def _active(self) -> list[jpb.Job]:
-        rows = self._reader().execute("SELECT record FROM jobs WHERE state IN (1, 2, 3) ORDER BY id")
+        rows = self._reader().execute("SELECT record FROM jobs WHERE state IN (1, 2, 3) ORDER BY rowid")
         return [jpb.Job.FromString(r[0]) for r in rows]
 
     async def events(self, after_seq: int, *, job_id: str | None, owner: str | None,
@@ -237,6 +242,18 @@ class Store:
             event = jpb.Event.FromString(body)
             event.seq = seq
             out.append(event)
+        return out
+
+    async def reports(self, job_ids: Iterable[str]) -> dict[str, list[dict[str, float]]]:
+        """The progress reports of each job, oldest first."""
+        return await self._read(self._reports, list(job_ids))
+
+    def _reports(self, job_ids: list[str]) -> dict[str, list[dict[str, float]]]:
+        out: dict[str, list[dict[str, float]]] = {}
+        for job_id in job_ids:
+            for event in self._events(0, job_id, None, 1 << 62):
+                if event.HasField("improved"):
+                    out.setdefault(job_id, []).append(dict(event.improved.values))
         return out
 
     async def head_seq(self) -> int:

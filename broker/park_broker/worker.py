@@ -116,6 +116,9 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
                 traceback.print_exc()
                 outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000],
                            "traceback": traceback.format_exc()[-20000:]}
+            reporting = sys.modules.get("park.progress")
+            if reporting is not None:   # the job reported progress: deliver it before the outcome
+                reporting.flush()
             sys.stdout.flush()
             sys.stderr.flush()
     finally:

@@ -9,17 +9,19 @@
 
 The public surface is exactly `__all__` (pinned by tests/test_exports.py).
 """
-from park.api import CurrentJob, current_job, job, run, submit
+from park.api import CurrentJob, current_job, job, race, run, submit
 from park.conditions import Condition, State
 from park.errors import (ConfigError, JobCancelled, JobFailed, NoServiceError, ParkError, ServiceError,
                          SubmitError)
-from park.job import Job, JobEvent, ResultFile
+from park.expressions import ExpressionError
+from park.job import Job, JobEvent, Race, ResultFile
+from park.progress import report
 from park.service import Service, remote_service
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Condition", "ConfigError", "CurrentJob", "Job", "JobCancelled", "JobEvent", "JobFailed", "NoServiceError",
-    "ParkError", "ResultFile", "Service", "ServiceError", "State", "SubmitError", "current_job", "job",
-    "remote_service", "run", "submit",
+    "Condition", "ConfigError", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed",
+    "NoServiceError", "ParkError", "Race", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
+    "current_job", "job", "race", "remote_service", "report", "run", "submit",
 ]

@@ -156,15 +156,17 @@ class AgentClient:
 
     def session_token(self, audience: str, *, scopes: Iterable[str] = (), subject: str | None = None,
                       key_id: str = "") -> IssuedToken:
+        """A 10-minute bearer token for `audience`; subject and key default to the agent's."""
         req = apb.AgentIssueSessionRequest(audience=audience, scopes=list(scopes),
-                                           subject=subject or default_subject(), key_id=key_id)
+                                           subject=subject or "", key_id=key_id)
         return self._token(self.request(apb.AgentRequest(issue_session=req)))
 
     def delegate(self, audience: str, *, scopes: Iterable[str], confirm: str, lifetime: int = 0,
                  max_depth: int = 0, subject: str | None = None, key_id: str = "") -> IssuedToken:
+        """A token only the holder of key id `confirm` may use (lifetime 0 = 1 hour, at most 6)."""
         req = apb.AgentDelegateRequest(audience=audience, scopes=list(scopes), lifetime_seconds=lifetime,
                                        confirm=confirm, max_depth=max_depth,
-                                       subject=subject or default_subject(), key_id=key_id)
+                                       subject=subject or "", key_id=key_id)
         return self._token(self.request(apb.AgentRequest(delegate=req)))
 
     @staticmethod

@@ -19,10 +19,11 @@ from park._proto import jobs_pb2 as jpb
 from park._wire import InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto
 from park.conditions import Condition
 from park.errors import ParkError
-from park.job import Job
+from park.expressions import Expression
+from park.job import Job, Race
 from park.service import Service, default_service, new_job_id
 
-__all__ = ["submit", "run", "job", "current_job", "CurrentJob"]
+__all__ = ["submit", "run", "race", "job", "current_job", "CurrentJob"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,11 +56,14 @@ def _spec(service: Service, when: Condition | None, output: str, label: str | No
     return spec
 
 
-def _queue(service: Service, spec: jpb.JobSpec) -> Job:
+def _queue(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = None) -> Job:
     info = service.info
     directory = f"{info.files_root}/{info.caller}/{spec.id}"
-    return Job(service, spec.id, url=f"park://{info.site}/files/{info.caller}/{spec.id}/{spec.output_name}",
-               filename=f"{directory}/{spec.output_name}", pending=service.enqueue(spec))
+    names = dict(url=f"park://{info.site}/files/{info.caller}/{spec.id}/{spec.output_name}",
+                 filename=f"{directory}/{spec.output_name}", pending=service.enqueue(spec))
+    if contestants is not None:
+        return Race(service, spec.id, contestants=contestants, **names)  # type: ignore[arg-type]
+    return Job(service, spec.id, **names)  # type: ignore[arg-type]
 
 
 def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None = None,
@@ -95,6 +99,29 @@ def run(argv: Sequence[str], *, when: Condition | None = None, service: Service 
     spec = _spec(service, when, output, label or argv[0])
     spec.command.argv.extend(argv)
     return _queue(service, spec)
+
+
+def race(jobs: Sequence[Job], until: str | None = None, *, service: Service | None = None,
+         label: str | None = None) -> Race:
+    """Race `jobs`: the first whose report satisfies `until` (or, with None, the first to complete)
+    wins, the others are cancelled at once, and the race completes with the winner's values.
+
+    If all end without winning, the race is cancelled. Returns at once; `race.winner` and
+    `race.result()` wait. The race runs at the jobs' service."""
+    jobs = list(jobs)
+    if not jobs or not all(isinstance(j, Job) for j in jobs):
+        raise TypeError("race() takes a non-empty list of jobs")
+    service = service or jobs[0].service
+    foreign = [j for j in jobs if j.site != service.site]
+    if foreign:
+        raise ValueError(f"job {foreign[0].id} is at site {foreign[0].site!r}; "
+                         f"a race runs where its jobs are ({service.site!r})")
+    if until is not None:
+        Expression(until)
+    spec = _spec(service, None, "output", label or f"race of {len(jobs)}")
+    spec.race.contestants.extend(j.id for j in jobs)
+    spec.race.until = until or ""
+    return _queue(service, spec, jobs)  # type: ignore[return-value]
 
 
 def job(fn: F) -> Callable[..., Job]:

@@ -117,7 +117,7 @@ def _print_json(document: Any) -> None:
 # -- finding services and jobs --------------------------------------------------------
 
 def _entries(name: str | None = None) -> list[ServiceEntry]:
-    """The configured services, or just `name`; a usage error when there are none."""
+    """The configured services, or just `name`: exit 2 for an unknown name, 1 when none are configured."""
     services = load_services()
     if name is not None:
         if name not in services:
@@ -158,6 +158,8 @@ def _open_job(ref: str, name: str | None) -> Iterator[Job]:
                 try:
                     actual = service.site
                 except ParkError as exc:
+                    if name is not None:
+                        raise
                     unreachable.append(f"{entry.name}: {exc}")
                     continue
                 if actual != site:
@@ -223,30 +225,31 @@ def _job_row(service_name: str, job: jpb.Job) -> dict[str, Any]:
     return {"service": service_name, "site": job.site, "id": job.id,
             "label": job.spec.label or job.spec.call.target or " ".join(job.spec.command.argv),
             "state": STATE_NAMES.get(job.state, "unknown"), "submitted": _iso(job.submitted_at),
-            "finished": _iso(job.finished_at), "url": job.url, "_times": (job.submitted_at, job.finished_at)}
+            "finished": _iso(job.finished_at), "url": job.url}
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     states = [_STATE_NUMBERS[s] for s in args.state or ()]
-    rows: list[dict[str, Any]] = []
+    found: list[tuple[str, jpb.Job]] = []
     status = 0
     for entry in _entries(args.service):
         try:
             with contextlib.closing(Service(entry.address, entry.cert)) as service:
-                rows += [_job_row(entry.name, job) for job in service.list_jobs(states=states)]
+                found += [(entry.name, job) for job in service.list_jobs(states=states)]
         except ParkError as exc:
             print(f"park: service {entry.name}: {exc}", file=sys.stderr)
             status = FAILURE
-    rows.sort(key=lambda r: r["_times"][0])
-    times = [r.pop("_times") for r in rows]
+    found.sort(key=lambda pair: pair[1].submitted_at)
     if args.json:
-        _print_json({"jobs": rows})
+        _print_json({"jobs": [_job_row(name, job) for name, job in found]})
         return status
     table = Table("site", "id", "label", "state", "submitted", "finished")
-    for r, (submitted, finished) in zip(rows, times):
-        table.add_row(Text(r["site"]), Text(r["id"]), Text(r["label"]),
-                      Text(r["state"], style=STATE_STYLES.get(r["state"], "")), _when(submitted), _when(finished))
-    _console().print(table if rows else "no jobs")
+    for name, job in found:
+        row = _job_row(name, job)
+        table.add_row(Text(row["site"]), Text(row["id"]), Text(row["label"]),
+                      Text(row["state"], style=STATE_STYLES.get(row["state"], "")),
+                      _when(job.submitted_at), _when(job.finished_at))
+    _console().print(table if found else "no jobs")
     return status
 
 

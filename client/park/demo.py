@@ -211,7 +211,7 @@ class _Board:
         return table
 
 
-def _watch_all(service: Service, out: queue.Queue[tuple[str, object]]) -> grpc.Future:  # type: ignore[type-arg]
+def _watch_all(service: Service, out: queue.Queue[tuple[str, object]]) -> grpc.Call:
     """Follow every job of the broker from the start, posting ("event", JobEvent) to `out`."""
     stream = service.jobs_stub.Watch(jpb.WatchRequest(job_id="", from_seq=0))
 

@@ -21,11 +21,12 @@ from park._proto import jobs_pb2 as jpb
 from park._wire import STATE_NAMES, TERMINAL_STATES
 from park.conditions import Atom, AtomKey, State
 from park.errors import JobCancelled, JobFailed, ServiceError
+from park.expressions import Expression, improved_state
 
 if TYPE_CHECKING:
     from park.service import Service, _Pending
 
-__all__ = ["Job", "JobEvent", "ResultFile"]
+__all__ = ["Job", "JobEvent", "Race", "ResultFile"]
 
 _RECONNECT_FOR = 60.0
 
@@ -102,10 +103,22 @@ class Job:
         raise NotImplementedError("fetch jobs arrive with federation (issue 4)")
 
     def improved(self, expr: str) -> Atom:
-        """Ready on the first progress report satisfying `expr`. NotImplementedError until issue 5."""
-        raise NotImplementedError("progress conditions arrive with park.report (issue 5)")
+        """Ready on the first progress report (`park.report`) or final result satisfying `expr`,
+        e.g. "chisq < 1.2 and step > 10"; cancelled if the job ends without that.
+
+        `expr` is checked here (ExpressionError, a ValueError, says what is wrong)."""
+        Expression(expr)
+        return self._atom("improved", expr)
 
     def _atom_state(self, key: AtomKey) -> State:
+        if key.kind == "improved":
+            events = self.history()
+            record = self.record()
+            completed = record.state == jpb.JOB_STATE_COMPLETED
+            return improved_state(Expression(key.expr), (e.detail.get("values", {}) for e in events
+                                                         if e.kind == "improved"),
+                                  finished=record.state in TERMINAL_STATES,
+                                  result=json.loads(record.result_json) if completed and record.result_json else None)
         state = self.state
         if state not in ("completed", "failed", "cancelled"):
             return State.PENDING
@@ -185,6 +198,22 @@ class Job:
             finally:
                 stream.cancel()
 
+    def history(self) -> list[JobEvent]:
+        """The job's events so far, without waiting for more."""
+        self.acknowledged()
+        stream = self.service.jobs_stub.Watch(jpb.WatchRequest(job_id=self.id), timeout=60)
+        events = []
+        try:
+            for item in stream:
+                if item.HasField("progress"):   # the broker has caught up: the rest would be live
+                    break
+                events.append(JobEvent.from_proto(item.event))
+        except grpc.RpcError as exc:
+            raise ServiceError.from_rpc(exc, f"reading the events of job {self.id}") from None
+        finally:
+            stream.cancel()
+        return events
+
     def wait(self, timeout: float | None = None) -> str:
         """Block until the job is completed, failed or cancelled; returns that state."""
         for event in self.events(timeout=timeout):
@@ -204,3 +233,22 @@ class Job:
         if job.HasField("result_file"):
             return ResultFile(job.result_file.path, job.result_file.format)
         return json.loads(job.result_json) if job.result_json else None
+
+
+class Race(Job):
+    """A race between jobs (`park.race`): completes with the winner's values; see DESIGN §3."""
+
+    def __init__(self, service: Service, job_id: str, url: str, filename: str, pending: _Pending | None,
+                 contestants: list[Job]):
+        super().__init__(service, job_id, url, filename, pending)
+        self.contestants = contestants
+
+    def result(self, timeout: float | None = None) -> dict[str, float]:
+        """The winner's values (its satisfying report, or its result when `until` was None)."""
+        return super().result(timeout)["values"]
+
+    @property
+    def winner(self) -> Job:
+        """The winning contestant; waits for the race to be decided, raises JobCancelled if none won."""
+        winner_id = super().result()["winner"]
+        return next(j for j in self.contestants if j.id == winner_id)

@@ -29,7 +29,7 @@ import secrets
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NoReturn, Union
+from typing import Literal, NoReturn
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -61,12 +61,13 @@ PLAIN_ACTIONS = frozenset({"jobs.submit", "packages.upload", "admin"})
 PATH_ACTIONS = frozenset({"jobs.read", "files.read"})
 
 Kind = Literal["unauthenticated", "permission_denied", "invalid_argument"]
-RootKeys = Union[Mapping[str, Sequence[bytes]], Callable[[str], Iterable[bytes]]]
+RootKeys = Mapping[str, Sequence[bytes]] | Callable[[str], Iterable[bytes]]
 
 # Deliberately narrow: anything a shell, a URL or a file system treats
 # specially (%, \, whitespace, control characters, non-ASCII) is refused.
 _SEGMENT = re.compile(r"[A-Za-z0-9_.+@=,~-]+")
 _SUBJECT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+_AUDIENCE = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 _KEY_ID = re.compile(r"[0-9a-f]{64}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _PUBLIC_KEY_PREFIX = "ed25519:"
@@ -164,6 +165,10 @@ def covers(granted: Scope, wanted: Scope) -> bool:
     return wanted.segments[:n] == granted.segments and (wanted.directory or len(wanted.segments) > n)
 
 
+def _covered(granted: Iterable[Scope], wanted: Scope) -> bool:
+    return any(covers(g, wanted) for g in granted)
+
+
 def _parse_scopes(scopes: Iterable[str]) -> tuple[Scope, ...]:
     parsed = tuple(parse_scope(s) for s in scopes)
     if not parsed:
@@ -175,16 +180,18 @@ def _parse_scopes(scopes: Iterable[str]) -> tuple[Scope, ...]:
 
 # --- keys and links -----------------------------------------------------------
 
+def _raw(public_key: bytes | Ed25519PublicKey) -> bytes:
+    return public_key if isinstance(public_key, bytes) else public_key.public_bytes_raw()
+
+
 def key_id(public_key: bytes | Ed25519PublicKey) -> str:
     """sha256 hex of a raw 32-byte Ed25519 public key: how tokens name keys."""
-    raw = public_key if isinstance(public_key, bytes) else public_key.public_bytes_raw()
-    return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(_raw(public_key)).hexdigest()
 
 
 def format_public_key(public_key: bytes | Ed25519PublicKey) -> str:
     """The one text form of a public key (`ed25519:<base64url>`), e.g. for `users add --key`."""
-    raw = public_key if isinstance(public_key, bytes) else public_key.public_bytes_raw()
-    return _PUBLIC_KEY_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return _PUBLIC_KEY_PREFIX + base64.urlsafe_b64encode(_raw(public_key)).rstrip(b"=").decode()
 
 
 def parse_public_key(text: str) -> bytes:
@@ -236,8 +243,8 @@ def issue(signer: Ed25519PrivateKey, *, subject: str, audience: str, scopes: Ite
     """
     if not _SUBJECT.fullmatch(subject):
         _bad_request("subject must be 1-64 of [A-Za-z0-9_.@-], not starting with '.', '@' or '-'")
-    if not audience or len(audience) > 253:
-        _bad_request("audience must be a site name of 1-253 characters")
+    if not _AUDIENCE.fullmatch(audience):
+        _bad_request("audience must be a site name: 1-253 of [A-Za-z0-9_.:-]")
     _check_confirm(confirm)
     if not 0 <= max_depth <= MAX_DEPTH:
         _bad_request(f"max_depth must be in [0, {MAX_DEPTH}]")
@@ -275,7 +282,7 @@ def attenuate(token: pb.Token, signer: Ed25519PrivateKey, *, confirm: str, scope
     parent_scopes = [parse_scope(s) for s in parent.scopes]
     parsed = _parse_scopes(parent.scopes if scopes is None else scopes)
     for s in parsed:
-        if not any(covers(p, s) for p in parent_scopes):
+        if not _covered(parent_scopes, s):
             _bad_request(f"scope {str(s)!r} is not covered by the parent token")
     t = time.time() if now is None else now
     expires = parent.expires if lifetime is None else int(t + _check_lifetime(lifetime, bearer=False))
@@ -333,8 +340,7 @@ class Verified:
     confirm: str
 
     def allows(self, scope: str | Scope) -> bool:
-        wanted = parse_scope(scope) if isinstance(scope, str) else scope
-        return any(covers(g, wanted) for g in self.scopes)
+        return _covered(self.scopes, parse_scope(scope) if isinstance(scope, str) else scope)
 
     def require(self, scope: str | Scope) -> None:
         """Raise TokenError("permission_denied") unless the token grants `scope`."""
@@ -376,7 +382,7 @@ def _check_signature(i: int, link: pb.Link, claims: pb.Claims, prev: pb.Claims |
         _fail(f"link {i}: not signed by the key that link {i - 1} confirms")
     try:
         _public_key(link.signer_key).verify(link.signature, link.claims)
-    except InvalidSignature:
+    except (InvalidSignature, ValueError):  # ValueError: bytes that are no curve point
         _fail(f"link {i}: bad signature")
 
 
@@ -397,7 +403,7 @@ def _check_narrowing(i: int, claims: pb.Claims, prev: pb.Claims, prev_id: str, r
     if claims.expires > prev.expires:
         _fail(f"link {i}: expires after its parent")
     for s in scopes:
-        if not any(covers(p, s) for p in prev_scopes):
+        if not _covered(prev_scopes, s):
             _fail(f"link {i}: widens scope {str(s)!r} beyond its parent")
 
 

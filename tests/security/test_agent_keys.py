@@ -81,7 +81,8 @@ def test_confirm_granted_by_askpass_sees_the_question(start_agent, tmp_path, mon
     agent = start_agent()
     kid = agent.client.add(_key(), comment="careful", confirm=True)
     assert agent.client.session_token("sns").key_id == kid
-    assert seen.read_text().startswith(f"confirm: Allow park-agent to sign a session token for 'sns' with key {kid[:12]}")
+    question = f"confirm: Allow park-agent to sign a session token for 'sns' with key {kid[:12]} (careful)?"
+    assert seen.read_text() == question + "\n"
 
 
 def test_key_removed_while_confirm_pending_is_not_used(start_agent):

@@ -19,8 +19,14 @@ def test_audience_differing_only_in_case_refused(kit):
 
 
 def test_wildcard_audience_is_not_special(kit):
-    token = tokens.issue(kit.alice, subject="alice", audience="*", now=kit.now)
-    kit.refused(token, "token is for audience '*', not 'sns'")
+    kit.refused(kit.root(audience="*"), "token is for audience '*', not 'sns'")
+
+
+def test_issue_refuses_wildcard_audience(kit):
+    with pytest.raises(tokens.TokenError) as info:
+        tokens.issue(kit.alice, subject="alice", audience="*", now=kit.now)
+    assert info.value.kind == "invalid_argument"
+    assert "audience must be a site name" in str(info.value)
 
 
 def test_child_link_changing_audience_refused(kit):

@@ -36,7 +36,8 @@ def test_john_directory_does_not_grant_johnathan_files(kit):
 
 
 def test_dotdot_scope_in_token_refused(kit):
-    kit.refused(kit.root(scopes=["files.read:/alice/../bob/"]), "link 0: scope 'files.read:/alice/../bob/': '..' segment")
+    kit.refused(kit.root(scopes=["files.read:/alice/../bob/"]),
+                "link 0: scope 'files.read:/alice/../bob/': '..' segment")
 
 
 def test_percent_encoded_dotdot_scope_refused(kit):

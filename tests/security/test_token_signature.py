@@ -19,7 +19,8 @@ def _with_link0(token: pb.Token, **fields: bytes) -> pb.Token:
 
 def test_truncated_signature_refused(kit):
     token = kit.root()
-    kit.refused(_with_link0(token, signature=token.links[0].signature[:63]), "link 0: signature is 63 bytes, expected 64")
+    kit.refused(_with_link0(token, signature=token.links[0].signature[:63]),
+                "link 0: signature is 63 bytes, expected 64")
 
 
 def test_bit_flipped_signature_refused(kit):

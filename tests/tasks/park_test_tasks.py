@@ -51,3 +51,31 @@ def append_line(path: str, line: str) -> int:
 
 def crash() -> None:
     os._exit(3)
+
+
+def fit(chisqs: list[float], delay: float, marker: str = "", wait_for: str = "") -> dict[str, float]:
+    """Report each chisq in turn, `delay` seconds apart, like an iterating fit.
+
+    With `wait_for`, after the last report wait (up to 30 s) for that file to appear:
+    proof that a dependent started while this job was still running."""
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    for step, chisq in enumerate(chisqs):
+        park.report(chisq=chisq, step=step)
+        time.sleep(delay)
+    if wait_for:
+        deadline = time.monotonic() + 30
+        while not Path(wait_for).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{wait_for} never appeared")
+            time.sleep(0.05)
+    return {"chisq": chisqs[-1], "steps": len(chisqs)}
+
+
+def touch(path: str) -> str:
+    Path(path).write_text("started")
+    return path
+
+
+def result_only(chisq: float) -> dict[str, float]:
+    return {"chisq": chisq}

@@ -97,12 +97,44 @@ class CommandLine(_message.Message):
 Global___CommandLine: _TypeAlias = CommandLine  # noqa: Y015
 
 @_typing.final
+class Race(_message.Message):
+    """Jobs that compete: the first whose progress satisfies `until` (or, with no
+    `until`, the first to complete) wins; the broker cancels the others and the
+    race completes with the winner's values. Run by the broker itself.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTESTANTS_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    until: _builtins.str
+    """an improved(...) expression, or empty"""
+    @_builtins.property
+    def contestants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """job ids at this site"""
+
+    def __init__(
+        self,
+        *,
+        contestants: _abc.Iterable[_builtins.str] | None = ...,
+        until: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contestants", b"contestants", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Race: _TypeAlias = Race  # noqa: Y015
+
+@_typing.final
 class JobSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    RACE_FIELD_NUMBER: _builtins.int
     WHEN_FIELD_NUMBER: _builtins.int
     OUTPUT_NAME_FIELD_NUMBER: _builtins.int
     REQUIRES_FIELD_NUMBER: _builtins.int
@@ -121,6 +153,8 @@ class JobSpec(_message.Message):
     @_builtins.property
     def command(self) -> Global___CommandLine: ...
     @_builtins.property
+    def race(self) -> Global___Race: ...
+    @_builtins.property
     def when(self) -> _conditions_pb2.Condition: ...
     @_builtins.property
     def requires(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -132,16 +166,17 @@ class JobSpec(_message.Message):
         id: _builtins.str = ...,
         call: Global___PythonCall | None = ...,
         command: Global___CommandLine | None = ...,
+        race: Global___Race | None = ...,
         when: _conditions_pb2.Condition | None = ...,
         output_name: _builtins.str = ...,
         requires: _abc.Iterable[_builtins.str] | None = ...,
         label: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "when", b"when", "work", b"work"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "id", b"id", "label", b"label", "output_name", b"output_name", "requires", b"requires", "when", b"when", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "id", b"id", "label", b"label", "output_name", b"output_name", "race", b"race", "requires", b"requires", "when", b"when", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command"]  # noqa: Y015
+    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_work) -> _WhichOneofReturnType_work | None: ...
 
@@ -197,6 +232,8 @@ class Cause(_message.Message):
         """its condition was cancelled"""
         KIND_NEVER_HOLDS: Cause._Kind.ValueType  # 3
         """its condition can never become ready"""
+        KIND_RACE_LOST: Cause._Kind.ValueType  # 4
+        """another contestant of its race won"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Cause.Kind.ValueType  # 0
@@ -206,6 +243,8 @@ class Cause(_message.Message):
     """its condition was cancelled"""
     KIND_NEVER_HOLDS: Cause.Kind.ValueType  # 3
     """its condition can never become ready"""
+    KIND_RACE_LOST: Cause.Kind.ValueType  # 4
+    """another contestant of its race won"""
 
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
@@ -494,6 +533,26 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 class Job(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ProgressEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     SITE_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
@@ -514,6 +573,7 @@ class Job(_message.Message):
     MEMO_HIT_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     site: _builtins.str
     owner: _builtins.str
@@ -539,6 +599,10 @@ class Job(_message.Message):
     def cause(self) -> Global___Cause: ...
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Output]: ...
+    @_builtins.property
+    def progress(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """the values of the latest progress report"""
+
     def __init__(
         self,
         *,
@@ -562,10 +626,11 @@ class Job(_message.Message):
         memo_hit: _builtins.bool = ...,
         outputs: _abc.Iterable[Global___Output] | None = ...,
         last_seq: _builtins.int = ...,
+        progress: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "result_file", b"result_file", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "outputs", b"outputs", "owner", b"owner", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -706,7 +771,7 @@ class ListRequest(_message.Message):
     limit: _builtins.int
     """default 100, at most 1000"""
     after_id: _builtins.str
-    """paging: ids are listed in submission order"""
+    """paging: jobs are listed in submission order"""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___JobState.ValueType]:
         """empty: any state"""
@@ -842,3 +907,52 @@ class WatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
 Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class ReportRequest(_message.Message):
+    """Progress reports from a running job, authenticated by the job-scoped token
+    the broker put in the job's environment ($PARK_REPORT_TOKEN).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """sent in the first message of the stream"""
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___Improved]:
+        """in the order the job made them"""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        reports: _abc.Iterable[Global___Improved] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportRequest: _TypeAlias = ReportRequest  # noqa: Y015
+
+@_typing.final
+class ReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportResponse: _TypeAlias = ReportResponse  # noqa: Y015

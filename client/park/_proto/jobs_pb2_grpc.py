@@ -59,6 +59,11 @@ class JobsStub:
                 request_serializer=park_dot_v1_dot_jobs__pb2.WatchRequest.SerializeToString,
                 response_deserializer=park_dot_v1_dot_jobs__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.Report = channel.stream_unary(
+                '/park.v1.Jobs/Report',
+                request_serializer=park_dot_v1_dot_jobs__pb2.ReportRequest.SerializeToString,
+                response_deserializer=park_dot_v1_dot_jobs__pb2.ReportResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -94,6 +99,12 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=park_dot_v1_dot_jobs__pb2.WatchRequest.FromString,
                     response_serializer=park_dot_v1_dot_jobs__pb2.WatchResponse.SerializeToString,
+            ),
+            'Report': grpc.stream_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=park_dot_v1_dot_jobs__pb2.ReportRequest.FromString,
+                    response_serializer=park_dot_v1_dot_jobs__pb2.ReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Jobs:
             '/park.v1.Jobs/Watch',
             park_dot_v1_dot_jobs__pb2.WatchRequest.SerializeToString,
             park_dot_v1_dot_jobs__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/park.v1.Jobs/Report',
+            park_dot_v1_dot_jobs__pb2.ReportRequest.SerializeToString,
+            park_dot_v1_dot_jobs__pb2.ReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
