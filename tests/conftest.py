@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import park
+from park import tokens
+from park.agent_client import default_subject
+from park.signer import read_private_key, write_private_key
 
 TASKS = Path(__file__).parent / "tasks"
 sys.path.insert(0, str(TASKS))  # the @park.job test imports the same module the brokers run
@@ -79,10 +83,38 @@ class Broker:
         return self.proc.returncode
 
 
-def make_broker(tmp_path: Path, site: str = "sns", **kwargs: object) -> Broker:
+def broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "park_broker.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The test user's key, in a key file (the robots' and CI's source of tokens): every
+    client in the suite authenticates with it, unless a test says otherwise."""
+    path = tmp_path_factory.mktemp("keys") / "user.key"
+    write_private_key(path, Ed25519PrivateKey.generate(), None)
+    saved = {k: os.environ.pop(k, None) for k in ("PARK_KEY_FILE", "PARK_AUTH_SOCK", "PARK_KEY_PASSPHRASE")}
+    os.environ["PARK_KEY_FILE"] = str(path)
+    yield path
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+
+
+def public_key_of(path: Path) -> str:
+    return tokens.format_public_key(read_private_key(path, None).public_key())
+
+
+def make_broker(tmp_path: Path, site: str = "sns", allow: str = "submit,upload", **kwargs: object) -> Broker:
+    """An initialised site whose one user is the test user (`default_subject()`)."""
     directory = tmp_path / site
-    subprocess.run([sys.executable, "-m", "park_broker.cli", "init", str(directory), "--site", site],
-                   check=True, capture_output=True)
+    for args in (("init", str(directory), "--site", site),
+                 ("users", "add", str(directory), default_subject(), "--key",
+                  public_key_of(Path(os.environ["PARK_KEY_FILE"])), "--allow", allow)):
+        result = broker_cli(*args)
+        assert result.returncode == 0, result.stderr
     return Broker(directory, site, **kwargs)  # type: ignore[arg-type]
 
 

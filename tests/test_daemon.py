@@ -30,16 +30,32 @@ def test_init_makes_private_keys_and_refuses_to_overwrite(tmp_path: Path) -> Non
     assert bad.returncode == 2 and "site name" in bad.stderr
 
 
-def test_serve_refuses_non_loopback_before_authentication(tmp_path: Path) -> None:
+def test_local_only_mode_refuses_non_loopback(tmp_path: Path) -> None:
     _broker_cli("init", str(tmp_path / "s"), "--site", "sns")
-    out = _broker_cli("serve", str(tmp_path / "s"), "--listen", "0.0.0.0:0")
+    out = _broker_cli("serve", str(tmp_path / "s"), "--listen", "0.0.0.0:0", "--local-only")
     assert out.returncode == 2 and "loopback only" in out.stderr
+
+
+def test_a_site_without_users_does_not_serve(tmp_path: Path) -> None:
+    _broker_cli("init", str(tmp_path / "s"), "--site", "sns")
+    out = _broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0")
+    assert out.returncode == 2 and "has no users" in out.stderr and "park-broker users add" in out.stderr
+
+
+def test_with_authentication_any_address_may_be_served(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker()
+    broker.address = "0.0.0.0:0"
+    broker.start()
+    port = broker.address.rpartition(":")[2]
+    service = park.Service(f"127.0.0.1:{port}", broker.cert)
+    assert service.site == "sns" and service.info.caller
+    service.close()
 
 
 def test_serve_refuses_a_key_readable_by_others(tmp_path: Path) -> None:
     _broker_cli("init", str(tmp_path / "s"), "--site", "sns")
     (tmp_path / "s" / "tls.key").chmod(0o644)
-    out = _broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0")
+    out = _broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--local-only")
     assert out.returncode == 2 and "chmod 600" in out.stderr
 
 

@@ -8,9 +8,9 @@ from park_broker.policy import POLICY
 
 def test_park_exports_exactly_the_documented_names() -> None:
     assert sorted(park.__all__) == sorted([
-        "Condition", "ConfigError", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed",
+        "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed",
         "NoServiceError", "ParkError", "Race", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
-        "current_job", "job", "race", "remote_service", "report", "run", "submit",
+        "credentials", "current_job", "job", "race", "remote_service", "report", "run", "submit",
     ])
     for name in park.__all__:
         assert hasattr(park, name), name

@@ -1,7 +1,10 @@
 """`park-broker`: create a site directory and serve it.
 
     park-broker init DIR --site NAME [--listen HOST:PORT]
-    park-broker serve DIR [--listen HOST:PORT] [--workers N] [--python-path DIR ...]
+    park-broker serve DIR [--listen HOST:PORT] [--workers N] [--python-path DIR ...] [--local-only]
+    park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin]
+    park-broker users list DIR
+    park-broker tokens revoke DIR LINK_ID
 
 Exit status: 0 on a clean stop, 1 when the broker stopped on an error, 2 for
 bad usage or an unusable site directory.
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from park_broker.server import ServeOptions, serve
 from park_broker.site import DEFAULT_LISTEN, SiteError, init_site, load_site
+from park_broker.users import ALLOWED, UsersError, add_user, load_users, revoke
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--executor", default="local", choices=["local"], help="where jobs run")
     srv.add_argument("--grace", type=float, default=5.0,
                      help="seconds between SIGTERM and SIGKILL for a cancelled job, and for shutdown")
+    srv.add_argument("--local-only", action="store_true",
+                     help="no tokens: serve on loopback only, every caller is this user (for a laptop)")
+    users = sub.add_parser("users", help="who may use the site").add_subparsers(dest="action", required=True)
+    add = users.add_parser("add", help="register a user's public key (or another key of theirs)")
+    add.add_argument("directory", type=Path)
+    add.add_argument("user")
+    add.add_argument("--key", required=True, help="the line `park-agent pubkey` prints (ed25519:...)")
+    add.add_argument("--allow", default="submit", help=f"comma-separated, from {','.join(ALLOWED)} (default submit)")
+    lst = users.add_parser("list", help="show registered users")
+    lst.add_argument("directory", type=Path)
+    revoke_cmd = sub.add_parser("tokens", help="token revocation").add_subparsers(dest="action", required=True)
+    rev = revoke_cmd.add_parser("revoke", help="refuse every token chain containing a link")
+    rev.add_argument("directory", type=Path)
+    rev.add_argument("link_id", help="the link's sha256 (64 hex characters)")
     return parser
 
 
@@ -49,13 +67,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"  certificate: {site.cert_path}\n"
                   f"  clients:     park services add {site.name} --address {site.listen} --cert {site.cert_path}")
             return 0
+        site = load_site(args.directory)
+        if args.command == "users" and args.action == "add":
+            add_user(site.directory, args.user, args.key, [a for a in args.allow.split(",") if a])
+            print(f"user {args.user} may now {args.allow} at site {site.name}")
+            return 0
+        if args.command == "users":
+            for name, user in sorted(load_users(site.directory / "users.toml").items()):
+                print(f"{name}\tallow={','.join(sorted(user.allow)) or '-'}\tkeys={len(user.keys)}")
+            return 0
+        if args.command == "tokens":
+            revoke(site.directory, args.link_id)
+            print(f"revoked {args.link_id}; brokers of site {site.name} refuse it within a second")
+            return 0
         if args.workers is not None and args.workers < 1:
             raise SiteError("--workers must be at least 1")
-        site = load_site(args.directory)
-        options = ServeOptions(listen=args.listen, workers=args.workers, grace=args.grace,
+        options = ServeOptions(listen=args.listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
                                python_path=[str(Path(p).resolve()) for p in args.python_path])
         return asyncio.run(serve(site, options))
-    except SiteError as exc:
+    except (SiteError, UsersError) as exc:
         print(f"park-broker: {exc}", file=sys.stderr)
         return 2
 

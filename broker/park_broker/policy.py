@@ -1,40 +1,36 @@
 """Who may call what: the per-method policy table and the interceptor enforcing it.
 
-Deny by default: a method that is not in `POLICY` is refused with
-UNIMPLEMENTED before any handler runs, and a test checks that the table covers
-exactly the methods the broker serves. The interceptor resolves the caller's
-identity and hands it to handlers through the `current_identity` ContextVar,
-set for the duration of the call and reset after it.
+Deny by default: a method missing from `POLICY` is refused with UNIMPLEMENTED
+before any handler runs, and a test checks that the table covers exactly the
+methods the broker serves. Every other call is authenticated before its handler
+runs, from the `authorization: Bearer <token>` metadata (users.Authority), and
+refused with UNAUTHENTICATED (no token, or one that does not verify) or
+PERMISSION_DENIED (a valid token without the permission). The caller's identity
+reaches handlers through the `current_identity` ContextVar, set for the call
+and reset after it.
 
-Until token authentication lands (DESIGN §6), a broker listens on loopback only
-and every caller is the local user with all permissions: `LocalIdentity`.
+`PUBLIC` methods (site info, health) accept anonymous callers but still refuse
+a bad token; `JOB` methods are authenticated by the job-scoped token inside the
+request, by their handler. In local-only mode (`park-broker serve --local-only`,
+loopback addresses only) every caller is the broker's own user.
 """
 from __future__ import annotations
 
 import contextvars
 import getpass
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from park import tokens
 from park._wire import InvalidInput, check_name
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    user: str
-    permissions: frozenset[str]
-
-    @property
-    def admin(self) -> bool:
-        return "admin" in self.permissions
-
+from park_broker.users import Authority, Identity
 
 current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("park_identity")
 
 PUBLIC = "public"
-JOB = "job"   # authenticated by the job-scoped token inside the request, checked by the handler
+JOB = "job"
 POLICY: dict[str, str] = {
     "/park.v1.Site/Info": PUBLIC,
     "/park.v1.Jobs/SubmitMany": "submit",
@@ -47,21 +43,66 @@ POLICY: dict[str, str] = {
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.health.v1.Health/List": PUBLIC,
 }
+ANONYMOUS = Identity(user="", permissions=frozenset())
+MAX_TOKEN_METADATA = tokens.MAX_TOKEN_CHARS + 16
 
 
 def local_identity() -> Identity:
-    """The broker's own OS user, the owner of every job before authentication exists."""
+    """The broker's own OS user, the owner of every job in local-only mode."""
     user = getpass.getuser()
     try:
         check_name(user, "local user name")
     except InvalidInput as exc:
         raise RuntimeError(f"cannot use the local user as a job owner: {exc}") from None
-    return Identity(user=user, permissions=frozenset({"submit", "read", "admin"}))
+    return Identity(user=user, permissions=frozenset({"submit", "read", "upload", "admin"}))
 
 
-def _wrap(behavior: Callable, identity: Identity, streaming: bool) -> Callable:  # type: ignore[type-arg]
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code, self.message = code, message
+
+
+class Gate:
+    """Decides the identity of one call; shared by all methods."""
+
+    def __init__(self, authority: Authority | None, local: Identity | None = None):
+        if (authority is None) == (local is None):
+            raise ValueError("a broker authenticates with tokens or serves its local user, not both")
+        self.authority = authority
+        self.local = local
+
+    def identify(self, rule: str, context: grpc.aio.ServicerContext) -> Identity:
+        if self.local is not None:
+            return self.local
+        assert self.authority is not None
+        bearer = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+        if not bearer:
+            if rule == PUBLIC:
+                return ANONYMOUS
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED,
+                           "no token: start park-agent and add a key (PARK_AUTH_SOCK), or set PARK_KEY_FILE")
+        value = bearer[0] if isinstance(bearer[0], str) else ""
+        if len(bearer) > 1 or len(value) > MAX_TOKEN_METADATA or not value.startswith("Bearer "):
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "malformed authorization metadata; "
+                                                            "send exactly one 'authorization: Bearer <token>'")
+        try:
+            identity = self.authority.authenticate(value[len("Bearer "):])
+        except tokens.TokenError as exc:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, f"token refused: {exc.message}") from None
+        if rule != PUBLIC and rule not in identity.permissions:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                           f"user {identity.user!r} may not {rule} at site {self.authority.site!r} with this "
+                           f"token (it grants: {', '.join(sorted(identity.permissions)) or 'nothing'})")
+        return identity
+
+
+def _wrap(behavior: Callable[..., Any], gate: Gate, rule: str, streaming: bool) -> Callable[..., Any]:
     if streaming:
-        async def stream(request, context):  # type: ignore[no-untyped-def]
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                identity = gate.identify(rule, context)
+            except _Refused as refused:
+                await context.abort(refused.code, refused.message)
             token = current_identity.set(identity)
             try:
                 async for item in behavior(request, context):
@@ -70,7 +111,11 @@ def _wrap(behavior: Callable, identity: Identity, streaming: bool) -> Callable: 
                 current_identity.reset(token)
         return stream
 
-    async def unary(request, context):  # type: ignore[no-untyped-def]
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            identity = gate.identify(rule, context)
+        except _Refused as refused:
+            await context.abort(refused.code, refused.message)
         token = current_identity.set(identity)
         try:
             return await behavior(request, context)
@@ -80,26 +125,24 @@ def _wrap(behavior: Callable, identity: Identity, streaming: bool) -> Callable: 
 
 
 def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def abort(request, context):  # type: ignore[no-untyped-def]
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
 class PolicyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, identity: Identity):
-        self._identity = identity
+    def __init__(self, gate: Gate):
+        self._gate = gate
 
     async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
         rule = POLICY.get(details.method)
         if rule is None:
             return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"method {details.method} is not served here")
         handler = await continuation(details)
-        if handler is None:
-            return None
-        if rule not in (PUBLIC, JOB) and rule not in self._identity.permissions:
-            return _refuse(grpc.StatusCode.PERMISSION_DENIED, f"{self._identity.user} may not {rule}")
+        if handler is None or rule == JOB:
+            return handler
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap(handler.unary_unary, self._identity, False))
+            return handler._replace(unary_unary=_wrap(handler.unary_unary, self._gate, rule, False))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap(handler.unary_stream, self._identity, True))
-        return handler
+            return handler._replace(unary_stream=_wrap(handler.unary_stream, self._gate, rule, True))
+        return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"method {details.method} has no policy for its shape")

@@ -25,10 +25,11 @@ from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
 from park_broker.events import EventHub
 from park_broker.jobs import JobManager, SiteInfo
 from park_broker.local_executor import LocalExecutor
-from park_broker.policy import PolicyInterceptor, local_identity
+from park_broker.policy import Gate, PolicyInterceptor, local_identity
 from park_broker.servicer import JobsServicer, SiteServicer
 from park_broker.site import SiteConfig, SiteError
 from park_broker.store import Store
+from park_broker.users import Authority
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,23 @@ class ServeOptions:
     workers: int | None = None
     python_path: list[str] = field(default_factory=list)
     grace: float = 5.0
+    local_only: bool = False     # no tokens: loopback only, every caller is the broker's user
+
+
+def make_gate(site: SiteConfig, options: ServeOptions) -> Gate:
+    if options.local_only:
+        check_loopback(options.listen or site.listen)
+        return Gate(None, local_identity())
+    authority = Authority(site.name, site.directory)
+    if not authority.has_users():
+        raise SiteError(f"site {site.name} has no users, so nobody could call it; add one with "
+                        f"`park-broker users add {site.directory} NAME --key \"$(park-agent pubkey)\" --allow submit`, "
+                        "or serve your own user on loopback with --local-only")
+    return Gate(authority)
 
 
 def check_loopback(listen: str) -> None:
-    """Before authentication exists, a broker must not be reachable from other hosts."""
+    """Without authentication a broker must not be reachable from other hosts."""
     host = listen.rpartition(":")[0].strip("[]")
     if host == "localhost":
         return
@@ -62,13 +76,13 @@ def check_loopback(listen: str) -> None:
             return
     except ValueError:
         pass
-    raise SiteError(f"refusing to listen on {listen}: without authentication a broker listens on loopback only "
-                    "(127.0.0.1, ::1 or localhost)")
+    raise SiteError(f"refusing to listen on {listen}: with --local-only (no authentication) a broker listens "
+                    "on loopback only (127.0.0.1, ::1 or localhost)")
 
 
 async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | None = None) -> int:
     listen = options.listen or site.listen
-    check_loopback(listen)
+    gate = make_gate(site, options)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,7 +97,7 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     hub.head = await store.head_seq()
 
     server = grpc.aio.server(
-        interceptors=[PolicyInterceptor(local_identity())],
+        interceptors=[PolicyInterceptor(gate)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                  ("grpc.max_send_message_length", MAX_MESSAGE), *KEEPALIVE])
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(manager), server)
@@ -91,7 +105,7 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
                                                              serialization.PublicFormat.Raw)
     site_info = site_pb2.InfoResponse(
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
-        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race"])
+        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race", "tokens"])
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -140,6 +140,6 @@ class SiteServicer(site_pb2_grpc.SiteServicer):
                    ) -> site_pb2.InfoResponse:
         response = site_pb2.InfoResponse()
         response.CopyFrom(self.info)
-        response.caller = current_identity.get().user
+        response.caller = current_identity.get().user   # empty for an anonymous caller
         response.version = park.__version__
         return response

@@ -9,6 +9,7 @@
 
 The public surface is exactly `__all__` (pinned by tests/test_exports.py).
 """
+from park.auth import Credentials, credentials
 from park.api import CurrentJob, current_job, job, race, run, submit
 from park.conditions import Condition, State
 from park.errors import (ConfigError, JobCancelled, JobFailed, NoServiceError, ParkError, ServiceError,
@@ -21,7 +22,7 @@ from park.service import Service, remote_service
 __version__ = "0.1.0"
 
 __all__ = [
-    "Condition", "ConfigError", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed",
+    "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed",
     "NoServiceError", "ParkError", "Race", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
-    "current_job", "job", "race", "remote_service", "report", "run", "submit",
+    "credentials", "current_job", "job", "race", "remote_service", "report", "run", "submit",
 ]

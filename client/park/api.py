@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from park._proto import jobs_pb2 as jpb
 from park._wire import InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto
 from park.conditions import Condition
-from park.errors import ParkError
+from park.errors import ParkError, ServiceError
 from park.expressions import Expression
 from park.job import Job, Race
 from park.service import Service, default_service, new_job_id
@@ -58,6 +58,9 @@ def _spec(service: Service, when: Condition | None, output: str, label: str | No
 
 def _queue(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = None) -> Job:
     info = service.info
+    if not info.caller:
+        raise ServiceError("UNAUTHENTICATED", f"{service} does not know you: start park-agent and add your key "
+                                              "(PARK_AUTH_SOCK), or set PARK_KEY_FILE")
     directory = f"{info.files_root}/{info.caller}/{spec.id}"
     names = dict(url=f"park://{info.site}/files/{info.caller}/{spec.id}/{spec.output_name}",
                  filename=f"{directory}/{spec.output_name}", pending=service.enqueue(spec))

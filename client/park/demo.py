@@ -38,12 +38,16 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 import park
+from park import tokens
+from park.agent_client import default_subject
+from park.signer import write_private_key
 from park._proto import jobs_pb2 as jpb
 from park.cli import STATE_STYLES, CliError, clock, describe
 from park.job import JobEvent
@@ -81,8 +85,9 @@ def expected_states(example: Path) -> dict[str, str]:
 class _Broker:
     """A `park-broker serve` subprocess for a fresh site; stopped on exit from the `with` block."""
 
-    def __init__(self, directory: Path, python_path: Path, workers: int):
+    def __init__(self, directory: Path, python_path: Path, workers: int, key: Ed25519PrivateKey):
         self.directory = directory
+        self.key = key
         self.python_path = python_path
         self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
@@ -104,6 +109,11 @@ class _Broker:
                               capture_output=True, text=True)
         if init.returncode != 0:
             raise CliError(f"park-broker init failed: {init.stderr.strip() or init.stdout.strip()}")
+        users = subprocess.run(self._command("users", "add", str(self.directory), default_subject(), "--key",
+                                             tokens.format_public_key(self.key.public_key())),
+                               capture_output=True, text=True)
+        if users.returncode != 0:
+            raise CliError(f"park-broker users add failed: {users.stderr.strip()}")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self._command("serve", str(self.directory), "--listen", "127.0.0.1:0", "--workers",
@@ -337,8 +347,13 @@ def run_demo(*, keep: bool, workers: int, plain: bool, console: Console) -> int:
     root = Path(tempfile.mkdtemp(prefix="park-demo-"))
     out: queue.Queue[tuple[str, object]] = queue.Queue()
     example: subprocess.Popen[str] | None = None
+    # The demo's own user key, in a key file (the source robots use), so that it needs no agent.
+    key = Ed25519PrivateKey.generate()
+    write_private_key(root / "demo-user.key", key, None)
+    os.environ.pop("PARK_AUTH_SOCK", None)
+    os.environ["PARK_KEY_FILE"] = str(root / "demo-user.key")
     try:
-        with _sigterm_interrupts(), _Broker(root / SITE, examples, workers) as broker:
+        with _sigterm_interrupts(), _Broker(root / SITE, examples, workers, key) as broker:
             console.print(Text(f"park demo: broker for site {SITE} on {broker.address}, state in {root}"))
             with contextlib.closing(Service(broker.address, broker.cert)) as service:
                 stream = _watch_all(service, out)

@@ -29,9 +29,12 @@ from pathlib import Path
 from types import TracebackType
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
+from park.auth import SessionTokens, token_source
 from park.config import load_services
 from park.errors import ConfigError, NoServiceError, ServiceError, SubmitError
 from park.job import Job
@@ -96,8 +99,10 @@ class Service:
         except OSError as exc:
             raise ConfigError(f"cannot read the certificate of {address}: {exc}") from None
         self.address = address
-        self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem),
-                                            options=CHANNEL_OPTIONS)
+        self.tokens = SessionTokens(_site_of_certificate(pem, cert), token_source())
+        channel_credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=pem), grpc.metadata_call_credentials(self.tokens))
+        self._channel = grpc.secure_channel(address, channel_credentials, options=CHANNEL_OPTIONS)
         self.jobs_stub = jobs_pb2_grpc.JobsStub(self._channel)
         self._site_stub = site_pb2_grpc.SiteStub(self._channel)
         self._info: site_pb2.InfoResponse | None = None
@@ -261,6 +266,17 @@ class Service:
             if not page.next_after_id:
                 return out
             after = page.next_after_id
+
+
+def _site_of_certificate(pem: bytes, path: Path) -> str:
+    """A site certificate names its site (park-broker init): the audience of our session tokens."""
+    try:
+        names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not a PEM certificate: {exc}") from None
+    if not names:
+        raise ConfigError(f"{path} does not name a site (no common name); use the tls.crt of a Park site")
+    return str(names[0].value)
 
 
 def _status_name(number: int) -> str:
