@@ -88,14 +88,16 @@ class Broker:
         self._log = open(self.directory / "broker.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "park_broker.cli", "--log-level", "WARNING", "serve", str(self.directory),
-             "--listen", "127.0.0.1:0", "--workers", str(workers), "--python-path", str(BENCH_DIR)],
+             "--listen", "127.0.0.1:0", "--local-only", "--workers", str(workers),
+             "--python-path", str(BENCH_DIR)],
             stdout=self._log, stderr=subprocess.STDOUT)
         serve_file = self.directory / "serve.json"
         deadline = time.monotonic() + 60
         while not serve_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.directory / "broker.log").read_text(errors="replace")
                 self.close()
-                raise RuntimeError(f"broker did not start:\n{(self.directory / 'broker.log').read_text()}")
+                raise RuntimeError(f"broker did not start:\n{log}")
             time.sleep(0.05)
         self.address: str = json.loads(serve_file.read_text())["address"]
 
@@ -184,6 +186,13 @@ def run_dask(shape: str, jobs: int, workers: int, width: int) -> float:
 # -- report --------------------------------------------------------------------------
 
 
+def _commit() -> str:
+    """The checked-out commit of the tree park is imported from, "-dirty" with uncommitted changes."""
+    described = subprocess.run(["git", "-C", str(Path(park.__file__).parent), "describe", "--always", "--dirty"],
+                               capture_output=True, text=True)
+    return described.stdout.strip() or "unknown (not a git checkout)"
+
+
 def machine_facts() -> list[tuple[str, str]]:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -198,7 +207,7 @@ def machine_facts() -> list[tuple[str, str]]:
         ("python", platform.python_version()),
         ("grpcio", grpc.__version__),
         ("dask / distributed", f"{dask.__version__} / {distributed.__version__}"),
-        ("park", park.__version__),
+        ("park", f"{park.__version__} at {_commit()}"),
         ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
     ]
 

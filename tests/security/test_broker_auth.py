@@ -1,0 +1,201 @@
+"""Every broker call is authenticated and authorized: real brokers, real tokens, raw calls."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import park
+from park import tokens
+from park._proto import jobs_pb2 as jpb
+from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
+from park.agent_client import default_subject
+from park.auth import SessionTokens
+from park.signer import read_private_key, write_private_key
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "park_broker.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+NOOP = jpb.JobSpec(id="f" * 26, call=jpb.PythonCall(target="park_test_tasks:noop"))
+
+
+def _user_key() -> Ed25519PrivateKey:
+    return read_private_key(Path(os.environ["PARK_KEY_FILE"]), None)
+
+
+def _raw(broker, token: str | None, *extra: tuple[str, str]):  # type: ignore[no-untyped-def]
+    """A JobsStub on a channel that sends exactly the metadata given, nothing automatic."""
+    channel = grpc.secure_channel(broker.address, grpc.ssl_channel_credentials(broker.cert.read_bytes()))
+    metadata = ([("authorization", f"Bearer {token}")] if token is not None else []) + list(extra)
+    return jobs_pb2_grpc.JobsStub(channel), metadata, channel
+
+
+def _code(broker, token: str | None, *extra: tuple[str, str], request=None):  # type: ignore[no-untyped-def]
+    stub, metadata, channel = _raw(broker, token, *extra)
+    try:
+        stub.SubmitMany(request or jpb.SubmitManyRequest(jobs=[NOOP]), metadata=metadata, timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    finally:
+        channel.close()
+    return grpc.StatusCode.OK, ""
+
+
+def _session(key: Ed25519PrivateKey, audience: str = "sns", **kwargs) -> str:  # type: ignore[no-untyped-def]
+    return tokens.encode(tokens.issue(key, subject=default_subject(), audience=audience, **kwargs))
+
+
+def test_missing_token_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
+    code, details = _code(broker, None)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "no token" in details and "PARK_KEY_FILE" in details
+
+
+def test_garbled_token_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
+    code, details = _code(broker, "not-base64-at-all!!")
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "token refused" in details
+
+
+def test_malformed_authorization_metadata(broker) -> None:  # type: ignore[no-untyped-def]
+    stub, _, channel = _raw(broker, None)
+    for metadata in ([("authorization", "Basic dXNlcjpwdw==")],
+                     [("authorization", f"Bearer {_session(_user_key())}")] * 2):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitMany(jpb.SubmitManyRequest(jobs=[NOOP]), metadata=metadata, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "exactly one 'authorization: Bearer" in info.value.details()
+    channel.close()
+
+
+def test_expired_session_token_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
+    old = _session(_user_key(), now=time.time() - 3600)
+    code, details = _code(broker, old)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "expired" in details
+
+
+def test_token_for_another_site_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
+    code, details = _code(broker, _session(_user_key(), audience="SNS"))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "not 'sns'" in details
+
+
+def test_key_not_registered_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
+    code, details = _code(broker, _session(Ed25519PrivateKey.generate()))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "not signed by a key registered" in details
+
+
+def test_token_without_the_scope_is_permission_denied(broker) -> None:  # type: ignore[no-untyped-def]
+    read_only = _session(_user_key(), scopes=["jobs.read:/"])
+    code, details = _code(broker, read_only)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "may not submit" in details
+
+
+def test_user_not_allowed_to_submit_is_permission_denied(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(allow="upload").start()
+    code, details = _code(broker, _session(_user_key()))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "may not submit" in details
+
+
+def test_delegated_token_used_as_bearer_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
+    other = Ed25519PrivateKey.generate()
+    delegated = _session(_user_key(), confirm=tokens.key_id(other.public_key()))
+    code, details = _code(broker, delegated)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "did not prove possession" in details
+
+
+def test_revocation_takes_effect_on_a_running_broker(broker) -> None:  # type: ignore[no-untyped-def]
+    token = tokens.issue(_user_key(), subject=default_subject(), audience="sns")
+    text = tokens.encode(token)
+    assert _code(broker, text)[0] == grpc.StatusCode.OK
+    result = _broker_cli("tokens", "revoke", str(broker.directory), tokens.link_id(token.links[0]))
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.1)   # re-read within a second
+    code, details = _code(broker, text, request=jpb.SubmitManyRequest(jobs=[
+        jpb.JobSpec(id="g" * 26, call=jpb.PythonCall(target="park_test_tasks:noop"))]))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details
+
+
+def test_another_users_job_is_not_found(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker().start()
+    mine = broker.service()
+    with mine:
+        job = park.submit("park_test_tasks:noop")
+    job.wait(timeout=30)
+    # A second user, registered at the same site.
+    mallory_key = Ed25519PrivateKey.generate()
+    result = _broker_cli("users", "add", str(broker.directory), "mallory", "--key",
+                         tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
+    token = tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns"))
+    stub, metadata, channel = _raw(broker, token)
+    for call in (lambda: stub.Get(jpb.GetRequest(job_id=job.id), metadata=metadata, timeout=10),
+                 lambda: stub.Cancel(jpb.CancelRequest(job_id=job.id), metadata=metadata, timeout=10),
+                 lambda: list(stub.Watch(jpb.WatchRequest(job_id=job.id), metadata=metadata, timeout=10))):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and "of yours" in info.value.details()
+    listing = stub.List(jpb.ListRequest(), metadata=metadata, timeout=10)
+    assert list(listing.jobs) == []
+    channel.close()
+
+
+def test_public_info_is_anonymous_but_a_bad_token_is_still_refused(broker) -> None:  # type: ignore[no-untyped-def]
+    channel = grpc.secure_channel(broker.address, grpc.ssl_channel_credentials(broker.cert.read_bytes()))
+    stub = site_pb2_grpc.SiteStub(channel)
+    assert stub.Info(site_pb2.InfoRequest(), timeout=10).caller == ""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Info(site_pb2.InfoRequest(), metadata=[("authorization", "Bearer junk")], timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+
+def test_client_without_credentials_is_told_what_to_set_up(broker, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("PARK_KEY_FILE")
+    service = park.Service(broker.address, broker.cert)
+    with pytest.raises(park.ServiceError, match="start park-agent") as info:
+        with service:
+            park.submit("park_test_tasks:noop")
+    assert info.value.code == "UNAUTHENTICATED"
+    service.close()
+
+
+def test_client_key_file_readable_by_others_is_refused(broker, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    loose = tmp_path / "loose.key"
+    write_private_key(loose, Ed25519PrivateKey.generate(), None)
+    loose.chmod(0o644)
+    monkeypatch.setenv("PARK_KEY_FILE", str(loose))
+    with pytest.raises(park.ConfigError, match="PARK_KEY_FILE"):
+        park.Service(broker.address, broker.cert)
+
+
+def test_session_tokens_are_refreshed_before_they_expire() -> None:
+    issued: list[float] = []
+
+    class Source:
+        def session_token(self, audience: str, *, scopes=()):  # type: ignore[no-untyped-def]
+            from park.agent_client import IssuedToken
+            issued.append(time.time())
+            # A token with 30 s left is inside the refresh margin: asked for again next time.
+            return IssuedToken(token=f"t{len(issued)}", expires=int(time.time()) + 30, key_id="k")
+
+    plugin = SessionTokens("sns", Source())  # type: ignore[arg-type]
+    assert plugin.current() == "t1"
+    assert plugin.current() == "t2"
+
+    class LongSource(Source):
+        def session_token(self, audience: str, *, scopes=()):  # type: ignore[no-untyped-def]
+            from park.agent_client import IssuedToken
+            issued.append(time.time())
+            return IssuedToken(token="long", expires=int(time.time()) + 600, key_id="k")
+
+    plugin = SessionTokens("sns", LongSource())  # type: ignore[arg-type]
+    assert plugin.current() == plugin.current() == "long"
+    assert len(issued) == 3, "a token far from expiry is reused"
