@@ -9,10 +9,11 @@ Two shapes, each of `--jobs` calls of `bench_tasks.noop`:
   layer before it (Park: `when=a.iscompleted & b.iscompleted`; Dask:
   `client.submit(noop, a, b)`).
 
-Park: every measurement starts a fresh `park-broker serve` in its own temporary
-site directory (SQLite in WAL mode with synchronous=FULL, so every commit is
-fsynced: the broker is durable while measured) with `--workers W` local
-workers. The clock runs from the first `park.submit` until a single Watch
+Park: every measurement starts a fresh `park-broker serve --local-only` with
+`--workers W` local workers, in a new site directory under `--site-root`
+(SQLite in WAL mode with synchronous=FULL, so every commit is fsynced: the
+broker is durable while measured, unless that directory is on tmpfs, which the
+printed facts show). The clock runs from the first `park.submit` until a single Watch
 stream over all of the caller's jobs has delivered a terminal event for every
 job; broker start-up is not timed.
 
@@ -23,6 +24,8 @@ until `client.gather` of every future returns.
 
 Each (system, shape) is measured `--repeat` times, Park and Dask runs
 alternating; the table shows the median rate in jobs/s and the ratio park/dask.
+A run that fails (a refused submission, a job that did not complete) is
+reported, left out of the median, and makes the exit status 1.
 The machine facts and load averages are printed with it: on a shared machine,
 compare runs only at a similar load.
 """
@@ -80,8 +83,8 @@ def dag_edges(jobs: int, width: int) -> list[tuple[int, int] | None]:
 class Broker:
     """A `park-broker serve` subprocess in a fresh temporary site directory."""
 
-    def __init__(self, workers: int):
-        self._tmp = tempfile.TemporaryDirectory(prefix="park-bench-")
+    def __init__(self, workers: int, root: Path | None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="park-bench-", dir=root)
         self.directory = Path(self._tmp.name) / "bench"
         subprocess.run([sys.executable, "-m", "park_broker.cli", "init", str(self.directory), "--site", "bench"],
                        check=True, capture_output=True)
@@ -132,9 +135,9 @@ def _watch_until_done(service: park.Service, expected: int, done: threading.Even
         done.set()
 
 
-def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float) -> float:
+def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, root: Path | None) -> float:
     """Seconds from the first submit until every job's terminal event has been watched."""
-    broker = Broker(workers)
+    broker = Broker(workers, root)
     try:
         service = park.Service(broker.address, broker.directory / "tls.crt")
         try:
@@ -193,7 +196,18 @@ def _commit() -> str:
     return described.stdout.strip() or "unknown (not a git checkout)"
 
 
-def machine_facts() -> list[tuple[str, str]]:
+def filesystem_of(path: Path) -> str:
+    """The type of the file system holding `path` (the longest mount point above it)."""
+    path = path.resolve()
+    best, kind = "", "unknown"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = line.split()
+        if (path == Path(mount) or Path(mount) in path.parents) and len(mount) > len(best):
+            best, kind = mount, fstype
+    return f"{kind} ({path})"
+
+
+def machine_facts(site_root: Path) -> list[tuple[str, str]]:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -208,15 +222,30 @@ def machine_facts() -> list[tuple[str, str]]:
         ("grpcio", grpc.__version__),
         ("dask / distributed", f"{dask.__version__} / {distributed.__version__}"),
         ("park", f"{park.__version__} at {_commit()}"),
+        ("broker sites on", filesystem_of(site_root)),
         ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
     ]
 
 
-def timed_run(label: str, jobs: int, fn: Callable[[], float]) -> float:
-    """The rate of one run of `fn` in jobs/s; prints it."""
-    seconds = fn()
+def timed_run(label: str, jobs: int, fn: Callable[[], float]) -> float | None:
+    """The rate of one run of `fn` in jobs/s, or None if the run failed; prints it either way."""
+    try:
+        seconds = fn()
+    except (park.ParkError, RuntimeError, TimeoutError) as exc:
+        print(f"  {label:<24} FAILED: {exc}", flush=True)
+        return None
     print(f"  {label:<24} {seconds:7.2f} s  {jobs / seconds:8.1f} jobs/s", flush=True)
     return jobs / seconds
+
+
+def summary(rates: list[float | None]) -> tuple[str, float | None]:
+    """The median of the successful runs, as a table cell and a number."""
+    ok = [r for r in rates if r is not None]
+    if not ok:
+        return "all runs failed", None
+    median = statistics.median(ok)
+    failed = len(rates) - len(ok)
+    return f"{median:.0f}" + (f" ({failed} of {len(rates)} runs failed)" if failed else ""), median
 
 
 def main() -> int:
@@ -226,24 +255,27 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=100, help="jobs per DAG layer (default 100)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is shown")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one Park run may take")
+    parser.add_argument("--site-root", type=Path, help="where the brokers' site directories go "
+                                                        "(default: the system's temporary directory)")
     args = parser.parse_args()
     if args.jobs < 1 or args.workers < 1 or args.width < 2 or args.repeat < 1:
         parser.error("--jobs, --workers, --repeat must be >= 1 and --width >= 2")
 
-    for key, value in machine_facts():
+    for key, value in machine_facts(args.site_root or Path(tempfile.gettempdir())):
         print(f"{key:<20} {value}")
     print(f"{'jobs / workers':<20} {args.jobs} / {args.workers}; dag: {-(-args.jobs // args.width)} layers "
           f"of {args.width}\n", flush=True)
 
-    rates: dict[tuple[str, str], list[float]] = {(system, shape): [] for system in ("park", "dask")
-                                                 for shape in SHAPES}
+    rates: dict[tuple[str, str], list[float | None]] = {(system, shape): [] for system in ("park", "dask")
+                                                        for shape in SHAPES}
     # Park and Dask alternate, so that a change in the machine's load affects both alike; each run
     # has the machine to itself (its broker or cluster is started before and stopped after it).
     for shape in SHAPES:
         for i in range(1, args.repeat + 1):
             rates["park", shape].append(timed_run(
                 f"park {shape} run {i}", args.jobs,
-                functools.partial(run_park, shape, args.jobs, args.workers, args.width, args.timeout)))
+                functools.partial(run_park, shape, args.jobs, args.workers, args.width, args.timeout,
+                                  args.site_root)))
             rates["dask", shape].append(timed_run(
                 f"dask {shape} run {i}", args.jobs,
                 functools.partial(run_dask, shape, args.jobs, args.workers, args.width)))
@@ -251,9 +283,10 @@ def main() -> int:
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"median of {args.repeat} runs\n\n| shape | park jobs/s | dask jobs/s | park/dask |\n|---|---:|---:|---:|")
     for shape in SHAPES:
-        p, d = statistics.median(rates["park", shape]), statistics.median(rates["dask", shape])
-        print(f"| {shape} | {p:.0f} | {d:.0f} | {p / d:.2f} |")
-    return 0
+        (park_cell, p), (dask_cell, d) = summary(rates["park", shape]), summary(rates["dask", shape])
+        ratio = f"{p / d:.2f}" if p is not None and d is not None else "-"
+        print(f"| {shape} | {park_cell} | {dask_cell} | {ratio} |")
+    return 1 if any(r is None for runs in rates.values() for r in runs) else 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def _atom(job_id: str, site: str = "sns") -> cpb.ConditionNode:
      "args is not valid JSON"),
     (_call({"call": jpb.PythonCall(target="m:f", kwargs_json="[1]")}), grpc.StatusCode.INVALID_ARGUMENT,
      "kwargs must be a JSON object"),
-    (jpb.JobSpec(id=GOOD_ID), grpc.StatusCode.INVALID_ARGUMENT, "needs a Python call, a command line or a race"),
+    (jpb.JobSpec(id=GOOD_ID), grpc.StatusCode.INVALID_ARGUMENT, "needs a Python call, a command line, a race or an install"),
     (jpb.JobSpec(id=GOOD_ID, command=jpb.CommandLine(argv=[])), grpc.StatusCode.INVALID_ARGUMENT,
      "at least a program name"),
     (jpb.JobSpec(id=GOOD_ID, command=jpb.CommandLine(argv=["ls", "a\0b"])), grpc.StatusCode.INVALID_ARGUMENT,
@@ -51,7 +51,8 @@ def _atom(job_id: str, site: str = "sns") -> cpb.ConditionNode:
      "which site 'sns' does not have"),
     (_call({"when": cpb.Condition(postfix=[_atom("c" * 26, site="cluster")])}), grpc.StatusCode.UNIMPLEMENTED,
      "no federation peers"),
-    (_call({"requires": ["numpy==1.0"]}), grpc.StatusCode.UNIMPLEMENTED, "package support"),
+    (_call({"requires": ["numpy==1.0"]}), grpc.StatusCode.FAILED_PRECONDITION, "numpy"),
+    (_call({"requires": ["numpy>=1.0"]}), grpc.StatusCode.INVALID_ARGUMENT, "numpy"),
     (_call({"when": cpb.Condition(postfix=[cpb.ConditionNode(atom=cpb.Atom(site="sns", job_id="c" * 26, kind=cpb.ATOM_KIND_IMPROVED, expr="__import__('os')"))])}),
      grpc.StatusCode.INVALID_ARGUMENT, "is not allowed"),
     (jpb.JobSpec(id=GOOD_ID, race=jpb.Race()), grpc.StatusCode.INVALID_ARGUMENT, "1 to 64 contestants"),
@@ -138,9 +139,9 @@ def test_client_side_checks_fail_at_the_submitting_line(service: park.Service) -
 
 
 def test_refused_submission_surfaces_on_flush_and_on_the_job(service: park.Service) -> None:
-    with pytest.raises(park.SubmitError, match="package support") as info:
+    with pytest.raises(park.SubmitError, match="numpy") as info:
         with service:
             job = park.submit("park_test_tasks:noop", requires=["numpy==1.0"])
-    assert info.value.code == "UNIMPLEMENTED"
-    with pytest.raises(park.SubmitError, match="package support"):
+    assert info.value.code == "FAILED_PRECONDITION"
+    with pytest.raises(park.SubmitError, match="numpy"):
         job.wait(timeout=10)

@@ -32,7 +32,7 @@ def test_kill_9_and_restart(new_broker, tmp_path: Path) -> None:  # type: ignore
     _wait_for((tmp_path / "slow.pid").exists)
     events_before = [e.seq for e in done.events()]
     with s:
-        burst = [park.submit("park_test_tasks:noop") for _ in range(300)]
+        burst = [park.submit("park_test_tasks:noop", memo=False) for _ in range(300)]
     # The burst is acknowledged (the `with` flushed it) and mostly not yet run: kill now.
     broker.kill()
     broker.start()
@@ -80,7 +80,7 @@ def test_watch_resumes_across_a_restart_without_gaps_or_repeats(new_broker) -> N
     s = broker.service()
     with s:
         gate = park.submit("park_test_tasks:sleep", 2)
-        jobs = [park.submit("park_test_tasks:noop", when=gate.iscompleted) for _ in range(5)]
+        jobs = [park.submit("park_test_tasks:noop", when=gate.iscompleted, memo=False) for _ in range(5)]
     # Read the first few events (all submissions, before the gate opens), then kill the broker.
     seen = []
     stream = s.jobs_stub.Watch(jpb.WatchRequest(from_seq=0), timeout=30)

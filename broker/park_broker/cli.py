@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--executor", default="local", choices=["local"], help="where jobs run")
     srv.add_argument("--grace", type=float, default=5.0,
                      help="seconds between SIGTERM and SIGKILL for a cancelled job, and for shutdown")
+    srv.add_argument("--package-index", metavar="DIR_OR_URL",
+                     help="wheelhouse directory or package index for implicit installs of requires=")
     srv.add_argument("--local-only", action="store_true",
                      help="no tokens: serve on loopback only, every caller is this user (for a laptop)")
     users = sub.add_parser("users", help="who may use the site").add_subparsers(dest="action", required=True)
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None and args.workers < 1:
             raise SiteError("--workers must be at least 1")
         options = ServeOptions(listen=args.listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
+                               package_index=args.package_index,
                                python_path=[str(Path(p).resolve()) for p in args.python_path])
         return asyncio.run(serve(site, options))
     except (SiteError, UsersError) as exc:

@@ -25,6 +25,7 @@ class Task:
     final_dir: Path
     output_name: str
     env: dict[str, str] = field(default_factory=dict)
+    python_path: tuple[str, ...] = ()   # package directories the job requires, first on sys.path
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

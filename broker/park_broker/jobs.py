@@ -18,37 +18,35 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import hmac
 import json
 import logging
 import math
-import operator
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from park._proto import jobs_pb2 as jpb
-from park._wire import (STATE_NAMES, TERMINAL_STATES, InvalidInput, atom_to_proto, check_job_id, check_json,
-                        check_name, check_target, condition_from_proto)
-from park.conditions import Atom, AtomKey, Condition, State
-from park.expressions import Expression, ExpressionError, improved_state
+from park._wire import STATE_NAMES, TERMINAL_STATES, InvalidInput, atom_to_proto, check_job_id
+from park.conditions import AtomKey, Condition, State
+from park.expressions import improved_state
+from park_broker import memo
+from park_broker.admission import Admission
 from park_broker.errors import BrokerError, Code, fail
 from park_broker.events import EventHub
 from park_broker.executor import Executor, Outcome, Task
+from park_broker.packages import PackageStore
 from park_broker.scheduler import Decision, Scheduler, Verdict, job_atom_states
 from park_broker.store import Change, Store
-from park_broker.worker import RESERVED_NAMES
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000
-MAX_ARGV = 4096
-MAX_CONTESTANTS = 64
 MAX_REPORT_VALUES = 64
 MAX_HISTORY = 10_000
 DEFAULT_OUTPUT = "output"
@@ -69,17 +67,34 @@ class Submission:
 
     job: jpb.Job | None = None
     error: BrokerError | None = None
+    memo_hit: bool = False
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A spec on its way in: its condition, packages and memo key, or why it is refused."""
+
+    spec: jpb.JobSpec
+    cond: Condition | None
+    dirs: list[Path] = field(default_factory=list)
+    inputs: dict[str, Any] | None = None
+    key: str = ""
+    error: BrokerError | None = None
 
 
 class JobManager:
-    def __init__(self, site: SiteInfo, store: Store, executor: Executor, hub: EventHub):
+    def __init__(self, site: SiteInfo, store: Store, executor: Executor, hub: EventHub, packages: PackageStore):
         self.site = site
         self.store = store
         self.executor = executor
         self.hub = hub
+        self.packages = packages
+        self.admission = Admission(site.name, site.files_root, packages)
         self.scheduler = Scheduler()
         self._active: dict[str, jpb.Job] = {}
-        self._expressions: dict[str, Expression] = {}
+        self._memo: dict[str, str] = {}             # memo key -> id, for active jobs
+        self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
+        self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
         # Progress reports of active jobs, for improved(...) atoms that arrive after the report.
         self._reports: dict[str, list[dict[str, float]]] = {}
         self._report_key = secrets.token_bytes(32)   # job tokens die with the process, as attempts do
@@ -93,7 +108,7 @@ class JobManager:
         for job in jobs:
             self._active[job.id] = job
         self._reports.update(await self.store.reports(j.id for j in jobs))
-        conditions = {j.id: self._condition_of_spec(j.spec) for j in jobs if j.state == jpb.JOB_STATE_WAITING}
+        conditions = {j.id: self.admission.condition_of(j.spec) for j in jobs if j.state == jpb.JOB_STATE_WAITING}
         keys = {a.key for c in conditions.values() if c is not None for a in c.depends}
         stored = await self.store.get_many({k.job_id for k in keys} - set(self._active))
         histories = await self.store.reports({k.job_id for k in keys if k.kind == "improved" and k.job_id in stored})
@@ -123,40 +138,61 @@ class JobManager:
     async def submit_many(self, owner: str, specs: list[jpb.JobSpec]) -> list[Submission]:
         """Validate and store a batch; each spec is accepted or refused on its own.
 
-        Later specs may name earlier ones of the same batch in their conditions.
-        Re-submitting an id with the same spec returns the existing job (a safe retry).
+        Later specs may name earlier ones of the same batch in their conditions and
+        arguments. Re-submitting an id with the same spec returns the existing job (a
+        safe retry). A spec whose memo key matches a completed or still active job
+        becomes another name (an alias) of that job: a memo hit.
         """
         if len(specs) > MAX_BATCH:
             fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
-        parsed: list[Condition | None | BrokerError] = []
+        prepared: list[_Prepared | BrokerError] = []
         for spec in specs:
             try:
-                parsed.append(self._validate(spec))
+                prepared.append(_Prepared(spec, self.admission.validate(spec)))
             except BrokerError as exc:
-                parsed.append(exc)
-        wanted = {s.id for s in specs} | {
-            a.key.job_id for c in parsed if isinstance(c, Condition) for a in c.depends}
+                prepared.append(exc)
+        ok = [p for p in prepared if isinstance(p, _Prepared)]
+        for p in ok:
+            try:
+                p.dirs = await self.admission.packages_for(p.spec)
+            except BrokerError as exc:
+                p.error = exc
+        wanted = {p.spec.id for p in ok} | {a.key.job_id for p in ok if p.cond is not None for a in p.cond.depends} | {
+            j for p in ok for j in (*p.spec.race.contestants, *self.admission.referenced(p.spec))}
         stored = await self._lookup(wanted)
+        digests = await self.admission.file_digests([p.spec for p in ok])
+        self._memo_keys(owner, ok, stored, digests)
+        hits = await self.store.by_memo_keys(p.key for p in ok if p.key)
         # Reports of finished jobs that improved(...) atoms name; immutable, so reading them here is safe.
-        histories = await self.store.reports({
-            a.key.job_id for c in parsed if isinstance(c, Condition) for a in c.depends
-            if a.key.kind == "improved" and a.key.job_id in stored})
+        histories = await self.store.reports({a.key.job_id for p in ok if p.cond is not None for a in p.cond.depends
+                                              if a.key.kind == "improved" and a.key.job_id in stored})
         # From here to the commit nothing awaits: the batch is decided atomically.
         results: list[Submission] = []
         changes: list[Change] = []
         queued: list[str] = []
         now = time.time()
-        for spec, cond in zip(specs, parsed):
-            if isinstance(cond, BrokerError):
-                results.append(Submission(error=cond))
+        for p in prepared:
+            if isinstance(p, BrokerError) or p.error is not None:
+                results.append(Submission(error=p if isinstance(p, BrokerError) else p.error))
                 continue
-            existing = self._active.get(spec.id) or stored.get(spec.id)
+            try:
+                spec, cond = self._canonical(p.spec, p.cond, stored)
+            except BrokerError as exc:
+                results.append(Submission(error=exc))
+                continue
+            existing = self._active.get(self._aliases.get(spec.id, spec.id)) or stored.get(spec.id)
             if existing is not None:
-                if existing.owner == owner and existing.spec == spec:
-                    results.append(Submission(job=existing))
+                if existing.owner == owner and (existing.spec == spec or existing.memo_key == p.key):
+                    results.append(Submission(job=existing, memo_hit=existing.id != spec.id))
                 else:
                     results.append(Submission(error=BrokerError(
                         Code.ALREADY_EXISTS, f"job id {spec.id} is already taken; submit with a fresh id")))
+                continue
+            twin = self._active.get(self._memo.get(p.key, "")) if p.key else None
+            twin = twin or hits.get(p.key or "")
+            if twin is not None:
+                self._alias(owner, spec, twin, changes)
+                results.append(Submission(job=twin, memo_hit=True))
                 continue
             try:
                 states = self._states_now(cond, stored, histories)
@@ -164,6 +200,9 @@ class JobManager:
                 results.append(Submission(error=exc))
                 continue
             job = self._new_job(owner, spec, now)
+            if p.key:
+                job.memo_key, job.memo_inputs = p.key, memo.canonical(p.inputs)
+                self._memo[p.key] = job.id
             self._active[job.id] = job
             changes.append(self._change(job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)),
                                         insert=True))
@@ -174,12 +213,63 @@ class JobManager:
         await self._commit(changes, queued)
         return results
 
+    def _canonical(self, spec: jpb.JobSpec, cond: Condition | None, stored: dict[str, jpb.Job]
+                   ) -> tuple[jpb.JobSpec, Condition | None]:
+        """The spec with every job it names by an alias (a memo hit) named by the job itself."""
+        def resolve(job_id: str) -> str:
+            return self._aliases.get(job_id) or (stored[job_id].id if job_id in stored else job_id)
+
+        names = [n.atom.job_id for n in spec.when.postfix if n.HasField("atom")] + list(spec.race.contestants)
+        if all(resolve(j) == j for j in names):
+            return spec, cond
+        canonical = jpb.JobSpec()
+        canonical.CopyFrom(spec)
+        for node in canonical.when.postfix:
+            if node.HasField("atom"):
+                node.atom.job_id = resolve(node.atom.job_id)
+        canonical.race.contestants[:] = [resolve(j) for j in spec.race.contestants] if spec.HasField("race") else []
+        if canonical.HasField("race") and len(set(canonical.race.contestants)) != len(canonical.race.contestants):
+            fail(Code.INVALID_ARGUMENT, f"job {spec.id}: two contestants of the race are the same job (memo hits "
+                                        "of identical work); vary them, or submit them with memo=False")
+        return canonical, self.admission.condition_of(canonical)
+
+    def _memo_keys(self, owner: str, batch: list[_Prepared], stored: dict[str, jpb.Job],
+                   digests: dict[str, str]) -> None:
+        """Fill in each spec's memo key, in batch order (an upstream job may be earlier in the batch)."""
+        in_batch: dict[str, str] = {}
+
+        def key_of_job(job_id: str) -> str | None:
+            job = self._active.get(self._aliases.get(job_id, job_id)) or stored.get(job_id)
+            return in_batch.get(job_id) or (job.memo_key if job is not None else None)
+
+        for p in batch:
+            if p.error is not None:
+                continue
+            try:
+                p.inputs = self.admission.memo_inputs(owner, p.spec, p.dirs, digests, key_of_job)
+            except BrokerError as exc:
+                p.error = exc
+                continue
+            if p.inputs is not None:
+                p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
+
+    def _alias(self, owner: str, spec: jpb.JobSpec, twin: jpb.Job, changes: list[Change]) -> None:
+        """Make `spec.id` another name of `twin`, its files included (a relative symlink)."""
+        self._aliases[spec.id] = twin.id
+        self._aliased.setdefault(twin.id, set()).add(spec.id)
+        changes.append(Change(job=jpb.Job(id=spec.id, owner=owner), event=jpb.Event(), alias_of=twin.id))
+        link = self.site.files_root / owner / spec.id
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(twin.id)
+
     async def _lookup(self, job_ids: set[str]) -> dict[str, jpb.Job]:
         """Stored records of the ids not in memory, consistent with memory when this returns.
 
         A job can leave `_active` while the store is read (its terminal commit
         finished meanwhile); such jobs are read again, now committed."""
         stored: dict[str, jpb.Job] = {}
+        job_ids = {self._aliases.get(j, j) for j in job_ids} | job_ids
         in_memory = {j for j in job_ids if j in self._active}
         ask = job_ids - in_memory
         while ask:
@@ -188,68 +278,6 @@ class JobManager:
             in_memory -= ask
         return stored
 
-    def _validate(self, spec: jpb.JobSpec) -> Condition | None:
-        try:
-            check_job_id(spec.id)
-            which = spec.WhichOneof("work")
-            if which == "call":
-                check_target(spec.call.target)
-                check_json(spec.call.args_json, list, "args")
-                check_json(spec.call.kwargs_json, dict, "kwargs")
-            elif which == "command":
-                argv = spec.command.argv
-                if not argv or not argv[0]:
-                    raise InvalidInput("a command needs at least a program name")
-                if len(argv) > MAX_ARGV or any("\0" in a for a in argv):
-                    raise InvalidInput(f"a command has at most {MAX_ARGV} arguments and no NUL characters")
-            elif which == "race":
-                self._check_race(spec)
-            else:
-                raise InvalidInput("a job needs a Python call, a command line or a race")
-            name = spec.output_name or DEFAULT_OUTPUT
-            check_name(name)
-            if name in RESERVED_NAMES:
-                raise InvalidInput(f"output name {name!r} is reserved for the job's logs and result")
-            if spec.requires:
-                fail(Code.UNIMPLEMENTED, "requires= needs package support, which this broker does not have yet")
-            cond = self._condition_of_spec(spec)
-            for atom in cond.depends if cond is not None else ():
-                if atom.key.kind == "improved":
-                    self._expression(atom.key.expr)
-        except (InvalidInput, ExpressionError) as exc:
-            raise BrokerError(Code.INVALID_ARGUMENT, f"job {spec.id[:40]!r}: {exc}") from None
-        for atom in cond.depends if cond is not None else ():
-            if atom.key.site != self.site.name:
-                fail(Code.UNIMPLEMENTED, f"job {spec.id}: condition names a job at site {atom.key.site!r}; "
-                                         f"this broker ({self.site.name!r}) has no federation peers yet")
-        return cond
-
-    @staticmethod
-    def _check_race(spec: jpb.JobSpec) -> None:
-        race = spec.race
-        if not 1 <= len(race.contestants) <= MAX_CONTESTANTS:
-            raise InvalidInput(f"a race needs 1 to {MAX_CONTESTANTS} contestants")
-        if len(set(race.contestants)) != len(race.contestants):
-            raise InvalidInput("a race names the same contestant twice")
-        for job_id in race.contestants:
-            check_job_id(job_id, "contestant")
-        if spec.when.postfix:
-            raise InvalidInput("a race has no when=; it starts judging at once")
-
-    def _condition_of_spec(self, spec: jpb.JobSpec) -> Condition | None:
-        """The condition a job waits on; a race waits on any contestant's success."""
-        if spec.WhichOneof("work") != "race":
-            return condition_from_proto(spec.when)
-        kind, expr = ("improved", spec.race.until) if spec.race.until else ("completed", "")
-        atoms = [Atom(AtomKey(self.site.name, j, kind, expr)) for j in spec.race.contestants]
-        return functools.reduce(operator.or_, atoms)
-
-    def _expression(self, source: str) -> Expression:
-        expr = self._expressions.get(source)
-        if expr is None:
-            expr = self._expressions[source] = Expression(source)
-        return expr
-
     def _states_now(self, cond: Condition | None, stored: dict[str, jpb.Job],
                     histories: dict[str, list[dict[str, float]]]) -> dict[AtomKey, State]:
         states: dict[AtomKey, State] = {}
@@ -257,7 +285,7 @@ class JobManager:
             return states
         for atom in cond.depends:
             key: AtomKey = atom.key  # type: ignore[assignment]
-            job = self._active.get(key.job_id) or stored.get(key.job_id)
+            job = self._active.get(self._aliases.get(key.job_id, key.job_id)) or stored.get(key.job_id)
             if job is None:
                 fail(Code.NOT_FOUND, f"condition names job {key.job_id}, which site {self.site.name!r} "
                                      "does not have; submit it first (earlier in the same batch is fine)")
@@ -271,7 +299,7 @@ class JobManager:
 
     def _improved_state(self, job: jpb.Job, key: AtomKey, reports: list[dict[str, float]]) -> State:
         completed = job.state == jpb.JOB_STATE_COMPLETED
-        return improved_state(self._expression(key.expr), reports, finished=job.state in TERMINAL_STATES,
+        return improved_state(self.admission.expression(key.expr), reports, finished=job.state in TERMINAL_STATES,
                               result=_result_values(job) if completed else None)
 
     def _new_job(self, owner: str, spec: jpb.JobSpec, now: float) -> jpb.Job:
@@ -380,12 +408,17 @@ class JobManager:
             if job is not None and job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
                 del self._active[job.id]
                 self._reports.pop(job.id, None)
+                if self._memo.get(job.memo_key) == job.id:
+                    del self._memo[job.memo_key]
+                for alias in self._aliased.pop(job.id, ()):
+                    self._aliases.pop(alias, None)
 
     def _release(self, queued: list[str]) -> None:
         """Hand committed QUEUED jobs to the executor (unless cancelled meanwhile)."""
         for job_id in queued:
             job = self._active.get(job_id)
-            if job is not None and job.state == jpb.JOB_STATE_QUEUED:
+            # An install job waits for its upload (Packages.Upload), not for a worker.
+            if job is not None and job.state == jpb.JOB_STATE_QUEUED and job.spec.WhichOneof("work") != "install":
                 self.executor.submit(self._task(job))
 
     def _task(self, job: jpb.Job) -> Task:
@@ -399,6 +432,7 @@ class JobManager:
                "PARK_BROKER_ADDRESS": self.site.address, "PARK_BROKER_CERT": self.site.cert_path,
                "PARK_REPORT_TOKEN": self.report_token(job.id, attempt)}
         common = dict(job_id=job.id, attempt=attempt, work_dir=work, final_dir=final, output_name=output, env=env)
+        common["python_path"] = tuple(str(d) for d in self.packages.resolve(list(spec.requires)))
         if spec.WhichOneof("work") == "call":
             return Task(kind="call", target=spec.call.target, args_json=spec.call.args_json,
                         kwargs_json=spec.call.kwargs_json, **common)  # type: ignore[arg-type]
@@ -419,6 +453,11 @@ class JobManager:
         job = self._active.get(job_id)
         if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
             return
+        self._settle(job_id, outcome)
+
+    def _settle(self, job_id: str, outcome: Outcome) -> None:
+        """Complete or fail an active job with `outcome`, and everything that follows from it."""
+        job = self._active[job_id]
         changes: list[Change] = []
         queued: list[str] = []
         if outcome.ok:
@@ -460,6 +499,49 @@ class JobManager:
         await self._commit(changes, queued)
         return snapshot
 
+    # -- installs and memo reports -------------------------------------------------------
+
+    async def install(self, caller: str, job_id: str, sha256: str, wheel: Path, filename: str) -> jpb.Job:
+        """Install an uploaded wheel for install job `job_id` and finish the job with the outcome.
+
+        The upload must match the job's declared file name and digest. A refused
+        wheel fails the job and raises the refusal for the uploader."""
+        job = await self.get(caller, job_id)
+        if job.spec.WhichOneof("work") != "install":
+            fail(Code.INVALID_ARGUMENT, f"job {job_id} is not an install job")
+        if (job.spec.install.sha256, job.spec.install.filename) != (sha256, filename):
+            fail(Code.INVALID_ARGUMENT, f"the upload is not the wheel job {job_id} was submitted for")
+        if job.state == jpb.JOB_STATE_COMPLETED:
+            return job
+        if job.state != jpb.JOB_STATE_QUEUED:
+            fail(Code.FAILED_PRECONDITION, f"install job {job_id} is {STATE_NAMES[job.state]}, not waiting for "
+                                           "its upload")
+        try:
+            ref = await asyncio.to_thread(self.packages.install_wheel, wheel, sha256, filename)
+        except BrokerError as exc:
+            self._settle(job.id, Outcome(ok=False, error=exc.message))
+            raise
+        self._settle(job.id, Outcome(ok=True, result_json=json.dumps(
+            {"name": ref.name, "version": ref.version, "sha256": ref.sha256})))
+        return await self.get(caller, job_id)
+
+    async def why(self, caller: str, job_id: str) -> jpb.MemoReport:
+        """Was `job_id` reused, and if not, which component of its key differs from the nearest earlier run."""
+        job = await self.get(caller, job_id)
+        if job.id != job_id:
+            return jpb.MemoReport(hit=True, job_id=job.id)
+        report = jpb.MemoReport(hit=False, job_id=job.id)
+        if not job.memo_key:
+            report.differences.append("memoization was off for this job (memo=False, or a race)")
+            return report
+        nearest = await self.store.nearest(job)
+        if nearest is None:
+            report.differences.append("no earlier job of yours ran the same callable at this site")
+            return report
+        report.nearest_id = nearest.id
+        report.differences.extend(memo.differences(json.loads(nearest.memo_inputs), json.loads(job.memo_inputs)))
+        return report
+
     # -- progress reports -----------------------------------------------------------
 
     def report_token(self, job_id: str, attempt: int) -> str:
@@ -497,7 +579,7 @@ class JobManager:
             changes.append(self._change(job, jpb.Event(improved=jpb.Improved(values=values)),
                                         record=i == len(reports) - 1))
             for key in self.scheduler.improved_atoms(job_id):
-                if self._expression(key.expr).evaluate(values):
+                if self.admission.expression(key.expr).evaluate(values):
                     for decision in self.scheduler.resolve(key, State.READY):
                         self._apply(decision, changes, queued)
         del history[:-MAX_HISTORY]
@@ -508,11 +590,11 @@ class JobManager:
             check_job_id(job_id)
         except InvalidInput as exc:
             fail(Code.INVALID_ARGUMENT, str(exc))
-        job = self._active.get(job_id)
+        job = self._active.get(self._aliases.get(job_id, job_id))
         if job is not None:
             job = jpb.Job.FromString(job.SerializeToString())
         else:
-            job = await self.store.get(job_id)
+            job = (await self.store.get_many([job_id])).get(job_id)
         if job is None or (job.owner != caller and not admin):
             fail(Code.NOT_FOUND, f"site {self.site.name!r} has no job {job_id} of yours")
         return job
@@ -529,7 +611,7 @@ class JobManager:
                     idle: float = 15.0) -> AsyncIterator[jpb.WatchResponse]:
         """Replay committed events after `from_seq`, then follow live; see events.EventHub."""
         if job_id:
-            await self.get(caller, job_id, admin=admin)
+            job_id = (await self.get(caller, job_id, admin=admin)).id
         if from_seq < 0:
             fail(Code.INVALID_ARGUMENT, "from_seq must be 0 or a sequence number already seen")
         owner = None if admin else caller

@@ -37,13 +37,14 @@ class _Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.task: Task | None = None
         self.cancelled = False
+        self.packages: tuple[str, ...] = ()   # the package directories this process was started with
 
-    async def spawn(self) -> None:
+    async def spawn(self, packages: tuple[str, ...] = ()) -> None:
         parent, child = socket.socketpair()
         env = dict(os.environ)
-        if self.executor.python_path:
-            env["PYTHONPATH"] = os.pathsep.join([*self.executor.python_path, env.get("PYTHONPATH", "")]).rstrip(
-                os.pathsep)
+        self.packages = packages
+        path = [*packages, *self.executor.python_path, env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "park_broker.worker", str(child.fileno()),
             pass_fds=[child.fileno()], start_new_session=True, stdin=asyncio.subprocess.DEVNULL, env=env)
@@ -52,6 +53,10 @@ class _Worker:
 
     async def run(self, task: Task) -> Outcome | None:
         """Run `task`; None if it was cancelled or the worker could not be reached."""
+        if task.python_path != self.packages:
+            # Modules stay imported in a worker: another set of package versions needs a fresh process.
+            await self.stop()
+            await self.spawn(task.python_path)
         assert self.writer is not None and self.reader is not None and self.proc is not None
         self.task, self.cancelled = task, False
         body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir),
@@ -79,7 +84,7 @@ class _Worker:
     async def respawn(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        await self.spawn()
+        await self.spawn(self.packages)
 
     def terminate(self, grace: float) -> None:
         """SIGTERM the worker's process group now and SIGKILL it after `grace` seconds."""

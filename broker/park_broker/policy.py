@@ -39,6 +39,9 @@ POLICY: dict[str, str] = {
     "/park.v1.Jobs/Cancel": "submit",
     "/park.v1.Jobs/Watch": "read",
     "/park.v1.Jobs/Report": JOB,
+    "/park.v1.Jobs/Why": "read",
+    "/park.v1.Packages/Upload": "upload",
+    "/park.v1.Packages/List": "read",
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.health.v1.Health/List": PUBLIC,
@@ -97,6 +100,7 @@ class Gate:
 
 
 def _wrap(behavior: Callable[..., Any], gate: Gate, rule: str, streaming: bool) -> Callable[..., Any]:
+    """The handler `behavior`, run only for an identified caller; `streaming`: it yields responses."""
     if streaming:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
@@ -145,4 +149,6 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_unary=_wrap(handler.unary_unary, self._gate, rule, False))
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=_wrap(handler.unary_stream, self._gate, rule, True))
+        if handler.stream_unary is not None:   # the request is a stream; the wrapper passes it through
+            return handler._replace(stream_unary=_wrap(handler.stream_unary, self._gate, rule, False))
         return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"method {details.method} has no policy for its shape")

@@ -21,12 +21,13 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
 from park_broker.events import EventHub
 from park_broker.jobs import JobManager, SiteInfo
 from park_broker.local_executor import LocalExecutor
 from park_broker.policy import Gate, PolicyInterceptor, local_identity
-from park_broker.servicer import JobsServicer, SiteServicer
+from park_broker.packages import PackageStore
+from park_broker.servicer import JobsServicer, PackagesServicer, SiteServicer
 from park_broker.site import SiteConfig, SiteError
 from park_broker.store import Store
 from park_broker.users import Authority
@@ -52,6 +53,7 @@ class ServeOptions:
     python_path: list[str] = field(default_factory=list)
     grace: float = 5.0
     local_only: bool = False     # no tokens: loopback only, every caller is the broker's user
+    package_index: str | None = None   # a wheelhouse directory or index URL for implicit installs
 
 
 def make_gate(site: SiteConfig, options: ServeOptions) -> Gate:
@@ -93,7 +95,8 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     store.open()
     executor = LocalExecutor(workers=options.workers, python_path=options.python_path, grace=options.grace)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path))
-    manager = JobManager(info, store, executor, hub)
+    packages = PackageStore(site.directory / "packages", options.package_index)
+    manager = JobManager(info, store, executor, hub, packages)
     hub.head = await store.head_seq()
 
     server = grpc.aio.server(
@@ -101,11 +104,13 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                  ("grpc.max_send_message_length", MAX_MESSAGE), *KEEPALIVE])
     jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(manager), server)
+    packages_pb2_grpc.add_PackagesServicer_to_server(
+        PackagesServicer(manager, site.directory / "packages" / ".uploads", packages.limits.max_wheel_bytes), server)
     identity = site.identity_key().public_key().public_bytes(serialization.Encoding.Raw,
                                                              serialization.PublicFormat.Raw)
     site_info = site_pb2.InfoResponse(
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
-        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race", "tokens"])
+        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages"])
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -116,7 +121,7 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     await executor.start(manager.on_started, manager.on_finished)
     await manager.recover()
     await server.start()
-    for service in ("", "park.v1.Jobs", "park.v1.Site"):
+    for service in ("", "park.v1.Jobs", "park.v1.Site", "park.v1.Packages"):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     _write_serve_file(site.directory, address)
     log.info("site %s serving on %s", site.name, address)

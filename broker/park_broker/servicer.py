@@ -7,16 +7,22 @@ sent.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
+import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 
 import park
 from park._proto import jobs_pb2 as jpb
-from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import packages_pb2 as ppb
 from park_broker.errors import BrokerError, Code, fail
 from park_broker.jobs import JobManager
 from park_broker.policy import current_identity
@@ -80,8 +86,12 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                 job = sub.job
                 assert job is not None
                 result.ref.CopyFrom(jpb.JobRef(id=job.id, url=job.url, filename=job.filename, state=job.state,
-                                               memo_hit=job.memo_hit))
+                                               memo_hit=sub.memo_hit))
         return response
+
+    @unary
+    async def Why(self, request: jpb.GetRequest, context: grpc.aio.ServicerContext) -> jpb.MemoReport:
+        return await self.manager.why(current_identity.get().user, request.job_id)
 
     @unary
     async def Get(self, request: jpb.GetRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
@@ -143,3 +153,59 @@ class SiteServicer(site_pb2_grpc.SiteServicer):
         response.caller = current_identity.get().user   # empty for an anonymous caller
         response.version = park.__version__
         return response
+
+
+class PackagesServicer(packages_pb2_grpc.PackagesServicer):
+    """Wheel uploads for install jobs, and the list of what the site has."""
+
+    def __init__(self, manager: JobManager, uploads: Path, max_bytes: int):
+        self.manager = manager
+        self.uploads = uploads
+        self.max_bytes = max_bytes
+
+    async def Upload(self, request_iterator: AsyncIterator[ppb.UploadRequest], context: grpc.aio.ServicerContext
+                     ) -> ppb.PackageRef:
+        caller = current_identity.get()
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        target = self.uploads / secrets.token_hex(16)
+        try:
+            header = await self._receive(request_iterator, target)
+            job = await self.manager.install(caller.user, header.job_id, header.sha256, target, header.filename)
+            result = json.loads(job.result_json)
+            return ppb.PackageRef(name=result["name"], version=result["version"], sha256=result["sha256"])
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, "Upload", exc)
+        finally:
+            target.unlink(missing_ok=True)
+
+    async def _receive(self, requests: AsyncIterator[ppb.UploadRequest], target: Path) -> ppb.UploadHeader:
+        header: ppb.UploadHeader | None = None
+        digest, size = hashlib.sha256(), 0
+        with open(target, "wb") as out:
+            async for request in requests:
+                if header is None:
+                    if not request.HasField("header"):
+                        fail(Code.INVALID_ARGUMENT, "an upload starts with its header (job id, file name, sha256)")
+                    header = request.header
+                    if header.size > self.max_bytes:
+                        fail(Code.RESOURCE_EXHAUSTED, f"a wheel may be at most {self.max_bytes} bytes")
+                    continue
+                size += len(request.data)
+                if size > self.max_bytes:
+                    fail(Code.RESOURCE_EXHAUSTED, f"a wheel may be at most {self.max_bytes} bytes")
+                digest.update(request.data)
+                out.write(request.data)
+        if header is None:
+            fail(Code.INVALID_ARGUMENT, "empty upload: send a header, then the wheel's bytes")
+        if digest.hexdigest() != header.sha256 or size != header.size:
+            fail(Code.INVALID_ARGUMENT, f"the upload is damaged: {size} bytes with sha256 {digest.hexdigest()[:12]}..., "
+                                        f"the header says {header.size} bytes with {header.sha256[:12]}...")
+        return header
+
+    @unary
+    async def List(self, request: ppb.ListPackagesRequest, context: grpc.aio.ServicerContext) -> ppb.PackageList:
+        refs = await asyncio.to_thread(self.manager.packages.list)
+        return ppb.PackageList(packages=[ppb.PackageRef(name=r.name, version=r.version, sha256=r.sha256)
+                                         for r in refs])

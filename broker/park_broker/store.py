@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from park._proto import jobs_pb2 as jpb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE jobs (
@@ -47,6 +48,30 @@ CREATE TABLE events (
 CREATE INDEX events_job ON events(job_id, seq);
 CREATE INDEX events_owner ON events(owner, seq);
 """
+# Each entry takes the schema from version i + 1 to i + 2.
+_MIGRATIONS = [
+    """
+    ALTER TABLE jobs ADD COLUMN memo_key TEXT;
+    ALTER TABLE jobs ADD COLUMN work TEXT;
+    CREATE INDEX jobs_memo ON jobs(memo_key) WHERE memo_key IS NOT NULL;
+    CREATE INDEX jobs_work ON jobs(owner, work);
+    CREATE TABLE aliases (
+        id      TEXT PRIMARY KEY,
+        target  TEXT NOT NULL,
+        owner   TEXT NOT NULL
+    );
+    """,
+]
+
+
+def _work(spec: jpb.JobSpec) -> str:
+    """What a job runs, for finding earlier runs of the same thing."""
+    which = spec.WhichOneof("work")
+    if which == "call":
+        return spec.call.target
+    if which == "command":
+        return spec.command.argv[0] if spec.command.argv else ""
+    return which or ""
 
 
 class StoreError(RuntimeError):
@@ -61,6 +86,7 @@ class Change:
     event: jpb.Event
     insert: bool = False
     record: bool = True     # False: only the event is written; the job's row is left as it is
+    alias_of: str = ""      # set: `job.id` becomes another name of this job; no event is written
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -91,10 +117,11 @@ class Store:
         """Create or check the schema. Raises StoreError for an unknown version."""
         self._writer = self._writer_pool.submit(_connect, self.path).result()
         version = self._writer.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            self._writer.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        elif version != SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}; this broker knows {SCHEMA_VERSION}")
+        steps = ([_SCHEMA] if version == 0 else []) + _MIGRATIONS[max(version, 1) - 1:]
+        if steps:
+            self._writer.executescript(f"BEGIN IMMEDIATE; {''.join(steps)} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def close(self) -> None:
         self._writer_pool.shutdown(wait=True)
@@ -132,7 +159,7 @@ class Store:
                             fut.set_exception(exc)
                     continue
                 if self._on_commit is not None:
-                    self._on_commit([c for cs, _ in batch for c in cs])
+                    self._on_commit([c for cs, _ in batch for c in cs if not c.alias_of])
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
@@ -146,6 +173,10 @@ class Store:
         try:
             for change in changes:
                 job, event = change.job, change.event
+                if change.alias_of:
+                    conn.execute("INSERT INTO aliases (id, target, owner) VALUES (?, ?, ?)",
+                                 (job.id, change.alias_of, job.owner))
+                    continue
                 event.ClearField("seq")
                 cur = conn.execute("INSERT INTO events (job_id, owner, body) VALUES (?, ?, ?)",
                                    (job.id, job.owner, event.SerializeToString()))
@@ -154,8 +185,8 @@ class Store:
                     continue
                 record = job.SerializeToString()
                 if change.insert:
-                    conn.execute("INSERT INTO jobs (id, owner, state, record) VALUES (?, ?, ?, ?)",
-                                 (job.id, job.owner, job.state, record))
+                    conn.execute("INSERT INTO jobs (id, owner, state, record, memo_key, work) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (job.id, job.owner, job.state, record, job.memo_key or None, _work(job.spec)))
                 else:
                     conn.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?", (job.state, record, job.id))
             conn.execute("COMMIT")
@@ -173,7 +204,7 @@ class Store:
             conn = self._local.conn = _connect(self.path)
         return conn
 
-    async def _read(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._reader_pool, fn, *args)
 
     async def get(self, job_id: str) -> jpb.Job | None:
@@ -187,15 +218,48 @@ class Store:
         return await self._read(self._get_many, list(job_ids))
 
     def _get_many(self, job_ids: list[str]) -> dict[str, jpb.Job]:
-        found: dict[str, jpb.Job] = {}
-        for start in range(0, len(job_ids), 500):
-            chunk = job_ids[start:start + 500]
-            rows = self._reader().execute(
-                f"SELECT record FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-            for (record,) in rows:
-                job = jpb.Job.FromString(record)
-                found[job.id] = job
+        """Records by id; an alias id maps to the record of the job it names."""
+        found = self._query_in("SELECT id, record FROM jobs WHERE id IN ({})", job_ids)
+        missing = [j for j in job_ids if j not in found]
+        aliases = {a: t for a, t in self._rows("SELECT id, target FROM aliases WHERE id IN ({})", missing)}
+        targets = self._query_in("SELECT id, record FROM jobs WHERE id IN ({})", sorted(set(aliases.values())))
+        found.update({a: targets[t] for a, t in aliases.items() if t in targets})
         return found
+
+    def _rows(self, sql: str, values: list[str]) -> list[tuple[str, Any]]:
+        rows: list[tuple[str, Any]] = []
+        for start in range(0, len(values), 500):
+            chunk = values[start:start + 500]
+            rows += self._reader().execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
+
+    def _query_in(self, sql: str, values: list[str]) -> dict[str, jpb.Job]:
+        return {key: jpb.Job.FromString(record) for key, record in self._rows(sql, values)}
+
+    async def by_memo_keys(self, keys: Iterable[str]) -> dict[str, jpb.Job]:
+        """The completed job of each memo key that has one (the earliest, if several)."""
+        return await self._read(self._by_memo_keys, sorted(set(keys)))
+
+    def _by_memo_keys(self, keys: list[str]) -> dict[str, jpb.Job]:
+        rows = self._rows(f"SELECT memo_key, record FROM jobs WHERE memo_key IN ({{}}) AND state = "
+                          f"{jpb.JOB_STATE_COMPLETED} ORDER BY rowid DESC", keys)
+        return {key: jpb.Job.FromString(record) for key, record in rows}
+
+    async def nearest(self, job: jpb.Job) -> jpb.Job | None:
+        """The latest job before `job` of the same owner and callable, with another memo key."""
+        return await self._read(self._nearest, job)
+
+    def _nearest(self, job: jpb.Job) -> jpb.Job | None:
+        row = self._reader().execute(
+            "SELECT record FROM jobs WHERE owner = ? AND work = ? AND memo_key IS NOT NULL AND memo_key != ? "
+            "AND rowid < (SELECT rowid FROM jobs WHERE id = ?) ORDER BY rowid DESC LIMIT 1",
+            (job.owner, _work(job.spec), job.memo_key, job.id)).fetchone()
+        return jpb.Job.FromString(row[0]) if row else None
+
+    async def alias_target(self, job_id: str) -> str | None:
+        row = await self._read(lambda: self._reader().execute(
+            "SELECT target FROM aliases WHERE id = ?", (job_id,)).fetchone())
+        return row[0] if row else None
 
     async def list(self, owner: str | None, states: Sequence[int], after_id: str, limit: int) -> list[jpb.Job]:
         return await self._read(self._list, owner, list(states), after_id, limit)

@@ -15,14 +15,15 @@ from park.conditions import Condition, State
 from park.errors import (ConfigError, JobCancelled, JobFailed, NoServiceError, ParkError, ServiceError,
                          SubmitError)
 from park.expressions import ExpressionError
-from park.job import Job, JobEvent, Race, ResultFile
+from park.job import Job, JobEvent, MemoReport, Race, ResultFile
+from park.packages import install_service
 from park.progress import report
-from park.service import Service, remote_service
+from park.service import PackageInfo, Service, remote_service
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed",
+    "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed", "MemoReport", "PackageInfo",
     "NoServiceError", "ParkError", "Race", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
-    "credentials", "current_job", "job", "race", "remote_service", "report", "run", "submit",
+    "credentials", "current_job", "install_service", "job", "race", "remote_service", "report", "run", "submit",
 ]

@@ -22,6 +22,7 @@ from park.errors import ParkError, ServiceError
 from park.expressions import Expression
 from park.job import Job, Race
 from park.service import Service, default_service, new_job_id
+from park.wheels import distribution_versions
 
 __all__ = ["submit", "run", "race", "job", "current_job", "CurrentJob"]
 
@@ -43,7 +44,7 @@ def _target_of(fn: Callable[..., Any]) -> str:
     return f"{module}:{qualname}"
 
 
-def _spec(service: Service, when: Condition | None, output: str, label: str | None) -> jpb.JobSpec:
+def spec_for(service: Service, when: Condition | None, output: str, label: str | None) -> jpb.JobSpec:
     if when is not None and not isinstance(when, Condition):
         raise TypeError(f"when= takes a condition such as job.iscompleted, not {type(when).__name__}")
     spec = jpb.JobSpec(id=new_job_id(), output_name=output, label=label or "")
@@ -56,7 +57,7 @@ def _spec(service: Service, when: Condition | None, output: str, label: str | No
     return spec
 
 
-def _queue(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = None) -> Job:
+def queue_spec(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = None) -> Job:
     info = service.info
     if not info.caller:
         raise ServiceError("UNAUTHENTICATED", f"{service} does not know you: start park-agent and add your key "
@@ -71,15 +72,17 @@ def _queue(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = 
 
 def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None = None,
            service: Service | None = None, requires: Sequence[str] = (), output: str = "output",
-           label: str | None = None, **kwargs: Any) -> Job:
+           label: str | None = None, memo: bool = True, **kwargs: Any) -> Job:
     """Submit a Python call `target(*args, **kwargs)` to run at `service` once `when` holds.
 
     `target` is "package.module:function" or a function the broker can import.
-    Arguments must be JSON-able. Returns at once; see park.Job.
+    Arguments must be JSON-able. With `memo` (the default) an identical earlier
+    job — same call, arguments, input files, upstream jobs and package versions —
+    is returned instead of running again (`job.memo_hit`). Returns at once; see park.Job.
     """
     service = default_service(service)
     name = target if isinstance(target, str) else _target_of(target)
-    spec = _spec(service, when, output, label or name)
+    spec = spec_for(service, when, output, label or name)
     try:
         check_target(name)
         spec.call.target = name
@@ -90,18 +93,22 @@ def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None 
     except (TypeError, ValueError) as exc:
         raise TypeError(f"arguments of {name} must be JSON-able (numbers, strings, lists, dicts): {exc}") from None
     spec.requires.extend(requires)
-    return _queue(service, spec)
+    spec.no_memo = not memo
+    # The exact versions this callable has here; the broker checks its pins against them.
+    spec.versions.update(distribution_versions(name.partition(":")[0]))
+    return queue_spec(service, spec)
 
 
 def run(argv: Sequence[str], *, when: Condition | None = None, service: Service | None = None,
-        output: str = "output", label: str | None = None) -> Job:
+        output: str = "output", label: str | None = None, memo: bool = True) -> Job:
     """Submit a command line (no shell) to run in the job's directory once `when` holds."""
     if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
         raise TypeError("run() takes a list of strings, e.g. ['reduce', '--in', 'x.nxs']")
     service = default_service(service)
-    spec = _spec(service, when, output, label or argv[0])
+    spec = spec_for(service, when, output, label or argv[0])
     spec.command.argv.extend(argv)
-    return _queue(service, spec)
+    spec.no_memo = not memo
+    return queue_spec(service, spec)
 
 
 def race(jobs: Sequence[Job], until: str | None = None, *, service: Service | None = None,
@@ -121,10 +128,10 @@ def race(jobs: Sequence[Job], until: str | None = None, *, service: Service | No
                          f"a race runs where its jobs are ({service.site!r})")
     if until is not None:
         Expression(until)
-    spec = _spec(service, None, "output", label or f"race of {len(jobs)}")
+    spec = spec_for(service, None, "output", label or f"race of {len(jobs)}")
     spec.race.contestants.extend(j.id for j in jobs)
     spec.race.until = until or ""
-    return _queue(service, spec, jobs)  # type: ignore[return-value]
+    return queue_spec(service, spec, jobs)  # type: ignore[return-value]
 
 
 def job(fn: F) -> Callable[..., Job]:

@@ -26,7 +26,7 @@ from park.expressions import Expression, improved_state
 if TYPE_CHECKING:
     from park.service import Service, _Pending
 
-__all__ = ["Job", "JobEvent", "Race", "ResultFile"]
+__all__ = ["Job", "JobEvent", "MemoReport", "Race", "ResultFile"]
 
 _RECONNECT_FOR = 60.0
 
@@ -50,6 +50,17 @@ class JobEvent:
     @property
     def terminal(self) -> bool:
         return self.kind in ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoReport:
+    """`hit`: the submission was answered with an earlier job (`job_id`). Otherwise
+    `differences` says what changed since `nearest_id`, the last run of the same callable."""
+
+    hit: bool
+    job_id: str
+    nearest_id: str
+    differences: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +156,12 @@ class Job:
     def memo_hit(self) -> bool:
         """True if the broker answered with an earlier identical job (memoization, issue 6)."""
         return self.acknowledged().memo_hit
+
+    def memo_report(self) -> MemoReport:
+        """Why this job was reused, or, if it was not, what differs from the nearest earlier run."""
+        self.acknowledged()
+        reply = self.service.call(self.service.jobs_stub.Why, jpb.GetRequest(job_id=self.id), f"explaining {self.id}")
+        return MemoReport(reply.hit, reply.job_id, reply.nearest_id, tuple(reply.differences))
 
     def record(self) -> jpb.Job:
         """The broker's full record of the job."""

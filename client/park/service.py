@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +33,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from park._proto import jobs_pb2 as jpb
-from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import packages_pb2 as ppb
 from park.auth import SessionTokens, token_source
 from park.config import load_services
 from park.errors import ConfigError, NoServiceError, ServiceError, SubmitError
@@ -82,6 +83,13 @@ def remote_service(address_or_name: str, cert: str | os.PathLike[str] | None = N
     return Service(entry.address, entry.cert)
 
 
+@dataclass(frozen=True, slots=True)
+class PackageInfo:
+    name: str
+    version: str
+    sha256: str
+
+
 @dataclass(slots=True)
 class _Pending:
     spec: jpb.JobSpec
@@ -113,6 +121,8 @@ class Service:
         self._refused: list[SubmitError] = []
         self._closed = False
         self._sender: threading.Thread | None = None
+        self._background: list[threading.Thread] = []
+        self._failures: list[ServiceError] = []
         atexit.register(self._at_exit)
 
     # -- identity of the site ------------------------------------------------------
@@ -171,8 +181,26 @@ class Service:
             self._wake.notify()
         return pending
 
+    def background(self, work: Callable[[], None], what: str) -> None:
+        """Run `work` (an upload) on its own thread; `flush` waits for it and reports its failure."""
+        def run() -> None:
+            try:
+                work()
+            except ServiceError as exc:
+                with self._lock:
+                    self._failures.append(exc)
+            except Exception as exc:  # noqa: BLE001 - kept for flush(), which raises it in the script
+                with self._lock:
+                    self._failures.append(ServiceError("UNKNOWN", f"{what} failed: {exc}"))
+
+        thread = threading.Thread(target=run, name=f"park-{what}", daemon=True)
+        with self._lock:
+            self._background = [t for t in self._background if t.is_alive()] + [thread]
+        thread.start()
+
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every submission so far is acknowledged; raise for refused ones."""
+        """Wait until every submission so far is acknowledged and every upload done;
+        raise for refused submissions and failed uploads."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._queue or self._in_flight:
@@ -181,6 +209,15 @@ class Service:
                     raise TimeoutError(f"submissions to {self.address} not acknowledged within {timeout} s")
                 self._wake.wait(left)
             refused, self._refused = self._refused, []
+            background = list(self._background)
+        for thread in background:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                raise TimeoutError(f"{thread.name} did not finish within {timeout} s")
+        with self._lock:
+            failures, self._failures = self._failures, []
+        if failures:
+            raise failures[0]
         if refused:
             more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
             first = refused[0]
@@ -249,6 +286,16 @@ class Service:
             print(f"park: {exc}", flush=True)
 
     # -- queries ---------------------------------------------------------------------
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def packages(self) -> list[PackageInfo]:
+        """What this site has installed, so a script can pin one of those (`requires=[...]`)."""
+        reply = self.call(packages_pb2_grpc.PackagesStub(self._channel).List, ppb.ListPackagesRequest(),
+                          "listing packages")
+        return [PackageInfo(p.name, p.version, p.sha256) for p in reply.packages]
 
     def job(self, job_id: str) -> Job:
         """A proxy for a job already at this broker; raises ServiceError NOT_FOUND if it is not."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -58,8 +59,10 @@ def build_wheel(module_or_path: types.ModuleType | str | Path, out_dir: str | Pa
             cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "--no-input",
                    *isolation, "--wheel-dir", tmp, str(project)]
             try:
+                # A fixed timestamp makes the wheel's bytes depend on its content only, so
+                # rebuilding an unchanged project gives the same digest (and a memo hit).
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"})
             except subprocess.TimeoutExpired:
                 failures.append(f"{' '.join(isolation) or 'isolated'}: timed out after {_BUILD_TIMEOUT:.0f} s")
                 continue

@@ -128,17 +128,72 @@ class Race(_message.Message):
 Global___Race: _TypeAlias = Race  # noqa: Y015
 
 @_typing.final
+class Install(_message.Message):
+    """A package the client uploads (install_service): the job completes when the
+    wheel with this digest has arrived and is installed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.str
+    sha256: _builtins.str
+    filename: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        filename: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "name", b"name", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Install: _TypeAlias = Install  # noqa: Y015
+
+@_typing.final
 class JobSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class VersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     ID_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     RACE_FIELD_NUMBER: _builtins.int
+    INSTALL_FIELD_NUMBER: _builtins.int
     WHEN_FIELD_NUMBER: _builtins.int
     OUTPUT_NAME_FIELD_NUMBER: _builtins.int
     REQUIRES_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    NO_MEMO_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Chosen by the client (26 lowercase base32 characters) so that the job's
     id, filename and url are known before the broker answers, and so that a
@@ -148,6 +203,8 @@ class JobSpec(_message.Message):
     """the file name of job.filename; default "output" """
     label: _builtins.str
     """a human name for listings"""
+    no_memo: _builtins.bool
+    """always run anew, never reuse or be reused"""
     @_builtins.property
     def call(self) -> Global___PythonCall: ...
     @_builtins.property
@@ -155,10 +212,18 @@ class JobSpec(_message.Message):
     @_builtins.property
     def race(self) -> Global___Race: ...
     @_builtins.property
+    def install(self) -> Global___Install: ...
+    @_builtins.property
     def when(self) -> _conditions_pb2.Condition: ...
     @_builtins.property
     def requires(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"pkg==1.2" """
+
+    @_builtins.property
+    def versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The exact versions of the callable's distribution and its dependencies in
+        the client's environment (importlib.metadata); part of the memo key.
+        """
 
     def __init__(
         self,
@@ -167,16 +232,19 @@ class JobSpec(_message.Message):
         call: Global___PythonCall | None = ...,
         command: Global___CommandLine | None = ...,
         race: Global___Race | None = ...,
+        install: Global___Install | None = ...,
         when: _conditions_pb2.Condition | None = ...,
         output_name: _builtins.str = ...,
         requires: _abc.Iterable[_builtins.str] | None = ...,
         label: _builtins.str = ...,
+        no_memo: _builtins.bool = ...,
+        versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "install", b"install", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "id", b"id", "label", b"label", "output_name", b"output_name", "race", b"race", "requires", b"requires", "when", b"when", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "race", b"race", "requires", b"requires", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race"]  # noqa: Y015
+    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_work) -> _WhichOneofReturnType_work | None: ...
 
@@ -574,6 +642,8 @@ class Job(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    MEMO_KEY_FIELD_NUMBER: _builtins.int
+    MEMO_INPUTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     site: _builtins.str
     owner: _builtins.str
@@ -591,6 +661,10 @@ class Job(_message.Message):
     memo_hit: _builtins.bool
     last_seq: _builtins.int
     """the sequence number of the job's latest event"""
+    memo_key: _builtins.str
+    """sha256 of memo_inputs; empty when memo is off"""
+    memo_inputs: _builtins.str
+    """the canonical JSON the key hashes (for "why not reused")"""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -627,10 +701,12 @@ class Job(_message.Message):
         outputs: _abc.Iterable[Global___Output] | None = ...,
         last_seq: _builtins.int = ...,
         progress: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        memo_key: _builtins.str = ...,
+        memo_inputs: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "result_file", b"result_file", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "memo_inputs", b"memo_inputs", "memo_key", b"memo_key", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -956,3 +1032,36 @@ class ReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportResponse: _TypeAlias = ReportResponse  # noqa: Y015
+
+@_typing.final
+class MemoReport(_message.Message):
+    """Why a job was or was not reused (a memo hit or miss), component by component."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HIT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    NEAREST_ID_FIELD_NUMBER: _builtins.int
+    DIFFERENCES_FIELD_NUMBER: _builtins.int
+    hit: _builtins.bool
+    job_id: _builtins.str
+    """the job the submission resolved to"""
+    nearest_id: _builtins.str
+    """for a miss: the nearest earlier job of the same callable, if any"""
+    @_builtins.property
+    def differences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        hit: _builtins.bool = ...,
+        job_id: _builtins.str = ...,
+        nearest_id: _builtins.str = ...,
+        differences: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["differences", b"differences", "hit", b"hit", "job_id", b"job_id", "nearest_id", b"nearest_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoReport: _TypeAlias = MemoReport  # noqa: Y015

@@ -64,6 +64,11 @@ class JobsStub:
                 request_serializer=park_dot_v1_dot_jobs__pb2.ReportRequest.SerializeToString,
                 response_deserializer=park_dot_v1_dot_jobs__pb2.ReportResponse.FromString,
                 _registered_method=True)
+        self.Why = channel.unary_unary(
+                '/park.v1.Jobs/Why',
+                request_serializer=park_dot_v1_dot_jobs__pb2.GetRequest.SerializeToString,
+                response_deserializer=park_dot_v1_dot_jobs__pb2.MemoReport.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -105,6 +110,12 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Why(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=park_dot_v1_dot_jobs__pb2.ReportRequest.FromString,
                     response_serializer=park_dot_v1_dot_jobs__pb2.ReportResponse.SerializeToString,
+            ),
+            'Why': grpc.unary_unary_rpc_method_handler(
+                    servicer.Why,
+                    request_deserializer=park_dot_v1_dot_jobs__pb2.GetRequest.FromString,
+                    response_serializer=park_dot_v1_dot_jobs__pb2.MemoReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Jobs:
             '/park.v1.Jobs/Report',
             park_dot_v1_dot_jobs__pb2.ReportRequest.SerializeToString,
             park_dot_v1_dot_jobs__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Why(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/park.v1.Jobs/Why',
+            park_dot_v1_dot_jobs__pb2.GetRequest.SerializeToString,
+            park_dot_v1_dot_jobs__pb2.MemoReport.FromString,
             options,
             channel_credentials,
             insecure,
