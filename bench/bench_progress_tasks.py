@@ -37,7 +37,7 @@ def spin(iterations: int, inner: int, every: int, run: int = 0) -> dict[str, flo
 
 
 def contestant(role: str, directory: str, losers: int = 2, cpu: bool = True, lead: float = 0.3) -> str:
-    """A race contestant that reports a falling chisq about every 10 ms.
+    """A race contestant that reports a falling chisq about every 10 ms (`sent`: when, by its clock).
 
     role "winner": waits until `losers` pid files exist in `directory` (every loser is
     running), then `lead` seconds more, writes time.time() to `winner.time` just
@@ -54,11 +54,11 @@ def contestant(role: str, directory: str, losers: int = 2, cpu: bool = True, lea
         if role == "winner" and len(list(out.glob("loser*.pid"))) >= losers:
             time.sleep(lead)
             stamp = time.time()
-            park.report(chisq=0.5, step=step)
+            park.report(chisq=0.5, step=step, sent=stamp)
             (out / "winner.time").write_text(repr(stamp))
             time.sleep(0.2)
             return "won"
-        park.report(chisq=2.0 + 10.0 / (step + 1), step=step)
+        park.report(chisq=2.0 + 10.0 / (step + 1), step=step, sent=time.time())
         step += 1
         if cpu:
             until = time.perf_counter() + 0.01

@@ -81,11 +81,10 @@ def dag_edges(jobs: int, width: int) -> list[tuple[int, int] | None]:
 
 
 class Broker:
-    """A `park-broker serve` subprocess in a fresh temporary site directory."""
+    """A `park-broker serve` subprocess in a new site directory under `root`."""
 
-    def __init__(self, workers: int, root: Path | None):
-        self._tmp = tempfile.TemporaryDirectory(prefix="park-bench-", dir=root)
-        self.directory = Path(self._tmp.name) / "bench"
+    def __init__(self, workers: int, root: Path):
+        self.directory = Path(tempfile.mkdtemp(dir=root)) / "bench"
         subprocess.run([sys.executable, "-m", "park_broker.cli", "init", str(self.directory), "--site", "bench"],
                        check=True, capture_output=True)
         self._log = open(self.directory / "broker.log", "wb")
@@ -113,7 +112,6 @@ class Broker:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-        self._tmp.cleanup()
 
 
 def _watch_until_done(service: park.Service, expected: int, done: threading.Event,
@@ -135,7 +133,7 @@ def _watch_until_done(service: park.Service, expected: int, done: threading.Even
         done.set()
 
 
-def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, root: Path | None) -> float:
+def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, root: Path) -> float:
     """Seconds from the first submit until every job's terminal event has been watched."""
     broker = Broker(workers, root)
     try:
@@ -261,7 +259,15 @@ def main() -> int:
     if args.jobs < 1 or args.workers < 1 or args.width < 2 or args.repeat < 1:
         parser.error("--jobs, --workers, --repeat must be >= 1 and --width >= 2")
 
-    for key, value in machine_facts(args.site_root or Path(tempfile.gettempdir())):
+    # Site directories are deleted only at the end: deleting a run's thousands of files makes
+    # creating files slow for a minute afterwards on some file systems (ext4 skips recently
+    # deleted inodes), which would slow the next run's workers.
+    with tempfile.TemporaryDirectory(prefix="park-bench-", dir=args.site_root) as root:
+        return _measure(args, Path(root))
+
+
+def _measure(args: argparse.Namespace, root: Path) -> int:
+    for key, value in machine_facts(root):
         print(f"{key:<20} {value}")
     print(f"{'jobs / workers':<20} {args.jobs} / {args.workers}; dag: {-(-args.jobs // args.width)} layers "
           f"of {args.width}\n", flush=True)
@@ -274,8 +280,7 @@ def main() -> int:
         for i in range(1, args.repeat + 1):
             rates["park", shape].append(timed_run(
                 f"park {shape} run {i}", args.jobs,
-                functools.partial(run_park, shape, args.jobs, args.workers, args.width, args.timeout,
-                                  args.site_root)))
+                functools.partial(run_park, shape, args.jobs, args.workers, args.width, args.timeout, root)))
             rates["dask", shape].append(timed_run(
                 f"dask {shape} run {i}", args.jobs,
                 functools.partial(run_dask, shape, args.jobs, args.workers, args.width)))

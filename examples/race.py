@@ -141,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         service = _service(argv)
         with service:
-            fits = {"scan": park.submit(scan, seed, label="scan"),
-                    "golden": park.submit(golden, seed, label="golden"),
-                    "random": park.submit(random_search, seed, label="random")}
+            # memo=False: every run races afresh (with memoization a rerun would get the earlier
+            # winner back at once, already completed, and win with its final result).
+            fits = {"scan": park.submit(scan, seed, label="scan", memo=False),
+                    "golden": park.submit(golden, seed, label="golden", memo=False),
+                    "random": park.submit(random_search, seed, label="random", memo=False)}
             contest = park.race(list(fits.values()), until=GOOD_ENOUGH, label="race")
         print(f"racing {', '.join(fits)} on site {service.site} until {GOOD_ENOUGH!r}", flush=True)
         started = time.monotonic()
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                 ok &= state == "completed"
             else:
                 cause = job.record().cause.message
+                cause = cause.replace(f"race {contest.id}", "the race")   # "lost race <id> to <id>"
+                for other, j in fits.items():
+                    cause = cause.replace(j.id, other)
                 print(f"  {name:<7} {state:<10} {cause}; {_reports(job)}")
                 ok &= state == "cancelled"
     except (park.ParkError, TimeoutError) as exc:

@@ -25,7 +25,7 @@ from park.conditions import Atom, AtomKey, Condition
 from park.expressions import Expression, ExpressionError
 from park_broker import memo
 from park_broker.errors import BrokerError, Code, fail
-from park_broker.packages import PackageError, PackageStore, installed_versions
+from park_broker.packages import PackageError, PackageStore, installed_versions, parse_pins, parse_wheel_name
 from park_broker.worker import RESERVED_NAMES
 
 MAX_ARGV = 4096
@@ -120,14 +120,29 @@ class Admission:
 
     # -- packages and memo keys -------------------------------------------------------
 
-    async def packages_for(self, spec: jpb.JobSpec) -> list[Path]:
-        """The install directories of the pins a job requires (fetching them from the index if needed)."""
+    async def packages_for(self, spec: jpb.JobSpec, installing: set[tuple[str, str]]
+                           ) -> tuple[list[Path], dict[str, str]]:
+        """The install directories of the pins a job requires (fetched from the index if needed), and
+        the pins an install job of this site is still waiting to receive: those are checked at start."""
         if not spec.requires:
-            return []
+            return [], {}
         try:
-            return await asyncio.to_thread(self.packages.ensure, list(spec.requires))
+            pins = parse_pins(list(spec.requires))
+            coming = {name: version for name, version in pins if (name, version) in installing}
+            rest = [f"{name}=={version}" for name, version in pins if name not in coming]
+            return await asyncio.to_thread(self.packages.ensure, rest), coming
         except PackageError as exc:
             raise BrokerError(exc.code, f"job {spec.id}: {exc.message}") from None
+
+    @staticmethod
+    def installs(spec: jpb.JobSpec) -> tuple[str, str] | None:
+        """The pin an install job provides."""
+        if spec.WhichOneof("work") != "install":
+            return None
+        try:
+            return parse_wheel_name(spec.install.filename)
+        except PackageError:
+            return None
 
     async def file_digests(self, specs: list[jpb.JobSpec]) -> dict[str, str]:
         """Content digests of the plain files the specs' arguments name (read in a thread)."""
@@ -136,14 +151,14 @@ class Admission:
         found = await asyncio.to_thread(lambda: {p: self.digests.digest(p) for p in paths})
         return {p: d for p, d in found.items() if d is not None}
 
-    def memo_inputs(self, owner: str, spec: jpb.JobSpec, dirs: list[Path], digests: dict[str, str],
-                    key_of_job: Callable[[str], str | None]) -> dict[str, Any] | None:
+    def memo_inputs(self, owner: str, spec: jpb.JobSpec, dirs: list[Path], coming: dict[str, str],
+                    digests: dict[str, str], key_of_job: Callable[[str], str | None]) -> dict[str, Any] | None:
         """The document a job's memo key hashes; None when the job is never memoized."""
         which = spec.WhichOneof("work")
         if spec.no_memo or which == "race":
             return None
         packages = dict(spec.versions)
-        for name, version in installed_versions(dirs).items():
+        for name, version in {**installed_versions(dirs), **coming}.items():
             if packages.get(name, version) != version:
                 fail(Code.FAILED_PRECONDITION, f"job {spec.id}: you run {name} {packages[name]} but the site "
                                                f"would run {version}; pin requires=['{name}=={packages[name]}']")
@@ -199,7 +214,11 @@ def _check_install(spec: jpb.JobSpec) -> None:
     if len(install.sha256) != 64 or any(c not in "0123456789abcdef" for c in install.sha256):
         raise InvalidInput("an install needs the wheel's sha256 (64 lowercase hex characters)")
     check_name(install.filename, "wheel file name")
-    if not install.filename.endswith(".whl"):
-        raise InvalidInput(f"{install.filename!r} is not a wheel file name")
+    try:
+        name, version = parse_wheel_name(install.filename)
+    except PackageError as exc:
+        raise InvalidInput(exc.message) from None
+    if (name, version) != parse_wheel_name(f"{install.name}-{install.version}-py3-none-any.whl"):
+        raise InvalidInput(f"{install.filename!r} is not a wheel of {install.name} {install.version}")
     if spec.when.postfix:
         raise InvalidInput("an install has no when=; it completes when its upload is installed")

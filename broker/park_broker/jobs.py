@@ -77,6 +77,7 @@ class _Prepared:
     spec: jpb.JobSpec
     cond: Condition | None
     dirs: list[Path] = field(default_factory=list)
+    coming: dict[str, str] = field(default_factory=dict)   # pins an install job has yet to receive
     inputs: dict[str, Any] | None = None
     key: str = ""
     error: BrokerError | None = None
@@ -95,6 +96,7 @@ class JobManager:
         self._memo: dict[str, str] = {}             # memo key -> id, for active jobs
         self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
         self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
+        self._installing: dict[tuple[str, str], str] = {}   # (package, version) -> active install job
         # Progress reports of active jobs, for improved(...) atoms that arrive after the report.
         self._reports: dict[str, list[dict[str, float]]] = {}
         self._report_key = secrets.token_bytes(32)   # job tokens die with the process, as attempts do
@@ -152,11 +154,15 @@ class JobManager:
             except BrokerError as exc:
                 prepared.append(exc)
         ok = [p for p in prepared if isinstance(p, _Prepared)]
+        installing = set(self._installing)
         for p in ok:
             try:
-                p.dirs = await self.admission.packages_for(p.spec)
+                p.dirs, p.coming = await self.admission.packages_for(p.spec, installing)
             except BrokerError as exc:
                 p.error = exc
+            pin = self.admission.installs(p.spec)
+            if pin is not None and p.error is None:
+                installing.add(pin)    # later jobs of the batch may require what it installs
         wanted = {p.spec.id for p in ok} | {a.key.job_id for p in ok if p.cond is not None for a in p.cond.depends} | {
             j for p in ok for j in (*p.spec.race.contestants, *self.admission.referenced(p.spec))}
         stored = await self._lookup(wanted)
@@ -192,6 +198,7 @@ class JobManager:
             twin = twin or hits.get(p.key or "")
             if twin is not None:
                 self._alias(owner, spec, twin, changes)
+                stored[twin.id] = stored[spec.id] = twin   # later jobs of the batch may name either
                 results.append(Submission(job=twin, memo_hit=True))
                 continue
             try:
@@ -204,6 +211,9 @@ class JobManager:
                 job.memo_key, job.memo_inputs = p.key, memo.canonical(p.inputs)
                 self._memo[p.key] = job.id
             self._active[job.id] = job
+            pin = self.admission.installs(spec)
+            if pin is not None:
+                self._installing[pin] = job.id
             changes.append(self._change(job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)),
                                         insert=True))
             decision = self.scheduler.add(job.id, cond, states)
@@ -227,7 +237,8 @@ class JobManager:
         for node in canonical.when.postfix:
             if node.HasField("atom"):
                 node.atom.job_id = resolve(node.atom.job_id)
-        canonical.race.contestants[:] = [resolve(j) for j in spec.race.contestants] if spec.HasField("race") else []
+        if spec.HasField("race"):   # touching race on another kind of job would switch its oneof
+            canonical.race.contestants[:] = [resolve(j) for j in spec.race.contestants]
         if canonical.HasField("race") and len(set(canonical.race.contestants)) != len(canonical.race.contestants):
             fail(Code.INVALID_ARGUMENT, f"job {spec.id}: two contestants of the race are the same job (memo hits "
                                         "of identical work); vary them, or submit them with memo=False")
@@ -246,7 +257,7 @@ class JobManager:
             if p.error is not None:
                 continue
             try:
-                p.inputs = self.admission.memo_inputs(owner, p.spec, p.dirs, digests, key_of_job)
+                p.inputs = self.admission.memo_inputs(owner, p.spec, p.dirs, p.coming, digests, key_of_job)
             except BrokerError as exc:
                 p.error = exc
                 continue
@@ -412,14 +423,23 @@ class JobManager:
                     del self._memo[job.memo_key]
                 for alias in self._aliased.pop(job.id, ()):
                     self._aliases.pop(alias, None)
+                pin = self.admission.installs(job.spec)
+                if pin is not None and self._installing.get(pin) == job.id:
+                    del self._installing[pin]
 
     def _release(self, queued: list[str]) -> None:
         """Hand committed QUEUED jobs to the executor (unless cancelled meanwhile)."""
         for job_id in queued:
             job = self._active.get(job_id)
             # An install job waits for its upload (Packages.Upload), not for a worker.
-            if job is not None and job.state == jpb.JOB_STATE_QUEUED and job.spec.WhichOneof("work") != "install":
-                self.executor.submit(self._task(job))
+            if job is None or job.state != jpb.JOB_STATE_QUEUED or job.spec.WhichOneof("work") == "install":
+                continue
+            try:
+                task = self._task(job)
+            except BrokerError as exc:   # a package it requires was not installed after all
+                self._settle(job.id, Outcome(ok=False, error=exc.message))
+                continue
+            self.executor.submit(task)
 
     def _task(self, job: jpb.Job) -> Task:
         spec = job.spec

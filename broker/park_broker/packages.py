@@ -132,7 +132,7 @@ class PackageStore:
         every failure nothing is left under the root.
         """
         filename = filename if filename is not None else data_path.name
-        name, version = _parse_filename(filename)
+        name, version = parse_wheel_name(filename)
         expected = expected_sha256.lower()
         if not _SHA256.fullmatch(expected):
             raise PackageError("invalid", "the wheel's sha256 must be 64 hexadecimal digits")
@@ -187,7 +187,7 @@ class PackageStore:
         ask at once. Raises PackageError("missing") when the index has no wheel
         for a pin either, listing the versions the site has.
         """
-        pins = _parse_pins(requires)
+        pins = parse_pins(requires)
         if self.index is not None:
             for name, version in pins:
                 if self._installed(name, version) is None:
@@ -211,7 +211,7 @@ class PackageStore:
                 self._absent[(name, version)] = time.monotonic()
                 return  # resolve() then reports it missing, with what the site has
             wheels = sorted(download.glob("*.whl"))
-            if len(wheels) != 1 or not _same_pin(_parse_filename(wheels[0].name), (name, version)):
+            if len(wheels) != 1 or not _same_pin(parse_wheel_name(wheels[0].name), (name, version)):
                 raise PackageError("invalid", f"the package index gave {[w.name for w in wheels]} for {name}=={version}")
             # No digest to compare: the site's own index is trusted; the wheel is still checked.
             self._install_locked(wheels[0], wheels[0].name, name, version, None, work, source=self.index)
@@ -230,7 +230,7 @@ class PackageStore:
         Raises PackageError("invalid") for anything but an exact pin and
         PackageError("missing") naming every unmet pin and the versions the site has.
         """
-        return self._resolve_pins(_parse_pins(requires))
+        return self._resolve_pins(parse_pins(requires))
 
     def _resolve_pins(self, pins: builtins.list[tuple[str, str]]) -> builtins.list[Path]:
         paths: builtins.list[Path] = []
@@ -292,7 +292,8 @@ def installed_versions(dist_dirs: list[Path]) -> dict[str, str]:
     return found
 
 
-def _parse_pins(requires: list[str]) -> list[tuple[str, str]]:
+def parse_pins(requires: list[str]) -> list[tuple[str, str]]:
+    """(normalized name, normalized version) of each exact pin; PackageError("invalid") for anything else."""
     pins: dict[str, str] = {}
     for text in requires:
         try:
@@ -311,7 +312,8 @@ def _parse_pins(requires: list[str]) -> list[tuple[str, str]]:
     return list(pins.items())
 
 
-def _parse_filename(filename: str) -> tuple[str, str]:
+def parse_wheel_name(filename: str) -> tuple[str, str]:
+    """(normalized name, normalized version) a wheel's file name declares."""
     if "/" in filename or "\\" in filename or "\0" in filename:
         raise PackageError("invalid", "the wheel's file name must be a plain name, not a path")
     try:

@@ -101,7 +101,8 @@ class _Pending:
 class Service:
     """One broker. Use `with service:` to make it the default for submissions inside."""
 
-    def __init__(self, address: str, cert: Path):
+    def __init__(self, address: str, cert: str | os.PathLike[str]):
+        cert = Path(cert)
         try:
             pem = cert.read_bytes()
         except OSError as exc:
