@@ -41,6 +41,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,7 +58,6 @@ class Broker:
 
     def __init__(self, workers: int):
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
         from park import tokens
         from park.agent_client import default_subject
         from park.signer import write_private_key
@@ -75,7 +75,7 @@ class Broker:
         subprocess.run([*cli, "users", "add", str(self.directory), default_subject(), "--key",
                         tokens.format_public_key(key.public_key()), "--allow", "submit,upload"],
                        check=True, capture_output=True)
-        self._log = open(root / "broker.log", "wb")
+        self._log = open(root / "broker.log", "wb")  # noqa: SIM115 - open for the broker's life
         self.proc = subprocess.Popen([*cli, "--log-level", "WARNING", "serve", str(self.directory), "--listen",
                                       "127.0.0.1:0", "--workers", str(workers), "--python-path", str(BENCH_DIR),
                                       "--grace", "1"], stdout=self._log, stderr=subprocess.STDOUT)
@@ -91,15 +91,28 @@ class Broker:
         self.workdir = root
 
     def close(self) -> None:
+        """Stop the broker (it kills its workers' process groups), then kill any worker left, by pid."""
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) ==
+                   self.proc.pid]
         if self.proc.poll() is None:
-            self.proc.terminate()           # the broker SIGKILLs its workers' process groups on the way out
+            self.proc.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for pid in workers:
+            if not _dead(pid):
+                os.kill(pid, signal.SIGKILL)
         self._log.close()
         self._tmp.cleanup()
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 # -- (a) report throughput -------------------------------------------------------------
@@ -133,16 +146,16 @@ def throughput(park, args: argparse.Namespace) -> list[str]:  # type: ignore[no-
     runs: dict[int, list[dict[str, float]]] = {e: [] for e in [0, *args.every]}
     counter = 0
     for _ in range(args.repeat):
-        for every in runs:
+        for every, results in runs.items():
             counter += 1
-            runs[every].append(spin(park, args, every, args.inner, counter))
+            results.append(spin(park, args, every, args.inner, counter))
     raw = [spin(park, args, 1, 0, counter + 1 + r) for r in range(args.repeat)]
     base = statistics.median(r["elapsed"] for r in runs[0])
     lines = [f"{args.iterations} steps of ~{base / args.iterations * 1e6:.0f} us (--inner {args.inner}); "
              f"medians of {args.repeat} runs; baseline loop times: "
              + ", ".join(f"{r['elapsed']:.3f}" for r in runs[0]) + " s", "",
-             "| report every | reports/job | loop time s | slowdown | slowdown of fastest run | job CPU s "
-             "| broker CPU s | reports/s | received | flush tail s | result() after end s |",
+             ("| report every | reports/job | loop time s | slowdown | slowdown of fastest run | job CPU s "
+              "| broker CPU s | reports/s | received | flush tail s | result() after end s |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fastest = min(r["elapsed"] for r in runs[0])
     rows = [(0, runs[0]), *((e, runs[e]) for e in args.every), ("1, no work", raw)]
@@ -158,8 +171,8 @@ def throughput(park, args: argparse.Namespace) -> list[str]:  # type: ignore[no-
         replay = statistics.median(r["replay"] for r in rs)
         label = (every if isinstance(every, str) else "never" if every == 0 else
                  f"{every}th step" if every > 1 else "step")
-        lines.append(f"| {label} | {n:.0f} | {t:.3f} | {slow} | {slow_best} | {cpu:.3f} | {bcpu:.2f} | {n / t:,.0f} | {recv} "
-                     f"| {tail:.2f} | {replay:.3f} |")
+        lines.append(f"| {label} | {n:.0f} | {t:.3f} | {slow} | {slow_best} | {cpu:.3f} | {bcpu:.2f} | {n / t:,.0f} "
+                     f"| {recv} | {tail:.2f} | {replay:.3f} |")
     return lines
 
 
@@ -210,14 +223,15 @@ def race_once(park, args: argparse.Namespace, directory: Path) -> dict[str, floa
     cancelled = max(next(e.time for e in j.history() if e.kind == "cancelled") for j in (jobs[0], jobs[2]))
     arrived = next(e.time for e in jobs[1].history() if e.kind == "improved" and e.detail["values"]["chisq"] == 0.5)
     transits = [e.time - e.detail["values"]["sent"] for j in jobs for e in j.history() if e.kind == "improved"]
-    return {"every": max(transits), "latency": max(deaths.values()) - report, "transit": arrived - report, "decision": cancelled - arrived,
-            "kill": max(deaths.values()) - cancelled}
+    dead = max(deaths.values())
+    return {"latency": dead - report, "transit": arrived - report, "decision": cancelled - arrived,
+            "kill": dead - cancelled, "every": max(transits)}
 
 
 def races(park, args: argparse.Namespace, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
     results = [race_once(park, args, root / f"race{i}") for i in range(args.races)]
-    lines = [f"{args.races} races, losers {'busy-looping' if args.losers == 'cpu' else 'sleeping'} between reports "
-             "every 10 ms; milliseconds", "", "| | p50 | p95 | max |", "|---|---|---|---|"]
+    lines = [(f"{args.races} races, losers {'busy-looping' if args.losers == 'cpu' else 'sleeping'} between "
+              "reports every 10 ms; milliseconds"), "", "| | p50 | p95 | max |", "|---|---|---|---|"]
     for key, label in (("latency", "**winning report -> last loser dead**"),
                        ("transit", "winning report -> its Improved event on the broker"),
                        ("decision", "Improved event -> losers' Cancelled events"),
@@ -250,7 +264,7 @@ def main() -> int:
     try:
         service = park.Service(broker.address, broker.cert)
         try:
-            print(f"# park bench/progress.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            print(f"# park bench/progress.py, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
                   f"{os.cpu_count()} CPUs, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
                   f"--workers {args.workers}; park from {Path(park.__file__).parent}", flush=True)
             with service:

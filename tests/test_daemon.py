@@ -1,8 +1,6 @@
 """The broker process: site directories, TLS, health, loopback-only, clean shutdown."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -10,35 +8,32 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import park
+from harness import broker_cli  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "park_broker.cli", *args], capture_output=True, text=True,
-                          timeout=30)
-
 
 def test_init_makes_private_keys_and_refuses_to_overwrite(tmp_path: Path) -> None:
-    out = _broker_cli("init", str(tmp_path / "s"), "--site", "sns")
+    out = broker_cli("init", str(tmp_path / "s"), "--site", "sns")
     assert out.returncode == 0 and "park services add sns" in out.stdout
     for key in ("identity.key", "tls.key"):
         assert (tmp_path / "s" / key).stat().st_mode & 0o777 == 0o600
-    again = _broker_cli("init", str(tmp_path / "s"), "--site", "sns")
+    again = broker_cli("init", str(tmp_path / "s"), "--site", "sns")
     assert again.returncode == 2 and "already holds a site" in again.stderr
-    bad = _broker_cli("init", str(tmp_path / "t"), "--site", "../evil")
+    bad = broker_cli("init", str(tmp_path / "t"), "--site", "../evil")
     assert bad.returncode == 2 and "site name" in bad.stderr
 
 
 def test_local_only_mode_refuses_non_loopback(tmp_path: Path) -> None:
-    _broker_cli("init", str(tmp_path / "s"), "--site", "sns")
-    out = _broker_cli("serve", str(tmp_path / "s"), "--listen", "0.0.0.0:0", "--local-only")
+    broker_cli("init", str(tmp_path / "s"), "--site", "sns")
+    out = broker_cli("serve", str(tmp_path / "s"), "--listen", "0.0.0.0:0", "--local-only")
     assert out.returncode == 2 and "loopback only" in out.stderr
 
 
 def test_a_site_without_users_does_not_serve(tmp_path: Path) -> None:
-    _broker_cli("init", str(tmp_path / "s"), "--site", "sns")
-    out = _broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0")
+    broker_cli("init", str(tmp_path / "s"), "--site", "sns")
+    out = broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0")
     assert out.returncode == 2 and "has no users" in out.stderr and "park-broker users add" in out.stderr
 
 
@@ -53,9 +48,9 @@ def test_with_authentication_any_address_may_be_served(new_broker) -> None:  # t
 
 
 def test_serve_refuses_a_key_readable_by_others(tmp_path: Path) -> None:
-    _broker_cli("init", str(tmp_path / "s"), "--site", "sns")
+    broker_cli("init", str(tmp_path / "s"), "--site", "sns")
     (tmp_path / "s" / "tls.key").chmod(0o644)
-    out = _broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--local-only")
+    out = broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--local-only")
     assert out.returncode == 2 and "chmod 600" in out.stderr
 
 
@@ -67,7 +62,7 @@ def test_health_tls_and_sigterm(broker) -> None:  # type: ignore[no-untyped-def]
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     # A client that does not trust the certificate cannot talk to the broker.
     other = broker.directory.parent / "other"
-    _broker_cli("init", str(other), "--site", "other")
+    broker_cli("init", str(other), "--site", "other")
     wrong = park.Service(broker.address, other / "tls.crt")
     with pytest.raises(park.ServiceError, match="UNAVAILABLE"):
         wrong.info

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import park
-from park._proto import jobs_pb2, packages_pb2, site_pb2
+from park._proto import federation_pb2, jobs_pb2, packages_pb2, site_pb2
 from park_broker.policy import POLICY
 
 
@@ -18,7 +18,7 @@ def test_park_exports_exactly_the_documented_names() -> None:
 
 def test_policy_covers_exactly_the_served_methods() -> None:
     served = {f"/park.v1.{svc.name}/{m.name}"
-              for module in (jobs_pb2, packages_pb2, site_pb2) for svc in module.DESCRIPTOR.services_by_name.values()
+              for module in (federation_pb2, jobs_pb2, packages_pb2, site_pb2) for svc in module.DESCRIPTOR.services_by_name.values()
               for m in svc.methods}
     health = {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List"}
     assert set(POLICY) == served | health

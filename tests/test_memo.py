@@ -105,7 +105,6 @@ def test_in_flight_identical_job_is_not_run_twice(broker, tmp_path: Path) -> Non
 
 
 def test_memo_false_always_runs(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    runs = tmp_path / "runs.txt"
     service = broker.service()
     with service:
         jobs = [park.submit("park_test_tasks:count_run", str(tmp_path), "runs.txt", memo=False) for _ in range(3)]

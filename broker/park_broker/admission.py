@@ -34,8 +34,9 @@ DEFAULT_OUTPUT = "output"
 
 
 class Admission:
-    def __init__(self, site: str, files_root: Path, packages: PackageStore):
+    def __init__(self, site: str, files_root: Path, packages: PackageStore, peers: frozenset[str] = frozenset()):
         self.site = site
+        self.peers = peers
         self.files_root = files_root
         self.packages = packages
         self.digests = memo.FileDigests()
@@ -74,10 +75,14 @@ class Admission:
                     self.expression(atom.key.expr)
         except (InvalidInput, ExpressionError) as exc:
             raise BrokerError(Code.INVALID_ARGUMENT, f"job {spec.id[:40]!r}: {exc}") from None
-        for atom in cond.depends if cond is not None else ():
-            if atom.key.site != self.site:
-                fail(Code.UNIMPLEMENTED, f"job {spec.id}: condition names a job at site {atom.key.site!r}; "
-                                         f"this broker ({self.site!r}) has no federation peers yet")
+        for site in {a.key.site for a in cond.depends} - {self.site} if cond is not None else ():
+            if site not in self.peers:
+                fail(Code.FAILED_PRECONDITION, f"job {spec.id}: condition names a job at site {site!r}, which is "
+                                               f"not a peer of {self.site!r}; its operator adds it with "
+                                               f"`park-broker peers add`")
+            if site not in spec.grants:
+                fail(Code.FAILED_PRECONDITION, f"job {spec.id}: no delegated token lets {self.site!r} watch jobs "
+                                               f"at {site!r}; submit with park (it attaches one from your agent)")
         return cond
 
     def condition_of(self, spec: jpb.JobSpec) -> Condition | None:

@@ -5,6 +5,7 @@
     park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin]
     park-broker users list DIR
     park-broker tokens revoke DIR LINK_ID
+    park-broker peers add DIR NAME --address HOST:PORT --cert FILE
 
 Exit status: 0 on a clean stop, 1 when the broker stopped on an error, 2 for
 bad usage or an unusable site directory.
@@ -17,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from park_broker.peers import add_peer
 from park_broker.server import ServeOptions, serve
 from park_broker.site import DEFAULT_LISTEN, SiteError, init_site, load_site
 from park_broker.users import ALLOWED, UsersError, add_user, load_users, revoke
@@ -33,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the broker for a site directory")
     srv.add_argument("directory", type=Path)
     srv.add_argument("--listen", help="HOST:PORT to serve on (port 0 picks a free one); default from site.toml")
+    srv.add_argument("--peer-listen", help="HOST:PORT for peer brokers (mutual TLS); default: the next port")
     srv.add_argument("--workers", type=int, help="local worker processes (default: CPU count)")
     srv.add_argument("--python-path", action="append", default=[], metavar="DIR",
                      help="directory added to the workers' import path (repeatable)")
@@ -55,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     rev = revoke_cmd.add_parser("revoke", help="refuse every token chain containing a link")
     rev.add_argument("directory", type=Path)
     rev.add_argument("link_id", help="the link's sha256 (64 hex characters)")
+    peers = sub.add_parser("peers", help="the sites this one federates with").add_subparsers(dest="action",
+                                                                                           required=True)
+    padd = peers.add_parser("add", help="pin a peer site's certificate (takes effect at the next start)")
+    padd.add_argument("directory", type=Path)
+    padd.add_argument("name")
+    padd.add_argument("--address", required=True, help="HOST:PORT of the peer broker's peer port")
+    padd.add_argument("--cert", required=True, type=Path, help="the peer's tls.crt")
     return parser
 
 
@@ -78,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, user in sorted(load_users(site.directory / "users.toml").items()):
                 print(f"{name}\tallow={','.join(sorted(user.allow)) or '-'}\tkeys={len(user.keys)}")
             return 0
+        if args.command == "peers":
+            peer = add_peer(site.directory, args.name, args.address, args.cert)
+            print(f"site {site.name} now knows peer {peer.name} at {peer.address}; restart the broker to use it")
+            return 0
         if args.command == "tokens":
             revoke(site.directory, args.link_id)
             print(f"revoked {args.link_id}; brokers of site {site.name} refuse it within a second")
             return 0
         if args.workers is not None and args.workers < 1:
             raise SiteError("--workers must be at least 1")
-        options = ServeOptions(listen=args.listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
+        options = ServeOptions(listen=args.listen, peer_listen=args.peer_listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
                                package_index=args.package_index,
                                python_path=[str(Path(p).resolve()) for p in args.python_path])
         return asyncio.run(serve(site, options))

@@ -25,40 +25,49 @@ PAGE = 1000
 
 
 @dataclass(eq=False)
-class _Subscriber:
+class Subscription:
+    """Durable changes for one follower; `overflowed` when it fell too far behind to be fed."""
+
     job_id: str | None
     owner: str | None
-    queue: asyncio.Queue[jpb.Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
+    queue: asyncio.Queue[Change] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
     overflowed: bool = False
 
-    def wants(self, event: jpb.Event, owner: str) -> bool:
-        return (self.job_id is None or event.job_id == self.job_id) and (self.owner is None or owner == self.owner)
+    def wants(self, change: Change) -> bool:
+        return (self.job_id is None or change.event.job_id == self.job_id) and \
+            (self.owner is None or change.job.owner == self.owner)
 
 
 class EventHub:
     def __init__(self) -> None:
-        self._subscribers: set[_Subscriber] = set()
+        self._subscribers: set[Subscription] = set()
         self.head = 0
 
     def publish(self, changes: list[Change]) -> None:
         """Deliver the events of durable changes, in sequence order."""
         for change in changes:
-            event = change.event
-            self.head = max(self.head, event.seq)
+            self.head = max(self.head, change.event.seq)
             for sub in self._subscribers:
-                if sub.overflowed or not sub.wants(event, change.job.owner):
+                if sub.overflowed or not sub.wants(change):
                     continue
                 try:
-                    sub.queue.put_nowait(event)
+                    sub.queue.put_nowait(change)
                 except asyncio.QueueFull:
                     sub.overflowed = True
+
+    def subscribe(self, job_id: str | None = None, owner: str | None = None) -> Subscription:
+        sub = Subscription(job_id, owner)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
 
     async def follow(self, store: Store, from_seq: int, *, job_id: str | None, owner: str | None,
                      idle: float) -> AsyncIterator[jpb.WatchResponse]:
         last = from_seq
         while True:
-            sub = _Subscriber(job_id, owner)
-            self._subscribers.add(sub)
+            sub = self.subscribe(job_id, owner)
             try:
                 while True:
                     page = await store.events(last, job_id=job_id, owner=owner, limit=PAGE)
@@ -71,7 +80,7 @@ class EventHub:
                 yield jpb.WatchResponse(progress=jpb.Progress(seq=last))
                 while not sub.overflowed:
                     try:
-                        event = await asyncio.wait_for(sub.queue.get(), idle)
+                        event = (await asyncio.wait_for(sub.queue.get(), idle)).event
                     except TimeoutError:
                         yield jpb.WatchResponse(progress=jpb.Progress(seq=last))
                         continue
@@ -79,4 +88,4 @@ class EventHub:
                         last = event.seq
                         yield jpb.WatchResponse(event=event)
             finally:
-                self._subscribers.discard(sub)
+                self.unsubscribe(sub)

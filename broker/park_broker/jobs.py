@@ -40,6 +40,7 @@ from park_broker.admission import Admission
 from park_broker.errors import BrokerError, Code, fail
 from park_broker.events import EventHub
 from park_broker.executor import Executor, Outcome, Task
+from park_broker.federation import PeerLinks
 from park_broker.packages import PackageStore
 from park_broker.scheduler import Decision, Scheduler, Verdict, job_atom_states
 from park_broker.store import Change, Store
@@ -84,13 +85,16 @@ class _Prepared:
 
 
 class JobManager:
-    def __init__(self, site: SiteInfo, store: Store, executor: Executor, hub: EventHub, packages: PackageStore):
+    def __init__(self, site: SiteInfo, store: Store, executor: Executor, hub: EventHub, packages: PackageStore,
+                 peers: frozenset[str] = frozenset()):
         self.site = site
         self.store = store
         self.executor = executor
         self.hub = hub
         self.packages = packages
-        self.admission = Admission(site.name, site.files_root, packages)
+        self.admission = Admission(site.name, site.files_root, packages, peers)
+        # Set by the server when the site has peers: where remote atoms are asked for.
+        self.federation: PeerLinks | None = None
         self.scheduler = Scheduler()
         self._active: dict[str, jpb.Job] = {}
         self._memo: dict[str, str] = {}             # memo key -> id, for active jobs
@@ -112,7 +116,7 @@ class JobManager:
         self._reports.update(await self.store.reports(j.id for j in jobs))
         conditions = {j.id: self.admission.condition_of(j.spec) for j in jobs if j.state == jpb.JOB_STATE_WAITING}
         keys = {a.key for c in conditions.values() if c is not None for a in c.depends}
-        stored = await self.store.get_many({k.job_id for k in keys} - set(self._active))
+        stored = await self.store.get_many({k.job_id for k in keys if k.site == self.site.name} - set(self._active))
         histories = await self.store.reports({k.job_id for k in keys if k.kind == "improved" and k.job_id in stored})
         changes: list[Change] = []
         queued: list[str] = []
@@ -129,6 +133,8 @@ class JobManager:
                 decision = self.scheduler.add(job.id, conditions[job.id], states)
                 if decision is not None:
                     self._apply(decision, changes, queued, stored)
+                else:
+                    self._watch_remote(job.spec, conditions[job.id])
         if changes:
             await self._commit(changes, queued)
         else:
@@ -219,6 +225,8 @@ class JobManager:
             decision = self.scheduler.add(job.id, cond, states)
             if decision is not None:
                 self._apply(decision, changes, queued, stored)
+            else:
+                self._watch_remote(job.spec, cond)
             results.append(Submission(job=job))
         await self._commit(changes, queued)
         return results
@@ -296,6 +304,9 @@ class JobManager:
             return states
         for atom in cond.depends:
             key: AtomKey = atom.key  # type: ignore[assignment]
+            if key.site != self.site.name:
+                states[key] = State.PENDING   # until its site says otherwise (federation)
+                continue
             job = self._active.get(self._aliases.get(key.job_id, key.job_id)) or stored.get(key.job_id)
             if job is None:
                 fail(Code.NOT_FOUND, f"condition names job {key.job_id}, which site {self.site.name!r} "
@@ -518,6 +529,40 @@ class JobManager:
         snapshot = changes[0].job
         await self._commit(changes, queued)
         return snapshot
+
+    # -- federation ----------------------------------------------------------------------
+
+    def _watch_remote(self, spec: jpb.JobSpec, cond: Condition | None) -> None:
+        """Ask the peers for the remote atoms a newly waiting job needs."""
+        if cond is None or self.federation is None:
+            return
+        for atom in cond.depends:
+            if atom.key.site != self.site.name:
+                self.federation.watch(atom.key, spec.grants[atom.key.site])
+
+    def on_remote_resolved(self, key: AtomKey, state: State, reason: str) -> None:
+        """A peer reported a remote atom's resolution (or refused to: `reason`)."""
+        if reason:
+            log.warning("%s", reason)
+        changes: list[Change] = []
+        queued: list[str] = []
+        for decision in self.scheduler.resolve(key, state):
+            self._apply(decision, changes, queued)
+        self._spawn(self._commit(changes, queued))
+
+    async def atom_state(self, key: AtomKey) -> tuple[State, int, str]:
+        """(state, sequence number of the event that resolved it or 0, owner) of a local atom, for peers.
+
+        Read from the store, never from memory: a peer must only ever see what is
+        committed, since what it sees must not roll back if this broker crashes."""
+        job = (await self.store.get_many([key.job_id])).get(key.job_id)
+        if job is None:
+            fail(Code.NOT_FOUND, f"site {self.site.name!r} has no job {key.job_id}")
+        if key.kind == "improved":
+            state = self._improved_state(job, key, (await self.store.reports([job.id])).get(job.id, []))
+        else:
+            state = job_atom_states(STATE_NAMES[job.state])[key.kind]
+        return state, (job.last_seq if state is not State.PENDING else 0), job.owner
 
     # -- installs and memo reports -------------------------------------------------------
 

@@ -25,12 +25,14 @@ import grpc
 
 from park import tokens
 from park._wire import InvalidInput, check_name
+from park_broker.peers import PeerTable
 from park_broker.users import Authority, Identity
 
 current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("park_identity")
 
 PUBLIC = "public"
 JOB = "job"
+PEER = "peer"    # a peer broker, known by its TLS client certificate
 POLICY: dict[str, str] = {
     "/park.v1.Site/Info": PUBLIC,
     "/park.v1.Jobs/SubmitMany": "submit",
@@ -42,6 +44,7 @@ POLICY: dict[str, str] = {
     "/park.v1.Jobs/Why": "read",
     "/park.v1.Packages/Upload": "upload",
     "/park.v1.Packages/List": "read",
+    "/park.v1.Federation/Subscribe": PEER,
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.health.v1.Health/List": PUBLIC,
@@ -68,13 +71,20 @@ class _Refused(Exception):
 class Gate:
     """Decides the identity of one call; shared by all methods."""
 
-    def __init__(self, authority: Authority | None, local: Identity | None = None):
+    def __init__(self, authority: Authority | None, local: Identity | None = None, peers: PeerTable | None = None):
         if (authority is None) == (local is None):
             raise ValueError("a broker authenticates with tokens or serves its local user, not both")
         self.authority = authority
         self.local = local
+        self.peers = peers or PeerTable({})
 
     def identify(self, rule: str, context: grpc.aio.ServicerContext) -> Identity:
+        peer = self.peers.caller(context)
+        if rule == PEER:
+            if peer is None:
+                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "only a peer broker, with the TLS client "
+                                                                "certificate this site pinned for it, may call this")
+            return Identity(user=f"peer:{peer.name}", permissions=frozenset({PEER}), peer=peer)
         if self.local is not None:
             return self.local
         assert self.authority is not None
@@ -89,7 +99,8 @@ class Gate:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "malformed authorization metadata; "
                                                             "send exactly one 'authorization: Bearer <token>'")
         try:
-            identity = self.authority.authenticate(value[len("Bearer "):])
+            # A peer proves, by its certificate, the key that tokens delegated to it are bound to.
+            identity = self.authority.authenticate(value[len("Bearer "):], peer.key_id if peer else None)
         except tokens.TokenError as exc:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, f"token refused: {exc.message}") from None
         if rule != PUBLIC and rule not in identity.permissions:
@@ -107,12 +118,11 @@ def _wrap(behavior: Callable[..., Any], gate: Gate, rule: str, streaming: bool) 
                 identity = gate.identify(rule, context)
             except _Refused as refused:
                 await context.abort(refused.code, refused.message)
-            token = current_identity.set(identity)
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            finally:
-                current_identity.reset(token)
+            # Each call runs in a task of its own, so the identity set here dies with it. Not reset:
+            # a stream the client abandons is finalized in another context, where reset() would fail.
+            current_identity.set(identity)
+            async for item in behavior(request, context):
+                yield item
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -151,4 +161,6 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_stream=_wrap(handler.unary_stream, self._gate, rule, True))
         if handler.stream_unary is not None:   # the request is a stream; the wrapper passes it through
             return handler._replace(stream_unary=_wrap(handler.stream_unary, self._gate, rule, False))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_wrap(handler.stream_stream, self._gate, rule, True))
         return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"method {details.method} has no policy for its shape")

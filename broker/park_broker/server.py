@@ -21,13 +21,15 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import federation_pb2_grpc, jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
 from park_broker.events import EventHub
 from park_broker.jobs import JobManager, SiteInfo
 from park_broker.local_executor import LocalExecutor
 from park_broker.policy import Gate, PolicyInterceptor, local_identity
 from park_broker.packages import PackageStore
-from park_broker.servicer import JobsServicer, PackagesServicer, SiteServicer
+from park_broker.federation import PeerLinks, Publisher
+from park_broker.peers import PeerTable
+from park_broker.servicer import FederationServicer, JobsServicer, PackagesServicer, SiteServicer
 from park_broker.site import SiteConfig, SiteError
 from park_broker.store import Store
 from park_broker.users import Authority
@@ -49,6 +51,7 @@ KEEPALIVE = [
 @dataclass(kw_only=True)
 class ServeOptions:
     listen: str | None = None
+    peer_listen: str | None = None   # mutual-TLS port for peer brokers; default: the next port
     workers: int | None = None
     python_path: list[str] = field(default_factory=list)
     grace: float = 5.0
@@ -56,16 +59,18 @@ class ServeOptions:
     package_index: str | None = None   # a wheelhouse directory or index URL for implicit installs
 
 
-def make_gate(site: SiteConfig, options: ServeOptions) -> Gate:
+def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate:
     if options.local_only:
         check_loopback(options.listen or site.listen)
+        if peers.peers:
+            raise SiteError("a --local-only broker has no users to delegate tokens, so it cannot have peers")
         return Gate(None, local_identity())
     authority = Authority(site.name, site.directory)
     if not authority.has_users():
         raise SiteError(f"site {site.name} has no users, so nobody could call it; add one with "
                         f"`park-broker users add {site.directory} NAME --key \"$(park-agent pubkey)\" --allow submit`, "
                         "or serve your own user on loopback with --local-only")
-    return Gate(authority)
+    return Gate(authority, peers=peers)
 
 
 def check_loopback(listen: str) -> None:
@@ -84,7 +89,8 @@ def check_loopback(listen: str) -> None:
 
 async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | None = None) -> int:
     listen = options.listen or site.listen
-    gate = make_gate(site, options)
+    peers = PeerTable.load(site.directory)
+    gate = make_gate(site, options, peers)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,7 +102,13 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     executor = LocalExecutor(workers=options.workers, python_path=options.python_path, grace=options.grace)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path))
     packages = PackageStore(site.directory / "packages", options.package_index)
-    manager = JobManager(info, store, executor, hub, packages)
+    manager = JobManager(info, store, executor, hub, packages, frozenset(peers.peers))
+    tls_key, certificate = site.tls_key(), site.certificate()
+    if peers.peers:
+        # Outgoing: our certificate is our identity; the peers' pinned certificates are the only roots.
+        manager.federation = PeerLinks(peers.peers, grpc.ssl_channel_credentials(
+            root_certificates=peers.bundle(), private_key=tls_key, certificate_chain=certificate),
+            [("grpc.max_receive_message_length", MAX_MESSAGE), *KEEPALIVE], manager.on_remote_resolved)
     hub.head = await store.head_seq()
 
     server = grpc.aio.server(
@@ -110,22 +122,34 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
                                                              serialization.PublicFormat.Raw)
     site_info = site_pb2.InfoResponse(
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
-        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages"])
+        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation"])
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
+    if gate.authority is not None:
+        federation_pb2_grpc.add_FederationServicer_to_server(FederationServicer(
+            Publisher(site.name, gate.authority, hub, manager.atom_state)), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    credentials = grpc.ssl_server_credentials([(site.tls_key(), site.certificate())])
+    # Clients authenticate with tokens and need no certificate. Peers use a port of their own where a
+    # pinned client certificate is required (gRPC cannot ask for an optional one), as etcd separates them.
+    port = server.add_secure_port(listen, grpc.ssl_server_credentials([(tls_key, certificate)]))
     # Bound before recovery, so re-run jobs know where to report; served only after it.
-    port = server.add_secure_port(listen, credentials)
-    address = info.address = f"{listen.rpartition(':')[0]}:{port}"
+    host = listen.rpartition(":")[0]
+    address = info.address = f"{host}:{port}"
+    peer_address = ""
+    if peers.peers:
+        peer_listen = options.peer_listen or f"{host}:{port + 1 if options.listen != f'{host}:0' else 0}"
+        peer_port = server.add_secure_port(peer_listen, grpc.ssl_server_credentials(
+            [(tls_key, certificate)], root_certificates=peers.bundle(), require_client_auth=True))
+        peer_address = f"{peer_listen.rpartition(':')[0]}:{peer_port}"
     await executor.start(manager.on_started, manager.on_finished)
     await manager.recover()
     await server.start()
-    for service in ("", "park.v1.Jobs", "park.v1.Site", "park.v1.Packages"):
+    for service in ("", "park.v1.Jobs", "park.v1.Site", "park.v1.Packages", "park.v1.Federation"):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    _write_serve_file(site.directory, address)
-    log.info("site %s serving on %s", site.name, address)
-    print(f"park-broker: site {site.name} serving on {address}", flush=True)
+    _write_serve_file(site.directory, address, peer_address)
+    log.info("site %s serving clients on %s, peers on %s", site.name, address, peer_address or "-")
+    print(f"park-broker: site {site.name} serving on {address}" +
+          (f", peers on {peer_address}" if peer_address else ""), flush=True)
 
     failed = asyncio.create_task(manager.failed.wait())
     stopping = asyncio.create_task(stop.wait())
@@ -134,14 +158,16 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
         task.cancel()
     await health.enter_graceful_shutdown()
     await server.stop(grace=options.grace)
+    if manager.federation is not None:
+        await manager.federation.close()
     await executor.close()
     store.close()
     (site.directory / "serve.json").unlink(missing_ok=True)
     return 1 if manager.failed.is_set() else 0
 
 
-def _write_serve_file(directory: Path, address: str) -> None:
+def _write_serve_file(directory: Path, address: str, peer_address: str) -> None:
     """Tell local tools (and tests that listen on port 0) where the broker is."""
     tmp = directory / "serve.json.tmp"
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"address": address, "peer_address": peer_address, "pid": os.getpid()}))
     tmp.replace(directory / "serve.json")

@@ -22,8 +22,11 @@ import grpc
 import park
 from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import federation_pb2 as fpb
+from park._proto import federation_pb2_grpc
 from park._proto import packages_pb2 as ppb
 from park_broker.errors import BrokerError, Code, fail
+from park_broker.federation import Publisher
 from park_broker.jobs import JobManager
 from park_broker.policy import current_identity
 
@@ -209,3 +212,14 @@ class PackagesServicer(packages_pb2_grpc.PackagesServicer):
         refs = await asyncio.to_thread(self.manager.packages.list)
         return ppb.PackageList(packages=[ppb.PackageRef(name=r.name, version=r.version, sha256=r.sha256)
                                          for r in refs])
+
+
+class FederationServicer(federation_pb2_grpc.FederationServicer):
+    def __init__(self, publisher: Publisher):
+        self.publisher = publisher
+
+    @streaming
+    async def Subscribe(self, request_iterator: AsyncIterator[fpb.SubscribeRequest],
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[fpb.SubscribeResponse]:
+        async for item in self.publisher.serve(current_identity.get().peer, request_iterator):
+            yield item

@@ -24,6 +24,7 @@ import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from park import tokens
 from park._wire import InvalidInput, check_name
@@ -44,7 +45,8 @@ class Identity:
 
     user: str
     permissions: frozenset[str]
-    token: tokens.Verified | None = None   # None in local-only mode
+    token: tokens.Verified | None = None   # None in local-only mode and for peers
+    peer: Any = None                        # the peers.Peer calling, for broker-to-broker calls
 
     @property
     def admin(self) -> bool:
@@ -80,12 +82,16 @@ class Authority:
         self._reload()
         return bool(self._users)
 
+    def verify(self, token_text: str, presenter_key_id: str | None = None) -> tokens.Verified:
+        """A token checked for this site, its registered users and revocations; raises tokens.TokenError."""
+        self._reload()
+        return tokens.verify(token_text, audience=self.site, revoked=self._revoked,
+                             trusted_root_keys=lambda subject: self._keys(subject),
+                             presenter_key_id=presenter_key_id, now=self.now())
+
     def authenticate(self, token_text: str, presenter_key_id: str | None = None) -> Identity:
         """The identity a token establishes; raises tokens.TokenError (kind "unauthenticated")."""
-        self._reload()
-        verified = tokens.verify(token_text, audience=self.site, revoked=self._revoked,
-                                 trusted_root_keys=lambda subject: self._keys(subject),
-                                 presenter_key_id=presenter_key_id, now=self.now())
+        verified = self.verify(token_text, presenter_key_id)
         user = self._users[verified.subject]
         granted = frozenset(p for p in (*user.allow, "read") if verified.allows(_SCOPE_OF[p]))
         return Identity(verified.subject, granted, verified)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from park._proto import jobs_pb2 as jpb
 from park._wire import InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto
+from park.auth import credentials
 from park.conditions import Condition
 from park.errors import ParkError, ServiceError
 from park.expressions import Expression
@@ -27,6 +28,8 @@ from park.wheels import distribution_versions
 __all__ = ["submit", "run", "race", "job", "current_job", "CurrentJob"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+# A job may wait long on another site; the token lets its broker watch it that long (the cap of DESIGN §6).
+GRANT_LIFETIME = 6 * 3600
 
 
 def _target_of(fn: Callable[..., Any]) -> str:
@@ -54,7 +57,22 @@ def spec_for(service: Service, when: Condition | None, output: str, label: str |
         condition_from_proto(spec.when)   # the broker's limits, checked before sending
     except InvalidInput as exc:
         raise ValueError(str(exc)) from None
+    if when is not None:
+        spec.grants.update(_grants(service, when))
     return spec
+
+
+def _grants(service: Service, when: Condition) -> dict[str, str]:
+    """For each other site `when` names: a token letting `service` watch just those jobs there."""
+    remote: dict[str, tuple[Service, set[str]]] = {}
+    for atom in when.depends:
+        job = atom.origin
+        if not isinstance(job, Job) or job.site == service.site:
+            continue
+        remote.setdefault(job.site, (job.service, set()))[1].add(job.id)
+    return {site: credentials(other, scopes=[f"jobs.read:/{j}" for j in sorted(ids)], lifetime=GRANT_LIFETIME,
+                              destination=service).token()
+            for site, (other, ids) in remote.items()}
 
 
 def queue_spec(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = None) -> Job:

@@ -153,11 +153,14 @@ _anonymous = itertools.count()
 class Atom(Condition):
     """One fact. Equal atoms have equal keys; `source`, if given, reports its live state."""
 
-    __slots__ = ("key", "source")
 
-    def __init__(self, key: Hashable | None = None, source: Callable[[AtomKey], State] | None = None):
+    __slots__ = ("key", "source", "origin")
+
+    def __init__(self, key: Hashable | None = None, source: Callable[[AtomKey], State] | None = None,
+                 origin: object = None):
         self.key = key if key is not None else ("anonymous", next(_anonymous))
         self.source = source
+        self.origin = origin    # what made the atom (a park.Job); opaque here
 
     def atoms(self) -> Iterator[Atom]:
         yield self

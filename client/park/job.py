@@ -87,7 +87,7 @@ class Job:
     # -- conditions ------------------------------------------------------------------
 
     def _atom(self, kind: str, expr: str = "") -> Atom:
-        return Atom(AtomKey(self.site, self.id, kind, expr), source=self._atom_state)
+        return Atom(AtomKey(self.site, self.id, kind, expr), source=self._atom_state, origin=self)
 
     @property
     def site(self) -> str:
@@ -233,7 +233,11 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> str:
         """Block until the job is completed, failed or cancelled; returns that state."""
-        for event in self.events(timeout=timeout):
+        record = self.record()
+        if record.state in TERMINAL_STATES:
+            return STATE_NAMES[record.state]
+        # Only what happens from now on matters: a job with many progress reports is not replayed.
+        for event in self.events(from_seq=record.last_seq, timeout=timeout):
             if event.terminal:
                 return event.kind
         raise AssertionError("event stream ended without a terminal event")
@@ -268,4 +272,5 @@ class Race(Job):
     def winner(self) -> Job:
         """The winning contestant; waits for the race to be decided, raises JobCancelled if none won."""
         winner_id = super().result()["winner"]
-        return next(j for j in self.contestants if j.id == winner_id)
+        # A contestant that was a memo hit is known to the broker by the earlier job's id.
+        return next(j for j in self.contestants if winner_id in (j.id, j.acknowledged().id))

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import park
+from harness import broker_cli  # type: ignore[import-not-found]
 from park import tokens
 from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
@@ -21,10 +20,6 @@ from park.signer import read_private_key, write_private_key
 
 pytestmark = pytest.mark.timeout(60)
 
-
-def _broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "park_broker.cli", *args], capture_output=True, text=True,
-                          timeout=60)
 NOOP = jpb.JobSpec(id="f" * 26, call=jpb.PythonCall(target="park_test_tasks:noop"))
 
 
@@ -114,7 +109,7 @@ def test_revocation_takes_effect_on_a_running_broker(broker) -> None:  # type: i
     token = tokens.issue(_user_key(), subject=default_subject(), audience="sns")
     text = tokens.encode(token)
     assert _code(broker, text)[0] == grpc.StatusCode.OK
-    result = _broker_cli("tokens", "revoke", str(broker.directory), tokens.link_id(token.links[0]))
+    result = broker_cli("tokens", "revoke", str(broker.directory), tokens.link_id(token.links[0]))
     assert result.returncode == 0, result.stderr
     time.sleep(1.1)   # re-read within a second
     code, details = _code(broker, text, request=jpb.SubmitManyRequest(jobs=[
@@ -130,7 +125,7 @@ def test_another_users_job_is_not_found(new_broker, tmp_path: Path) -> None:  # 
     job.wait(timeout=30)
     # A second user, registered at the same site.
     mallory_key = Ed25519PrivateKey.generate()
-    result = _broker_cli("users", "add", str(broker.directory), "mallory", "--key",
+    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
                          tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
     assert result.returncode == 0, result.stderr
     time.sleep(1.1)   # the broker re-reads users.toml at most once a second

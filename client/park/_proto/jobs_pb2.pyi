@@ -183,6 +183,26 @@ class JobSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class GrantsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
@@ -194,6 +214,7 @@ class JobSpec(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     NO_MEMO_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Chosen by the client (26 lowercase base32 characters) so that the job's
     id, filename and url are known before the broker answers, and so that a
@@ -225,6 +246,12 @@ class JobSpec(_message.Message):
         the client's environment (importlib.metadata); part of the memo key.
         """
 
+    @_builtins.property
+    def grants(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """For each other site the condition names: a delegated token (audience that
+        site, scopes jobs.read:/<id> of its jobs, confirm this broker's key).
+        """
+
     def __init__(
         self,
         *,
@@ -239,10 +266,11 @@ class JobSpec(_message.Message):
         label: _builtins.str = ...,
         no_memo: _builtins.bool = ...,
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        grants: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "install", b"install", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "race", b"race", "requires", b"requires", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "race", b"race", "requires", b"requires", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015

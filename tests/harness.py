@@ -1,0 +1,104 @@
+"""Real brokers for tests: `park-broker` processes on loopback ports, in temporary directories."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import park
+from park import tokens
+from park.agent_client import default_subject
+from park.signer import read_private_key
+
+TASKS = Path(__file__).parent / "tasks"
+sys.path.insert(0, str(TASKS))  # the @park.job test imports the same module the brokers run
+
+
+@dataclass
+class Broker:
+    directory: Path
+    site: str
+    workers: int = 2
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    peer_address: str = ""
+    services: list[park.Service] = field(default_factory=list)
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / "tls.crt"
+
+    def start(self, timeout: float = 30) -> Broker:
+        serve_file = self.directory / "serve.json"
+        serve_file.unlink(missing_ok=True)
+        listen = self.address or "127.0.0.1:0"
+        peer_listen = ["--peer-listen", self.peer_address] if self.peer_address else []
+        log = open(self.directory / "broker.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "park_broker.cli", "serve", str(self.directory), "--listen", listen,
+             "--workers", str(self.workers), "--python-path", str(TASKS), "--grace", "1", *peer_listen, *self.extra],
+            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not serve_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"broker did not start:\n{self.log()}")
+            time.sleep(0.05)
+        serving = json.loads(serve_file.read_text())
+        self.address, self.peer_address = serving["address"], serving["peer_address"] or self.peer_address
+        return self
+
+    def log(self) -> str:
+        return (self.directory / "broker.log").read_text(errors="replace")
+
+    def service(self) -> park.Service:
+        service = park.Service(self.address, self.cert)
+        self.services.append(service)
+        return service
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        (self.directory / "serve.json").unlink(missing_ok=True)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "park_broker.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def public_key_of(path: Path) -> str:
+    return tokens.format_public_key(read_private_key(path, None).public_key())
+
+
+def make_broker(tmp_path: Path, site: str = "sns", allow: str = "submit,upload", **kwargs: object) -> Broker:
+    """An initialised site whose one user is the test user (`default_subject()`)."""
+    directory = tmp_path / site
+    for args in (("init", str(directory), "--site", site),
+                 ("users", "add", str(directory), default_subject(), "--key",
+                  public_key_of(Path(os.environ["PARK_KEY_FILE"])), "--allow", allow)):
+        result = broker_cli(*args)
+        assert result.returncode == 0, result.stderr
+    return Broker(directory, site, **kwargs)  # type: ignore[arg-type]
+
+

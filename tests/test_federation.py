@@ -1,0 +1,160 @@
+"""Several real brokers on loopback, federating over mutual TLS: remote atoms,
+cross-site cancellation, peers that die and come back."""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import park
+from park._proto import jobs_pb2 as jpb
+from harness import Broker, broker_cli  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def federate(*brokers: Broker) -> None:
+    """Pin every broker's certificate at every other one, then start them all (peers are read at start)."""
+    free = [_free_port() for _ in brokers]
+    for b, port in zip(brokers, free):
+        b.peer_address = f"127.0.0.1:{port}"
+        for other, other_port in zip(brokers, free):
+            if other is not b:
+                result = broker_cli("peers", "add", str(b.directory), other.site,
+                                    "--address", f"127.0.0.1:{other_port}", "--cert", str(other.cert))
+                assert result.returncode == 0, result.stderr
+    for b in brokers:
+        b.start()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def sites(new_broker):  # type: ignore[no-untyped-def]
+    sns, cluster = new_broker("sns"), new_broker("cluster")
+    federate(sns, cluster)
+    return sns, cluster
+
+
+def test_a_job_waits_on_a_job_at_another_site(sites, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = sites
+    s, c = sns.service(), cluster.service()
+    with s:
+        reduction = park.submit("park_test_tasks:write_output", "reduced at sns")
+    with c:
+        fit = park.submit("park_test_tasks:add", 20, 22, when=reduction.iscompleted)
+        other = park.submit("park_test_tasks:add", 1, 1, when=reduction.iscancelled)
+    assert fit.result(timeout=60) == 42
+    assert other.wait(timeout=60) == "cancelled"
+    assert "sns/" in other.record().cause.message
+    started = next(e for e in fit.events() if e.kind == "started").time
+    finished = next(e for e in reduction.events() if e.kind == "completed").time
+    assert started >= finished
+
+
+def test_failure_cancels_dependents_across_sites_transitively(sites) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = sites
+    s, c = sns.service(), cluster.service()
+    with s:
+        reduction = park.submit("park_test_tasks:fail", "bad data")
+    with c:
+        simulation = park.submit("park_test_tasks:add", 1, 2, when=reduction.iscompleted)
+        fit = park.submit("park_test_tasks:add", 3, 4, when=simulation.iscompleted)
+    assert simulation.wait(timeout=60) == "cancelled"
+    assert fit.wait(timeout=60) == "cancelled"
+    cause = simulation.record().cause
+    assert cause.kind == jpb.Cause.KIND_CONDITION and cause.atoms[0].site == "sns"
+    assert cause.atoms[0].job_id == reduction.id
+
+
+def test_a_peer_killed_and_restarted_only_delays(sites, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = sites
+    s, c = sns.service(), cluster.service()
+    with s:
+        gate = park.submit("park_test_tasks:sleep", 1.5)
+        reduction = park.submit("park_test_tasks:write_output", "x", when=gate.iscompleted)
+    with c:
+        dependent = park.submit("park_test_tasks:count_run", str(tmp_path), "runs.txt",
+                                when=reduction.iscompleted)
+    time.sleep(0.5)
+    sns.kill()
+    time.sleep(2.0)                      # the dependent must keep waiting, not be cancelled
+    assert dependent.state == "waiting"
+    sns.start()
+    assert dependent.result(timeout=90) == 1
+    assert (tmp_path / "runs.txt").read_text() == "run\n", "the dependent ran exactly once"
+
+
+def test_every_remote_transition_is_applied_once_and_in_order(sites, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = sites
+    s, c = sns.service(), cluster.service()
+    with s:
+        gates = [park.submit("park_test_tasks:sleep", 0.01 * (i % 7), memo=False) for i in range(200)]
+    with c:
+        waiting = [park.submit("park_test_tasks:add", i, 0, when=g.iscompleted) for i, g in enumerate(gates)]
+    # Cut the federation stream repeatedly by restarting the publishing site while atoms resolve.
+    for _ in range(2):
+        time.sleep(1.0)
+        sns.kill()
+        time.sleep(0.3)
+        sns.start()
+    assert [w.result(timeout=120) for w in waiting] == list(range(200))
+    for w in waiting:
+        kinds = [e.kind for e in w.events()]
+        assert kinds == ["submitted", "queued", "started", "completed"], kinds
+    # The dependents were released in the order their atoms resolved at sns.
+    resolved = {g.id: next(e.seq for e in g.events() if e.kind == "completed") for g in gates}
+    queued = sorted(((next(e.seq for e in w.events() if e.kind == "queued"), resolved[g.id])
+                     for w, g in zip(waiting, gates)))
+    order = [sns_seq for _, sns_seq in queued]
+    assert order == sorted(order)
+
+
+def test_three_sites(new_broker) -> None:  # type: ignore[no-untyped-def]
+    a, b, c = new_broker("alpha"), new_broker("beta"), new_broker("gamma")
+    federate(a, b, c)
+    sa, sb, sc = a.service(), b.service(), c.service()
+    with sb:
+        y = park.submit("park_test_tasks:add", 2, 2)
+    assert y.result(timeout=60) == 4
+    with sa:
+        x = park.submit("park_test_tasks:sleep", 1.0)
+    with sc:
+        z = park.submit("park_test_tasks:add", 3, 3, when=x.iscompleted & y.iscompleted)
+        # y has finished already, so "x completed while y had not finished" can never hold.
+        never = park.submit("park_test_tasks:add", 4, 4, when=x.iscompleted & ~y.isfinished)
+    assert never.wait(timeout=60) == "cancelled"
+    assert never.record().cause.kind == jpb.Cause.KIND_NEVER_HOLDS
+    assert x.state == "running", "decided without waiting for alpha"
+    assert z.result(timeout=60) == 6
+
+
+def test_a_site_that_is_not_a_peer_is_refused(new_broker) -> None:  # type: ignore[no-untyped-def]
+    lone, other = new_broker("lone").start(), new_broker("other").start()
+    with other.service():
+        far = park.submit("park_test_tasks:noop")
+    with pytest.raises(park.SubmitError, match="not a peer of 'lone'") as info:
+        with lone.service():
+            park.submit("park_test_tasks:noop", when=far.iscompleted)
+    assert info.value.code == "FAILED_PRECONDITION"
+
+
+def test_a_forged_grant_is_refused_by_the_publishing_site(sites) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = sites
+    s, c = sns.service(), cluster.service()
+    with s:
+        reduction = park.submit("park_test_tasks:sleep", 1.0)
+    spec = jpb.JobSpec(id="q" * 26, call=jpb.PythonCall(target="park_test_tasks:noop"))
+    spec.when.postfix.add().atom.CopyFrom(park._wire.atom_to_proto(reduction.iscompleted.key))
+    spec.grants["sns"] = "bm90IGEgdG9rZW4"   # not a token
+    [result] = c.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec]), timeout=10).results
+    assert result.code == 0
+    job = c.job("q" * 26)
+    assert job.wait(timeout=60) == "cancelled"
+    assert reduction.wait(timeout=60) == "completed"
