@@ -246,3 +246,4 @@ def test_live_condition_interface_of_the_seed(service: park.Service) -> None:
     assert (a.iscompleted | bad.iscompleted).cancelled is False
     with pytest.raises(park.Condition.Cancelled):
         (a.iscompleted & bad.iscompleted).ready
+

@@ -101,6 +101,8 @@ class JobManager:
         self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
         self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
         self._installing: dict[tuple[str, str], str] = {}   # (package, version) -> active install job
+        self._submitting = 0                     # submissions between their first read and their decisions
+        self._retiring: list[str] = []           # terminal jobs to forget once none is
         # Progress reports of active jobs, for improved(...) atoms that arrive after the report.
         self._reports: dict[str, list[dict[str, float]]] = {}
         self._report_key = secrets.token_bytes(32)   # job tokens die with the process, as attempts do
@@ -153,6 +155,14 @@ class JobManager:
         """
         if len(specs) > MAX_BATCH:
             fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
+        self._submitting += 1
+        try:
+            return await self._submit_many(owner, specs)
+        finally:
+            self._submitting -= 1
+            self._retire()
+
+    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec]) -> list[Submission]:
         prepared: list[_Prepared | BrokerError] = []
         for spec in specs:
             try:
@@ -283,19 +293,10 @@ class JobManager:
             link.symlink_to(twin.id)
 
     async def _lookup(self, job_ids: set[str]) -> dict[str, jpb.Job]:
-        """Stored records of the ids not in memory, consistent with memory when this returns.
-
-        A job can leave `_active` while the store is read (its terminal commit
-        finished meanwhile); such jobs are read again, now committed."""
-        stored: dict[str, jpb.Job] = {}
+        """Stored records of the ids not in memory. No job leaves memory while a submission is
+        in progress (`_retire`), so these and memory stay consistent until its decisions."""
         job_ids = {self._aliases.get(j, j) for j in job_ids} | job_ids
-        in_memory = {j for j in job_ids if j in self._active}
-        ask = job_ids - in_memory
-        while ask:
-            stored.update(await self.store.get_many(ask))
-            ask = {j for j in in_memory if j not in self._active}
-            in_memory -= ask
-        return stored
+        return await self.store.get_many(j for j in job_ids if j not in self._active)
 
     def _states_now(self, cond: Condition | None, stored: dict[str, jpb.Job],
                     histories: dict[str, list[dict[str, float]]]) -> dict[AtomKey, State]:
@@ -428,15 +429,27 @@ class JobManager:
         for change in changes:
             job = self._active.get(change.job.id)
             if job is not None and job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
-                del self._active[job.id]
-                self._reports.pop(job.id, None)
-                if self._memo.get(job.memo_key) == job.id:
-                    del self._memo[job.memo_key]
-                for alias in self._aliased.pop(job.id, ()):
-                    self._aliases.pop(alias, None)
-                pin = self.admission.installs(job.spec)
-                if pin is not None and self._installing.get(pin) == job.id:
-                    del self._installing[pin]
+                self._retiring.append(job.id)
+        self._retire()
+
+    def _retire(self) -> None:
+        """Forget committed terminal jobs, unless a submission is between its reads and its decisions:
+        while one is, `_active` only grows, so what it read stays consistent with memory."""
+        if self._submitting:
+            return
+        for job_id in self._retiring:
+            job = self._active.pop(job_id, None)
+            if job is None:
+                continue
+            self._reports.pop(job.id, None)
+            if self._memo.get(job.memo_key) == job.id:
+                del self._memo[job.memo_key]
+            for alias in self._aliased.pop(job.id, ()):
+                self._aliases.pop(alias, None)
+            pin = self.admission.installs(job.spec)
+            if pin is not None and self._installing.get(pin) == job.id:
+                del self._installing[pin]
+        self._retiring.clear()
 
     def _release(self, queued: list[str]) -> None:
         """Hand committed QUEUED jobs to the executor (unless cancelled meanwhile)."""

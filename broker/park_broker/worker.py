@@ -98,9 +98,13 @@ def _run(task: dict[str, Any], work_dir: Path) -> dict[str, Any]:
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Run one task with its output captured; never raises for the task's own errors."""
     work_dir, final_dir = Path(task["work_dir"]), Path(task["final_dir"])
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if task["attempt"] > 1:   # only a re-run can find a half-run attempt of its own
+        shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    # Only the task's own variables are set and restored: copying the whole environment
+    # back and forth costs more than a trivial job.
+    saved_env = {k: os.environ.get(k) for k in task["env"]}
+    saved_cwd = os.getcwd()
     saved_fds = [os.dup(1), os.dup(2)]
     sys.stdout.flush()
     sys.stderr.flush()
@@ -127,8 +131,11 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         for fd in saved_fds:
             os.close(fd)
         os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if final_dir.exists():  # a previous attempt finished but its outcome was never recorded
         shutil.rmtree(final_dir)
     os.rename(work_dir, final_dir)

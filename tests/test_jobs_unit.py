@@ -1,0 +1,74 @@
+"""The job manager in-process, with a real store and a recording executor: the orderings that
+real brokers hit only under load, made to happen on purpose."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from park._proto import jobs_pb2 as jpb
+from park._wire import condition_to_proto
+from park.conditions import Atom, AtomKey
+from park_broker.events import EventHub
+from park_broker.executor import Outcome, Task
+from park_broker.jobs import JobManager, SiteInfo
+from park_broker.packages import PackageStore
+from park_broker.store import Store
+
+
+class RecordingExecutor:
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+
+    async def start(self, on_started, on_finished) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def submit(self, task: Task) -> None:
+        self.tasks.append(task)
+
+    def cancel(self, job_id: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def _spec(job_id: str, after: str | None = None) -> jpb.JobSpec:
+    spec = jpb.JobSpec(id=job_id, call=jpb.PythonCall(target="m:f"), no_memo=True)
+    if after:
+        spec.when.CopyFrom(condition_to_proto(Atom(AtomKey("sns", after, "completed"))))
+    return spec
+
+
+def test_a_dependency_that_finishes_during_a_submission_is_still_found(tmp_path: Path) -> None:
+    async def main() -> None:
+        hub = EventHub()
+        store = Store(tmp_path / "park.db", on_commit=hub.publish)
+        store.open()
+        executor = RecordingExecutor()
+        manager = JobManager(SiteInfo("sns", tmp_path / "files"), store, executor, hub,  # type: ignore[arg-type]
+                             PackageStore(tmp_path / "packages"))
+        a = "a" * 26
+        await manager.submit_many("alice", [_spec(a)])
+        # Hold the next submission in one of its reads, and finish `a` meanwhile.
+        held, release = asyncio.Event(), asyncio.Event()
+        reports = store.reports
+
+        async def slow_reports(job_ids):  # type: ignore[no-untyped-def]
+            held.set()
+            await release.wait()
+            return await reports(job_ids)
+
+        store.reports = slow_reports  # type: ignore[method-assign]
+        submission = asyncio.create_task(manager.submit_many("alice", [_spec("b" * 26, after=a)]))
+        await held.wait()
+        manager.on_started(a, 1)
+        manager.on_finished(a, 1, Outcome(ok=True, result_json="1"))
+        await asyncio.sleep(0.2)     # the completion is committed while the submission waits
+        release.set()
+        [result] = await submission
+        assert result.error is None, result.error and result.error.message
+        assert result.job is not None and result.job.state == jpb.JOB_STATE_QUEUED
+        assert [t.job_id for t in executor.tasks] == [a, "b" * 26]
+        store.close()
+
+    asyncio.run(main())
