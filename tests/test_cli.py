@@ -235,3 +235,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+
+def test_jobs_why_names_what_changed(configured, service, capsys):
+    with service:
+        park.submit("park_test_tasks:add", 1, 2).wait(timeout=30)
+        again = park.submit("park_test_tasks:add", 1, 2)
+        other = park.submit("park_test_tasks:add", 1, 5)
+    other.wait(timeout=30)
+    code, out, err = run(capsys, "jobs", "--why", other.id)
+    assert code == 0, err
+    assert "ran anew" in out and "args[1]: 2 -> 5" in out
+    code, out, _ = run(capsys, "jobs", "--why", again.id)
+    assert code == 0 and "a memo hit" in out

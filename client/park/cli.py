@@ -228,7 +228,26 @@ def _job_row(service_name: str, job: jpb.Job) -> dict[str, Any]:
             "finished": _iso(job.finished_at), "url": job.url}
 
 
+def cmd_why(args: argparse.Namespace) -> int:
+    """`park jobs --why JOB`: was the job reused, and if not, what differs from the last run."""
+    with _open_job(args.why, args.service) as job:
+        report = job.memo_report()
+    if args.json:
+        _print_json({"hit": report.hit, "job": report.job_id, "nearest": report.nearest_id or None,
+                     "differences": list(report.differences)})
+        return 0
+    if report.hit:
+        print(f"{args.why} reused job {report.job_id} (a memo hit)")
+        return 0
+    print(f"{args.why} ran anew" + (f"; compared with job {report.nearest_id}:" if report.nearest_id else ":"))
+    for difference in report.differences:
+        print(f"  {difference}")
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.why:
+        return cmd_why(args)
     states = [_STATE_NUMBERS[s] for s in args.state or ()]
     found: list[tuple[str, jpb.Job]] = []
     status = 0
@@ -320,6 +339,7 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--service", help="only this service (default: every configured one)")
     jobs.add_argument("--state", action="append", choices=list(_STATE_NUMBERS), help="only jobs in STATE (repeatable)")
     jobs.add_argument("--json", action="store_true", help="print one JSON document")
+    jobs.add_argument("--why", metavar="JOB", help="say why JOB was or was not reused (memoization)")
     jobs.set_defaults(run=cmd_jobs)
 
     for name, run, text in (("watch", cmd_watch, "print a job's events as they happen, until it ends"),

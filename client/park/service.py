@@ -301,7 +301,8 @@ class Service:
     def job(self, job_id: str) -> Job:
         """A proxy for a job already at this broker; raises ServiceError NOT_FOUND if it is not."""
         record = self.call(self.jobs_stub.Get, jpb.GetRequest(job_id=job_id), f"reading job {job_id}")
-        return Job(self, record.id, record.url, record.filename)
+        # Keep the id asked for: for a memo hit it names the submission, the record the job it reused.
+        return Job(self, job_id, record.url, record.filename)
 
     def list_jobs(self, states: Iterator[int] | list[int] = (), limit: int = 1000) -> list[jpb.Job]:
         """Every job of the caller on this site, oldest first, in pages of `limit`."""
