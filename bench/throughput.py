@@ -1,6 +1,6 @@
 """Throughput of trivial Python jobs: one Park broker against dask.distributed, same machine, same run.
 
-    python bench/throughput.py [--jobs 2000] [--workers 2] [--width 100] [--repeat 3]
+    python bench/throughput.py [--jobs 2000] [--workers 2] [--width 100] [--repeat 3] [--site-root DIR]
 
 Two shapes, each of `--jobs` calls of `bench_tasks.noop`:
 
@@ -13,9 +13,11 @@ Park: every measurement starts a fresh `park-broker serve --local-only` with
 `--workers W` local workers, in a new site directory under `--site-root`
 (SQLite in WAL mode with synchronous=FULL, so every commit is fsynced: the
 broker is durable while measured, unless that directory is on tmpfs, which the
-printed facts show). The clock runs from the first `park.submit` until a single Watch
-stream over all of the caller's jobs has delivered a terminal event for every
-job; broker start-up is not timed.
+printed facts show). Workers create files for every job, so put `--site-root`
+on a file system without heavy create/delete churn (see docs/benchmarks.md).
+The clock runs from the first `park.submit` until a single Watch stream over
+all of the caller's jobs has delivered a terminal event for every job; broker
+start-up is not timed.
 
 Dask: every measurement starts a fresh `LocalCluster(n_workers=W,
 threads_per_worker=1, processes=True)` and waits for its workers (not timed);
@@ -25,9 +27,9 @@ until `client.gather` of every future returns.
 Each (system, shape) is measured `--repeat` times, Park and Dask runs
 alternating; the table shows the median rate in jobs/s and the ratio park/dask.
 A run that fails (a refused submission, a job that did not complete) is
-reported, left out of the median, and makes the exit status 1.
-The machine facts and load averages are printed with it: on a shared machine,
-compare runs only at a similar load.
+reported, left out of the median, and makes the exit status 1. The machine
+facts and load averages are printed with it: on a shared machine, compare runs
+only at a similar load.
 """
 from __future__ import annotations
 
@@ -169,7 +171,7 @@ def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, ro
 def run_dask(shape: str, jobs: int, workers: int, width: int) -> float:
     """Seconds from the first submit until every result has been gathered, on a fresh LocalCluster."""
     # silence_logs: a closing cluster's workers log heartbeat errors that say nothing about the run.
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=logging.CRITICAL) as cluster, distributed.Client(cluster) as client:
         client.wait_for_workers(workers)
         start = time.perf_counter()
@@ -206,11 +208,8 @@ def filesystem_of(path: Path) -> str:
 
 
 def machine_facts(site_root: Path) -> list[tuple[str, str]]:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown")
     return [
         ("date (UTC)", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")),
         ("cpu", model),

@@ -40,7 +40,7 @@ def _atom(job_id: str, site: str = "sns") -> cpb.ConditionNode:
      "args is not valid JSON"),
     (_call({"call": jpb.PythonCall(target="m:f", kwargs_json="[1]")}), grpc.StatusCode.INVALID_ARGUMENT,
      "kwargs must be a JSON object"),
-    (jpb.JobSpec(id=GOOD_ID), grpc.StatusCode.INVALID_ARGUMENT, "needs a Python call, a command line, a race or an install"),
+    (jpb.JobSpec(id=GOOD_ID), grpc.StatusCode.INVALID_ARGUMENT, "needs a Python call, a command line, a race, an install or a fetch"),
     (jpb.JobSpec(id=GOOD_ID, command=jpb.CommandLine(argv=[])), grpc.StatusCode.INVALID_ARGUMENT,
      "at least a program name"),
     (jpb.JobSpec(id=GOOD_ID, command=jpb.CommandLine(argv=["ls", "a\0b"])), grpc.StatusCode.INVALID_ARGUMENT,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import park
-from park._proto import federation_pb2, jobs_pb2, packages_pb2, site_pb2
+from park._proto import federation_pb2, files_pb2, jobs_pb2, packages_pb2, site_pb2
 from park_broker.policy import POLICY
 
 
@@ -10,7 +10,7 @@ def test_park_exports_exactly_the_documented_names() -> None:
     assert sorted(park.__all__) == sorted([
         "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed", "MemoReport", "PackageInfo",
         "NoServiceError", "ParkError", "Race", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
-        "credentials", "current_job", "install_service", "job", "race", "remote_service", "report", "run", "submit",
+        "credentials", "current_job", "fetch_url", "install_service", "job", "race", "remote_service", "report", "run", "submit",
     ])
     for name in park.__all__:
         assert hasattr(park, name), name
@@ -18,7 +18,7 @@ def test_park_exports_exactly_the_documented_names() -> None:
 
 def test_policy_covers_exactly_the_served_methods() -> None:
     served = {f"/park.v1.{svc.name}/{m.name}"
-              for module in (federation_pb2, jobs_pb2, packages_pb2, site_pb2) for svc in module.DESCRIPTOR.services_by_name.values()
+              for module in (federation_pb2, files_pb2, jobs_pb2, packages_pb2, site_pb2) for svc in module.DESCRIPTOR.services_by_name.values()
               for m in svc.methods}
     health = {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List"}
     assert set(POLICY) == served | health

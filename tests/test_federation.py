@@ -158,3 +158,58 @@ def test_a_forged_grant_is_refused_by_the_publishing_site(sites) -> None:  # typ
     job = c.job("q" * 26)
     assert job.wait(timeout=60) == "cancelled"
     assert reduction.wait(timeout=60) == "completed"
+
+
+def test_fetch_from_another_site_with_a_delegated_token(sites) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = sites
+    s, c = sns.service(), cluster.service()
+    with s:
+        reduction = park.submit("park_test_tasks:write_bytes", 5 << 20, output="run42.refl")
+    with c:
+        fetch = park.fetch_url(reduction.url, auth=park.credentials(service=s), when=reduction.iscompleted)
+        size = park.submit("park_test_tasks:file_size", fetch.filename, when=fetch.isfetched)
+    assert size.result(timeout=90) == 5 << 20
+    assert fetch.filename.endswith("/run42.refl")
+    [out] = fetch.record().outputs
+    assert out.sha256 == reduction.record().outputs[0].sha256
+    # Rerunning the script fetches nothing again.
+    with c:
+        again = park.fetch_url(reduction.url, auth=park.credentials(service=s), when=reduction.iscompleted)
+    assert again.memo_hit
+
+
+def test_a_fetch_with_a_token_for_the_wrong_path_is_refused(sites) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = sites
+    s, c = sns.service(), cluster.service()
+    with s:
+        secret = park.submit("park_test_tasks:write_output", "secret")
+        public = park.submit("park_test_tasks:write_output", "public")
+    secret.wait(timeout=30)
+    public.wait(timeout=30)
+    spec = park.api.spec_for(c, None, "output", "sneaky")
+    path = public.url.split("/files", 1)[1]
+    spec.fetch.CopyFrom(jpb.Fetch(url=secret.url, token=park.credentials(service=s, destination=c).token(
+        [f"files.read:{path}"])))
+    job = park.api.queue_spec(c, spec)
+    assert job.wait(timeout=60) == "failed"
+    assert "PERMISSION_DENIED" in job.record().error or "does not grant" in job.record().error
+    assert not Path(job.filename).exists()
+
+
+def test_the_seed_workflow_runs_end_to_end_and_reruns_for_free(new_broker) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    sns, cluster = new_broker("sns"), new_broker("cluster")
+    sns.extra = ["--python-path", str(examples)]
+    federate(sns, cluster)
+    command = [sys.executable, str(examples / "seed_workflow.py"), "--sns-address", sns.address,
+               "--sns-cert", str(sns.cert), "--cluster-address", cluster.address, "--cluster-cert",
+               str(cluster.cert), "--raw-bytes", str(2 << 20)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "fit        cluster  completed  memo hit: False" in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("memo hit: True") == 5, again.stdout

@@ -20,7 +20,8 @@ from typing import Any
 
 from park._proto import conditions_pb2 as cpb
 from park._proto import jobs_pb2 as jpb
-from park._wire import InvalidInput, check_job_id, check_json, check_name, check_target, condition_from_proto
+from park._wire import (InvalidInput, check_job_id, check_json, check_name, check_site, check_target,
+                        condition_from_proto)
 from park.conditions import Atom, AtomKey, Condition
 from park.expressions import Expression, ExpressionError
 from park_broker import memo
@@ -63,8 +64,10 @@ class Admission:
                 _check_race(spec)
             elif which == "install":
                 _check_install(spec)
+            elif which == "fetch":
+                self.fetch_source(spec)
             else:
-                raise InvalidInput("a job needs a Python call, a command line, a race or an install")
+                raise InvalidInput("a job needs a Python call, a command line, a race, an install or a fetch")
             name = spec.output_name or DEFAULT_OUTPUT
             check_name(name)
             if name in RESERVED_NAMES:
@@ -84,6 +87,23 @@ class Admission:
                 fail(Code.FAILED_PRECONDITION, f"job {spec.id}: no delegated token lets {self.site!r} watch jobs "
                                                f"at {site!r}; submit with park (it attaches one from your agent)")
         return cond
+
+    def fetch_source(self, spec: jpb.JobSpec) -> tuple[str, str]:
+        """(site, path) a fetch reads; InvalidInput unless the url names a peer's job output."""
+        url = spec.fetch.url
+        if not url.startswith("park://") or "/files/" not in url:
+            raise InvalidInput(f"fetch url {url[:100]!r} must be park://<site>/files/<owner>/<job>/<name>")
+        site, _, path = url[len("park://"):].partition("/files")
+        check_site(site)
+        if site not in self.peers:
+            raise InvalidInput(f"fetch source {site!r} is not a peer of {self.site!r}; its operator adds it with "
+                               "`park-broker peers add`")
+        parts = path.split("/")
+        if len(parts) < 4 or any(not p or p in (".", "..") or "%" in p or "\0" in p for p in parts[1:]):
+            raise InvalidInput(f"fetch url path {path[:100]!r} must be /<owner>/<job>/<name>, with no '.', '..' or '%'")
+        if not spec.fetch.token:
+            raise InvalidInput("a fetch needs a delegated token: fetch_url(url, auth=park.credentials(service=...))")
+        return site, path
 
     def condition_of(self, spec: jpb.JobSpec) -> Condition | None:
         """The condition a job waits on; a race waits on any contestant's success."""
@@ -182,6 +202,8 @@ class Admission:
             kwargs = memo.substitute(json.loads(spec.call.kwargs_json or "{}"), resolve)
         elif which == "command":
             work, args, kwargs = memo.substitute(list(spec.command.argv), resolve), [], {}
+        elif which == "fetch":   # a job's output never changes once it exists: the url names the content
+            work, args, kwargs = spec.fetch.url, [], {}
         else:
             work, args, kwargs = spec.install.sha256, [], {}
         # The condition is part of the work: the same call gated differently is other work. Its

@@ -185,6 +185,14 @@ class PeerLinks:
         self._credentials = credentials
         self._options = options
         self._on_resolved = on_resolved
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, site: str) -> grpc.aio.Channel:
+        """A mutual-TLS channel to a peer, for calls other than the subscription (file reads)."""
+        if site not in self._channels:
+            self._channels[site] = grpc.aio.secure_channel(self._links[site].peer.address, self._credentials,
+                                                           options=self._options)
+        return self._channels[site]
 
     def knows(self, site: str) -> bool:
         return site in self._links
@@ -205,6 +213,8 @@ class PeerLinks:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in self._channels.values():
+            await channel.close()
 
     async def _run(self, link: _Link) -> None:
         delay = BACKOFF[0]

@@ -23,19 +23,23 @@ import hmac
 import json
 import logging
 import math
+import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from park._proto import files_pb2 as fipb
+from park._proto import files_pb2_grpc
 from park._proto import jobs_pb2 as jpb
 from park._wire import STATE_NAMES, TERMINAL_STATES, InvalidInput, atom_to_proto, check_job_id
 from park.conditions import AtomKey, Condition, State
 from park.expressions import improved_state
-from park_broker import memo
+from park_broker import memo, transfer
 from park_broker.admission import Admission
 from park_broker.errors import BrokerError, Code, fail
 from park_broker.events import EventHub
@@ -101,6 +105,7 @@ class JobManager:
         self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
         self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
         self._installing: dict[tuple[str, str], str] = {}   # (package, version) -> active install job
+        self._fetches: dict[str, asyncio.Task[None]] = {}   # running fetch jobs
         self._submitting = 0                     # submissions between their first read and their decisions
         self._retiring: list[str] = []           # terminal jobs to forget once none is
         # Progress reports of active jobs, for improved(...) atoms that arrive after the report.
@@ -383,6 +388,9 @@ class JobManager:
         self.scheduler.remove(job.id)
         if job.state in (jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING):
             self.executor.cancel(job.id)
+            fetching = self._fetches.pop(job.id, None)
+            if fetching is not None:
+                fetching.cancel()
         return self._finish(job, jpb.JOB_STATE_CANCELLED, jpb.Event(cancelled=jpb.Cancelled(cause=cause)), changes)
 
     def _finish(self, job: jpb.Job, state: int, event: jpb.Event, changes: list[Change]) -> list[Decision]:
@@ -457,6 +465,9 @@ class JobManager:
             job = self._active.get(job_id)
             # An install job waits for its upload (Packages.Upload), not for a worker.
             if job is None or job.state != jpb.JOB_STATE_QUEUED or job.spec.WhichOneof("work") == "install":
+                continue
+            if job.spec.WhichOneof("work") == "fetch":   # network work: done here, not by a worker
+                self._start_fetch(job)
                 continue
             try:
                 task = self._task(job)
@@ -542,6 +553,38 @@ class JobManager:
         snapshot = changes[0].job
         await self._commit(changes, queued)
         return snapshot
+
+    # -- fetches ------------------------------------------------------------------------
+
+    def _start_fetch(self, job: jpb.Job) -> None:
+        attempt = job.attempts + 1
+        self.on_started(job.id, attempt)
+        self._fetches[job.id] = asyncio.get_running_loop().create_task(self._fetch(job.id, attempt))
+
+    async def _fetch(self, job_id: str, attempt: int) -> None:
+        """Pull a fetch job's file from its site; the job's directory appears only when it is complete."""
+        job = self._active[job_id]
+        site, path = self.admission.fetch_source(job.spec)
+        final_dir = Path(job.directory)
+        work = final_dir.parent / f".{job.id}.attempt-fetch"   # the same name on every attempt: it resumes
+        name = job.spec.output_name
+        assert self.federation is not None
+        channel = self.federation.channel(site)
+        metadata = (("authorization", f"Bearer {job.spec.fetch.token}"),)
+
+        def open_stream(offset: int) -> AsyncIterator[fipb.Chunk]:
+            return files_pb2_grpc.FilesStub(channel).Read(fipb.ReadRequest(path=path, offset=offset),
+                                                        metadata=metadata)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            size, sha = await transfer.fetch(open_stream, work / f".{name}.part", work / name)
+            await asyncio.to_thread(_replace_dir, work, final_dir)
+            outcome = Outcome(ok=True, outputs=((name, str(final_dir / name), size, sha),))
+        except BrokerError as exc:
+            outcome = Outcome(ok=False, error=f"fetching {job.spec.fetch.url}: {exc.message}")
+        finally:
+            self._fetches.pop(job_id, None)
+        self.on_finished(job_id, attempt, outcome)
 
     # -- federation ----------------------------------------------------------------------
 
@@ -713,3 +756,10 @@ def _result_values(job: jpb.Job) -> dict[str, object]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _replace_dir(work: Path, final: Path) -> None:
+    """Move a finished attempt's directory into place (a stale one from an unrecorded attempt goes)."""
+    if final.exists() and not final.is_symlink():
+        shutil.rmtree(final)
+    os.rename(work, final)

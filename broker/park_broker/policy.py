@@ -33,6 +33,7 @@ current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("par
 PUBLIC = "public"
 JOB = "job"
 PEER = "peer"    # a peer broker, known by its TLS client certificate
+TOKEN = "token"  # any valid token; the handler checks the scope the call needs
 POLICY: dict[str, str] = {
     "/park.v1.Site/Info": PUBLIC,
     "/park.v1.Jobs/SubmitMany": "submit",
@@ -45,6 +46,7 @@ POLICY: dict[str, str] = {
     "/park.v1.Packages/Upload": "upload",
     "/park.v1.Packages/List": "read",
     "/park.v1.Federation/Subscribe": PEER,
+    "/park.v1.Files/Read": TOKEN,
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.health.v1.Health/List": PUBLIC,
@@ -103,7 +105,7 @@ class Gate:
             identity = self.authority.authenticate(value[len("Bearer "):], peer.key_id if peer else None)
         except tokens.TokenError as exc:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, f"token refused: {exc.message}") from None
-        if rule != PUBLIC and rule not in identity.permissions:
+        if rule not in (PUBLIC, TOKEN) and rule not in identity.permissions:
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
                            f"user {identity.user!r} may not {rule} at site {self.authority.site!r} with this "
                            f"token (it grants: {', '.join(sorted(identity.permissions)) or 'nothing'})")

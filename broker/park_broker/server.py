@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from park._proto import federation_pb2_grpc, jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import federation_pb2_grpc, files_pb2_grpc, jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
 from park_broker.events import EventHub
 from park_broker.jobs import JobManager, SiteInfo
 from park_broker.local_executor import LocalExecutor
@@ -29,7 +29,7 @@ from park_broker.policy import Gate, PolicyInterceptor, local_identity
 from park_broker.packages import PackageStore
 from park_broker.federation import PeerLinks, Publisher
 from park_broker.peers import PeerTable
-from park_broker.servicer import FederationServicer, JobsServicer, PackagesServicer, SiteServicer
+from park_broker.servicer import FederationServicer, FilesServicer, JobsServicer, PackagesServicer, SiteServicer
 from park_broker.site import SiteConfig, SiteError
 from park_broker.store import Store
 from park_broker.users import Authority
@@ -122,8 +122,9 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
                                                              serialization.PublicFormat.Raw)
     site_info = site_pb2.InfoResponse(
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
-        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation"])
+        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
+    files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root), server)
     if gate.authority is not None:
         federation_pb2_grpc.add_FederationServicer_to_server(FederationServicer(
             Publisher(site.name, gate.authority, hub, manager.atom_state)), server)
@@ -144,7 +145,8 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     await executor.start(manager.on_started, manager.on_finished)
     await manager.recover()
     await server.start()
-    for service in ("", "park.v1.Jobs", "park.v1.Site", "park.v1.Packages", "park.v1.Federation"):
+    for service in ("", "park.v1.Jobs", "park.v1.Site", "park.v1.Packages", "park.v1.Federation",
+                    "park.v1.Files"):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     _write_serve_file(site.directory, address, peer_address)
     log.info("site %s serving clients on %s, peers on %s", site.name, address, peer_address or "-")

@@ -23,8 +23,11 @@ import park
 from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
 from park._proto import federation_pb2 as fpb
+from park._proto import files_pb2 as fipb
+from park._proto import files_pb2_grpc
 from park._proto import federation_pb2_grpc
 from park._proto import packages_pb2 as ppb
+from park_broker import transfer
 from park_broker.errors import BrokerError, Code, fail
 from park_broker.federation import Publisher
 from park_broker.jobs import JobManager
@@ -223,3 +226,20 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                         context: grpc.aio.ServicerContext) -> AsyncIterator[fpb.SubscribeResponse]:
         async for item in self.publisher.serve(current_identity.get().peer, request_iterator):
             yield item
+
+
+class FilesServicer(files_pb2_grpc.FilesServicer):
+    """Job outputs, read by whoever holds a token with the `files.read` scope of the path."""
+
+    def __init__(self, files_root: Path):
+        self.files_root = files_root
+
+    @streaming
+    async def Read(self, request: fipb.ReadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[fipb.Chunk]:
+        identity = current_identity.get()
+        if identity.token is None:
+            fail(Code.PERMISSION_DENIED, "reading files needs a token with the files.read scope of the path")
+        transfer.authorize_read(identity.token, request.path)
+        real = transfer.resolve_path(self.files_root, request.path)
+        async for offset, data, size, sha256 in transfer.read_chunks(real, request.offset, within=self.files_root):
+            yield fipb.Chunk(offset=offset, data=data, size=size, sha256=sha256)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from park._proto import jobs_pb2 as jpb
 from park._wire import InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto
-from park.auth import credentials
+from park.auth import Credentials, credentials
 from park.conditions import Condition
 from park.errors import ParkError, ServiceError
 from park.expressions import Expression
@@ -25,7 +25,7 @@ from park.job import Job, Race
 from park.service import Service, default_service, new_job_id
 from park.wheels import distribution_versions
 
-__all__ = ["submit", "run", "race", "job", "current_job", "CurrentJob"]
+__all__ = ["submit", "run", "race", "fetch_url", "job", "current_job", "CurrentJob"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A job may wait long on another site; the token lets its broker watch it that long (the cap of DESIGN §6).
@@ -58,21 +58,30 @@ def spec_for(service: Service, when: Condition | None, output: str, label: str |
     except InvalidInput as exc:
         raise ValueError(str(exc)) from None
     if when is not None:
-        spec.grants.update(_grants(service, when))
+        _name_remote_jobs(service, when, spec)
     return spec
 
 
-def _grants(service: Service, when: Condition) -> dict[str, str]:
-    """For each other site `when` names: a token letting `service` watch just those jobs there."""
+def _name_remote_jobs(service: Service, when: Condition, spec: jpb.JobSpec) -> None:
+    """Name each job at another site as that site knows it, and attach tokens letting `service` watch them.
+
+    Waits for those jobs' own submissions to be acknowledged: their site must hold them before
+    `service` asks about them, and a memo hit there is known by the earlier job's id (which keeps
+    this job's memo key the same on a rerun)."""
     remote: dict[str, tuple[Service, set[str]]] = {}
+    canonical: dict[tuple[str, str], str] = {}
     for atom in when.depends:
         job = atom.origin
         if not isinstance(job, Job) or job.site == service.site:
             continue
-        remote.setdefault(job.site, (job.service, set()))[1].add(job.id)
-    return {site: credentials(other, scopes=[f"jobs.read:/{j}" for j in sorted(ids)], lifetime=GRANT_LIFETIME,
-                              destination=service).token()
-            for site, (other, ids) in remote.items()}
+        canonical[(job.site, job.id)] = job.acknowledged().id or job.id
+        remote.setdefault(job.site, (job.service, set()))[1].add(canonical[(job.site, job.id)])
+    for node in spec.when.postfix:
+        if node.HasField("atom"):
+            node.atom.job_id = canonical.get((node.atom.site, node.atom.job_id), node.atom.job_id)
+    for site, (other, ids) in remote.items():
+        spec.grants[site] = credentials(other, scopes=[f"jobs.read:/{j}" for j in sorted(ids)],
+                                        lifetime=GRANT_LIFETIME, destination=service).token()
 
 
 def queue_spec(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = None) -> Job:
@@ -126,6 +135,28 @@ def run(argv: Sequence[str], *, when: Condition | None = None, service: Service 
     spec = spec_for(service, when, output, label or argv[0])
     spec.command.argv.extend(argv)
     spec.no_memo = not memo
+    return queue_spec(service, spec)
+
+
+def fetch_url(url: str, *, auth: Credentials, when: Condition | None = None, service: Service | None = None,
+              output: str | None = None, label: str | None = None) -> Job:
+    """Pull `url` (another site's job output, `park://site/files/owner/job/name`, e.g. `job.url`) to
+    `service` (default: the enclosing `with`) once `when` holds; the file lands at the returned
+    job's `filename`, checked by size and sha256. `auth` is `park.credentials(service=<the source>)`."""
+    service = default_service(service)
+    if not url.startswith("park://") or "/files/" not in url:
+        raise ValueError(f"{url!r} is not a park:// file url; use a job's .url")
+    path = "/files".join(url[len("park://"):].split("/files")[1:])
+    parts = path.split("/")
+    if len(parts) >= 4 and auth.service.site == url[len("park://"):].split("/")[0]:
+        # Named as its site knows it: a memo hit there is the earlier job, whose name keeps a rerun's
+        # fetch the same work (a memo hit here too).
+        parts[2] = auth.service.job(parts[2]).record().id
+        path = "/".join(parts)
+        url = f"park://{auth.service.site}/files{path}"
+    name = output or path.rsplit("/", 1)[-1]
+    spec = spec_for(service, when, name, label or f"fetch {url}")
+    spec.fetch.CopyFrom(jpb.Fetch(url=url, token=auth.token([f"files.read:{path}"])))
     return queue_spec(service, spec)
 
 

@@ -90,6 +90,7 @@ class Credentials:
     scopes: tuple[str, ...]
     lifetime: int
     source: TokenSource = field(repr=False)
+    service: Service = field(repr=False)     # the site the tokens are for
     _issued: dict[tuple[str, ...], IssuedToken] = field(default_factory=dict, repr=False)
 
     def token(self, scopes: Sequence[str] = ()) -> str:
@@ -120,4 +121,4 @@ def credentials(service: Service, scopes: Sequence[str] = (), lifetime: int = 0,
     for scope in scopes:
         tokens.parse_scope(scope)
     return Credentials(audience=service.site, confirm=tokens.key_id(key), scopes=tuple(scopes), lifetime=lifetime,
-                       source=source)
+                       source=source, service=service)

@@ -110,8 +110,8 @@ class Job:
 
     @property
     def isfetched(self) -> Atom:
-        """Ready when a fetch job has its file. Raises NotImplementedError until fetches exist (issue 4)."""
-        raise NotImplementedError("fetch jobs arrive with federation (issue 4)")
+        """Ready when a fetch job (park.fetch_url) has its file, checked; `iscompleted` by another name."""
+        return self._atom("completed")
 
     def improved(self, expr: str) -> Atom:
         """Ready on the first progress report (`park.report`) or final result satisfying `expr`,

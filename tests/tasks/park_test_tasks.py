@@ -98,3 +98,15 @@ def reduce(directory: str, text: str) -> int:
     """A 'reduction': writes `text` as its output and counts its own runs in directory/reduce-runs.txt."""
     Path(park.current_job().filename).write_text(text)
     return count_run(directory, "reduce-runs.txt")
+
+
+def write_bytes(n: int) -> int:
+    """Writes n pseudo-random bytes as the job's output (for transfers of several chunks)."""
+    import random
+
+    Path(park.current_job().filename).write_bytes(random.Random(n).randbytes(n))
+    return n
+
+
+def file_size(path: str) -> int:
+    return Path(path).stat().st_size

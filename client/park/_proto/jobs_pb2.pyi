@@ -160,6 +160,32 @@ class Install(_message.Message):
 Global___Install: _TypeAlias = Install  # noqa: Y015
 
 @_typing.final
+class Fetch(_message.Message):
+    """A file to pull from another site (fetch_url): `url` is park://<site>/files/<owner>/<job>/<name>,
+    `token` a delegated token for that site (scope files.read of the path, confirm this broker).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    token: _builtins.str
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Fetch: _TypeAlias = Fetch  # noqa: Y015
+
+@_typing.final
 class JobSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -208,6 +234,7 @@ class JobSpec(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     RACE_FIELD_NUMBER: _builtins.int
     INSTALL_FIELD_NUMBER: _builtins.int
+    FETCH_FIELD_NUMBER: _builtins.int
     WHEN_FIELD_NUMBER: _builtins.int
     OUTPUT_NAME_FIELD_NUMBER: _builtins.int
     REQUIRES_FIELD_NUMBER: _builtins.int
@@ -235,6 +262,8 @@ class JobSpec(_message.Message):
     @_builtins.property
     def install(self) -> Global___Install: ...
     @_builtins.property
+    def fetch(self) -> Global___Fetch: ...
+    @_builtins.property
     def when(self) -> _conditions_pb2.Condition: ...
     @_builtins.property
     def requires(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -260,6 +289,7 @@ class JobSpec(_message.Message):
         command: Global___CommandLine | None = ...,
         race: Global___Race | None = ...,
         install: Global___Install | None = ...,
+        fetch: Global___Fetch | None = ...,
         when: _conditions_pb2.Condition | None = ...,
         output_name: _builtins.str = ...,
         requires: _abc.Iterable[_builtins.str] | None = ...,
@@ -268,11 +298,11 @@ class JobSpec(_message.Message):
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         grants: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "install", b"install", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "install", b"install", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "race", b"race", "requires", b"requires", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "race", b"race", "requires", b"requires", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install"]  # noqa: Y015
+    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install", "fetch"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_work) -> _WhichOneofReturnType_work | None: ...
 

@@ -1,0 +1,511 @@
+"""Site-to-site file transfer (DESIGN §7): the source's half and the destination's.
+
+Source: `resolve_path` turns a wire path (`/<owner>/<job>/<name>`) into a real
+regular file inside the file store, `authorize_read` checks the caller's
+verified token for it, and `read_chunks` streams the file from an offset with
+the whole file's size and sha256, reading the disk in worker threads so the
+event loop never waits on it.
+
+Destination: `fetch` (one `Downloader` run) pulls a file through any stream
+factory, resumes from the bytes already on disk after a broken stream, and
+guarantees that nothing appears under the final name unless it is complete,
+fsynced and its sha256 matches what the source announced. On any failure it
+raises `TransferFailed` and removes its part file; only a cancellation (the
+broker stopping) keeps the part file, so a restarted fetch resumes from it.
+
+No servicer lives here: the gRPC layer calls these functions and maps
+`BrokerError` codes to statuses. The one piece of gRPC knowledge, which source
+statuses deserve another attempt, sits in `retryable` next to `RetryPolicy`,
+so the whole retry policy has one home. `tune_allocator` is the process-wide
+allocator setting that large chunks need to move at full speed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import ctypes.util
+import hashlib
+import logging
+import os
+import random
+import re
+import stat
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from park import tokens
+from park._wire import InvalidInput, check_name
+from park_broker.errors import BrokerError, Code
+
+__all__ = [
+    "CHUNK_SIZE", "RETRY", "ChunkLike", "Downloader", "RetryPolicy", "TransferFailed", "authorize_read",
+    "fetch", "file_sha256", "read_chunks", "resolve_path", "retryable", "split_path", "tune_allocator",
+]
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+MAX_PATH = 4096
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+# --- retry policy -----------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """When a fetch tries again. `max_retries` counts consecutive attempts that
+    moved no bytes: an attempt that made progress resets the count and the backoff."""
+
+    max_retries: int = 20
+    initial: float = 0.1
+    maximum: float = 10.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt `attempt` + 1 (attempt >= 1), with jitter."""
+        base = min(self.maximum, self.initial * self.multiplier ** max(attempt - 1, 0))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+RETRY = RetryPolicy()
+# Statuses that say "the source or the path to it is unwell", not "no": worth another attempt.
+RETRYABLE_STATUS = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
+
+
+def _status_name(exc: BaseException) -> str | None:
+    """The gRPC status name of an RpcError (without importing grpc), else None."""
+    code = getattr(exc, "code", None)
+    if not callable(code):
+        return None
+    name = getattr(code(), "name", None)
+    return name if isinstance(name, str) else None
+
+
+def retryable(exc: BaseException) -> bool:
+    """True for a broken connection or a source that is temporarily unavailable."""
+    if isinstance(exc, BrokerError):
+        return exc.code is Code.UNAVAILABLE and not isinstance(exc, TransferFailed)
+    name = _status_name(exc)
+    if name is not None:
+        return name in RETRYABLE_STATUS
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+class TransferFailed(BrokerError):
+    """A fetch failed for good; the message says why (shown on the fetch job)."""
+
+
+# --- process tuning ------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_allocator(*, mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Keep freed blocks of up to `mmap_threshold` bytes in the heap (glibc); call once at start.
+
+    Every ~1 MiB chunk makes protobuf (upb arenas) and gRPC allocate and free
+    buffers of about its size. With glibc's defaults each is a fresh mmap, or a
+    heap trim and regrowth, and pays a page fault per 4 KiB touched: building
+    and serializing one 1 MiB `Chunk` ran at 0.9 GB/s instead of 18 GB/s on
+    the benchmark machine, and a loopback Read stream at half its speed
+    (docs/benchmarks.md, "Transfer"). The cost: up to `trim_threshold` bytes
+    of free heap are kept rather than returned to the system. Process-wide;
+    returns False where mallopt is missing (not glibc) or refuses.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+
+
+# --- source side ---------------------------------------------------------------------
+
+def split_path(path: str) -> tuple[str, ...]:
+    """The segments of a wire path `/<owner>/<job>/<name>[/...]`, each a plain name.
+
+    Refuses (INVALID_ARGUMENT) rather than normalizes: relative paths, empty
+    segments, `.`/`..`, `%`, backslashes, NUL and anything `check_name` refuses.
+    """
+    if len(path) > MAX_PATH:
+        raise BrokerError(Code.INVALID_ARGUMENT, f"path longer than {MAX_PATH} characters")
+    if not path.startswith("/"):
+        raise BrokerError(Code.INVALID_ARGUMENT, f"path {path[:100]!r} must start with '/': /<owner>/<job>/<name>")
+    segments = tuple(path[1:].split("/"))
+    for seg in segments:
+        try:
+            check_name(seg, "path segment")
+        except InvalidInput as exc:
+            raise BrokerError(Code.INVALID_ARGUMENT, f"path {path[:100]!r}: {exc}") from None
+    if len(segments) < 3:
+        raise BrokerError(Code.INVALID_ARGUMENT, f"path {path[:100]!r} must name a file: /<owner>/<job>/<name>")
+    return segments
+
+
+def resolve_path(files_root: Path, path: str) -> Path:
+    """The real path of the regular file `path` names inside `files_root`.
+
+    Symlinks are followed (a memo hit's job directory links to its twin's), but
+    a file whose real path is outside `files_root`, missing, or not a regular
+    file is NOT_FOUND, with the same words, so callers learn nothing about
+    what lies outside the store.
+    """
+    segments = split_path(path)
+    root = files_root.resolve()
+    missing = BrokerError(Code.NOT_FOUND, f"no file {path} in this site's file store")
+    try:
+        real = root.joinpath(*segments).resolve(strict=True)
+        st = real.stat()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on older Pythons
+        raise missing from None
+    if not real.is_relative_to(root) or not stat.S_ISREG(st.st_mode):
+        raise missing
+    return real
+
+
+def authorize_read(verified: tokens.Verified, path: str) -> None:
+    """Allow reading `path` only with a `files.read` scope covering it, held by its owner.
+
+    A user delegates only their own files: the token's subject must be the
+    path's owner segment, whatever the scopes say. PERMISSION_DENIED otherwise;
+    INVALID_ARGUMENT for a malformed path.
+    """
+    owner = split_path(path)[0]
+    try:
+        verified.require(f"files.read:{path}")
+    except tokens.TokenError as exc:
+        code = Code.INVALID_ARGUMENT if exc.kind == "invalid_argument" else Code.PERMISSION_DENIED
+        raise BrokerError(code, exc.message) from None
+    if verified.subject != owner:
+        raise BrokerError(Code.PERMISSION_DENIED,
+                          f"the token's subject {verified.subject!r} cannot delegate files of {owner!r}")
+
+
+_DIGESTS: collections.OrderedDict[tuple[int, int, int, int], str] = collections.OrderedDict()
+_DIGEST_CACHE_SIZE = 256
+
+
+def _hash_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    pos = 0
+    while pos < size:
+        data = os.pread(fd, min(CHUNK_SIZE * 4, size - pos), pos)
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return h.hexdigest()
+
+
+async def file_sha256(fd: int) -> str:
+    """sha256 of the open file, hashed in a thread; cached by (dev, inode, size, mtime_ns)."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if (cached := _DIGESTS.get(key)) is not None:
+        _DIGESTS.move_to_end(key)
+        return cached
+    digest = await asyncio.to_thread(_hash_fd, fd, st.st_size)
+    after = os.fstat(fd)
+    if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == key:  # unchanged while hashed
+        _DIGESTS[key] = digest
+        while len(_DIGESTS) > _DIGEST_CACHE_SIZE:
+            _DIGESTS.popitem(last=False)
+    return digest
+
+
+def _open_regular(real_path: Path, within: Path | None) -> int:
+    missing = BrokerError(Code.NOT_FOUND, f"no file {real_path.name} in this site's file store")
+    try:  # O_NONBLOCK: a FIFO swapped in must not hang the open
+        fd = os.open(real_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        raise missing from None
+    try:
+        ok = stat.S_ISREG(os.fstat(fd).st_mode)
+        proc = Path(f"/proc/self/fd/{fd}")
+        if ok and within is not None and proc.exists():  # what was really opened, after any race
+            ok = Path(os.readlink(proc)).is_relative_to(within.resolve())
+    except OSError:
+        ok = False
+    if not ok:
+        os.close(fd)
+        raise missing
+    return fd
+
+
+def _close_after(fd: int, pending: asyncio.Future[bytes] | None) -> None:
+    """Close fd now, or once a read still running in a thread has finished with it."""
+    if pending is None or pending.done():
+        os.close(fd)
+        return
+
+    def done(f: asyncio.Future[bytes]) -> None:
+        if not f.cancelled():
+            f.exception()  # retrieved: nobody waits for this read any more
+        os.close(fd)
+    pending.add_done_callback(done)
+
+
+async def read_chunks(real_path: Path, offset: int, *, known_sha256: str | None = None, chunk: int = CHUNK_SIZE,
+                      within: Path | None = None) -> AsyncIterator[tuple[int, bytes, int, str]]:
+    """Yield (offset, data, size, sha256) from `offset` to the end of the file.
+
+    size and sha256 are the whole file's, in every item; the first item comes
+    even when there is nothing to send (offset == size). `known_sha256` (from
+    the job's record) saves hashing the file. Reads run in threads, one chunk
+    ahead of the consumer. Offsets outside [0, size] are INVALID_ARGUMENT; a
+    file that shrinks while read is UNAVAILABLE (a retry sees the new file, and
+    the reader's digest check catches any other change). `within`, if given, is
+    checked against what was really opened (Linux), closing a symlink race.
+    """
+    if chunk <= 0:
+        raise ValueError("chunk must be positive")
+    fd = await asyncio.to_thread(_open_regular, real_path, within)
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        size = os.fstat(fd).st_size
+        if not 0 <= offset <= size:
+            raise BrokerError(Code.INVALID_ARGUMENT, f"offset {offset} is outside the file (size {size} bytes)")
+        digest = known_sha256 or await file_sha256(fd)
+        if offset == size:
+            yield offset, b"", size, digest
+            return
+        pos = offset
+        pending = asyncio.ensure_future(asyncio.to_thread(os.pread, fd, min(chunk, size - pos), pos))
+        while pending is not None:
+            data = await pending
+            pending = None
+            if not data:
+                raise BrokerError(Code.UNAVAILABLE, f"{real_path.name} shrank while being read; try again")
+            after = pos + len(data)
+            if after < size:
+                pending = asyncio.ensure_future(asyncio.to_thread(os.pread, fd, min(chunk, size - after), after))
+            yield pos, data, size, digest
+            pos = after
+    finally:
+        _close_after(fd, pending)
+
+
+# --- destination side -------------------------------------------------------------------
+
+class ChunkLike(Protocol):
+    """What `fetch` reads from a stream: `park.v1.Chunk` or anything shaped like it."""
+
+    offset: int
+    data: bytes
+    size: int
+    sha256: str
+
+
+OpenStream = Callable[[int], AsyncIterable[ChunkLike]]
+Progress = Callable[[int, int], None]
+
+
+class _Restart(Exception):
+    """The part file left by an earlier run does not fit the source: start from 0."""
+
+
+class _Incomplete(ConnectionError):
+    """The source closed the stream before the end of the file (retryable)."""
+
+
+class Downloader:
+    """One fetch into `part`, renamed to `final` when complete and verified.
+
+    Constraints: bytes on disk always equal the prefix of the source file the
+    resume offset claims; the announced size and digest may not change between
+    resumed streams; `final` is written only by an atomic rename after fsync.
+    """
+
+    def __init__(self, open_stream: OpenStream, part: Path, final: Path, *, policy: RetryPolicy = RETRY,
+                 on_progress: Progress | None = None, max_size: int | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.open_stream, self.part, self.final = open_stream, part, final
+        self.policy, self.on_progress, self.max_size, self._sleep = policy, on_progress, max_size, sleep
+        self.size: int | None = None
+        self.sha256: str | None = None
+        self.written = 0
+        self.attempts = 0
+        self._hash = hashlib.sha256()
+        self._fd = -1
+
+    async def run(self) -> tuple[int, str]:
+        """Fetch, verify, rename; return (size, sha256). Raises TransferFailed."""
+        try:
+            try:
+                await asyncio.to_thread(self._open_part)
+                await self._transfer()
+                await asyncio.to_thread(self._commit)
+            except OSError as exc:  # the local disk: connection errors never leave _transfer
+                raise TransferFailed(Code.FAILED_PRECONDITION,
+                                     f"cannot write {self.part}: {exc.strerror or exc}") from None
+        except BaseException as exc:
+            self._close()
+            if isinstance(exc, Exception):  # not a cancellation: the part is useless now
+                self.part.unlink(missing_ok=True)
+            raise
+        assert self.size is not None and self.sha256 is not None
+        return self.size, self.sha256
+
+    # -- file side (runs in threads) --
+
+    def _open_part(self) -> None:
+        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._rehash()
+
+    def _rehash(self) -> None:
+        """Start the running digest over the bytes already in the part file."""
+        self._hash, self.written = hashlib.sha256(), 0
+        while data := os.pread(self._fd, CHUNK_SIZE * 4, self.written):
+            self._hash.update(data)
+            self.written += len(data)
+
+    def _truncate(self) -> None:
+        os.ftruncate(self._fd, 0)
+        self._rehash()
+
+    def _write(self, data: bytes, at: int) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.pwrite(self._fd, view, at + len(data) - len(view)):]
+        except OSError as exc:  # raised as TransferFailed so that no retry mistakes it for the network
+            raise TransferFailed(Code.FAILED_PRECONDITION, f"cannot write {self.part}: {exc.strerror}") from None
+        self._hash.update(data)
+
+    def _commit(self) -> None:
+        os.fsync(self._fd)
+        self._close()
+        digest = self._hash.hexdigest()
+        if digest != self.sha256:
+            raise TransferFailed(Code.FAILED_PRECONDITION,
+                                 f"sha256 mismatch: the source announced {self.sha256}, the bytes received hash "
+                                 f"to {digest}; nothing was kept")
+        os.replace(self.part, self.final)
+        for directory in {self.part.parent, self.final.parent}:
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- stream side --
+
+    async def _transfer(self) -> None:
+        failures = 0
+        from_disk = self.written > 0   # a part file left by an earlier run, source unknown yet
+        while True:
+            start = self.written
+            self.attempts += 1
+            try:
+                await self._one_stream()
+                return
+            except _Restart:
+                from_disk = False
+                await asyncio.to_thread(self._truncate)
+                continue
+            except TransferFailed:
+                raise
+            except Exception as exc:  # noqa: BLE001 (classified just below: retry, restart or fail)
+                if from_disk and self.size is None and _status_name(exc) == "INVALID_ARGUMENT":
+                    from_disk = False   # the old part is longer than the source: start over
+                    await asyncio.to_thread(self._truncate)
+                    continue
+                if not retryable(exc):
+                    name = _status_name(exc) or type(exc).__name__
+                    code = Code.__members__.get(name, Code.FAILED_PRECONDITION)
+                    details = getattr(exc, "details", None)
+                    detail = (details() if callable(details) else str(exc)) or name
+                    raise TransferFailed(code, f"the source refused the read ({name}): {detail}") from None
+                failures = 1 if self.written > start else failures + 1
+                if failures > self.policy.max_retries:
+                    raise TransferFailed(Code.UNAVAILABLE, f"gave up after {self.policy.max_retries} attempts "
+                                                           f"without progress: {exc}") from None
+                delay = self.policy.delay(failures)
+                log.info("fetch into %s interrupted at %d bytes, retry %d in %.2fs: %s",
+                         self.final.name, self.written, failures, delay, _status_name(exc) or type(exc).__name__)
+                await self._sleep(delay)
+
+    def _accept_header(self, msg: ChunkLike, first: bool) -> None:
+        if not first and not msg.sha256:
+            return
+        if msg.size < 0 or not _SHA256.fullmatch(msg.sha256):
+            raise TransferFailed(Code.FAILED_PRECONDITION, "the source sent no valid size and sha256 "
+                                                           "with the first chunk")
+        if self.size is None:
+            if self.max_size is not None and msg.size > self.max_size:
+                raise TransferFailed(Code.RESOURCE_EXHAUSTED, f"the file is {msg.size} bytes; the limit "
+                                                              f"is {self.max_size}")
+            if msg.size < self.written:
+                raise _Restart()
+            self.size, self.sha256 = msg.size, msg.sha256
+        elif (msg.size, msg.sha256) != (self.size, self.sha256):
+            raise TransferFailed(Code.FAILED_PRECONDITION, "the source file changed between resumed reads "
+                                                           f"(was {self.size} bytes, sha256 {self.sha256[:12]}..., "
+                                                           f"now {msg.size} bytes, {msg.sha256[:12]}...)")
+
+    async def _one_stream(self) -> None:
+        """Read one stream to its end, writing each chunk while the next arrives."""
+        stream = self.open_stream(self.written)
+        pending: asyncio.Future[None] | None = None
+        first = True
+        try:
+            async for msg in stream:
+                self._accept_header(msg, first)
+                first = False
+                assert self.size is not None
+                if msg.offset != self.written:
+                    raise TransferFailed(Code.FAILED_PRECONDITION, f"the source sent bytes at offset {msg.offset}"
+                                                                   f", expected {self.written}")
+                data = msg.data   # once: each read of a protobuf bytes field copies it
+                if self.written + len(data) > self.size:
+                    raise TransferFailed(Code.FAILED_PRECONDITION, "the source sent more bytes than it announced")
+                if not data:
+                    continue
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(asyncio.to_thread(self._write, data, self.written))
+                self.written += len(data)
+                if self.on_progress is not None:
+                    self.on_progress(self.written, self.size)
+        finally:
+            await _cancel(stream)
+            if pending is not None:
+                await pending
+        if first:
+            raise _Incomplete("the source closed the stream without sending anything")
+        if self.written != self.size:
+            raise _Incomplete(f"the source ended the stream at {self.written} of {self.size} bytes")
+
+
+async def _cancel(stream: object) -> None:
+    """Stop a stream we no longer read: a gRPC call's cancel(), an async generator's aclose()."""
+    cancel = getattr(stream, "cancel", None)
+    if callable(cancel):
+        cancel()
+    aclose = getattr(stream, "aclose", None)
+    if callable(aclose):
+        await aclose()
+
+
+async def fetch(open_stream: OpenStream, part: Path, final: Path, *, max_retries: int = RETRY.max_retries,
+                on_progress: Progress | None = None, max_size: int | None = None) -> tuple[int, str]:
+    """Fetch a file through `open_stream(offset)` into `final`; return (size, sha256).
+
+    `part` is a temporary name in the same directory (hidden, e.g. `.name.part`,
+    so the Files service never serves it). A part left by a stopped broker is
+    re-hashed and resumed. On TransferFailed nothing exists under `final` (if it
+    did not before) and `part` is gone.
+    """
+    policy = RetryPolicy(max_retries=max_retries)
+    return await Downloader(open_stream, part, final, policy=policy, on_progress=on_progress,
+                            max_size=max_size).run()
