@@ -1,35 +1,19 @@
 """A real broker running real job processes: lifecycles, outputs, cancellation, watching."""
 from __future__ import annotations
 
-import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 import park
+from harness import alive, wait_for  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc as jpb_grpc
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_names_are_known_at_submission_and_output_lands_there(service: park.Service) -> None:
@@ -102,11 +86,11 @@ def test_cancel_running_job_terminates_its_process(service: park.Service, tmp_pa
     marker = tmp_path / "pid"
     with service:
         job = park.submit("park_test_tasks:sleep", 60, str(marker))
-    _wait_for(marker.exists)
+    wait_for(marker.exists)
     pid = int(marker.read_text())
     assert job.state == "running"
     assert job.cancel() == "cancelled"
-    _wait_for(lambda: not _alive(pid), timeout=10)
+    wait_for(lambda: not alive(pid), timeout=10)
     # The worker pool recovers: the next job runs.
     with service:
         assert park.submit("park_test_tasks:add", 2, 3).result(timeout=30) == 5

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ast
-import os
 import sys
 import time
 import warnings
@@ -14,18 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import park
+from harness import alive  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
 from park.expressions import Expression, ExpressionError
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # -- the expression language ------------------------------------------------------
@@ -174,9 +166,9 @@ def test_race_middle_wins_and_losers_are_terminated(new_broker, tmp_path: Path) 
     decided = time.monotonic()
     assert race.winner is fits[1]
     pids = [int((tmp_path / f"{i}.pid").read_text()) for i in (0, 2)]
-    while any(_alive(p) for p in pids) and time.monotonic() - decided < 1.0:
+    while any(alive(p) for p in pids) and time.monotonic() - decided < 1.0:
         time.sleep(0.01)
-    assert not any(_alive(p) for p in pids), "losers must be terminated within a second"
+    assert not any(alive(p) for p in pids), "losers must be terminated within a second"
     for loser in (fits[0], fits[2]):
         cause = loser.record().cause
         assert cause.kind == jpb.Cause.KIND_RACE_LOST and fits[1].id in cause.message

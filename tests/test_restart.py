@@ -2,22 +2,15 @@
 that nothing acknowledged is lost and nothing finished is redone."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 import park
+from harness import wait_for  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
 
 pytestmark = pytest.mark.timeout(150)
-
-
-def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_kill_9_and_restart(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -29,7 +22,7 @@ def test_kill_9_and_restart(new_broker, tmp_path: Path) -> None:  # type: ignore
         slow = park.submit("park_test_tasks:sleep", 60, str(tmp_path / "slow.pid"))
         after_slow = park.submit("park_test_tasks:add", 1, 1, when=slow.iscompleted)
         waiting = park.submit("park_test_tasks:add", 2, 2, when=after_slow.iscompleted)
-    _wait_for((tmp_path / "slow.pid").exists)
+    wait_for((tmp_path / "slow.pid").exists)
     events_before = [e.seq for e in done.events()]
     with s:
         burst = [park.submit("park_test_tasks:noop", memo=False) for _ in range(300)]
@@ -47,7 +40,7 @@ def test_kill_9_and_restart(new_broker, tmp_path: Path) -> None:  # type: ignore
         assert s.job(job.id).wait(timeout=60) == "completed"
     # The interrupted job runs again, its dependents still wait.
     slow2 = s.job(slow.id)
-    _wait_for(lambda: slow2.state == "running")
+    wait_for(lambda: slow2.state == "running")
     record = slow2.record()
     assert record.attempts == 2
     assert s.job(after_slow.id).state == "waiting"

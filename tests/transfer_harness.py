@@ -44,7 +44,7 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
         self.known = known or {}   # path -> digest, as a job's record would give it
         self.calls: list[tuple[str, int]] = []
 
-    async def Read(self, request: files_pb2.ReadRequest,  # noqa: N802 (gRPC's method name)
+    async def Read(self, request: files_pb2.ReadRequest,
                    context: grpc.aio.ServicerContext) -> AsyncIterator[files_pb2.Chunk]:
         self.calls.append((request.path, request.offset))
         try:

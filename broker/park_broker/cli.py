@@ -1,7 +1,8 @@
 """`park-broker`: create a site directory and serve it.
 
     park-broker init DIR --site NAME [--listen HOST:PORT]
-    park-broker serve DIR [--listen HOST:PORT] [--workers N] [--python-path DIR ...] [--local-only]
+    park-broker [--log-level LEVEL] [--log-format text|json] serve DIR [--listen HOST:PORT] [--workers N]
+        [--python-path DIR ...] [--local-only] [--metrics-listen HOST:PORT]
     park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin]
     park-broker users list DIR
     park-broker tokens revoke DIR LINK_ID
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
+from park_broker.executors import executor_spec
+from park_broker import logs
 from park_broker.peers import add_peer
 from park_broker.server import ServeOptions, serve
 from park_broker.site import DEFAULT_LISTEN, SiteError, init_site, load_site
@@ -26,7 +28,7 @@ from park_broker.users import ALLOWED, UsersError, add_user, load_users, revoke
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="park-broker", description="Park site broker")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    logs.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="create a site directory: keys, certificate, configuration")
     init.add_argument("directory", type=Path)
@@ -34,12 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--listen", default=DEFAULT_LISTEN, help=f"default address to serve on ({DEFAULT_LISTEN})")
     srv = sub.add_parser("serve", help="run the broker for a site directory")
     srv.add_argument("directory", type=Path)
+    logs.add_arguments(srv, suppress=True)
+    srv.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve Prometheus metrics on http://HOST:PORT/metrics (a bare PORT: on loopback)")
     srv.add_argument("--listen", help="HOST:PORT to serve on (port 0 picks a free one); default from site.toml")
     srv.add_argument("--peer-listen", help="HOST:PORT for peer brokers (mutual TLS); default: the next port")
     srv.add_argument("--workers", type=int, help="local worker processes (default: CPU count)")
     srv.add_argument("--python-path", action="append", default=[], metavar="DIR",
                      help="directory added to the workers' import path (repeatable)")
-    srv.add_argument("--executor", default="local", choices=["local"], help="where jobs run")
+    srv.add_argument("--executor", default="local", type=executor_spec, metavar="local|dask://HOST:PORT",
+                     help="where jobs run: local worker processes (default) or a Dask scheduler")
     srv.add_argument("--grace", type=float, default=5.0,
                      help="seconds between SIGTERM and SIGKILL for a cancelled job, and for shutdown")
     srv.add_argument("--package-index", metavar="DIR_OR_URL",
@@ -70,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     try:
         if args.command == "init":
             site = init_site(args.directory, args.site, args.listen)
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None and args.workers < 1:
             raise SiteError("--workers must be at least 1")
         options = ServeOptions(listen=args.listen, peer_listen=args.peer_listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
-                               package_index=args.package_index,
+                               package_index=args.package_index, executor=args.executor,
+                               metrics_listen=args.metrics_listen,
                                python_path=[str(Path(p).resolve()) for p in args.python_path])
         return asyncio.run(serve(site, options))
     except (SiteError, UsersError) as exc:

@@ -9,7 +9,7 @@ PERMISSION_DENIED (a valid token without the permission). The caller's identity
 reaches handlers through the `current_identity` ContextVar, set for the call
 and reset after it.
 
-`PUBLIC` methods (site info, health) accept anonymous callers but still refuse
+`PUBLIC` methods (site info, health, reflection) accept anonymous callers but still refuse
 a bad token; `JOB` methods are authenticated by the job-scoped token inside the
 request, by their handler. In local-only mode (`park-broker serve --local-only`,
 loopback addresses only) every caller is the broker's own user.
@@ -50,6 +50,8 @@ POLICY: dict[str, str] = {
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.health.v1.Health/List": PUBLIC,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": PUBLIC,        # grpcurl: service definitions
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": PUBLIC,
 }
 ANONYMOUS = Identity(user="", permissions=frozenset())
 MAX_TOKEN_METADATA = tokens.MAX_TOKEN_CHARS + 16

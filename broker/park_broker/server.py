@@ -22,9 +22,12 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from park._proto import federation_pb2_grpc, files_pb2_grpc, jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
+from park_broker import transfer
 from park_broker.events import EventHub
 from park_broker.jobs import JobManager, SiteInfo
-from park_broker.local_executor import LocalExecutor
+from park_broker.metrics import Metrics
+from park_broker.reflection import broker_services, enable_reflection
+from park_broker.executors import executor_kind, make_executor
 from park_broker.policy import Gate, PolicyInterceptor, local_identity
 from park_broker.packages import PackageStore
 from park_broker.federation import PeerLinks, Publisher
@@ -57,6 +60,8 @@ class ServeOptions:
     grace: float = 5.0
     local_only: bool = False     # no tokens: loopback only, every caller is the broker's user
     package_index: str | None = None   # a wheelhouse directory or index URL for implicit installs
+    metrics_listen: str | None = None  # HOST:PORT (a bare PORT: loopback) for Prometheus' GET /metrics
+    executor: str = "local"      # "local" or "dask://HOST:PORT" (park_broker.executors)
 
 
 def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate:
@@ -96,10 +101,11 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    transfer.tune_allocator()   # ~1 MiB transfer buffers would otherwise fault in page by page
     hub = EventHub()
     store = Store(site.db_path, on_commit=hub.publish)
     store.open()
-    executor = LocalExecutor(workers=options.workers, python_path=options.python_path, grace=options.grace)
+    executor = make_executor(options)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path))
     packages = PackageStore(site.directory / "packages", options.package_index)
     manager = JobManager(info, store, executor, hub, packages, frozenset(peers.peers))
@@ -110,6 +116,9 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
             root_certificates=peers.bundle(), private_key=tls_key, certificate_chain=certificate),
             [("grpc.max_receive_message_length", MAX_MESSAGE), *KEEPALIVE], manager.on_remote_resolved)
     hub.head = await store.head_seq()
+    metrics = Metrics(store=store, hub=hub, federation=manager.federation, site=site.name)
+    if options.metrics_listen:
+        await metrics.start(options.metrics_listen)
 
     server = grpc.aio.server(
         interceptors=[PolicyInterceptor(gate)],
@@ -122,14 +131,15 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
                                                              serialization.PublicFormat.Raw)
     site_info = site_pb2.InfoResponse(
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
-        certificate_pem=site.certificate().decode(), executor="local", capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
+        certificate_pem=site.certificate().decode(), executor=executor_kind(options.executor), capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
-    files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root), server)
+    files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root, store), server)
     if gate.authority is not None:
         federation_pb2_grpc.add_FederationServicer_to_server(FederationServicer(
             Publisher(site.name, gate.authority, hub, manager.atom_state)), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    enable_reflection(server, broker_services(federation=gate.authority is not None))
     # Clients authenticate with tokens and need no certificate. Peers use a port of their own where a
     # pinned client certificate is required (gRPC cannot ask for an optional one), as etcd separates them.
     port = server.add_secure_port(listen, grpc.ssl_server_credentials([(tls_key, certificate)]))
@@ -160,6 +170,7 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
         task.cancel()
     await health.enter_graceful_shutdown()
     await server.stop(grace=options.grace)
+    await metrics.close()
     if manager.federation is not None:
         await manager.federation.close()
     await executor.close()

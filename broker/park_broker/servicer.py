@@ -31,6 +31,7 @@ from park_broker import transfer
 from park_broker.errors import BrokerError, Code, fail
 from park_broker.federation import Publisher
 from park_broker.jobs import JobManager
+from park_broker.store import Store
 from park_broker.policy import current_identity
 
 log = logging.getLogger(__name__)
@@ -231,8 +232,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
 class FilesServicer(files_pb2_grpc.FilesServicer):
     """Job outputs, read by whoever holds a token with the `files.read` scope of the path."""
 
-    def __init__(self, files_root: Path):
+    def __init__(self, files_root: Path, store: Store):
         self.files_root = files_root
+        self.store = store
 
     @streaming
     async def Read(self, request: fipb.ReadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[fipb.Chunk]:
@@ -241,5 +243,16 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
             fail(Code.PERMISSION_DENIED, "reading files needs a token with the files.read scope of the path")
         transfer.authorize_read(identity.token, request.path)
         real = transfer.resolve_path(self.files_root, request.path)
-        async for offset, data, size, sha256 in transfer.read_chunks(real, request.offset, within=self.files_root):
+        known = await self._recorded_sha256(request.path)
+        async for offset, data, size, sha256 in transfer.read_chunks(real, request.offset, known_sha256=known,
+                                                                     within=self.files_root):
             yield fipb.Chunk(offset=offset, data=data, size=size, sha256=sha256)
+
+    async def _recorded_sha256(self, path: str) -> str | None:
+        """The digest the job recorded for this output when it completed: saves hashing it again."""
+        _, job_id, *name = transfer.split_path(path)
+        job = (await self.store.get_many([job_id])).get(job_id)
+        for output in job.outputs if job is not None else ():
+            if output.name == "/".join(name):
+                return output.sha256
+        return None

@@ -324,3 +324,7 @@ class Store:
         return await self._read(lambda: self._reader().execute("SELECT COALESCE(MAX(seq), 0) FROM events")
                                 .fetchone()[0])
 
+    async def count_by_state(self) -> dict[int, int]:
+        """How many jobs are in each state (states with none are absent); one query, for metrics."""
+        return await self._read(lambda: dict(self._reader().execute(
+            "SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()))

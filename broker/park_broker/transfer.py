@@ -79,9 +79,7 @@ RETRYABLE_STATUS = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
 def _status_name(exc: BaseException) -> str | None:
     """The gRPC status name of an RpcError (without importing grpc), else None."""
     code = getattr(exc, "code", None)
-    if not callable(code):
-        return None
-    name = getattr(code(), "name", None)
+    name = getattr(code(), "name", None) if callable(code) else None
     return name if isinstance(name, str) else None
 
 
@@ -186,19 +184,18 @@ def authorize_read(verified: tokens.Verified, path: str) -> None:
                           f"the token's subject {verified.subject!r} cannot delegate files of {owner!r}")
 
 
-_DIGESTS: collections.OrderedDict[tuple[int, int, int, int], str] = collections.OrderedDict()
-_DIGEST_CACHE_SIZE = 256
+_DIGESTS: collections.OrderedDict[tuple[int, int, int, int], str] = collections.OrderedDict()   # at most 256
 
 
 def _hash_fd(fd: int, size: int) -> str:
-    h = hashlib.sha256()
-    pos = 0
-    while pos < size:
-        data = os.pread(fd, min(CHUNK_SIZE * 4, size - pos), pos)
-        if not data:
-            break
-        h.update(data)
-        pos += len(data)
+    """Hash and close `fd` (a dup: the caller may close its own fd meanwhile)."""
+    h, pos = hashlib.sha256(), 0
+    try:
+        while pos < size and (data := os.pread(fd, min(CHUNK_SIZE * 4, size - pos), pos)):
+            h.update(data)
+            pos += len(data)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -209,11 +206,11 @@ async def file_sha256(fd: int) -> str:
     if (cached := _DIGESTS.get(key)) is not None:
         _DIGESTS.move_to_end(key)
         return cached
-    digest = await asyncio.to_thread(_hash_fd, fd, st.st_size)
+    digest = await asyncio.to_thread(_hash_fd, os.dup(fd), st.st_size)
     after = os.fstat(fd)
     if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == key:  # unchanged while hashed
         _DIGESTS[key] = digest
-        while len(_DIGESTS) > _DIGEST_CACHE_SIZE:
+        while len(_DIGESTS) > 256:
             _DIGESTS.popitem(last=False)
     return digest
 
@@ -328,8 +325,7 @@ class Downloader:
         self.policy, self.on_progress, self.max_size, self._sleep = policy, on_progress, max_size, sleep
         self.size: int | None = None
         self.sha256: str | None = None
-        self.written = 0
-        self.attempts = 0
+        self.written = self.attempts = 0
         self._hash = hashlib.sha256()
         self._fd = -1
 
@@ -420,19 +416,19 @@ class Downloader:
                     from_disk = False   # the old part is longer than the source: start over
                     await asyncio.to_thread(self._truncate)
                     continue
+                name = _status_name(exc) or type(exc).__name__
+                details = getattr(exc, "details", None)
+                detail = (details() if callable(details) else str(exc)) or name
                 if not retryable(exc):
-                    name = _status_name(exc) or type(exc).__name__
                     code = Code.__members__.get(name, Code.FAILED_PRECONDITION)
-                    details = getattr(exc, "details", None)
-                    detail = (details() if callable(details) else str(exc)) or name
                     raise TransferFailed(code, f"the source refused the read ({name}): {detail}") from None
                 failures = 1 if self.written > start else failures + 1
                 if failures > self.policy.max_retries:
                     raise TransferFailed(Code.UNAVAILABLE, f"gave up after {self.policy.max_retries} attempts "
-                                                           f"without progress: {exc}") from None
+                                                           f"without progress: {name}: {detail}") from None
                 delay = self.policy.delay(failures)
                 log.info("fetch into %s interrupted at %d bytes, retry %d in %.2fs: %s",
-                         self.final.name, self.written, failures, delay, _status_name(exc) or type(exc).__name__)
+                         self.final.name, self.written, failures, delay, name)
                 await self._sleep(delay)
 
     def _accept_header(self, msg: ChunkLike, first: bool) -> None:
@@ -489,11 +485,9 @@ class Downloader:
 
 async def _cancel(stream: object) -> None:
     """Stop a stream we no longer read: a gRPC call's cancel(), an async generator's aclose()."""
-    cancel = getattr(stream, "cancel", None)
-    if callable(cancel):
+    if callable(cancel := getattr(stream, "cancel", None)):
         cancel()
-    aclose = getattr(stream, "aclose", None)
-    if callable(aclose):
+    if callable(aclose := getattr(stream, "aclose", None)):
         await aclose()
 
 

@@ -37,6 +37,9 @@ _BUILD_TIMEOUT = 900.0  # seconds; an isolated build may have to download its ba
 _INSTALLED_DIRS = {"site-packages", "dist-packages"}
 
 
+_NOT_SOURCE = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".git", ".venv", "*.pyc")
+
+
 class WheelError(ParkError):
     """A wheel could not be built: the module is not part of a project, or the build failed."""
 
@@ -54,10 +57,14 @@ def build_wheel(module_or_path: types.ModuleType | str | Path, out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     for isolation in (["--no-build-isolation"], []):
-        # A fresh directory per attempt, so the wheel found is the one this build made.
+        # A fresh directory per attempt, so the wheel found is the one this build made. The project is
+        # built from a clean copy: the build leaves nothing in it, and leftovers of earlier builds
+        # (build/, *.egg-info) cannot change the wheel, so an unchanged project rebuilds byte for byte.
         with tempfile.TemporaryDirectory(prefix="park-wheel-") as tmp:
+            source = Path(tmp) / "src"
+            shutil.copytree(project, source, ignore=_NOT_SOURCE)
             cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "--no-input",
-                   *isolation, "--wheel-dir", tmp, str(project)]
+                   *isolation, "--wheel-dir", tmp, str(source)]
             try:
                 # A fixed timestamp makes the wheel's bytes depend on its content only, so
                 # rebuilding an unchanged project gives the same digest (and a memo hit).
