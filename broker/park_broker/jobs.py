@@ -195,6 +195,7 @@ class JobManager:
                                               if a.key.kind == "improved" and a.key.job_id in stored})
         # From here to the commit nothing awaits: the batch is decided atomically.
         results: list[Submission] = []
+        links: list[tuple[Path, str]] = []
         changes: list[Change] = []
         queued: list[str] = []
         now = time.time()
@@ -218,7 +219,7 @@ class JobManager:
             twin = self._active.get(self._memo.get(p.key, "")) if p.key else None
             twin = twin or hits.get(p.key or "")
             if twin is not None:
-                self._alias(owner, spec, twin, changes)
+                self._alias(owner, spec, twin, changes, links)
                 stored[twin.id] = stored[spec.id] = twin   # later jobs of the batch may name either
                 results.append(Submission(job=twin, memo_hit=True))
                 continue
@@ -244,6 +245,8 @@ class JobManager:
                 self._watch_remote(job.spec, cond)
             results.append(Submission(job=job))
         await self._commit(changes, queued)
+        if links:   # file system work off the event loop, done before the client hears of its hits
+            await asyncio.to_thread(_make_links, links)
         return results
 
     def _canonical(self, spec: jpb.JobSpec, cond: Condition | None, stored: dict[str, jpb.Job]
@@ -287,15 +290,13 @@ class JobManager:
             if p.inputs is not None:
                 p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
 
-    def _alias(self, owner: str, spec: jpb.JobSpec, twin: jpb.Job, changes: list[Change]) -> None:
-        """Make `spec.id` another name of `twin`, its files included (a relative symlink)."""
+    def _alias(self, owner: str, spec: jpb.JobSpec, twin: jpb.Job, changes: list[Change],
+               links: list[tuple[Path, str]]) -> None:
+        """Make `spec.id` another name of `twin`; its directory becomes a relative symlink (`links`)."""
         self._aliases[spec.id] = twin.id
         self._aliased.setdefault(twin.id, set()).add(spec.id)
         changes.append(Change(job=jpb.Job(id=spec.id, owner=owner), event=jpb.Event(), alias_of=twin.id))
-        link = self.site.files_root / owner / spec.id
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink():
-            link.symlink_to(twin.id)
+        links.append((self.site.files_root / owner / spec.id, twin.id))
 
     async def _lookup(self, job_ids: set[str]) -> dict[str, jpb.Job]:
         """Stored records of the ids not in memory. No job leaves memory while a submission is
@@ -756,6 +757,13 @@ def _result_values(job: jpb.Job) -> dict[str, object]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _make_links(links: list[tuple[Path, str]]) -> None:
+    for link, target in links:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(target)
 
 
 def _replace_dir(work: Path, final: Path) -> None:
