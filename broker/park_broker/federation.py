@@ -217,8 +217,9 @@ class PeerLinks:
             await channel.close()
 
     async def _run(self, link: _Link) -> None:
+        """Keep the peer's stream open, idle or not (atoms come and go); back off only after failures."""
         delay = BACKOFF[0]
-        while link.atoms:
+        while True:
             writer: asyncio.Task[None] | None = None
             try:
                 async with grpc.aio.secure_channel(link.peer.address, self._credentials, options=self._options) as ch:
@@ -231,9 +232,6 @@ class PeerLinks:
                         delay = BACKOFF[0]
                         link.connected.set()
                         self._receive(link, response)
-                        if not link.atoms:
-                            call.cancel()
-                            break
             except grpc.aio.AioRpcError as exc:
                 log.info("stream to peer %s broke (%s); retrying in %.1f s", link.peer.name, exc.code().name, delay)
             finally:
@@ -243,7 +241,6 @@ class PeerLinks:
             link.sending = None
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, BACKOFF[1])
-        link.task = None
 
     @staticmethod
     async def _write(call: grpc.aio.StreamStreamCall, sending: asyncio.Queue[fpb.WatchAtom]) -> None:
