@@ -21,4 +21,6 @@ def test_policy_covers_exactly_the_served_methods() -> None:
               for module in (federation_pb2, files_pb2, jobs_pb2, packages_pb2, site_pb2) for svc in module.DESCRIPTOR.services_by_name.values()
               for m in svc.methods}
     health = {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List"}
-    assert set(POLICY) == served | health
+    reflection = {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                  "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"}
+    assert set(POLICY) == served | health | reflection
