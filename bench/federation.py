@@ -204,7 +204,7 @@ def run_park(args: argparse.Namespace, root: Path, mode: str) -> tuple[list[floa
 
 def run_dask(args: argparse.Namespace, root: Path, mode: str) -> list[float]:
     from distributed import Client, Future, LocalCluster
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
             Client(lc) as client:
         client.wait_for_workers(args.workers)
 

@@ -1,6 +1,7 @@
 """Throughput of trivial Python jobs: one Park broker against dask.distributed, same machine, same run.
 
     python bench/throughput.py [--jobs 2000] [--workers 2] [--width 100] [--repeat 3] [--site-root DIR]
+                               [--executor local|dask|both]
 
 Two shapes, each of `--jobs` calls of `bench_tasks.noop`:
 
@@ -19,6 +20,11 @@ The clock runs from the first `park.submit` until a single Watch stream over
 all of the caller's jobs has delivered a terminal event for every job; broker
 start-up is not timed.
 
+With `--executor dask` the broker runs its jobs on Dask instead (`--executor
+dask://...`, park_broker.dask_executor) on a fresh LocalCluster like the one
+plain Dask gets, started before the broker and not timed; `both` measures Park
+on each executor. The table then has a column per Park executor.
+
 Dask: every measurement starts a fresh `LocalCluster(n_workers=W,
 threads_per_worker=1, processes=True)` and waits for its workers (not timed);
 the clock runs from the first `client.submit` / `client.map` (with `pure=False`)
@@ -34,6 +40,7 @@ only at a similar load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -46,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask
@@ -85,7 +92,7 @@ def dag_edges(jobs: int, width: int) -> list[tuple[int, int] | None]:
 class Broker:
     """A `park-broker serve` subprocess in a new site directory under `root`."""
 
-    def __init__(self, workers: int, root: Path):
+    def __init__(self, workers: int, root: Path, executor: str = "local"):
         self.directory = Path(tempfile.mkdtemp(dir=root)) / "bench"
         subprocess.run([sys.executable, "-m", "park_broker.cli", "init", str(self.directory), "--site", "bench"],
                        check=True, capture_output=True)
@@ -93,7 +100,7 @@ class Broker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "park_broker.cli", "--log-level", "WARNING", "serve", str(self.directory),
              "--listen", "127.0.0.1:0", "--local-only", "--workers", str(workers),
-             "--python-path", str(BENCH_DIR)],
+             "--python-path", str(BENCH_DIR), "--executor", executor],
             stdout=self._log, stderr=subprocess.STDOUT)
         serve_file = self.directory / "serve.json"
         deadline = time.monotonic() + 60
@@ -135,9 +142,17 @@ def _watch_until_done(service: park.Service, expected: int, done: threading.Even
         done.set()
 
 
-def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, root: Path) -> float:
+def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, root: Path,
+             executor: str = "local") -> float:
     """Seconds from the first submit until every job's terminal event has been watched."""
-    broker = Broker(workers, root)
+    if executor == "dask":   # Park on Dask: the cluster, like the broker, is started before the clock
+        with _cluster(workers) as cluster:
+            address = cluster.scheduler_address.removeprefix("tcp://")
+            return _run_park(shape, jobs, workers, width, timeout, Broker(workers, root, f"dask://{address}"))
+    return _run_park(shape, jobs, workers, width, timeout, Broker(workers, root))
+
+
+def _run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, broker: Broker) -> float:
     try:
         service = park.Service(broker.address, broker.directory / "tls.crt")
         try:
@@ -168,12 +183,19 @@ def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, ro
 # -- Dask ----------------------------------------------------------------------------
 
 
-def run_dask(shape: str, jobs: int, workers: int, width: int) -> float:
-    """Seconds from the first submit until every result has been gathered, on a fresh LocalCluster."""
+@contextlib.contextmanager
+def _cluster(workers: int) -> Iterator[distributed.LocalCluster]:
+    """A fresh LocalCluster of `workers` one-thread worker processes, its workers up."""
     # silence_logs: a closing cluster's workers log heartbeat errors that say nothing about the run.
     with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=logging.CRITICAL) as cluster, distributed.Client(cluster) as client:
         client.wait_for_workers(workers)
+        yield cluster
+
+
+def run_dask(shape: str, jobs: int, workers: int, width: int) -> float:
+    """Seconds from the first submit until every result has been gathered, on a fresh LocalCluster."""
+    with _cluster(workers) as cluster, distributed.Client(cluster) as client:
         start = time.perf_counter()
         if shape == "independent":
             futures = client.map(noop, range(jobs), pure=False)
@@ -252,6 +274,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=100, help="jobs per DAG layer (default 100)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is shown")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one Park run may take")
+    parser.add_argument("--executor", choices=["local", "dask", "both"], default="local",
+                        help="the executor(s) Park runs its jobs on (default local)")
     parser.add_argument("--site-root", type=Path, help="where the brokers' site directories go "
                                                         "(default: the system's temporary directory)")
     args = parser.parse_args()
@@ -271,25 +295,34 @@ def _measure(args: argparse.Namespace, root: Path) -> int:
     print(f"{'jobs / workers':<20} {args.jobs} / {args.workers}; dag: {-(-args.jobs // args.width)} layers "
           f"of {args.width}\n", flush=True)
 
-    rates: dict[tuple[str, str], list[float | None]] = {(system, shape): [] for system in ("park", "dask")
+    executors = ["local", "dask"] if args.executor == "both" else [args.executor]
+    systems = [f"park-{e}" for e in executors] + ["dask"]
+    rates: dict[tuple[str, str], list[float | None]] = {(system, shape): [] for system in systems
                                                         for shape in SHAPES}
     # Park and Dask alternate, so that a change in the machine's load affects both alike; each run
     # has the machine to itself (its broker or cluster is started before and stopped after it).
     for shape in SHAPES:
         for i in range(1, args.repeat + 1):
-            rates["park", shape].append(timed_run(
-                f"park {shape} run {i}", args.jobs,
-                functools.partial(run_park, shape, args.jobs, args.workers, args.width, args.timeout, root)))
+            for executor in executors:
+                rates[f"park-{executor}", shape].append(timed_run(
+                    f"park-{executor} {shape} run {i}", args.jobs,
+                    functools.partial(run_park, shape, args.jobs, args.workers, args.width, args.timeout, root,
+                                      executor)))
             rates["dask", shape].append(timed_run(
                 f"dask {shape} run {i}", args.jobs,
                 functools.partial(run_dask, shape, args.jobs, args.workers, args.width)))
 
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"median of {args.repeat} runs\n\n| shape | park jobs/s | dask jobs/s | park/dask |\n|---|---:|---:|---:|")
+    parks = [f"park-{e}" for e in executors]
+    print(f"median of {args.repeat} runs\n\n| shape | " + " | ".join(f"{p} jobs/s" for p in parks) +
+          " | dask jobs/s | " + " | ".join(f"{p}/dask" for p in parks) + " |")
+    print("|---|" + "---:|" * (2 * len(parks) + 1))
     for shape in SHAPES:
-        (park_cell, p), (dask_cell, d) = summary(rates["park", shape]), summary(rates["dask", shape])
-        ratio = f"{p / d:.2f}" if p is not None and d is not None else "-"
-        print(f"| {shape} | {park_cell} | {dask_cell} | {ratio} |")
+        cells = {system: summary(rates[system, shape]) for system in systems}
+        d = cells["dask"][1]
+        ratios = [f"{cells[p][1] / d:.2f}" if cells[p][1] is not None and d is not None else "-" for p in parks]
+        print(f"| {shape} | " + " | ".join(cells[p][0] for p in parks) + f" | {cells['dask'][0]} | " +
+              " | ".join(ratios) + " |")
     return 1 if any(r is None for runs in rates.values() for r in runs) else 0
 
 

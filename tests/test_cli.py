@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 import park
+from harness import alive  # type: ignore[import-not-found]
 from park.cli import main
 from park.config import add_service, load_services
-from park.demo import EXAMPLE, expected_states
+from park.demo import EXAMPLE, expectations
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,13 +185,13 @@ def test_demo_outside_a_checkout_says_where_to_run_it(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(park, "__file__", str(tmp_path / "site-packages" / "lib" / "park" / "__init__.py"))
     status, _, err = run(capsys, "demo", "--plain")
-    assert status == 1 and "cannot find examples/single_site.py; run `park demo` from the Park checkout" in err
+    assert status == 1 and "cannot find examples/demo_workflow.py; run `park demo` from the Park checkout" in err
 
 
-def _demo(*args: str, **kwargs: object) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _demo(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}      # PARK_KEY_FILE included: the demo must not use it
     return subprocess.Popen([sys.executable, "-m", "park.cli", "demo", "--plain", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _state_dir(output: str) -> Path:
@@ -199,43 +200,86 @@ def _state_dir(output: str) -> Path:
     return Path(match[1])
 
 
-@pytest.mark.timeout(120)
-def test_demo_plain_runs_the_example_to_success():
-    proc = _demo()
-    out, err = proc.communicate(timeout=110)
+def _pids(output: str) -> dict[str, int]:
+    """The demo's agent and brokers, as its first line names them."""
+    match = re.search(r"agent pid (\d+); brokers sns pid (\d+) .* cluster pid (\d+) ", output)
+    assert match, output
+    return dict(zip(("agent", "sns", "cluster"), map(int, match.groups())))
+
+
+def _assert_all_stopped(pids: dict[str, int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [name for name, pid in pids.items() if alive(pid)], f"outlived the demo: {pids}"
+
+
+def _what_ran_where(out: str, run: int) -> str:
+    """The `run N: what ran where` table of the demo's output."""
+    return out.split(f"run {run}: what ran where", 1)[1].split("park demo:", 1)[0]
+
+
+def _run_demo(*args: str) -> str:
+    proc = _demo(*args)
+    out, err = proc.communicate(timeout=170)
     assert proc.returncode == 0, out + err
-    expected = expected_states(ROOT / "examples" / EXAMPLE)
-    for label, state in expected.items():
-        assert re.search(rf"{re.escape(label)}\s+{state}", out), f"{label} did not end {state}:\n{out}"
-    assert f"all {len(expected)} jobs ended as expected" in out
+    _assert_all_stopped(_pids(out))
     assert not _state_dir(out).exists(), "the demo left its temporary directory behind"
+    return out
 
 
-@pytest.mark.timeout(60)
-def test_demo_stops_its_broker_when_terminated():
+@pytest.mark.timeout(180)
+def test_demo_plain_runs_the_seed_workflow_on_two_sites():
+    out = _run_demo()
+    expect = expectations(ROOT / "examples" / EXAMPLE)
+    table = _what_ran_where(out, 1)
+    for label, state in expect.states.items():
+        assert re.search(rf"{re.escape(label)}\s+(sns|cluster)\s+{state}\s+no ", table), f"{label}:\n{out}"
+    assert re.search(r"reduction\s+sns\s+completed", table) and re.search(r"final fit\s+cluster\s+completed", table)
+    winner = re.search(r"run 1: the race was won by (fit seed \d+)", out)
+    assert winner and winner[1] in expect.contestants, out
+    for loser in set(expect.contestants) - {winner[1]}:
+        assert re.search(rf"{loser}\s+cluster\s+cancelled\s+no\s+lost the race to {winner[1]}", table), out
+        assert re.search(rf"cluster\s+{loser}\s+cancelled\s+lost the race to {winner[1]}", out), out  # the stream
+    assert re.search(rf"{winner[1]}\s+cluster\s+completed\s+no\s+chisq=", table), out
+    assert re.search(r"transfer fetch bigfile.refl: 48.0 of 48.0 MiB in [\d.]+ s", out), out
+    assert "all jobs ended as expected in 1 run" in out
+
+
+@pytest.mark.timeout(180)
+def test_demo_again_shows_the_rerun_as_memo_hits():
+    out = _run_demo("--again")
+    expect = expectations(ROOT / "examples" / EXAMPLE)
+    first, second = _what_ran_where(out, 1), _what_ran_where(out, 2)
+    for label in expect.memoized:
+        assert re.search(rf"{re.escape(label)}\s+\S+\s+completed\s+no ", first), out
+        assert re.search(rf"{re.escape(label)}\s+\S+\s+completed\s+yes \(job ", second), out
+        assert re.search(rf"\S+\s+{re.escape(label)}[\w. ]*\s+memo hit\s+reused job", out), out
+    for label in ("race", "final fit", *expect.contestants):
+        assert re.search(rf"{re.escape(label)}\s+cluster\s+(completed|cancelled)\s+no ", second), out
+    assert f"run 2: {len(expect.memoized)} of {len(expect.memoized) + len(expect.contestants) + 2} jobs were memo hits" in out
+    assert "The race is never memoized" in out
+    assert "all jobs ended as expected in 2 runs" in out
+
+
+@pytest.mark.timeout(180)
+def test_demo_stops_its_agent_and_brokers_when_terminated():
     proc = _demo("--keep")
     assert proc.stdout is not None
     first = proc.stdout.readline()
-    state = _state_dir(first)
-    serve = json.loads((state / "sns" / "serve.json").read_text())
+    state, pids = _state_dir(first), _pids(first)
+    assert json.loads((state / "pids.json").read_text()) == pids
+    assert all(alive(pid) for pid in pids.values())
+    for line in proc.stdout:            # terminate it mid-run, once the workflow's jobs are running
+        if re.search(r"\s+running\s+attempt", line):
+            break
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=40)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "park: interrupted" in err
-    deadline = time.monotonic() + 10
-    while _alive(serve["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(serve["pid"]), "the demo broker outlived the demo"
-    assert f"kept {state}" in out and (state / "broker.log").exists()
+    _assert_all_stopped(pids)
+    assert f"kept {state}" in out
+    assert all((state / log).exists() for log in ("agent.log", "sns.log", "cluster.log"))
     shutil.rmtree(state)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
 
 
 def test_jobs_why_names_what_changed(configured, service, capsys):

@@ -183,8 +183,8 @@ class DaskExecutor:
     async def _wait(self, key: str, run: _Run) -> None:
         try:
             reply = await run.future
-        except concurrent.futures.CancelledError:   # not by us: we stop waiting before we cancel
-            outcome = Outcome(ok=False, error="the job's Dask task was cancelled outside Park")
+        except concurrent.futures.CancelledError as exc:   # not by us: we stop waiting before we cancel
+            outcome = Outcome(ok=False, error=f"the job's Dask task was cancelled outside Park ({exc})"[:4000])
         except Exception as exc:  # noqa: BLE001 - Dask's failure to run the task is the job's failed outcome
             outcome = Outcome(ok=False, error=f"Dask could not run the job: {type(exc).__name__}: {exc}"[:4000])
         else:
@@ -212,7 +212,7 @@ class DaskExecutor:
     async def _terminate(self, worker: str, keys: list[str]) -> None:
         try:
             await self._client.run(dask_task.terminate, keys, self.grace, workers=[worker], on_error="ignore")
-        except Exception:  # noqa: BLE001 - the worker may be gone, which stops the job as well
+        except Exception:   # the worker may be gone, which stops the job as well
             log.warning("could not ask Dask worker %s to terminate %s", worker, keys, exc_info=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

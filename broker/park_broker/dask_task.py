@@ -1,21 +1,23 @@
-"""What runs on a Dask worker for the Dask executor: one job attempt in a child process.
+"""What runs on a Dask worker for the Dask executor: each job attempt in a child process.
 
-`run(payload)` is the function the broker submits to Dask. It starts a child
-process (`python -m park_broker.dask_task FD`, in its own session), hands it the
-task over a socket pair, and returns the child's outcome dict: the child calls
+`run(payload)` is the function the broker submits to Dask. It hands the task to
+a child process (`python -m park_broker.dask_task FD`, in its own session) over
+a socket pair and returns the child's outcome dict: the child calls
 `park_broker.worker.run_task`, so the attempt directory, output capture, result
-storage and the final rename are exactly those of the local executor.
+storage and the final rename are exactly those of the local executor. Children
+are kept warm between tasks (at most one idle child per worker thread), and a
+child only takes tasks with the import path it was started with, as local
+workers do; so, as there, modules a job imported stay imported for the next.
 
 Why a child process: Dask cannot interrupt a task's thread, so a job running in
 the worker's own thread could not be cancelled. A child process can be: the
 broker asks the worker that runs it (`Client.run(terminate, ...)`) to SIGTERM
-the child's process group and SIGKILL it after the grace period. The child also
-gives every attempt a fresh interpreter with the job's `python_path` first on
-its import path, as the local executor does.
+the child's process group and SIGKILL it after the grace period; a terminated
+child is not reused.
 
 Failure guarantees:
-- the child dies with the worker: it watches its socket and kills its own
-  process group when the worker process goes away;
+- the child dies with the worker: it notices it was re-parented (within half a
+  second) and kills its own process group, command-line children included;
 - a task the scheduler no longer wants (its broker cancelled it, or the broker
   died and its client was dropped) is noticed within `POLL` seconds and its
   child terminated, so an orphaned attempt does not race the re-run that the
@@ -36,6 +38,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from park_broker.worker import recv, run_task, send
@@ -122,66 +125,95 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
             _children.pop(key, None)
 
 
-def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str, Any]:
-    key, grace = payload["key"], float(payload["grace"])
-    env = dict(os.environ)
-    path = [*payload["task"]["python_path"], *payload["python_path"], env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
-    parent, theirs = socket.socketpair()
-    try:
-        with _lock:
-            if child.cancelled:
-                return {"ok": False, "error": "cancelled before it started"}
-            child.proc = subprocess.Popen(
+class _Process:
+    """A warm child process: `python -m park_broker.dask_task FD`, taking one task at a time."""
+
+    def __init__(self, python_path: tuple[str, ...]):
+        self.python_path = python_path
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (*python_path, env.get("PYTHONPATH", "")) if p)
+        self.sock, theirs = socket.socketpair()
+        with theirs:
+            self.proc = subprocess.Popen(
                 [sys.executable, "-m", "park_broker.dask_task", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL, env=env)
-        theirs.close()
-        proc = child.proc
-        reply = None
-        try:
-            send(parent, payload["task"])
-            with selectors.DefaultSelector() as selector:
-                selector.register(parent, selectors.EVENT_READ)
-                while not selector.select(POLL):
-                    if _released(worker, key):
-                        log.info("task %s released by the scheduler: terminating its job", key)
-                        child.terminate(grace)
-            reply = recv(parent)
-        except OSError:
-            reply = None
-        if reply is not None:
-            proc.wait()
-            return reply
-        code = proc.wait()
+
+    def stop(self) -> None:
+        self.sock.close()   # the child's loop ends at end of file
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+_idle: list[_Process] = []   # warm processes of this worker between tasks
+
+
+def _process(python_path: tuple[str, ...]) -> _Process:
+    """A warm process started with `python_path` (modules stay imported in a process, so another set
+    of package directories needs another process), or a new one."""
+    with _lock:
+        for i, warm in enumerate(_idle):
+            if warm.python_path == python_path and warm.proc.poll() is None:
+                return _idle.pop(i)
+    return _Process(python_path)
+
+
+def _release(process: _Process, keep: int) -> None:
+    with _lock:
+        _idle.append(process)
+        surplus = _idle[:-keep] if len(_idle) > keep else []
+        del _idle[:len(surplus)]
+    for old in surplus:
+        old.stop()
+
+
+def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str, Any]:
+    key, grace = payload["key"], float(payload["grace"])
+    process = _process((*payload["task"]["python_path"], *payload["python_path"]))
+    with _lock:
         if child.cancelled:
-            return {"ok": False, "error": "cancelled"}
-        how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        return {"ok": False, "error": f"the process running the job on Dask worker {worker.address} {how}"}
-    finally:
-        parent.close()
-        theirs.close()
-
-
-def _die_with_parent(sock: socket.socket) -> None:
-    """In the child: when the worker's end of the socket closes before we answered, the worker is
-    gone; take the whole process group (command-line children included) down with it."""
+            cancelled = True
+        else:
+            cancelled, child.proc = False, process.proc
+    if cancelled:
+        _release(process, getattr(worker, "nthreads", 1))
+        return {"ok": False, "error": "cancelled before it started"}
+    reply = None
     try:
-        sock.recv(1)
+        send(process.sock, payload["task"])
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.sock, selectors.EVENT_READ)
+            while not selector.select(POLL):
+                if _released(worker, key):
+                    log.info("task %s released by the scheduler: terminating its job", key)
+                    child.terminate(grace)
+        reply = recv(process.sock)
     except OSError:
-        pass
+        reply = None
+    if reply is not None and not child.cancelled:
+        _release(process, getattr(worker, "nthreads", 1))
+        return reply
+    process.sock.close()
+    code = process.proc.wait()
+    if child.cancelled:
+        return {"ok": False, "error": "cancelled"}
+    how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    return {"ok": False, "error": f"the process running the job on Dask worker {worker.address} {how}"}
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child: when the worker process is gone (we were re-parented), take the whole process
+    group (command-line children included) down with it."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
-    task = recv(sock)
-    if task is None:
-        return
-    threading.Thread(target=_die_with_parent, args=(sock,), name="park-parent-watch", daemon=True).start()
-    send(sock, run_task(task))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)   # not sys.exit: the parent-watch thread must not outlive the answer
+    threading.Thread(target=_die_with_parent, args=(os.getppid(),), name="park-parent-watch", daemon=True).start()
+    while (task := recv(sock)) is not None:
+        send(sock, run_task(task))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from park._wire import InvalidInput, atom_from_proto, atom_to_proto
 from park.conditions import AtomKey, State
 from park_broker.errors import BrokerError, Code
 from park_broker.events import EventHub, Subscription
+from park_broker.metrics import PeerStatus
 from park_broker.peers import Peer
 from park_broker.users import Authority
 
@@ -174,6 +176,7 @@ class _Link:
     last_seq: int = 0
     task: asyncio.Task[None] | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    last_message: float = 0.0    # time.monotonic() of the last message from the peer
 
 
 class PeerLinks:
@@ -193,6 +196,13 @@ class PeerLinks:
             self._channels[site] = grpc.aio.secure_channel(self._links[site].peer.address, self._credentials,
                                                            options=self._options)
         return self._channels[site]
+
+    def peer_status(self) -> list[PeerStatus]:
+        """Each peer's stream as metrics see it: last sequence number, connected, atoms pending, silence."""
+        now = time.monotonic()
+        return [PeerStatus(link.peer.name, link.last_seq, link.connected.is_set(), len(link.atoms),
+                           now - link.last_message if link.last_message else None)
+                for link in self._links.values()]
 
     def knows(self, site: str) -> bool:
         return site in self._links
@@ -231,6 +241,7 @@ class PeerLinks:
                     async for response in call:
                         delay = BACKOFF[0]
                         link.connected.set()
+                        link.last_message = time.monotonic()
                         self._receive(link, response)
             except grpc.aio.AioRpcError as exc:
                 log.info("stream to peer %s broke (%s); retrying in %.1f s", link.peer.name, exc.code().name, delay)

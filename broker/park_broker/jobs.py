@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,8 @@ class JobManager:
         self.admission = Admission(site.name, site.files_root, packages, peers)
         # Set by the server when the site has peers: where remote atoms are asked for.
         self.federation: PeerLinks | None = None
+        # Set by the server: makes a progress callback that counts one fetch's bytes for the metrics.
+        self.transfer_meter: Callable[[], transfer.Progress] | None = None
         self.scheduler = Scheduler()
         self._active: dict[str, jpb.Job] = {}
         self._memo: dict[str, str] = {}             # memo key -> id, for active jobs
@@ -244,9 +246,14 @@ class JobManager:
             else:
                 self._watch_remote(job.spec, cond)
             results.append(Submission(job=job))
-        await self._commit(changes, queued)
-        if links:   # file system work off the event loop, done before the client hears of its hits
-            await asyncio.to_thread(_make_links, links)
+        if not links:
+            await self._commit(changes, queued)
+            return results
+        # Memo hits' directories are symlinks made off the event loop (file creation can be slow);
+        # the batch's jobs start only once they exist, since their arguments may name them.
+        await self._commit(changes, [])
+        await asyncio.to_thread(_make_links, links)
+        self._release(queued)
         return results
 
     def _canonical(self, spec: jpb.JobSpec, cond: Condition | None, stored: dict[str, jpb.Job]
@@ -578,7 +585,8 @@ class JobManager:
                                                         metadata=metadata)
         try:
             work.mkdir(parents=True, exist_ok=True)
-            size, sha = await transfer.fetch(open_stream, work / f".{name}.part", work / name)
+            meter = self.transfer_meter() if self.transfer_meter is not None else None
+            size, sha = await transfer.fetch(open_stream, work / f".{name}.part", work / name, on_progress=meter)
             await asyncio.to_thread(_replace_dir, work, final_dir)
             outcome = Outcome(ok=True, outputs=((name, str(final_dir / name), size, sha),))
         except BrokerError as exc:

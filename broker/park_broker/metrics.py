@@ -11,7 +11,7 @@ serves what it reads at scrape time and keeps no history:
 - `park_transfer_bytes_total{direction}`: bytes moved by fetch jobs, through
   `transfer_meter()` (a `transfer.Progress` callback);
 - per peer: `park_peer_last_seq`, `park_peer_connected`, `park_peer_pending_atoms`
-  and, when the federation exposes it, `park_peer_last_message_age_seconds`.
+  and `park_peer_last_message_age_seconds`.
 
 It never serves job contents, owners, ids or tokens: only counts. The endpoint
 has no authentication, which is why it listens on loopback unless told otherwise;
@@ -47,7 +47,7 @@ class PeerStatus:
 
     peer: str
     last_seq: int                 # the peer's sequence number as of its last message (updates and progress)
-    connected: bool               # the stream is open (it is opened only while some job waits on the peer)
+    connected: bool               # the stream is open (opened when a job first waits on the peer, kept open)
     pending_atoms: int            # remote atoms still waited for
     idle_seconds: float | None    # since the peer's last message; None when not known
 
@@ -147,14 +147,7 @@ class Metrics:
         return out.render()
 
     def _peers(self) -> list[PeerStatus]:
-        federation = self.federation
-        if federation is None:
-            return []
-        if hasattr(federation, "peer_status"):
-            return list(federation.peer_status())
-        # Until PeerLinks has peer_status(): what its links hold, without the time of the last message.
-        return [PeerStatus(name, link.last_seq, link.connected.is_set(), len(link.atoms), None)
-                for name, link in getattr(federation, "_links", {}).items()]
+        return self.federation.peer_status() if self.federation is not None else []
 
     # -- HTTP -----------------------------------------------------------------------
 

@@ -117,6 +117,7 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
             [("grpc.max_receive_message_length", MAX_MESSAGE), *KEEPALIVE], manager.on_remote_resolved)
     hub.head = await store.head_seq()
     metrics = Metrics(store=store, hub=hub, federation=manager.federation, site=site.name)
+    manager.transfer_meter = metrics.transfer_meter
     if options.metrics_listen:
         await metrics.start(options.metrics_listen)
 

@@ -98,8 +98,8 @@ def _run(task: dict[str, Any], work_dir: Path) -> dict[str, Any]:
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Run one task with its output captured; never raises for the task's own errors."""
     work_dir, final_dir = Path(task["work_dir"]), Path(task["final_dir"])
-    if task["attempt"] > 1:   # only a re-run can find a half-run attempt of its own
-        shutil.rmtree(work_dir, ignore_errors=True)
+    if work_dir.exists():   # a half-run of this attempt (a re-run after a crash, or a retry by Dask)
+        shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
     # Only the task's own variables are set and restored: copying the whole environment
     # back and forth costs more than a trivial job.

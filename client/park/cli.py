@@ -5,7 +5,8 @@
     park jobs [--service NAME] [--state STATE ...] [--json]
     park watch JOB [--service NAME] [--json] [--exit-status]
     park cancel JOB [--service NAME] [--reason TEXT] [--json]
-    park demo [--keep] [--workers N] [--plain]
+    park graph JOB [--service NAME] [--format dot|mermaid|svg|png] [--depth N] [--output FILE]
+    park demo [--again] [--keep] [--workers N] [--plain]
 
 JOB is a job id, with `--service NAME` or when only one service is configured,
 or a reference `park://SITE/jobs/ID`, whose site is looked up among the
@@ -41,6 +42,7 @@ from park._proto import jobs_pb2 as jpb
 from park._wire import STATE_NAMES, InvalidInput, check_job_id
 from park.config import ServiceEntry, add_service, config_path, load_services
 from park.errors import ParkError
+from park.graph import add_graph_command
 from park.job import Job, JobEvent
 from park.service import Service
 
@@ -314,7 +316,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         _die("--workers must be at least 1", USAGE)
-    return run_demo(keep=args.keep, workers=args.workers, plain=args.plain, console=_console())
+    return run_demo(keep=args.keep, workers=args.workers, plain=args.plain, again=args.again, console=_console())
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -355,9 +357,12 @@ def _parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("--reason", default="", help="recorded in the job's cancellation cause")
 
-    demo = sub.add_parser("demo", help="run the example workflow against a temporary broker")
-    demo.add_argument("--keep", action="store_true", help="keep the temporary directory (broker state and logs)")
-    demo.add_argument("--workers", type=int, default=2, help="worker processes of the demo broker (default 2)")
+    add_graph_command(sub)      # park.graph
+
+    demo = sub.add_parser("demo", help="run the seed workflow on two temporary brokers and an agent")
+    demo.add_argument("--again", action="store_true", help="run the workflow a second time: memo hits")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory (state and logs)")
+    demo.add_argument("--workers", type=int, default=4, help="worker processes of each demo broker (default 4)")
     demo.add_argument("--plain", action="store_true", help="plain lines instead of a live table (default off a tty)")
     demo.set_defaults(run=cmd_demo)
     return parser

@@ -1,22 +1,29 @@
-"""`park demo`: the single-site example against a broker of its own, with a live view.
+"""`park demo`: the seed's whole workflow on two federated sites of its own, with a live view.
 
-It creates a site in a temporary directory (`park-broker init`), serves it on
-an ephemeral loopback port (`park-broker serve --listen 127.0.0.1:0
---python-path <examples>`), runs `examples/single_site.py` against it as a
-subprocess (address and certificate in PARK_DEMO_ADDRESS and PARK_DEMO_CERT),
-and shows every job of the broker as its events arrive: a live table on a
-terminal, one line per event otherwise (or with `--plain`).
+In a temporary directory it starts a credential agent and two brokers, `sns`
+and `cluster`, peered and knowing the agent's key (park.demo_sites), then runs
+`examples/demo_workflow.py` against them as a subprocess: a reduction at sns,
+a fetch to cluster with a delegated token, the model package's upload, a
+simulation, a race of three fits and a final fit. Meanwhile it shows every job
+of both sites as each broker's event stream reports it, and the transfer's
+progress (park.demo_board): a live table on a terminal, one line per event
+otherwise (or with `--plain`). It ends by printing what ran where; with
+`again` it runs the workflow a second time against the same brokers and shows
+that everything but the race (and what waits on it) is a memo hit.
 
-Guarantee: the broker and the example process are stopped before `run_demo`
-returns or raises, whether the demo succeeds, fails, is interrupted (Ctrl-C,
-SIGTERM) or breaks; the broker gets SIGTERM, then SIGKILL if it has not
-stopped within `STOP_GRACE` seconds. Both run in their own sessions, so a
-Ctrl-C reaches only the demo, which then tears them down in order. The
-temporary directory is removed unless `keep` is set.
+The demo process and the workflow use the agent (PARK_AUTH_SOCK), never a key
+file: PARK_KEY_FILE is unset for both.
 
-Success (0) means the example exited 0 and every job named in the example's
-`EXPECTED` table ended in the state given there, as seen from the broker's
-own event stream; anything else is 1.
+Guarantee: the workflow, the brokers and the agent are stopped before
+`run_demo` returns or raises, whether the demo succeeds, fails, is interrupted
+(Ctrl-C, SIGTERM) or breaks (see park.demo_sites). The temporary directory is
+removed, unless `keep` is set or the demo failed (it then says where it is).
+
+Success (0) means: the workflow exited 0 in every run; every job named in its
+`EXPECTED` table ended in the state given there, as the workflow saw it and as
+the broker's own stream showed it; one fit of `CONTESTANTS` won the race and
+the others lost it; and on a second run every job of `MEMOIZED` was a memo hit.
+Anything else is 1.
 """
 from __future__ import annotations
 
@@ -35,34 +42,34 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from rich.console import Console, Group
-from rich.live import Live
+from rich import box
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 import park
-from park import tokens
-from park.agent_client import default_subject
-from park.signer import write_private_key
-from park._proto import jobs_pb2 as jpb
-from park.cli import STATE_STYLES, CliError, clock, describe
+from park.cli import STATE_STYLES, CliError
+from park.demo_board import Board, Transfer, View, compact, watch_all
+from park.demo_sites import Sites, demo_sites, interruptible, stop_process
 from park.job import JobEvent
 from park.service import Service
 
-__all__ = ["run_demo", "find_examples", "EXAMPLE"]
+__all__ = ["EXAMPLE", "Expectations", "expectations", "find_examples", "run_demo"]
 
-EXAMPLE = "single_site.py"
-SITE = "sns"
-START_TIMEOUT = 30.0     # seconds for the broker to write serve.json
-STOP_GRACE = 20.0        # seconds between SIGTERM and SIGKILL
-RUN_TIMEOUT = 300.0      # seconds the whole example may take
-SETTLE = 10.0            # seconds to wait for the last events after the example exits
-_STATE_OF = {"submitted": "waiting", "queued": "queued", "started": "running", "completed": "completed",
-             "failed": "failed", "cancelled": "cancelled"}
+EXAMPLE = "demo_workflow.py"
+RUN_TIMEOUT = 300.0      # seconds one run of the workflow may take
+SETTLE = 10.0            # seconds to wait for the last events after the workflow exits
+RAW_BYTES = 48 << 20     # the reduced file the cluster fetches
+
+
+@dataclass(frozen=True, slots=True)
+class Expectations:
+    states: dict[str, str]          # job label -> final state
+    contestants: tuple[str, ...]    # the race's fits: one wins (completed), the others are cancelled
+    memoized: tuple[str, ...]       # labels that must be memo hits on a second run
 
 
 def find_examples() -> Path:
@@ -74,176 +81,46 @@ def find_examples() -> Path:
                    "(the directory that holds examples/)")
 
 
-def expected_states(example: Path) -> dict[str, str]:
-    """The example's EXPECTED table (job label → final state), read without running the file."""
+def expectations(example: Path) -> Expectations:
+    """The workflow's EXPECTED, CONTESTANTS and MEMOIZED tables, read without running the file."""
+    found: dict[str, Any] = {}
     for node in ast.parse(example.read_text(), str(example)).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "EXPECTED" for t in node.targets):
-            return dict(ast.literal_eval(node.value))
-    raise CliError(f"{example} has no EXPECTED table of job labels and final states")
-
-
-class _Broker:
-    """A `park-broker serve` subprocess for a fresh site; stopped on exit from the `with` block."""
-
-    def __init__(self, directory: Path, python_path: Path, workers: int, key: Ed25519PrivateKey):
-        self.directory = directory
-        self.key = key
-        self.python_path = python_path
-        self.workers = workers
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.address = ""
-
-    @property
-    def cert(self) -> Path:
-        return self.directory / "tls.crt"
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory.parent / "broker.log"
-
-    def _command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "park_broker.cli", *args]
-
-    def __enter__(self) -> _Broker:
-        init = subprocess.run(self._command("init", str(self.directory), "--site", SITE),
-                              capture_output=True, text=True)
-        if init.returncode != 0:
-            raise CliError(f"park-broker init failed: {init.stderr.strip() or init.stdout.strip()}")
-        users = subprocess.run(self._command("users", "add", str(self.directory), default_subject(), "--key",
-                                             tokens.format_public_key(self.key.public_key())),
-                               capture_output=True, text=True)
-        if users.returncode != 0:
-            raise CliError(f"park-broker users add failed: {users.stderr.strip()}")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self._command("serve", str(self.directory), "--listen", "127.0.0.1:0", "--workers",
-                              str(self.workers), "--python-path", str(self.python_path)),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            self._wait_serving()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_serving(self) -> None:
-        assert self.proc is not None
-        serve_file = self.directory / "serve.json"
-        deadline = time.monotonic() + START_TIMEOUT
-        while not serve_file.exists():
-            if self.proc.poll() is not None:
-                raise CliError(f"the demo broker exited with status {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise CliError(f"the demo broker did not start within {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.05)
-        self.address = json.loads(serve_file.read_text())["address"]
-
-    def log_tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM, STOP_GRACE)
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-
-def _stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None, sig: int, grace: float) -> None:
-    """Signal `proc` if it still runs, then kill it if it has not exited within `grace` seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if getattr(target, "id", None) in ("EXPECTED", "CONTESTANTS", "MEMOIZED"):
+                    found[target.id] = ast.literal_eval(node.value)
+    missing = {"EXPECTED", "CONTESTANTS", "MEMOIZED"} - set(found)
+    if missing:
+        raise CliError(f"{example} lacks the table(s) {', '.join(sorted(missing))}")
+    return Expectations(dict(found["EXPECTED"]), tuple(found["CONTESTANTS"]), tuple(found["MEMOIZED"]))
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """While inside, SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop the broker."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+def _agent_environment(socket: str) -> Iterator[None]:
+    """While inside, this process (and what it starts) gets tokens from the demo's agent only."""
+    names = ("PARK_AUTH_SOCK", "PARK_KEY_FILE", "PARK_KEY_PASSPHRASE")
+    saved = {k: os.environ.pop(k, None) for k in names}
+    os.environ["PARK_AUTH_SOCK"] = socket
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
-@dataclass(slots=True)
-class _Row:
-    job_id: str
-    label: str = ""
-    state: str = "waiting"
-    detail: str = ""
-
-
-class _Board:
-    """The demo's jobs as last seen in the broker's event stream."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, _Row] = {}
-        self.started = time.monotonic()
-
-    def apply(self, event: JobEvent) -> _Row:
-        row = self.rows.setdefault(event.job_id, _Row(event.job_id))
-        if event.kind == "submitted":
-            row.label = event.detail.get("spec", {}).get("label", "") or event.job_id
-        row.state = _STATE_OF.get(event.kind, row.state)
-        row.detail = describe(event)
-        for other in self.rows.values():     # "sns/<id>.completed" reads better as "calibrate.completed"
-            row.detail = row.detail.replace(f"{SITE}/{other.job_id}", other.label or other.job_id)
-        return row
-
-    def settled(self) -> bool:
-        return all(r.state in ("completed", "failed", "cancelled") for r in self.rows.values())
-
-    def final_states(self) -> dict[str, str]:
-        return {r.label: r.state for r in self.rows.values()}
-
-    def render(self, address: str) -> Table:
-        table = Table(title=f"park demo · site {SITE} at {address} · {time.monotonic() - self.started:.1f} s",
-                      title_justify="left")
-        for column in ("job", "id", "state", "detail"):
-            table.add_column(column, no_wrap=column != "detail")
-        for r in self.rows.values():
-            table.add_row(Text(r.label), Text(r.job_id[:8]), Text(r.state, style=STATE_STYLES.get(r.state, "")),
-                          Text(r.detail[:90]))
-        return table
-
-
-def _watch_all(service: Service, out: queue.Queue[tuple[str, object]]) -> grpc.Call:
-    """Follow every job of the broker from the start, posting ("event", JobEvent) to `out`."""
-    stream = service.jobs_stub.Watch(jpb.WatchRequest(job_id="", from_seq=0))
-
-    def pump() -> None:
-        try:
-            for item in stream:
-                if item.HasField("event"):
-                    out.put(("event", JobEvent.from_proto(item.event)))
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                out.put(("error", f"watching the demo broker: {exc.details()}"))
-
-    threading.Thread(target=pump, name="park-demo-watch", daemon=True).start()
-    return stream
-
-
-def _run_example(examples: Path, broker: _Broker, out: queue.Queue[tuple[str, object]]) -> subprocess.Popen[str]:
-    """Start the example; its output lines and then its exit status are posted to `out`."""
-    env = {**os.environ, "PARK_DEMO_ADDRESS": broker.address, "PARK_DEMO_CERT": str(broker.cert),
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(examples / EXAMPLE)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+def _start_workflow(examples: Path, sites: Sites, summary: Path,
+                    out: queue.Queue[tuple[str, Any]]) -> subprocess.Popen[str]:
+    """Start the workflow; its output lines and then its exit status are posted to `out`."""
+    tmp = summary.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)}
+    command = [sys.executable, str(examples / EXAMPLE), "--summary", str(summary), "--raw-bytes", str(RAW_BYTES)]
+    for broker in sites.brokers:
+        command += [f"--{broker.site}-address", broker.address, f"--{broker.site}-cert", str(broker.cert)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -251,128 +128,196 @@ def _run_example(examples: Path, broker: _Broker, out: queue.Queue[tuple[str, ob
             out.put(("line", line.rstrip("\n")))
         out.put(("exit", proc.wait()))
 
-    threading.Thread(target=pump, name="park-demo-example", daemon=True).start()
+    threading.Thread(target=pump, name="park-demo-workflow", daemon=True).start()
     return proc
 
 
-class _View:
-    """Shows the board: a live table, or (plain) one line per event."""
-
-    def __init__(self, console: Console, board: _Board, address: str, plain: bool):
-        self.console, self.board, self.address, self.plain = console, board, address, plain
-        self.lines: list[str] = []
-        self.live = None if plain else Live(self._renderable(), console=console, refresh_per_second=8)
-
-    def _renderable(self) -> Group:
-        return Group(self.board.render(self.address), *(Text(line, style="dim") for line in self.lines[-3:]))
-
-    def __enter__(self) -> _View:
-        if self.live is not None:
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.live is not None:      # the final table stays on screen; the output is printed in full after it
-            self.live.update(self.board.render(self.address))
-            self.live.__exit__(None, None, None)
-
-    def event(self, event: JobEvent, row: _Row) -> None:
-        if self.live is None:
-            self.console.print(Text.assemble(f"{clock(event.time)}  {row.label:<16} ",
-                                             (f"{row.state:<10}", STATE_STYLES.get(row.state, "")),
-                                             f" {row.detail}"))
-        else:
-            self.live.update(self._renderable())
-
-    def line(self, text: str) -> None:
-        if self.live is None:
-            self.console.print(Text(f"  | {text}"))
-        else:
-            self.lines.append(text)
-            self.live.update(self._renderable())
-
-    def tick(self) -> None:
-        if self.live is not None:
-            self.live.update(self._renderable())
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
 
 
-def _follow(view: _View, board: _Board, out: queue.Queue[tuple[str, object]]) -> int:
-    """Consume events and example output until the example has exited and the board has settled.
+def _follow(view: View, board: Board, out: queue.Queue[tuple[str, Any]], summary: Path) -> int:
+    """Consume events and workflow output until the workflow has exited and the board has settled.
 
-    Returns the example's exit status; a failure to watch or a timeout raises CliError."""
+    Returns the workflow's exit status; a failure to watch or a timeout raises CliError."""
     deadline = time.monotonic() + RUN_TIMEOUT
     status: int | None = None
+    marked = False
     while status is None or not board.settled():
         if time.monotonic() > deadline:
-            raise CliError(f"the demo did not finish within {RUN_TIMEOUT:.0f} s")
+            raise CliError(f"the demo workflow did not finish within {RUN_TIMEOUT:.0f} s")
+        if not marked and (document := _read_summary(summary)) is not None:
+            for job in document["jobs"]:     # a memo hit writes no event: the workflow says which were
+                if job["memo_hit"]:
+                    view.reused(board.mark_reused(job["site"], job["id"], board.run), job["label"])
+            marked = True
         try:
-            kind, value = out.get(timeout=0.25)
+            kind, value = out.get(timeout=0.12)
         except queue.Empty:
             view.tick()
             continue
         if kind == "event":
-            assert isinstance(value, JobEvent)
-            view.event(value, board.apply(value))
+            site, event = value
+            assert isinstance(event, JobEvent)
+            view.event(event, board.apply(site, event))
         elif kind == "line":
             view.line(str(value))
         elif kind == "exit":
-            status = int(value)  # type: ignore[call-overload]
+            status = int(value)
             deadline = min(deadline, time.monotonic() + SETTLE)
         else:
             raise CliError(str(value))
+        view.tick()
+    view.tick()
     return status
 
 
-def _verdict(console: Console, expected: dict[str, str], seen: dict[str, str], status: int,
-             plain: bool, lines: list[str]) -> int:
-    if not plain:
-        for line in lines:           # the example's own summary, kept out of the live table
-            console.print(Text(line))
-    wrong = {label: seen.get(label, "never seen") for label, state in expected.items() if seen.get(label) != state}
-    for label, state in wrong.items():
-        console.print(Text(f"park demo: {label} ended {state}, expected {expected[label]}", style="red"))
-    if status != 0:
-        console.print(Text(f"park demo: the example exited with status {status}", style="red"))
-    if wrong or status != 0:
-        return 1
-    console.print(Text(f"park demo: all {len(expected)} jobs ended as expected", style="green"))
-    return 0
+def _check(run: int, status: int, document: dict[str, Any] | None, board: Board, expect: Expectations) -> list[str]:
+    """What went wrong in one run (nothing: every job ended as expected)."""
+    problems = [f"the workflow exited with status {status}"] if status != 0 else []
+    if document is None or document.get("phase") != "done":
+        return [*problems, "the workflow wrote no summary of its jobs"]
+    jobs = {j["label"]: j for j in document["jobs"]}
+    problems += [f"{label} ended {jobs.get(label, {}).get('state', 'unseen')}, expected {state}"
+                 for label, state in expect.states.items() if jobs.get(label, {}).get("state") != state]
+    winner = document.get("winner")
+    for label in expect.contestants:
+        job = jobs.get(label, {})
+        wanted = "completed" if label == winner else "cancelled"
+        if job.get("state") != wanted or (wanted == "cancelled" and "lost the race" not in job.get("detail", "")):
+            problems.append(f"{label} ended {job.get('state', 'unseen')} ({job.get('detail', '')}), expected "
+                            f"{'to win the race' if label == winner else 'to lose the race'}")
+    for job in jobs.values():
+        seen = board.state_of(job["site"], job["id"])
+        if seen != job["state"]:
+            problems.append(f"{job['label']}: the {job['site']} broker's stream says {seen or 'nothing'}, "
+                            f"the workflow saw {job['state']}")
+    if run > 1:
+        problems += [f"{label} was not a memo hit on run {run}" for label in expect.memoized
+                     if not jobs.get(label, {}).get("memo_hit")]
+    return problems
 
 
-def run_demo(*, keep: bool, workers: int, plain: bool, console: Console) -> int:
+def _readable(detail: str) -> str:
+    """A result as the workflow wrote it (JSON) on one line; a cause or an error as it is."""
+    try:
+        return compact(json.loads(detail))
+    except json.JSONDecodeError:
+        return detail
+
+
+def _what_ran_where(console: Console, run: int, document: dict[str, Any], plain: bool) -> None:
+    table = Table(title=f"run {run}: what ran where", title_justify="left", box=None if plain else box.SIMPLE)
+    for column in ("job", "site", "state", "memo hit", "detail"):
+        table.add_column(column, no_wrap=column != "detail")
+    for job in document["jobs"]:
+        hit = f"yes (job {job['id'][:10]}…)" if job["memo_hit"] else "no"
+        table.add_row(Text(job["label"]), Text(job["site"]),
+                      Text(job["state"], style=STATE_STYLES.get(job["state"], "")),
+                      Text(hit, style="green" if job["memo_hit"] else ""), Text(_readable(job["detail"])[:100]))
+    console.print(table)
+
+
+def _explain(console: Console, run: int, document: dict[str, Any], expect: Expectations) -> None:
+    jobs, winner = document["jobs"], document.get("winner")
+    if winner is None:
+        console.print(Text(f"park demo: run {run}: no fit won the race", style="red"))
+        return
+    losers = [c for c in expect.contestants if c != winner]
+    console.print(Text(f"park demo: run {run}: the race was won by {winner}; {' and '.join(losers)} were cancelled "
+                       "at once (lost the race)"))
+    if run == 1:
+        return
+    hits = [j["label"] for j in jobs if j["memo_hit"]]
+    anew = [j["label"] for j in jobs if not j["memo_hit"]]
+    console.print(Text(f"park demo: run {run}: {len(hits)} of {len(jobs)} jobs were memo hits ({', '.join(hits)}): "
+                       "nothing upstream of the race was redone, and no bytes were transferred again", style="green"))
+    console.print(Text(f"park demo: run {run}: ran anew: {', '.join(anew)}. The race is never memoized (who wins "
+                       "depends on timing); its fits are submitted with memo=False so that every run races afresh; "
+                       "and the final fit waits on this run's race, so it is new work too"))
+
+
+@dataclass(slots=True)
+class _Demo:
+    """One `park demo`: its directory, sites, expectations and the board both runs share."""
+
+    root: Path
+    examples: Path
+    sites: Sites
+    expect: Expectations
+    console: Console
+    plain: bool
+    runs: int
+    board: Board
+    out: queue.Queue[tuple[str, Any]]
+
+    def run_once(self, run: int) -> list[str]:
+        """Run the workflow once with the live view; what went wrong (nothing: all as expected)."""
+        console, sites = self.console, self.sites
+        summary = self.root / f"run-{run}.json"
+        self.board.run = run
+        title = f"park demo · run {run} of {self.runs} · sns {sites.sns.address} · cluster {sites.cluster.address}"
+        console.print(Text(f"park demo: run {run} of {self.runs}: examples/{EXAMPLE}", style="bold"))
+        workflow: subprocess.Popen[str] | None = None
+        started = time.monotonic()
+        try:
+            workflow = _start_workflow(self.examples, sites, summary, self.out)
+            with View(console, self.board, Transfer(sites.cluster.files), title, self.plain) as view:
+                status = _follow(view, self.board, self.out, summary)
+        finally:
+            stop_process(workflow, signal.SIGTERM, 5.0)
+        if not self.plain and status != 0:
+            for line in view.lines:           # the workflow's own output, kept out of the live table
+                console.print(Text(f"  | {line}", style="dim"))
+        document = _read_summary(summary)
+        if document is not None and document.get("phase") == "done":
+            _what_ran_where(console, run, document, self.plain)
+            _explain(console, run, document, self.expect)
+        if (fetch := view.transfer.row) is not None:
+            ended = "" if fetch.state == "completed" else f" ({fetch.state})"
+            console.print(Text(f"park demo: run {run}: transfer {fetch.label}: {view.transfer.describe()}{ended}"))
+        console.print(Text(f"park demo: run {run} took {time.monotonic() - started:.1f} s"))
+        return _check(run, status, document, self.board, self.expect)
+
+
+def run_demo(*, keep: bool, workers: int, plain: bool, again: bool, console: Console) -> int:
     """Run the demo; 0 when every job ended as expected, 1 otherwise (see the module docstring)."""
     examples = find_examples()
-    expected = expected_states(examples / EXAMPLE)
-    plain = plain or not console.is_terminal
+    expect = expectations(examples / EXAMPLE)
     root = Path(tempfile.mkdtemp(prefix="park-demo-"))
-    out: queue.Queue[tuple[str, object]] = queue.Queue()
-    example: subprocess.Popen[str] | None = None
-    # The demo's own user key, in a key file (the source robots use), so that it needs no agent.
-    key = Ed25519PrivateKey.generate()
-    write_private_key(root / "demo-user.key", key, None)
-    os.environ.pop("PARK_AUTH_SOCK", None)
-    os.environ["PARK_KEY_FILE"] = str(root / "demo-user.key")
+    runs = 2 if again else 1
+    problems: list[str] = []
+    failed = False
     try:
-        with _sigterm_interrupts(), _Broker(root / SITE, examples, workers, key) as broker:
-            console.print(Text(f"park demo: broker for site {SITE} on {broker.address}, state in {root}"))
-            with contextlib.closing(Service(broker.address, broker.cert)) as service:
-                stream = _watch_all(service, out)
-                board = _Board()
-                try:
-                    example = _run_example(examples, broker, out)
-                    with _View(console, board, broker.address, plain) as view:
-                        status = _follow(view, board, out)
-                finally:
-                    stream.cancel()
-                    _stop(example, signal.SIGTERM, 5.0)
-            return _verdict(console, expected, board.final_states(), status, plain, view.lines)
+        with interruptible(), demo_sites(root, examples, workers) as sites:
+            pids = sites.pids()
+            console.print(Text(f"park demo: agent pid {pids['agent']}; brokers sns pid {pids['sns']} on "
+                               f"{sites.sns.address}, cluster pid {pids['cluster']} on {sites.cluster.address}; "
+                               f"state in {root}"))
+            demo = _Demo(root, examples, sites, expect, console, plain or not console.is_terminal, runs, Board(),
+                         queue.Queue())
+            with _agent_environment(sites.agent.socket), contextlib.ExitStack() as streams:
+                for broker in sites.brokers:
+                    service = streams.enter_context(contextlib.closing(Service(broker.address, broker.cert)))
+                    stream: grpc.Call = watch_all(service, broker.site, demo.out)
+                    streams.callback(stream.cancel)
+                for run in range(1, runs + 1):
+                    problems += [f"run {run}: {problem}" for problem in demo.run_once(run)]
     except CliError:
-        if (root / "broker.log").exists():
-            console.print(Text(f"park demo: the broker's log is {root / 'broker.log'}", style="dim"))
-            keep = True
+        failed = True
         raise
     finally:
-        if keep:
-            console.print(Text(f"park demo: kept {root}"))
+        for problem in problems:
+            console.print(Text(f"park demo: {problem}", style="red"))
+        if keep or failed or problems:
+            logs = " (logs: agent.log, sns.log, cluster.log)" if failed or problems else ""
+            console.print(Text(f"park demo: kept {root}{logs}"))
         else:
             shutil.rmtree(root, ignore_errors=True)
+    if problems:
+        return 1
+    console.print(Text(f"park demo: all jobs ended as expected in {runs} run{'s' * (runs > 1)}", style="green"))
+    return 0

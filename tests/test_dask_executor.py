@@ -1,0 +1,139 @@
+"""The Dask executor on a real `LocalCluster`: brokers started with `--executor dask://HOST:PORT`
+run their jobs on the cluster's worker processes, with the local executor's behaviour."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import park
+from harness import Broker, alive, broker_cli, wait_for  # type: ignore[import-not-found]
+
+distributed = pytest.importorskip("distributed")
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[distributed.LocalCluster]:
+    cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
+                                       scheduler_port=0, dashboard_address=None)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def dask_broker(new_broker: Callable[..., Broker], cluster: distributed.LocalCluster) -> Broker:
+    address = cluster.scheduler_address.removeprefix("tcp://")
+    return new_broker(extra=["--executor", f"dask://{address}"]).start()
+
+
+@pytest.fixture
+def service(dask_broker: Broker) -> park.Service:
+    return dask_broker.service()
+
+
+def test_call_and_command_jobs_complete_with_results_and_stdout(service: park.Service) -> None:
+    assert service.info.executor == "dask"
+    with service:
+        call = park.submit("park_test_tasks:write_output", "hello", output="data.txt")
+        command = park.run([sys.executable, "-c", "import os; print('hi from', os.environ['PARK_JOB_ID'])"])
+        bad = park.run([sys.executable, "-c", "raise SystemExit(4)"])
+    assert call.result(timeout=30) == call.id
+    assert Path(call.filename).read_text() == "hello"
+    [output] = call.record().outputs
+    assert output.size == 5 and len(output.sha256) == 64
+    assert (Path(call.filename).parent / "stdout.log").read_text() == "wrote 5 characters\n"
+    assert command.result(timeout=30) is None
+    assert (Path(command.filename).parent / "stdout.log").read_text() == f"hi from {command.id}\n"
+    with pytest.raises(park.JobFailed, match="exited with status 4"):
+        bad.result(timeout=30)
+    assert [e.kind for e in call.events()] == ["submitted", "queued", "started", "completed"]
+
+
+def test_failure_is_job_failed_with_traceback_and_a_chain_runs_in_order(service: park.Service,
+                                                                        tmp_path: Path) -> None:
+    lines = str(tmp_path / "lines.txt")
+    with service:
+        failed = park.submit("park_test_tasks:fail", "boom")
+        a = park.submit("park_test_tasks:append_line", lines, "a")
+        b = park.submit("park_test_tasks:append_line", lines, "b", when=a.iscompleted)
+        c = park.submit("park_test_tasks:append_line", lines, "c", when=b.iscompleted)
+    with pytest.raises(park.JobFailed, match="ValueError: boom") as raised:
+        failed.result(timeout=30)
+    assert "Traceback" in raised.value.traceback and "park_test_tasks.py" in raised.value.traceback
+    assert c.result(timeout=30) == 3
+    assert Path(lines).read_text() == "a\nb\nc\n"
+
+
+def test_cancel_running_job_terminates_its_process(service: park.Service, tmp_path: Path) -> None:
+    marker = tmp_path / "pid"
+    with service:
+        job = park.submit("park_test_tasks:sleep", 60, str(marker))
+    wait_for(marker.exists)
+    pid = int(marker.read_text())
+    assert job.state == "running"
+    assert job.cancel() == "cancelled"
+    wait_for(lambda: not alive(pid), timeout=5)
+    with service:   # the Dask worker's thread is free again
+        assert [park.submit("park_test_tasks:add", i, 1).result(timeout=30) for i in range(3)] == [1, 2, 3]
+
+
+def test_progress_reports_from_a_dask_worker_gate_an_improved_dependent(service: park.Service,
+                                                                          tmp_path: Path) -> None:
+    marker = tmp_path / "dependent-started"
+    with service:
+        fit = park.submit("park_test_tasks:fit", [3.0, 2.0, 0.9, 0.8], 0.05, wait_for=str(marker))
+        dependent = park.submit("park_test_tasks:touch", str(marker), when=fit.improved("chisq < 1.0"))
+    # The fit only finishes once the dependent has started: it must have started mid-run.
+    assert fit.result(timeout=30) == {"chisq": 0.8, "steps": 4}
+    assert dependent.result(timeout=30) == str(marker)
+    assert [e.detail["values"]["chisq"] for e in fit.history() if e.kind == "improved"] == [3.0, 2.0, 0.9, 0.8]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker's pid in /proc")
+def test_a_worker_that_dies_fails_its_job_and_the_cluster_goes_on(service: park.Service) -> None:
+    # The command's grandparent is the Dask worker process (worker -> job process -> command).
+    kill_worker = ("import os, time; worker = int(open(f'/proc/{os.getppid()}/stat').read().split()[3]); "
+                   "os.kill(worker, 9); time.sleep(60)")
+    with service:
+        job = park.run([sys.executable, "-c", kill_worker])
+    with pytest.raises(park.JobFailed, match="the Dask worker running the job .* died"):
+        job.result(timeout=30)
+    with service:
+        assert park.submit("park_test_tasks:add", 2, 3).result(timeout=30) == 5
+
+
+def test_kill_9_broker_reruns_the_dask_job_after_restart(dask_broker: Broker, tmp_path: Path) -> None:
+    marker = tmp_path / "slow.pid"
+    s = dask_broker.service()
+    with s:
+        slow = park.submit("park_test_tasks:sleep", 60, str(marker))
+        after = park.submit("park_test_tasks:noop", when=slow.iscompleted)
+    wait_for(marker.exists)
+    first = int(marker.read_text())
+    marker.unlink()
+    dask_broker.kill()
+    # The scheduler drops the dead broker's client, and the released task terminates its job's
+    # process: an orphaned attempt does not race the re-run.
+    wait_for(lambda: not alive(first), timeout=5)
+    dask_broker.start()
+    s = dask_broker.service()
+    again = s.job(slow.id)
+    wait_for(marker.exists)
+    second = int(marker.read_text())
+    assert second != first and again.state == "running"
+    assert again.record().attempts == 2
+    assert s.job(after.id).state == "waiting"
+    again.cancel()
+    wait_for(lambda: not alive(second), timeout=5)
+    assert s.job(after.id).wait(timeout=30) == "cancelled"
+    assert [e.kind for e in again.events()].count("started") == 2
+
+
+def test_an_executor_that_is_not_local_or_dask_is_refused(tmp_path: Path) -> None:
+    result = broker_cli("serve", str(tmp_path / "nowhere"), "--executor", "slurm://login1")
+    assert result.returncode == 2
+    assert "is not an executor: use local or dask://HOST:PORT" in result.stderr

@@ -1,0 +1,268 @@
+"""Operating a broker: gRPC reflection, structured logs without secrets, Prometheus metrics."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import park
+from harness import Broker  # type: ignore[import-not-found]
+from park._proto import jobs_pb2, jobs_pb2_grpc
+from park_broker import logs
+from park_broker.metrics import Metrics, parse_listen
+from park_broker.site import SiteError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _channel(broker: Broker) -> grpc.Channel:
+    return grpc.secure_channel(broker.address, grpc.ssl_channel_credentials(broker.cert.read_bytes()))
+
+
+def _reflect(channel: grpc.Channel, method: str, request: reflection_pb2.ServerReflectionRequest
+             ) -> reflection_pb2.ServerReflectionResponse:
+    call = channel.stream_stream(method, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    return next(iter(call(iter([request]), timeout=10)))
+
+
+def _json_records(broker: Broker) -> list[dict[str, object]]:
+    """The broker's log records; every line on stderr must be one JSON object."""
+    records = []
+    for line in broker.log().splitlines():
+        if not line.strip() or line.startswith("park-broker: "):   # the serve banner, on stdout
+            continue
+        records.append(json.loads(line))
+    return records
+
+
+# -- reflection ---------------------------------------------------------------------------------
+
+def test_reflection_lists_the_services_anonymously(broker: Broker) -> None:
+    with _channel(broker) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                    timeout=10)))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"park.v1.Jobs", "park.v1.Site", "park.v1.Packages", "park.v1.Files", "park.v1.Federation",
+                "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        described = _reflect(channel, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                             reflection_pb2.ServerReflectionRequest(file_containing_symbol="park.v1.Jobs"))
+        assert described.file_descriptor_response.file_descriptor_proto
+        # grpcurl >= 1.8.8 asks the v1 name first; the same messages answer it.
+        v1 = _reflect(channel, "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                      reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert {s.name for s in v1.list_services_response.service} == names
+
+
+def test_reflection_is_public_but_refuses_a_bad_token(broker: Broker) -> None:
+    with _channel(broker) as channel:
+        call = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        replies = call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10,
+                       metadata=(("authorization", "Bearer not-a-token"),))
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(replies))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "token refused" in (refused.value.details() or "")
+
+
+# -- logs -----------------------------------------------------------------------------------------
+
+def _capture(fmt: str) -> tuple[io.StringIO, logging.Handler]:
+    stream = io.StringIO()
+    return stream, logs.configure("DEBUG", fmt, stream)
+
+
+def test_json_logs_are_one_object_per_line_with_extra_fields() -> None:
+    stream, handler = _capture("json")
+    try:
+        log = logging.getLogger("park_broker.test")
+        log.info("job %s finished", "abc", extra={"job_id": "abc", "state": "completed", "seconds": 1.5})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("it failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "job abc finished" and first["level"] == "INFO"
+    assert first["logger"] == "park_broker.test" and first["time"].endswith("Z")
+    assert (first["job_id"], first["state"], first["seconds"]) == ("abc", "completed", 1.5)
+    assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
+
+
+@pytest.mark.parametrize("fmt", logs.FORMATS)
+def test_the_redactor_removes_bearer_tokens_and_token_fields(fmt: str) -> None:
+    stream, handler = _capture(fmt)
+    secret = "Q2hBS0" * 30
+    try:
+        log = logging.getLogger("park_broker.test")
+        log.warning("metadata: %s", [("authorization", f"Bearer {secret}")])
+        log.warning("got Bearer hunter2", extra={"token": "hunter2", "grant_token": "x", "job_id": "j"})
+        try:
+            raise RuntimeError(f"refused {secret}")
+        except RuntimeError:
+            log.exception("failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = stream.getvalue()
+    assert secret not in text and "hunter2" not in text and "[redacted]" in text
+    if fmt == "json":
+        second = json.loads(text.splitlines()[1])
+        assert (second["token"], second["grant_token"], second["job_id"]) == ("[redacted]", "[redacted]", "j")
+
+
+def test_a_token_in_metadata_never_reaches_the_log(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(extra=["--log-format", "json", "--log-level", "DEBUG"]).start()
+    service = broker.service()
+    with service:
+        job = park.submit("park_test_tasks:add", 1, 2)
+    assert job.result(timeout=60) == 3
+    valid = service.tokens.current()
+    assert valid and len(valid) > 100
+    forged = "Zm9yZ2Vk" * 40
+    with _channel(broker) as channel:
+        stub = jobs_pb2_grpc.JobsStub(channel)
+        for token in (forged, "hunter2-not-a-token", valid):
+            with pytest.raises(grpc.RpcError) as refused:   # forged, malformed, or no such job
+                stub.Get(jobs_pb2.GetRequest(job_id="a" * 26), metadata=(("authorization", f"Bearer {token}"),),
+                         timeout=10)
+            assert refused.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND)
+    assert broker.stop() == 0
+    records = _json_records(broker)
+    assert any(r["logger"] == "park_broker.server" and r["level"] == "INFO" for r in records)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    text = broker.log()
+    for secret in (valid, forged, "hunter2-not-a-token"):
+        assert secret not in text
+
+
+def test_log_format_is_accepted_before_and_after_serve(tmp_path: Path) -> None:
+    from park_broker.cli import _parser
+
+    assert _parser().parse_args(["--log-format", "json", "serve", str(tmp_path)]).log_format == "json"
+    assert _parser().parse_args(["serve", str(tmp_path), "--log-format", "json"]).log_format == "json"
+    assert _parser().parse_args(["serve", str(tmp_path)]).log_format == "text"
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+def _metrics_address(broker: Broker) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for record in _json_records(broker):
+            if record["logger"] == "park_broker.metrics" and "address" in record:
+                return str(record["address"])
+        time.sleep(0.05)
+    raise AssertionError(f"no metrics address in the log:\n{broker.log()}")
+
+
+def _scrape(address: str) -> tuple[dict[str, float], str, str]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        body = reply.read().decode()
+        content_type = reply.headers["Content-Type"]
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples, body, content_type
+
+
+def _until_state(job: park.Job, state: str) -> None:
+    deadline = time.monotonic() + 30
+    while job.state != state:
+        assert time.monotonic() < deadline, f"job never reached {state}"
+        time.sleep(0.05)
+
+
+def test_metrics_count_jobs_by_state_and_events(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(extra=["--metrics-listen", "127.0.0.1:0", "--log-format", "json"]).start()
+    address = _metrics_address(broker)
+    assert address.startswith("127.0.0.1:")
+    before, _, _ = _scrape(address)
+    assert before['park_jobs{state="completed"}'] == 0 and before["park_events_committed_total"] == 0
+    with broker.service():
+        done = [park.submit("park_test_tasks:add", i, 1) for i in range(2)]
+        failed = park.submit("park_test_tasks:fail", "on purpose")
+        running = park.submit("park_test_tasks:sleep", 60)
+        waiting = park.submit("park_test_tasks:add", 1, 1, when=running.iscompleted)
+        doomed = park.submit("park_test_tasks:add", 2, 2, when=running.iscompleted)
+    for job in done:
+        assert job.wait(timeout=60) == "completed"
+    assert failed.wait(timeout=60) == "failed"
+    _until_state(running, "running")
+    doomed.cancel("not needed")
+    samples, body, content_type = _scrape(address)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert {s: samples[f'park_jobs{{state="{s}"}}'] for s in
+            ("waiting", "queued", "running", "completed", "failed", "cancelled")} == \
+        {"waiting": 1, "queued": 0, "running": 1, "completed": 2, "failed": 1, "cancelled": 1}
+    assert waiting.state == "waiting"
+    assert samples["park_events_committed_total"] >= 6 * 2
+    assert samples['park_transfer_bytes_total{direction="received"}'] == 0
+    assert samples['park_broker_info{site="sns"}'] == 1
+    assert "# TYPE park_events_committed_total counter" in body and "rate(" in body
+    running.cancel()
+    assert running.wait(timeout=30) == "cancelled"
+    after, _, _ = _scrape(address)
+    assert after["park_events_committed_total"] > samples["park_events_committed_total"]
+
+
+def test_metrics_endpoint_answers_only_get_on_metrics(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(extra=["--metrics-listen", "127.0.0.1:0", "--log-format", "json"]).start()
+    address = _metrics_address(broker)
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://{address}/", timeout=10)
+    assert missing.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as posted:
+        urllib.request.urlopen(urllib.request.Request(f"http://{address}/metrics", data=b"x", method="POST"),
+                               timeout=10)
+    assert posted.value.code == 405 and posted.value.headers["Allow"] == "GET, HEAD"
+
+
+def test_metrics_listen_parsing() -> None:
+    assert parse_listen("9100") == ("127.0.0.1", 9100)
+    assert parse_listen("0.0.0.0:9100") == ("0.0.0.0", 9100)
+    assert parse_listen("[::1]:9100") == ("::1", 9100)
+    for bad in (":9100", "host:", "host:port", "9100000"):
+        with pytest.raises(SiteError, match="must be HOST:PORT or PORT"):
+            parse_listen(bad)
+
+
+def test_transfer_meter_counts_each_byte_once_across_retries() -> None:
+    metrics = Metrics(store=None, hub=None)  # type: ignore[arg-type]
+    meter = metrics.transfer_meter()
+    for written in (100, 250, 250, 120, 300):   # a retry that restarted from an earlier offset
+        meter(written, 300)
+    assert metrics.transfer_bytes == {"received": 250 + 180}
+
+
+def test_metrics_show_the_stream_from_each_peer(new_broker) -> None:  # type: ignore[no-untyped-def]
+    from test_federation import federate  # type: ignore[import-not-found]
+
+    sns = new_broker("sns")
+    cluster = new_broker("cluster", extra=["--metrics-listen", "0", "--log-format", "json"])
+    federate(sns, cluster)
+    address = _metrics_address(cluster)
+    with sns.service():
+        gate = park.submit("park_test_tasks:sleep", 2.0)
+    with cluster.service():
+        fit = park.submit("park_test_tasks:add", 1, 1, when=gate.iscompleted)
+    waiting = _scrape(address)[0]      # the gate sleeps for 2 s: the atom is still awaited
+    assert waiting['park_peer_pending_atoms{peer="sns"}'] == 1 and fit.state == "waiting"
+    assert waiting['park_peer_connected{peer="sns"}'] in (0, 1)
+    assert fit.result(timeout=60) == 2
+    samples = _scrape(address)[0]
+    assert samples['park_peer_pending_atoms{peer="sns"}'] == 0
+    assert samples['park_peer_last_seq{peer="sns"}'] >= gate.record().last_seq
