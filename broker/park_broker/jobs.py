@@ -40,7 +40,7 @@ from park._wire import STATE_NAMES, TERMINAL_STATES, InvalidInput, atom_to_proto
 from park.conditions import AtomKey, Condition, State
 from park.expressions import improved_state
 from park_broker import memo, transfer
-from park_broker.admission import Admission
+from park_broker.admission import DEFAULT_OUTPUT, Admission
 from park_broker.errors import BrokerError, Code, fail
 from park_broker.events import EventHub
 from park_broker.executor import Executor, Outcome, Task
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 10_000
 MAX_REPORT_VALUES = 64
 MAX_HISTORY = 10_000
-DEFAULT_OUTPUT = "output"
 _VALUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from park import tokens
 from park._wire import InvalidInput, check_site
-from park_broker.site import IDENTITY_URI_PREFIX, SiteError
+from park_broker.site import IDENTITY_URI_PREFIX, SiteError, check_name_and_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +90,7 @@ class PeerTable:
 
 
 def add_peer(directory: Path, name: str, address: str, cert: Path) -> Peer:
-    try:
-        check_site(name)
-    except InvalidInput as exc:
-        raise SiteError(str(exc)) from None
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise SiteError(f"peer address {address!r} must be HOST:PORT")
+    check_name_and_address(name, address, "peer address")
     pem = cert.read_bytes()
     key = identity_key(pem)
     (directory / "peers").mkdir(exist_ok=True)

@@ -81,15 +81,20 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def init_site(directory: Path, name: str, listen: str = DEFAULT_LISTEN) -> SiteConfig:
-    """Create a new state directory. Refuses to overwrite an existing site."""
+def check_name_and_address(name: str, address: str, what: str) -> None:
+    """A site name and a HOST:PORT, as the command line takes them; SiteError says what is wrong."""
     try:
         check_site(name)
     except InvalidInput as exc:
         raise SiteError(str(exc)) from None
-    host, _, port = listen.rpartition(":")
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise SiteError(f"listen address {listen!r} must be HOST:PORT")
+        raise SiteError(f"{what} {address!r} must be HOST:PORT")
+
+
+def init_site(directory: Path, name: str, listen: str = DEFAULT_LISTEN) -> SiteConfig:
+    """Create a new state directory. Refuses to overwrite an existing site."""
+    check_name_and_address(name, listen, "listen address")
     if (directory / "site.toml").exists():
         raise SiteError(f"{directory} already holds a site; choose an empty directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,7 +110,7 @@ def init_site(directory: Path, name: str, listen: str = DEFAULT_LISTEN) -> SiteC
     raw = identity.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     names: list[x509.GeneralName] = [x509.DNSName(name), x509.DNSName("localhost"),
                                      x509.UniformResourceIdentifier(IDENTITY_URI_PREFIX + raw.hex())]
-    for h in {host.strip("[]"), "127.0.0.1", "::1", socket.gethostname()}:
+    for h in {listen.rpartition(":")[0].strip("[]"), "127.0.0.1", "::1", socket.gethostname()}:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:

@@ -256,10 +256,6 @@ class Store:
             (job.owner, _work(job.spec), job.memo_key, job.id)).fetchone()
         return jpb.Job.FromString(row[0]) if row else None
 
-    async def alias_target(self, job_id: str) -> str | None:
-        row = await self._read(lambda: self._reader().execute(
-            "SELECT target FROM aliases WHERE id = ?", (job_id,)).fetchone())
-        return row[0] if row else None
 
     async def list(self, owner: str | None, states: Sequence[int], after_id: str, limit: int) -> list[jpb.Job]:
         return await self._read(self._list, owner, list(states), after_id, limit)

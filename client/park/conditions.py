@@ -153,7 +153,6 @@ _anonymous = itertools.count()
 class Atom(Condition):
     """One fact. Equal atoms have equal keys; `source`, if given, reports its live state."""
 
-
     __slots__ = ("key", "source", "origin")
 
     def __init__(self, key: Hashable | None = None, source: Callable[[AtomKey], State] | None = None,
