@@ -7,7 +7,7 @@ Wraps, without changing them, some functions of the running broker and writes
 
 - committed_<kind>: `EventHub.publish`, called once a transaction is durable,
   for each completed / queued / started event in it;
-- sent: `federation._update`, the publisher building the AtomUpdate it yields
+- sent: `publisher._update`, the publisher building the AtomUpdate it yields
   next for a peer (job id = the resolved job at this site);
 - received: `PeerLinks._receive`, the subscriber handed an AtomUpdate by gRPC
   (job id = the job at the peer);
@@ -25,14 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-from park_broker import cli, events, federation
+from park_broker import cli
+from park_broker.core import events
+from park_broker.federation import links, publisher
 
 TRACE: list[tuple[str, str, float]] = []
 
 
 def _install() -> None:
-    publish, update, receive = events.EventHub.publish, federation._update, federation.PeerLinks._receive
-    watch, admit, check = federation.PeerLinks.watch, federation.Publisher._admit, federation.Publisher._check_token
+    publish, update, receive = events.EventHub.publish, publisher._update, links.PeerLinks._receive
+    watch, admit, check = links.PeerLinks.watch, publisher.Publisher._admit, publisher.Publisher._check_token
 
     def traced_publish(self, changes):  # type: ignore[no-untyped-def]
         now = time.time()
@@ -64,12 +66,12 @@ def _install() -> None:
         check(self, token, peer, key, owner)
         TRACE.append(("admitted", key.job_id, time.time()))
 
-    federation.PeerLinks.watch = traced_watch  # type: ignore[method-assign]
-    federation.Publisher._admit = traced_admit  # type: ignore[method-assign]
-    federation.Publisher._check_token = traced_check  # type: ignore[method-assign]
+    links.PeerLinks.watch = traced_watch  # type: ignore[method-assign]
+    publisher.Publisher._admit = traced_admit  # type: ignore[method-assign]
+    publisher.Publisher._check_token = traced_check  # type: ignore[method-assign]
     events.EventHub.publish = traced_publish  # type: ignore[method-assign]
-    federation._update = traced_update
-    federation.PeerLinks._receive = traced_receive  # type: ignore[method-assign]
+    publisher._update = traced_update
+    links.PeerLinks._receive = traced_receive  # type: ignore[method-assign]
 
 
 def main() -> int:

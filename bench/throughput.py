@@ -21,7 +21,7 @@ all of the caller's jobs has delivered a terminal event for every job; broker
 start-up is not timed.
 
 With `--executor dask` the broker runs its jobs on Dask instead (`--executor
-dask://...`, park_broker.dask_executor) on a fresh LocalCluster like the one
+dask://...`, park_broker.execution.dask_executor) on a fresh LocalCluster like the one
 plain Dask gets, started before the broker and not timed; `both` measures Park
 on each executor. The table then has a column per Park executor.
 

@@ -6,7 +6,7 @@
 Makes a temporary site (park_broker.site.init_site: P-256 TLS key and
 certificate) with one file of `--size-mib` MiB of os.urandom bytes, and serves
 it from a separate process (`--serve`, the test-only Files servicer of
-tests/transfer_harness.py, built from park_broker.transfer) on 127.0.0.1:0 over
+tests/transfer_harness.py, built from park_broker.transfer.download) on 127.0.0.1:0 over
 TLS, so that source and destination each have their own process and event loop,
 as two brokers would. Then, alternating, `--repeat` times:
 
@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from park._proto import files_pb2, files_pb2_grpc
 from park_broker.site import init_site, load_site
-from park_broker.transfer import CHUNK_SIZE, fetch, tune_allocator
+from park_broker.transfer.download import fetch
+from park_broker.transfer.source import CHUNK_SIZE
+from park_broker.transfer.tuning import tune_allocator
 from transfer_harness import CLIENT_OPTIONS, SERVER_OPTIONS, FilesServicer
 
 JOB = "a" * 26

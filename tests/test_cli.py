@@ -18,7 +18,7 @@ import park
 from harness import alive  # type: ignore[import-not-found]
 from park.cli import main
 from park.config import add_service, load_services
-from park.demo import EXAMPLE, expectations
+from park.cli.demo.run import EXAMPLE, expectations
 
 ROOT = Path(__file__).resolve().parents[1]
 

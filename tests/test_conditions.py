@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from park._proto import conditions_pb2 as cpb
-from park._wire import InvalidInput, condition_from_proto, condition_to_proto
+from park.wire import InvalidInput, condition_from_proto, condition_to_proto
 from park.conditions import And, Atom, AtomKey, Condition, Not, Or, State
 
 P, R, C = State.PENDING, State.READY, State.CANCELLED

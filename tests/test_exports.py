@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import park
 from park._proto import federation_pb2, files_pb2, jobs_pb2, packages_pb2, site_pb2
-from park_broker.policy import POLICY
+from park_broker.auth.policy import POLICY
 
 
 def test_park_exports_exactly_the_documented_names() -> None:

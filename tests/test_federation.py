@@ -151,7 +151,7 @@ def test_a_forged_grant_is_refused_by_the_publishing_site(sites) -> None:  # typ
     with s:
         reduction = park.submit("park_test_tasks:sleep", 1.0)
     spec = jpb.JobSpec(id="q" * 26, call=jpb.PythonCall(target="park_test_tasks:noop"))
-    spec.when.postfix.add().atom.CopyFrom(park._wire.atom_to_proto(reduction.iscompleted.key))
+    spec.when.postfix.add().atom.CopyFrom(park.wire.atom_to_proto(reduction.iscompleted.key))
     spec.grants["sns"] = "bm90IGEgdG9rZW4"   # not a token
     [result] = c.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec]), timeout=10).results
     assert result.code == 0

@@ -10,11 +10,12 @@ import pytest
 import park
 from harness import Broker  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
-from park._wire import condition_to_proto
+from park.wire import condition_to_proto
 from park.cli import main
 from park.conditions import Atom, AtomKey
 from park.config import add_service
-from park.graph import _Sites, build_graph, to_dot, to_mermaid
+from park.cli.graph import build_graph, to_dot, to_mermaid
+from park.cli.targets import RecordsBySite
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -115,7 +116,7 @@ def test_an_unknown_job_fails_with_the_broker_status(configured: Broker, capsys)
 
 def test_a_site_without_a_configured_service_is_unknown(configured: Broker) -> None:
     with configured.service() as service:
-        sites = _Sites(service, "sns", [])
+        sites = RecordsBySite(service, "sns", [])
         record, why = sites.record("cluster", A)
     assert record is None and why == "no configured service for site cluster"
 

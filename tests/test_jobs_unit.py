@@ -6,13 +6,13 @@ import asyncio
 from pathlib import Path
 
 from park._proto import jobs_pb2 as jpb
-from park._wire import condition_to_proto
+from park.wire import condition_to_proto
 from park.conditions import Atom, AtomKey
-from park_broker.events import EventHub
-from park_broker.executor import Outcome, Task
-from park_broker.jobs import JobManager, SiteInfo
-from park_broker.packages import PackageStore
-from park_broker.store import Store
+from park_broker.core.events import EventHub
+from park_broker.execution.base import Outcome, Task
+from park_broker.core.lifecycle import JobManager, SiteInfo
+from park_broker.packages.store import PackageStore
+from park_broker.core.store import Store
 
 
 class RecordingExecutor:

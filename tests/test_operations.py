@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import park
 from harness import Broker  # type: ignore[import-not-found]
 from park._proto import jobs_pb2, jobs_pb2_grpc
-from park_broker import logs
-from park_broker.metrics import Metrics, parse_listen
+from park_broker.ops import logs
+from park_broker.ops.metrics import Metrics, parse_listen
 from park_broker.site import SiteError
 
 pytestmark = pytest.mark.timeout(120)
@@ -148,11 +148,11 @@ def test_a_token_in_metadata_never_reaches_the_log(new_broker) -> None:  # type:
 
 
 def test_log_format_is_accepted_before_and_after_serve(tmp_path: Path) -> None:
-    from park_broker.cli import _parser
+    from park_broker.cli import build_parser
 
-    assert _parser().parse_args(["--log-format", "json", "serve", str(tmp_path)]).log_format == "json"
-    assert _parser().parse_args(["serve", str(tmp_path), "--log-format", "json"]).log_format == "json"
-    assert _parser().parse_args(["serve", str(tmp_path)]).log_format == "text"
+    assert build_parser().parse_args(["--log-format", "json", "serve", str(tmp_path)]).log_format == "json"
+    assert build_parser().parse_args(["serve", str(tmp_path), "--log-format", "json"]).log_format == "json"
+    assert build_parser().parse_args(["serve", str(tmp_path)]).log_format == "text"
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def _metrics_address(broker: Broker) -> str:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         for record in _json_records(broker):
-            if record["logger"] == "park_broker.metrics" and "address" in record:
+            if record["logger"] == "park_broker.ops.metrics" and "address" in record:
                 return str(record["address"])
         time.sleep(0.05)
     raise AssertionError(f"no metrics address in the log:\n{broker.log()}")

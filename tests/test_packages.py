@@ -21,7 +21,7 @@ from packaging.version import Version
 
 from park.wheels import WheelError, build_wheel, distribution_versions, sha256_file
 from park_broker.errors import Code
-from park_broker.packages import Limits, PackageError, PackageRef, PackageStore, installed_versions
+from park_broker.packages.store import Limits, PackageError, PackageRef, PackageStore, installed_versions
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from park.conditions import Atom, AtomKey, State
-from park_broker.scheduler import Scheduler, Verdict
+from park_broker.core.scheduler import Scheduler, Verdict
 
 
 def key(job: str, kind: str = "completed") -> AtomKey:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from park._proto import jobs_pb2 as jpb
-from park_broker.store import SCHEMA_VERSION, Change, Store, StoreError
+from park_broker.core.store import SCHEMA_VERSION, Change, Store, StoreError
 
 
 def _job(i: int) -> jpb.Job:

@@ -21,8 +21,8 @@ from park import tokens
 from park._proto import files_pb2
 from park_broker.errors import BrokerError, Code
 from park_broker.site import SiteConfig, init_site
-from park_broker.transfer import (Downloader, RetryPolicy, TransferFailed, authorize_read, fetch, read_chunks,
-                                  resolve_path)
+from park_broker.transfer.download import Downloader, RetryPolicy, TransferFailed, fetch
+from park_broker.transfer.source import authorize_read, read_chunks, resolve_path
 from transfer_harness import FilesServicer, serving
 
 T = TypeVar("T")

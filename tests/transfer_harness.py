@@ -1,7 +1,7 @@
 """A test-only Files server over real TLS, and a TCP proxy that cuts streams.
 
 Shared by tests/test_transfer.py and bench/transfer.py. `FilesServicer` is the
-thinnest servicer that can be built from park_broker.transfer (the broker's
+thinnest servicer that can be built from park_broker.transfer.download (the broker's
 own is wired by server.py): optional token check, `authorize_read`,
 `resolve_path`, `read_chunks`, and BrokerError codes mapped to statuses.
 `CuttingProxy` forwards TCP between a client and the server and aborts the
@@ -23,7 +23,7 @@ from park import tokens
 from park._proto import files_pb2, files_pb2_grpc
 from park_broker.errors import BrokerError, Code
 from park_broker.site import SiteConfig
-from park_broker.transfer import CHUNK_SIZE, authorize_read, read_chunks, resolve_path
+from park_broker.transfer.source import CHUNK_SIZE, authorize_read, read_chunks, resolve_path
 
 MAX_MESSAGE = 16 * 1024 * 1024
 SERVER_OPTIONS: list[tuple[str, Any]] = [("grpc.max_send_message_length", MAX_MESSAGE),

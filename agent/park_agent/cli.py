@@ -36,7 +36,7 @@ __all__ = ["main"]
 NO_AGENT = 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="park-agent", description="Park's credential agent.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--foreground", action="store_true", help="do not daemonize; log to stderr")
@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command is None:
         return _start(args.foreground, args.debug)
     try:

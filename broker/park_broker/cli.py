@@ -18,15 +18,15 @@ import asyncio
 import sys
 from pathlib import Path
 
-from park_broker.executors import executor_spec
-from park_broker import logs
-from park_broker.peers import add_peer
+from park_broker.execution.choice import executor_spec
+from park_broker.ops import logs
+from park_broker.federation.peers import add_peer
 from park_broker.server import ServeOptions, serve
 from park_broker.site import DEFAULT_LISTEN, SiteError, init_site, load_site
-from park_broker.users import ALLOWED, UsersError, add_user, load_users, revoke
+from park_broker.auth.users import ALLOWED, UsersError, add_user, load_users, revoke
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="park-broker", description="Park site broker")
     logs.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:
         if args.command == "init":

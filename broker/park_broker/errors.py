@@ -1,7 +1,7 @@
 """The broker's error catalog: domain errors with a code, and nothing about gRPC.
 
 Handlers raise `BrokerError(Code.X, "what to fix")`. The servicer layer is the
-only place that turns a code into a gRPC status (`servicer.status_for`), so the
+only place that turns a code into a gRPC status (`servicers.boundary.status_for`), so the
 same error reads the same way on every RPC. Messages are shown to callers: they
 say what was wrong and how to fix it, and never contain secrets.
 """

@@ -22,20 +22,25 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from park._proto import federation_pb2_grpc, files_pb2_grpc, jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
-from park_broker import transfer
-from park_broker.events import EventHub
-from park_broker.jobs import JobManager, SiteInfo
-from park_broker.metrics import Metrics
-from park_broker.reflection import broker_services, enable_reflection
-from park_broker.executors import executor_kind, make_executor
-from park_broker.policy import Gate, PolicyInterceptor, local_identity
-from park_broker.packages import PackageStore
-from park_broker.federation import PeerLinks, Publisher
-from park_broker.peers import PeerTable
-from park_broker.servicer import FederationServicer, FilesServicer, JobsServicer, PackagesServicer, SiteServicer
+from park_broker.transfer.tuning import tune_allocator
+from park_broker.core.events import EventHub
+from park_broker.core.lifecycle import JobManager, SiteInfo
+from park_broker.ops.metrics import Metrics
+from park_broker.ops.reflection import broker_services, enable_reflection
+from park_broker.execution.choice import executor_kind, make_executor
+from park_broker.auth.policy import Gate, PolicyInterceptor, local_identity
+from park_broker.packages.store import PackageStore
+from park_broker.federation.links import PeerLinks
+from park_broker.federation.publisher import Publisher
+from park_broker.federation.peers import PeerTable
+from park_broker.servicers.federation import FederationServicer
+from park_broker.servicers.files import FilesServicer
+from park_broker.servicers.jobs import JobsServicer
+from park_broker.servicers.packages import PackagesServicer
+from park_broker.servicers.site import SiteServicer
 from park_broker.site import SiteConfig, SiteError
-from park_broker.store import Store
-from park_broker.users import Authority
+from park_broker.core.store import Store
+from park_broker.auth.users import Authority
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ class ServeOptions:
     local_only: bool = False     # no tokens: loopback only, every caller is the broker's user
     package_index: str | None = None   # a wheelhouse directory or index URL for implicit installs
     metrics_listen: str | None = None  # HOST:PORT (a bare PORT: loopback) for Prometheus' GET /metrics
-    executor: str = "local"      # "local" or "dask://HOST:PORT" (park_broker.executors)
+    executor: str = "local"      # "local" or "dask://HOST:PORT" (park_broker.execution.choice)
 
 
 def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate:
@@ -101,7 +106,7 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    transfer.tune_allocator()   # ~1 MiB transfer buffers would otherwise fault in page by page
+    tune_allocator()   # ~1 MiB transfer buffers would otherwise fault in page by page
     hub = EventHub()
     store = Store(site.db_path, on_commit=hub.publish)
     store.open()

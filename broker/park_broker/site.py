@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from park._wire import InvalidInput, check_site
+from park.wire import InvalidInput, check_site
 
 IDENTITY_URI_PREFIX = "urn:park:ed25519:"
 DEFAULT_LISTEN = "127.0.0.1:7701"

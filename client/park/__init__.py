@@ -9,7 +9,7 @@
 
 The public surface is exactly `__all__` (pinned by tests/test_exports.py).
 """
-from park.auth import Credentials, credentials
+from park.delegation import Credentials, credentials
 from park.api import CurrentJob, current_job, fetch_url, job, race, run, submit
 from park.conditions import Condition, State
 from park.errors import (ConfigError, JobCancelled, JobFailed, NoServiceError, ParkError, ServiceError,
@@ -18,7 +18,8 @@ from park.expressions import ExpressionError
 from park.job import Job, JobEvent, MemoReport, Race, ResultFile
 from park.packages import install_service
 from park.progress import report
-from park.service import PackageInfo, Service, remote_service
+from park.connection import PackageInfo
+from park.service import Service, remote_service
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """The functions a script calls: submit, run, the @job decorator, current_job.
 
 Each checks its arguments on the spot, with the same rules the broker applies
-(park._wire), so a mistake is reported at the line that made it, then queues
+(park.wire), so a mistake is reported at the line that made it, then queues
 the job with its service and returns a `Job` without waiting for the broker.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from park._proto import jobs_pb2 as jpb
-from park._wire import InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto
-from park.auth import Credentials, credentials
+from park.wire import InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto
+from park.delegation import Credentials, credentials
 from park.conditions import Condition
 from park.errors import ParkError, ServiceError
 from park.expressions import Expression

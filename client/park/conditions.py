@@ -11,7 +11,7 @@ CANCELLED; it never changes again. Expressions combine atoms with `&`, `|` and
 
 This module is pure: it evaluates against a mapping of atom states and never
 talks to a broker. The broker's scheduler and the client's job proxies both use
-it; `park._wire` converts expressions to and from their postfix wire form.
+it; `park.wire` converts expressions to and from their postfix wire form.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from park._wire import InvalidInput, check_site
+from park.wire import InvalidInput, check_site
 from park.errors import ConfigError
 
 

@@ -9,22 +9,22 @@ events) first waits for the submission to be acknowledged and raises
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
 from park._proto import jobs_pb2 as jpb
-from park._wire import STATE_NAMES, TERMINAL_STATES
+from park.wire import STATE_NAMES, TERMINAL_STATES
 from park.conditions import Atom, AtomKey, State
-from park.errors import JobCancelled, JobFailed, ServiceError
+from park.connection import Connection
+from park.errors import JobCancelled, JobFailed, ServiceError, SubmitError
 from park.expressions import Expression, improved_state
 
-if TYPE_CHECKING:
-    from park.service import Service, _Pending
 
 __all__ = ["Job", "JobEvent", "MemoReport", "Race", "ResultFile"]
 
@@ -63,6 +63,16 @@ class MemoReport:
     differences: tuple[str, ...]
 
 
+@dataclass(slots=True)
+class Pending:
+    """A submission on its way to the broker: `done` is set once it was acknowledged (`ref`) or refused (`error`)."""
+
+    spec: jpb.JobSpec
+    done: threading.Event
+    ref: jpb.JobRef | None = None
+    error: SubmitError | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ResultFile:
     """A result kept as a file on the broker's site (too large, or not JSON)."""
@@ -74,7 +84,7 @@ class ResultFile:
 class Job:
     """A job at a broker. Cheap to create; talks to the broker only when asked."""
 
-    def __init__(self, service: Service, job_id: str, url: str, filename: str, pending: _Pending | None = None):
+    def __init__(self, service: Connection, job_id: str, url: str, filename: str, pending: Pending | None = None):
         self.service = service
         self.id = job_id
         self.url = url
@@ -259,7 +269,7 @@ class Job:
 class Race(Job):
     """A race between jobs (`park.race`): completes with the winner's values; see DESIGN §3."""
 
-    def __init__(self, service: Service, job_id: str, url: str, filename: str, pending: _Pending | None,
+    def __init__(self, service: Connection, job_id: str, url: str, filename: str, pending: Pending | None,
                  contestants: list[Job]):
         super().__init__(service, job_id, url, filename, pending)
         self.contestants = contestants

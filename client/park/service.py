@@ -1,4 +1,4 @@
-"""A connection to one broker, and the default service of a `with` block.
+"""A broker as scripts use it: the submission pipeline, and the default service of a `with` block.
 
 `Service` is synchronous for scripts. Submissions do not wait for the broker:
 job ids are chosen here, so a job's id, filename and url are known when
@@ -24,34 +24,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import grpc
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from park._proto import jobs_pb2 as jpb
-from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
-from park._proto import packages_pb2 as ppb
-from park.auth import SessionTokens, token_source
+from park.connection import Connection, status_name
 from park.config import load_services
 from park.errors import ConfigError, NoServiceError, ServiceError, SubmitError
-from park.job import Job
+from park.job import Job, Pending
 
 _default: contextvars.ContextVar[tuple[Service, ...]] = contextvars.ContextVar("park_default_service", default=())
 
 MAX_BATCH = 1000
 RETRY_FOR = 60.0          # seconds a submission keeps retrying an unreachable broker
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 
 def new_job_id() -> str:
@@ -83,41 +70,14 @@ def remote_service(address_or_name: str, cert: str | os.PathLike[str] | None = N
     return Service(entry.address, entry.cert)
 
 
-@dataclass(frozen=True, slots=True)
-class PackageInfo:
-    name: str
-    version: str
-    sha256: str
-
-
-@dataclass(slots=True)
-class _Pending:
-    spec: jpb.JobSpec
-    done: threading.Event
-    ref: jpb.JobRef | None = None
-    error: SubmitError | None = None
-
-
-class Service:
+class Service(Connection):
     """One broker. Use `with service:` to make it the default for submissions inside."""
 
     def __init__(self, address: str, cert: str | os.PathLike[str]):
-        cert = Path(cert)
-        try:
-            pem = cert.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the certificate of {address}: {exc}") from None
-        self.address = address
-        self.tokens = SessionTokens(_site_of_certificate(pem, cert), token_source())
-        channel_credentials = grpc.composite_channel_credentials(
-            grpc.ssl_channel_credentials(root_certificates=pem), grpc.metadata_call_credentials(self.tokens))
-        self._channel = grpc.secure_channel(address, channel_credentials, options=CHANNEL_OPTIONS)
-        self.jobs_stub = jobs_pb2_grpc.JobsStub(self._channel)
-        self._site_stub = site_pb2_grpc.SiteStub(self._channel)
-        self._info: site_pb2.InfoResponse | None = None
+        super().__init__(address, cert)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[Pending] = deque()
         self._in_flight = 0
         self._refused: list[SubmitError] = []
         self._closed = False
@@ -125,23 +85,6 @@ class Service:
         self._background: list[threading.Thread] = []
         self._failures: list[ServiceError] = []
         atexit.register(self._at_exit)
-
-    # -- identity of the site ------------------------------------------------------
-
-    @property
-    def info(self) -> site_pb2.InfoResponse:
-        """What the broker says about itself; fetched once."""
-        if self._info is None:
-            info = self.call(self._site_stub.Info, site_pb2.InfoRequest(), f"reaching {self.address}", timeout=30)
-            self._info = info
-        return self._info
-
-    @property
-    def site(self) -> str:
-        return self.info.site
-
-    def __repr__(self) -> str:
-        return f"<park.Service {self.address}>"
 
     # -- default service -----------------------------------------------------------
 
@@ -158,19 +101,10 @@ class Service:
         if kind is None:
             self.flush()
 
-    # -- calls -----------------------------------------------------------------------
-
-    def call(self, method, request, doing: str, timeout: float | None = 60):  # type: ignore[no-untyped-def]
-        """One unary call with Park's error translation."""
-        try:
-            return method(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise ServiceError.from_rpc(exc, doing) from None
-
     # -- submission pipeline -----------------------------------------------------------
 
-    def enqueue(self, spec: jpb.JobSpec) -> _Pending:
-        pending = _Pending(spec, threading.Event())
+    def enqueue(self, spec: jpb.JobSpec) -> Pending:
+        pending = Pending(spec, threading.Event())
         with self._lock:
             if self._closed:
                 raise ServiceError("FAILED_PRECONDITION", f"{self} is closed")
@@ -238,7 +172,7 @@ class Service:
                 self._in_flight = 0
                 self._wake.notify_all()
 
-    def _send(self, batch: list[_Pending]) -> None:
+    def _send(self, batch: list[Pending]) -> None:
         request = jpb.SubmitManyRequest(jobs=[p.spec for p in batch])
         deadline = time.monotonic() + RETRY_FOR
         delay = 0.1
@@ -258,12 +192,12 @@ class Service:
                 return
         for p, result in zip(batch, response.results):
             if result.code:
-                p.error = SubmitError(p.spec.id, _status_name(result.code), result.message)
+                p.error = SubmitError(p.spec.id, status_name(result.code), result.message)
             else:
                 p.ref = result.ref
             self._finish(p)
 
-    def _finish(self, pending: _Pending) -> None:
+    def _finish(self, pending: Pending) -> None:
         if pending.error is not None:
             with self._lock:
                 self._refused.append(pending.error)
@@ -276,7 +210,7 @@ class Service:
             self._wake.notify_all()
         if self._sender is not None:
             self._sender.join()
-        self._channel.close()
+        super().close()
         atexit.unregister(self._at_exit)
 
     def _at_exit(self) -> None:
@@ -287,16 +221,6 @@ class Service:
             print(f"park: {exc}", flush=True)
 
     # -- queries ---------------------------------------------------------------------
-
-    @property
-    def channel(self) -> grpc.Channel:
-        return self._channel
-
-    def packages(self) -> list[PackageInfo]:
-        """What this site has installed, so a script can pin one of those (`requires=[...]`)."""
-        reply = self.call(packages_pb2_grpc.PackagesStub(self._channel).List, ppb.ListPackagesRequest(),
-                          "listing packages")
-        return [PackageInfo(p.name, p.version, p.sha256) for p in reply.packages]
 
     def job(self, job_id: str) -> Job:
         """A proxy for a job already at this broker; raises ServiceError NOT_FOUND if it is not."""
@@ -315,18 +239,3 @@ class Service:
             if not page.next_after_id:
                 return out
             after = page.next_after_id
-
-
-def _site_of_certificate(pem: bytes, path: Path) -> str:
-    """A site certificate names its site (park-broker init): the audience of our session tokens."""
-    try:
-        names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not a PEM certificate: {exc}") from None
-    if not names:
-        raise ConfigError(f"{path} does not name a site (no common name); use the tls.crt of a Park site")
-    return str(names[0].value)
-
-
-def _status_name(number: int) -> str:
-    return next((s.name for s in grpc.StatusCode if s.value[0] == number), "UNKNOWN")

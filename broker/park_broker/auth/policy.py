@@ -1,0 +1,170 @@
+"""Who may call what: the per-method policy table and the interceptor enforcing it.
+
+Deny by default: a method missing from `POLICY` is refused with UNIMPLEMENTED
+before any handler runs, and a test checks that the table covers exactly the
+methods the broker serves. Every other call is authenticated before its handler
+runs, from the `authorization: Bearer <token>` metadata (users.Authority), and
+refused with UNAUTHENTICATED (no token, or one that does not verify) or
+PERMISSION_DENIED (a valid token without the permission). The caller's identity
+reaches handlers through the `current_identity` ContextVar, set for the call
+and reset after it.
+
+`PUBLIC` methods (site info, health, reflection) accept anonymous callers but still refuse
+a bad token; `JOB` methods are authenticated by the job-scoped token inside the
+request, by their handler. In local-only mode (`park-broker serve --local-only`,
+loopback addresses only) every caller is the broker's own user.
+"""
+from __future__ import annotations
+
+import contextvars
+import getpass
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from park import tokens
+from park.wire import InvalidInput, check_name
+from park_broker.federation.peers import PeerTable
+from park_broker.auth.users import Authority, Identity
+
+current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("park_identity")
+
+PUBLIC = "public"
+JOB = "job"
+PEER = "peer"    # a peer broker, known by its TLS client certificate
+TOKEN = "token"  # any valid token; the handler checks the scope the call needs
+POLICY: dict[str, str] = {
+    "/park.v1.Site/Info": PUBLIC,
+    "/park.v1.Jobs/SubmitMany": "submit",
+    "/park.v1.Jobs/Get": "read",
+    "/park.v1.Jobs/List": "read",
+    "/park.v1.Jobs/Cancel": "submit",
+    "/park.v1.Jobs/Watch": "read",
+    "/park.v1.Jobs/Report": JOB,
+    "/park.v1.Jobs/Why": "read",
+    "/park.v1.Packages/Upload": "upload",
+    "/park.v1.Packages/List": "read",
+    "/park.v1.Federation/Subscribe": PEER,
+    "/park.v1.Files/Read": TOKEN,
+    "/grpc.health.v1.Health/Check": PUBLIC,
+    "/grpc.health.v1.Health/Watch": PUBLIC,
+    "/grpc.health.v1.Health/List": PUBLIC,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": PUBLIC,        # grpcurl: service definitions
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": PUBLIC,
+}
+ANONYMOUS = Identity(user="", permissions=frozenset())
+MAX_TOKEN_METADATA = tokens.MAX_TOKEN_CHARS + 16
+
+
+def local_identity() -> Identity:
+    """The broker's own OS user, the owner of every job in local-only mode."""
+    user = getpass.getuser()
+    try:
+        check_name(user, "local user name")
+    except InvalidInput as exc:
+        raise RuntimeError(f"cannot use the local user as a job owner: {exc}") from None
+    return Identity(user=user, permissions=frozenset({"submit", "read", "upload", "admin"}))
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code, self.message = code, message
+
+
+class Gate:
+    """Decides the identity of one call; shared by all methods."""
+
+    def __init__(self, authority: Authority | None, local: Identity | None = None, peers: PeerTable | None = None):
+        if (authority is None) == (local is None):
+            raise ValueError("a broker authenticates with tokens or serves its local user, not both")
+        self.authority = authority
+        self.local = local
+        self.peers = peers or PeerTable({})
+
+    def identify(self, rule: str, context: grpc.aio.ServicerContext) -> Identity:
+        peer = self.peers.caller(context)
+        if rule == PEER:
+            if peer is None:
+                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "only a peer broker, with the TLS client "
+                                                                "certificate this site pinned for it, may call this")
+            return Identity(user=f"peer:{peer.name}", permissions=frozenset({PEER}), peer=peer)
+        if self.local is not None:
+            return self.local
+        assert self.authority is not None
+        bearer = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+        if not bearer:
+            if rule == PUBLIC:
+                return ANONYMOUS
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED,
+                           "no token: start park-agent and add a key (PARK_AUTH_SOCK), or set PARK_KEY_FILE")
+        value = bearer[0] if isinstance(bearer[0], str) else ""
+        if len(bearer) > 1 or len(value) > MAX_TOKEN_METADATA or not value.startswith("Bearer "):
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "malformed authorization metadata; "
+                                                            "send exactly one 'authorization: Bearer <token>'")
+        try:
+            # A peer proves, by its certificate, the key that tokens delegated to it are bound to.
+            identity = self.authority.authenticate(value[len("Bearer "):], peer.key_id if peer else None)
+        except tokens.TokenError as exc:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, f"token refused: {exc.message}") from None
+        if rule not in (PUBLIC, TOKEN) and rule not in identity.permissions:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                           f"user {identity.user!r} may not {rule} at site {self.authority.site!r} with this "
+                           f"token (it grants: {', '.join(sorted(identity.permissions)) or 'nothing'})")
+        return identity
+
+
+def _wrap(behavior: Callable[..., Any], gate: Gate, rule: str, streaming: bool) -> Callable[..., Any]:
+    """The handler `behavior`, run only for an identified caller; `streaming`: it yields responses."""
+    if streaming:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                identity = gate.identify(rule, context)
+            except _Refused as refused:
+                await context.abort(refused.code, refused.message)
+            # Each call runs in a task of its own, so the identity set here dies with it. Not reset:
+            # a stream the client abandons is finalized in another context, where reset() would fail.
+            current_identity.set(identity)
+            async for item in behavior(request, context):
+                yield item
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            identity = gate.identify(rule, context)
+        except _Refused as refused:
+            await context.abort(refused.code, refused.message)
+        token = current_identity.set(identity)
+        try:
+            return await behavior(request, context)
+        finally:
+            current_identity.reset(token)
+    return unary
+
+
+def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class PolicyInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, gate: Gate):
+        self._gate = gate
+
+    async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        rule = POLICY.get(details.method)
+        if rule is None:
+            return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"method {details.method} is not served here")
+        handler = await continuation(details)
+        if handler is None or rule == JOB:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_wrap(handler.unary_unary, self._gate, rule, False))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_wrap(handler.unary_stream, self._gate, rule, True))
+        if handler.stream_unary is not None:   # the request is a stream; the wrapper passes it through
+            return handler._replace(stream_unary=_wrap(handler.stream_unary, self._gate, rule, False))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_wrap(handler.stream_stream, self._gate, rule, True))
+        return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"method {details.method} has no policy for its shape")

@@ -1,0 +1,180 @@
+"""Who may use a site: the users file, the revocation list, and token checking.
+
+    DIR/users.toml       [users.NAME] keys = ["ed25519:..."], allow = ["submit", "upload", "admin"]
+    DIR/revoked.txt      one revoked link id (sha256 hex) per line
+
+`Authority.authenticate` turns the bearer token of a call into an `Identity`:
+the token must verify (park.tokens) for this site's name as audience, with a
+root key registered for its subject, no revoked link, and, for a token bound
+to a key (`confirm`), a caller that proved possession of that key. The files
+are re-read when they change, so `park-broker users add` and
+`park-broker tokens revoke` take effect on a running broker within a second.
+
+Permissions are the intersection of what the users file allows and what the
+token's scopes grant: a delegated token never carries more than its scopes,
+whatever its subject may do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from park import tokens
+from park.wire import InvalidInput, check_name
+
+ALLOWED = ("submit", "upload", "admin")
+# What each permission needs from the token's scopes (a path scope checks its root).
+_SCOPE_OF = {"submit": "jobs.submit", "upload": "packages.upload", "admin": "admin", "read": "jobs.read:/"}
+RELOAD_EVERY = 1.0
+
+
+class UsersError(RuntimeError):
+    """The users or revocation file is wrong; the text says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The caller of one RPC, as the policy interceptor established it."""
+
+    user: str
+    permissions: frozenset[str]
+    token: tokens.Verified | None = None   # None in local-only mode and for peers
+    peer: Any = None                        # the peers.Peer calling, for broker-to-broker calls
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.permissions
+
+
+@dataclass
+class _User:
+    keys: list[bytes]
+    allow: frozenset[str]
+
+
+@dataclass
+class Authority:
+    site: str
+    directory: Path
+    now: Callable[[], float] = time.time
+    _users: dict[str, _User] = field(default_factory=dict)
+    _revoked: frozenset[str] = frozenset()
+    _stamp: tuple[float, float] = (-1.0, -1.0)
+    _checked: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def users_path(self) -> Path:
+        return self.directory / "users.toml"
+
+    @property
+    def revoked_path(self) -> Path:
+        return self.directory / "revoked.txt"
+
+    def has_users(self) -> bool:
+        self._reload()
+        return bool(self._users)
+
+    def verify(self, token_text: str, presenter_key_id: str | None = None) -> tokens.Verified:
+        """A token checked for this site, its registered users and revocations; raises tokens.TokenError."""
+        self._reload()
+        return tokens.verify(token_text, audience=self.site, revoked=self._revoked,
+                             trusted_root_keys=lambda subject: self._keys(subject),
+                             presenter_key_id=presenter_key_id, now=self.now())
+
+    def authenticate(self, token_text: str, presenter_key_id: str | None = None) -> Identity:
+        """The identity a token establishes; raises tokens.TokenError (kind "unauthenticated")."""
+        verified = self.verify(token_text, presenter_key_id)
+        user = self._users[verified.subject]
+        granted = frozenset(p for p in (*user.allow, "read") if verified.allows(_SCOPE_OF[p]))
+        return Identity(verified.subject, granted, verified)
+
+    def _keys(self, subject: str) -> Iterable[bytes]:
+        user = self._users.get(subject)
+        return user.keys if user else ()
+
+    def _reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < RELOAD_EVERY:
+            return
+        with self._lock:
+            self._checked = now
+            stamp = (_mtime(self.users_path), _mtime(self.revoked_path))
+            if stamp != self._stamp:
+                self._users = load_users(self.users_path)
+                self._revoked = load_revoked(self.revoked_path)
+                self._stamp = stamp
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime_ns / 1e9
+    except FileNotFoundError:
+        return 0.0
+
+
+def load_users(path: Path) -> dict[str, _User]:
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+        return {name: _User([tokens.parse_public_key(k) for k in entry["keys"]],
+                            frozenset(entry.get("allow", ())))
+                for name, entry in data.get("users", {}).items()}
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, tokens.TokenError) as exc:
+        raise UsersError(f"{path} is not a valid users file: {exc}") from None
+
+
+def load_revoked(path: Path) -> frozenset[str]:
+    if not path.exists():
+        return frozenset()
+    return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
+
+
+def add_user(directory: Path, name: str, key: str, allow: Iterable[str]) -> None:
+    """Register `name` with public key `key` ("ed25519:..."); adds the key if the user exists."""
+    try:
+        check_name(name, "user name")
+    except InvalidInput as exc:
+        raise UsersError(str(exc)) from None
+    allow = frozenset(allow)
+    unknown = allow - set(ALLOWED)
+    if unknown:
+        raise UsersError(f"unknown permission {sorted(unknown)[0]!r}; choose from {', '.join(ALLOWED)}")
+    try:
+        tokens.parse_public_key(key)
+    except tokens.TokenError as exc:
+        raise UsersError(f"{exc.message}; use the line `park-agent pubkey` prints") from None
+    path = directory / "users.toml"
+    users = {n: {"keys": [tokens.format_public_key(k) for k in u.keys], "allow": sorted(u.allow)}
+             for n, u in load_users(path).items()}
+    entry = users.setdefault(name, {"keys": [], "allow": []})
+    if key not in entry["keys"]:
+        entry["keys"].append(key)
+    entry["allow"] = sorted(allow)
+    # JSON quoting of strings and lists is valid TOML.
+    text = "".join(f"[users.{n}]\nkeys = {json.dumps(u['keys'])}\nallow = {json.dumps(u['allow'])}\n\n"
+                   for n, u in sorted(users.items()))
+    _replace(path, text)
+
+
+def revoke(directory: Path, link_id: str) -> None:
+    if len(link_id) != 64 or any(c not in "0123456789abcdef" for c in link_id):
+        raise UsersError("a revocation id is the 64 hex characters of a link's sha256")
+    path = directory / "revoked.txt"
+    revoked = load_revoked(path) | {link_id}
+    _replace(path, "".join(f"{r}\n" for r in sorted(revoked)))
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)

@@ -1,0 +1,221 @@
+"""The Dask executor: runs jobs on an existing `dask.distributed` cluster.
+
+`park-broker serve DIR --executor dask://HOST:PORT` connects an asynchronous
+`distributed.Client` to the scheduler at HOST:PORT. Every task becomes one Dask
+task (`park_broker.dask_task.run`) that runs the job in a child process on a
+worker, with the same attempt directory, output capture, result storage and
+final rename as the local executor. The broker keeps the only record of jobs;
+Dask only runs them.
+
+Signals, and where they come from:
+- started: the Dask task itself announces it (`Worker.log_event` on a topic of
+  this broker's own) when a worker begins to execute it, and the broker
+  subscribes to that topic. A Dask future has no "running" state of its own, and
+  only the worker knows when a task leaves its queue. If the result arrives
+  first, `started` is reported just before `finished`.
+- finished: the future's result (the outcome dict `run_task` returns); an
+  exception from Dask (for example `KilledWorker`) is a failed outcome.
+- worker death: the scheduler's `remove-worker` event (topic `all`) fails every
+  task that had started on that worker, at once; Dask's own re-run of such a
+  task, if one begins, is terminated. A worker that dies never leaves a job hanging.
+- cancel: a task that has not started is dropped with `Client.cancel`; a running
+  one is stopped by `Client.run(dask_task.terminate, ...)` on its worker, which
+  SIGTERMs the child's process group and SIGKILLs it after the grace period.
+
+When the broker goes away (stop, or kill -9), its client's futures are released:
+the scheduler drops queued tasks, and running ones notice they were released and
+terminate their child (see `dask_task`). Recovery then re-runs them, as with the
+local executor.
+
+Facility deployment. Workers need Park installed (the same version as the
+broker: they import `park_broker.execution.dask_task` and the jobs import `park`), the
+site's file store mounted at the same path as on the broker host (attempt
+directories, results, `--python-path` and package directories, and the site
+certificate that progress reports use), and a network route to the broker's
+client port (progress reports are gRPC calls to it). With `dask-jobqueue` on
+Slurm (PBSCluster is the same on PBS)::
+
+    # dask-park.py, run once on a login node, kept alive (tmux, a systemd user unit)
+    from dask_jobqueue import SLURMCluster
+    cluster = SLURMCluster(queue="regular", account="proj123", cores=8, processes=8,
+                           memory="32GB", walltime="04:00:00",
+                           job_script_prologue=["source /opt/park/venv/bin/activate"],
+                           scheduler_options={"host": "0.0.0.0", "port": 8786})
+    cluster.adapt(minimum_jobs=1, maximum_jobs=20)
+    input(f"scheduler at {cluster.scheduler_address}; Enter stops it")
+
+    park-broker serve /gpfs/park/site --listen 0.0.0.0:7443 --executor dask://login1:8786
+
+Use one thread per worker process (`processes == cores`): each Park job takes
+one worker thread while it runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import distributed
+
+from park_broker.execution import dask_task
+from park_broker.execution.base import FinishedCallback, Outcome, StartedCallback, Task
+from park_broker.site import SiteError
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 20.0
+
+
+@dataclass(slots=True)
+class _Run:
+    """One submitted attempt: the task, its Dask future, and the worker it started on."""
+    task: Task
+    future: Any                      # distributed.Future
+    waiter: asyncio.Task[None] | None = None
+    worker: str = ""                 # set by the started event
+
+
+class DaskExecutor:
+    """Runs tasks on the Dask scheduler at `address`; see the module docstring."""
+
+    def __init__(self, address: str, *, python_path: list[str] | None = None, grace: float = 5.0):
+        self.address = address
+        self.python_path = list(python_path or [])
+        self.grace = grace
+        self.session = uuid.uuid4().hex[:12]
+        self.topic = f"park-started-{self.session}"
+        self._client: Any = None        # distributed.Client, asynchronous
+        self._runs: dict[str, _Run] = {}     # Dask key -> run
+        self._keys: dict[str, str] = {}      # job id -> Dask key of its current attempt
+        self._background: set[asyncio.Task[Any]] = set()
+        self._on_started: StartedCallback | None = None
+        self._on_finished: FinishedCallback | None = None
+
+    async def start(self, on_started: StartedCallback, on_finished: FinishedCallback) -> None:
+        self._on_started, self._on_finished = on_started, on_finished
+        try:
+            self._client = await distributed.Client(self.address, asynchronous=True, timeout=CONNECT_TIMEOUT,
+                                                    set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise SiteError(f"cannot reach the Dask scheduler at {self.address}: {exc}") from exc
+        self._client.subscribe_topic(self.topic, self._on_event)
+        self._client.subscribe_topic("all", self._on_cluster_event)
+        log.info("running jobs on the Dask scheduler at %s", self.address)
+
+    def submit(self, task: Task) -> None:
+        key = f"park-{task.job_id}-{task.attempt}-{self.session}"
+        payload = {"key": key, "topic": self.topic, "grace": self.grace, "python_path": self.python_path,
+                   "task": {**dataclasses.asdict(task), "work_dir": str(task.work_dir),
+                            "final_dir": str(task.final_dir)}}
+        future = self._client.submit(dask_task.run, payload, key=key, pure=False)
+        run = self._runs[key] = _Run(task, future)
+        self._keys[task.job_id] = key
+        run.waiter = asyncio.get_running_loop().create_task(self._wait(key, run), name=f"park-dask-{key}")
+
+    def cancel(self, job_id: str) -> None:
+        key = self._keys.pop(job_id, None)
+        run = self._runs.pop(key, None) if key is not None else None
+        if run is None:
+            return
+        log.info("cancelling job", extra={"job_id": job_id, "dask_key": key, "worker": run.worker or "-"})
+        if run.waiter is not None:
+            run.waiter.cancel()
+        self._spawn(self._client.cancel([run.future], force=True))
+        if run.worker:
+            self._spawn(self._terminate(run.worker, [key]))
+        # Not started yet (as far as we know): if it starts anyway, its started event arrives for a
+        # key we no longer hold, and `_on_event` terminates it.
+
+    async def close(self) -> None:
+        running: dict[str, list[str]] = {}
+        for key, run in self._runs.items():
+            if run.worker:
+                running.setdefault(run.worker, []).append(key)
+            if run.waiter is not None:
+                run.waiter.cancel()
+        self._runs.clear()
+        self._keys.clear()
+        if self._client is None:
+            return
+        # Stop running jobs now, rather than when their workers notice the client has gone.
+        await asyncio.gather(*(self._terminate(w, keys) for w, keys in running.items()))
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        # Unsubscribe first: else the scheduler tries to tell this closing client that it is closing.
+        for topic in (self.topic, "all"):
+            self._client.unsubscribe_topic(topic)
+        await self._client.close()
+
+    # -- callbacks from Dask --------------------------------------------------------
+
+    def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        """A task of ours began to run on a worker."""
+        _, message = event
+        key, worker = message["key"], message["worker"]
+        run = self._runs.get(key)
+        if run is None:   # cancelled, or already settled (a worker died): it must not run
+            self._spawn(self._terminate(worker, [key]))
+            return
+        if run.worker:    # Dask re-runs a task whose worker died; that attempt has already failed
+            return
+        run.worker = worker
+        assert self._on_started is not None
+        self._on_started(run.task.job_id, run.task.attempt)
+
+    def _on_cluster_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        """Scheduler events; a removed worker fails the jobs that had started on it."""
+        _, message = event
+        if not isinstance(message, dict) or message.get("action") != "remove-worker":
+            return
+        gone = message.get("worker", "")
+        for key, run in list(self._runs.items()):
+            if run.worker == gone:
+                how = "left the cluster" if message.get("expected") else "died"
+                log.warning("Dask worker %s %s while running job %s", gone, how, run.task.job_id)
+                self._settle(key, Outcome(ok=False, error=f"the Dask worker running the job ({gone}) {how}"))
+                self._spawn(self._client.cancel([run.future], force=True))
+
+    async def _wait(self, key: str, run: _Run) -> None:
+        try:
+            reply = await run.future
+        except concurrent.futures.CancelledError as exc:   # not by us: we stop waiting before we cancel
+            outcome = Outcome(ok=False, error=f"the job's Dask task was cancelled outside Park ({exc})"[:4000])
+        except Exception as exc:  # noqa: BLE001 - Dask's failure to run the task is the job's failed outcome
+            outcome = Outcome(ok=False, error=f"Dask could not run the job: {type(exc).__name__}: {exc}"[:4000])
+        else:
+            reply["outputs"] = tuple(tuple(o) for o in reply.get("outputs", ()))
+            outcome = Outcome(**reply)
+        self._settle(key, outcome)
+
+    def _settle(self, key: str, outcome: Outcome) -> None:
+        """Report the one `finished` of a run (after its `started`) and forget it."""
+        run = self._runs.pop(key, None)
+        if run is None:
+            return
+        if run.waiter is not None and run.waiter is not asyncio.current_task():
+            run.waiter.cancel()
+        if self._keys.get(run.task.job_id) == key:
+            del self._keys[run.task.job_id]
+        assert self._on_started is not None and self._on_finished is not None
+        if not run.worker:   # the result overtook the started event
+            run.worker = "?"
+            self._on_started(run.task.job_id, run.task.attempt)
+        self._on_finished(run.task.job_id, run.task.attempt, outcome)
+
+    # -- helpers --------------------------------------------------------------------
+
+    async def _terminate(self, worker: str, keys: list[str]) -> None:
+        try:
+            await self._client.run(dask_task.terminate, keys, self.grace, workers=[worker], on_error="ignore")
+        except Exception:   # the worker may be gone, which stops the job as well
+            log.warning("could not ask Dask worker %s to terminate %s", worker, keys, exc_info=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

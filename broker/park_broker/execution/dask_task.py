@@ -1,0 +1,220 @@
+"""What runs on a Dask worker for the Dask executor: each job attempt in a child process.
+
+`run(payload)` is the function the broker submits to Dask. It hands the task to
+a child process (`python -m park_broker.execution.dask_task FD`, in its own session) over
+a socket pair and returns the child's outcome dict: the child calls
+`park_broker.worker.run_task`, so the attempt directory, output capture, result
+storage and the final rename are exactly those of the local executor. Children
+are kept warm between tasks (at most one idle child per worker thread), and a
+child only takes tasks with the import path it was started with, as local
+workers do; so, as there, modules a job imported stay imported for the next.
+
+Why a child process: Dask cannot interrupt a task's thread, so a job running in
+the worker's own thread could not be cancelled. A child process can be: the
+broker asks the worker that runs it (`Client.run(terminate, ...)`) to SIGTERM
+the child's process group and SIGKILL it after the grace period; a terminated
+child is not reused.
+
+Failure guarantees:
+- the child dies with the worker: it notices it was re-parented (within half a
+  second) and kills its own process group, command-line children included;
+- a task the scheduler no longer wants (its broker cancelled it, or the broker
+  died and its client was dropped) is noticed within `POLL` seconds and its
+  child terminated, so an orphaned attempt does not race the re-run that the
+  restarted broker starts. This one check reads the worker's task state, which
+  is not a public Dask API; should it change, `_released` returns False and only
+  explicit cancellation stops running jobs.
+
+This module must import nothing heavy at module level: it is also the child's
+entry point. `distributed` is imported inside `run`, which only runs on a worker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from park_broker.execution.worker import recv, run_task, send
+
+log = logging.getLogger(__name__)
+POLL = 0.25   # seconds between checks that the scheduler still wants a running task
+
+
+class _Child:
+    """The child process of one running task, as the worker-side registry holds it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cancelled = False
+
+    def terminate(self, grace: float) -> None:
+        """SIGTERM the child's process group now and SIGKILL it after `grace` seconds (idempotent)."""
+        with _lock:
+            first = not self.cancelled
+            self.cancelled = True
+            proc = self.proc
+        if proc is None or not first or proc.poll() is not None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        timer = threading.Timer(grace, _kill_if_alive, (proc,))
+        timer.daemon = True
+        timer.start()
+
+
+_lock = threading.Lock()
+_children: dict[str, _Child] = {}   # Dask key -> the child running it, in this worker process
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_if_alive(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGKILL)
+
+
+def terminate(keys: list[str], grace: float) -> int:
+    """Run by the broker on a worker (`Client.run`): stop the children of `keys`; returns how many
+    were found. A key that is not running here is ignored."""
+    found = 0
+    for key in keys:
+        with _lock:
+            child = _children.get(key)
+        if child is not None:
+            child.terminate(grace)
+            found += 1
+    return found
+
+
+def _released(worker: Any, key: str) -> bool:
+    """Whether the scheduler has released `key` while it runs here (worker state `cancelled`)."""
+    tasks = getattr(getattr(worker, "state", None), "tasks", None)
+    state = tasks.get(key) if isinstance(tasks, dict) else None
+    return getattr(state, "state", None) == "cancelled"
+
+
+def run(payload: dict[str, Any]) -> dict[str, Any]:
+    """The function Dask runs: run `payload["task"]` in a child process; returns its outcome dict.
+
+    Announces the start on the broker's topic (`payload["topic"]`) before the child is started.
+    Never raises for the job's own failures; a child that dies without an answer is a failed
+    outcome naming its exit status or signal."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    key = payload["key"]
+    child = _Child()
+    with _lock:
+        _children[key] = child
+    try:
+        worker.log_event(payload["topic"], {"key": key, "worker": worker.address})
+        return _supervise(payload, child, worker)
+    finally:
+        with _lock:
+            _children.pop(key, None)
+
+
+class _Process:
+    """A warm child process: `python -m park_broker.execution.dask_task FD`, taking one task at a time."""
+
+    def __init__(self, python_path: tuple[str, ...]):
+        self.python_path = python_path
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (*python_path, env.get("PYTHONPATH", "")) if p)
+        self.sock, theirs = socket.socketpair()
+        with theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "park_broker.execution.dask_task", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], start_new_session=True, stdin=subprocess.DEVNULL, env=env)
+
+    def stop(self) -> None:
+        self.sock.close()   # the child's loop ends at end of file
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+_idle: list[_Process] = []   # warm processes of this worker between tasks
+
+
+def _process(python_path: tuple[str, ...]) -> _Process:
+    """A warm process started with `python_path` (modules stay imported in a process, so another set
+    of package directories needs another process), or a new one."""
+    with _lock:
+        for i, warm in enumerate(_idle):
+            if warm.python_path == python_path and warm.proc.poll() is None:
+                return _idle.pop(i)
+    return _Process(python_path)
+
+
+def _release(process: _Process, keep: int) -> None:
+    with _lock:
+        _idle.append(process)
+        surplus = _idle[:-keep] if len(_idle) > keep else []
+        del _idle[:len(surplus)]
+    for old in surplus:
+        old.stop()
+
+
+def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str, Any]:
+    key, grace = payload["key"], float(payload["grace"])
+    process = _process((*payload["task"]["python_path"], *payload["python_path"]))
+    with _lock:
+        if child.cancelled:
+            cancelled = True
+        else:
+            cancelled, child.proc = False, process.proc
+    if cancelled:
+        _release(process, getattr(worker, "nthreads", 1))
+        return {"ok": False, "error": "cancelled before it started"}
+    reply = None
+    try:
+        send(process.sock, payload["task"])
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.sock, selectors.EVENT_READ)
+            while not selector.select(POLL):
+                if _released(worker, key):
+                    log.info("task %s released by the scheduler: terminating its job", key)
+                    child.terminate(grace)
+        reply = recv(process.sock)
+    except OSError:
+        reply = None
+    if reply is not None and not child.cancelled:
+        _release(process, getattr(worker, "nthreads", 1))
+        return reply
+    process.sock.close()
+    code = process.proc.wait()
+    if child.cancelled:
+        return {"ok": False, "error": "cancelled"}
+    how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    return {"ok": False, "error": f"the process running the job on Dask worker {worker.address} {how}"}
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child: when the worker process is gone (we were re-parented), take the whole process
+    group (command-line children included) down with it."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    threading.Thread(target=_die_with_parent, args=(os.getppid(),), name="park-parent-watch", daemon=True).start()
+    while (task := recv(sock)) is not None:
+        send(sock, run_task(task))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The local executor: a pool of long-lived worker processes on the broker's host.
+
+Each worker (`park_broker.execution.worker`) runs in its own session and takes one task at
+a time over a socket pair. Workers are kept warm between jobs (no process start
+per job); cancelling a running job signals the worker's process group with
+SIGTERM, then SIGKILL after the grace period, and a fresh worker takes its place.
+A worker that dies on its own fails the task it was running, and is replaced.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import sys
+from collections import deque
+
+from park_broker.execution.base import FinishedCallback, Outcome, StartedCallback, Task
+
+log = logging.getLogger(__name__)
+_HEADER = struct.Struct(">I")
+
+
+class _Worker:
+    """One worker process and the task it is running."""
+
+    def __init__(self, executor: LocalExecutor, index: int):
+        self.executor = executor
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: Task | None = None
+        self.cancelled = False
+        self.packages: tuple[str, ...] = ()   # the package directories this process was started with
+
+    async def spawn(self, packages: tuple[str, ...] = ()) -> None:
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        self.packages = packages
+        path = [*packages, *self.executor.python_path, env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()),
+            pass_fds=[child.fileno()], start_new_session=True, stdin=asyncio.subprocess.DEVNULL, env=env)
+        child.close()
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=parent)
+
+    async def run(self, task: Task) -> Outcome | None:
+        """Run `task`; None if it was cancelled or the worker could not be reached."""
+        if task.python_path != self.packages:
+            # Modules stay imported in a worker: another set of package versions needs a fresh process.
+            await self.stop()
+            await self.spawn(task.python_path)
+        assert self.writer is not None and self.reader is not None and self.proc is not None
+        self.task, self.cancelled = task, False
+        body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir),
+                           "final_dir": str(task.final_dir)}).encode()
+        try:
+            self.writer.write(_HEADER.pack(len(body)) + body)
+            await self.writer.drain()
+            header = await self.reader.readexactly(_HEADER.size)
+            reply = json.loads(await self.reader.readexactly(_HEADER.unpack(header)[0]))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            code = await self.proc.wait()
+            await self.respawn()
+            if self.cancelled:
+                shutil.rmtree(task.work_dir, ignore_errors=True)
+                return None
+            how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            return Outcome(ok=False, error=f"the worker process running the job {how}")
+        finally:
+            self.task = None
+        if self.cancelled:
+            return None
+        reply["outputs"] = tuple(tuple(o) for o in reply.get("outputs", ()))
+        return Outcome(**reply)
+
+    async def respawn(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        await self.spawn(self.packages)
+
+    def terminate(self, grace: float) -> None:
+        """SIGTERM the worker's process group now and SIGKILL it after `grace` seconds."""
+        self.cancelled = True
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        asyncio.get_running_loop().call_later(grace, _kill_if_alive, proc)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_if_alive(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        _signal_group(proc.pid, signal.SIGKILL)
+
+
+class LocalExecutor:
+    """Runs tasks on `workers` local processes; see the module docstring."""
+
+    def __init__(self, *, workers: int | None = None, python_path: list[str] | None = None,
+                 grace: float = 5.0):
+        self.size = workers or os.cpu_count() or 1
+        self.python_path = list(python_path or [])
+        self.grace = grace
+        self._queue: deque[Task] = deque()
+        self._ready = asyncio.Event()
+        self._workers: list[_Worker] = []
+        self._loops: list[asyncio.Task[None]] = []
+        self._on_started: StartedCallback | None = None
+        self._on_finished: FinishedCallback | None = None
+
+    async def start(self, on_started: StartedCallback, on_finished: FinishedCallback) -> None:
+        self._on_started, self._on_finished = on_started, on_finished
+        self._workers = [_Worker(self, i) for i in range(self.size)]
+        await asyncio.gather(*(w.spawn() for w in self._workers))
+        self._loops = [asyncio.create_task(self._serve(w), name=f"park-worker-{w.index}") for w in self._workers]
+
+    def submit(self, task: Task) -> None:
+        self._queue.append(task)
+        self._ready.set()
+
+    def cancel(self, job_id: str) -> None:
+        for task in self._queue:
+            if task.job_id == job_id:
+                self._queue.remove(task)
+                return
+        for worker in self._workers:
+            if worker.task is not None and worker.task.job_id == job_id:
+                log.info("terminating job", extra={"job_id": job_id, "worker": worker.index})
+                worker.terminate(self.grace)
+                return
+
+    async def _serve(self, worker: _Worker) -> None:
+        assert self._on_started is not None and self._on_finished is not None
+        while True:
+            while not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+            task = self._queue.popleft()
+            self._on_started(task.job_id, task.attempt)
+            outcome = await worker.run(task)
+            if outcome is not None:
+                self._on_finished(task.job_id, task.attempt, outcome)
+
+    async def close(self) -> None:
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*(w.stop() for w in self._workers))

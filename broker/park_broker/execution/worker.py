@@ -1,0 +1,158 @@
+"""A local worker process: runs one task at a time for the local executor.
+
+Started as `python -m park_broker.execution.worker FD` in its own session (so a cancel can
+signal the whole process group, command-line children included). Tasks and
+outcomes are length-prefixed JSON on the socket FD. For each task the worker
+creates the attempt directory, points fds 1 and 2 at `stdout.log`/`stderr.log`
+there, runs the call or command, stores the return value, and only then renames
+the attempt directory to the job's final directory: a half-run attempt is never
+visible under the final name.
+
+This module must import nothing heavy: it is what every worker starts with.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+_HEADER = struct.Struct(">I")
+MAX_INLINE_RESULT = 64 * 1024
+RESERVED_NAMES = frozenset({"stdout.log", "stderr.log", "result.json", "result.pickle"})
+
+
+def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    body = json.dumps(message).encode()
+    sock.sendall(_HEADER.pack(len(body)) + body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(n - len(chunks))
+        if not chunk:
+            return None
+        chunks += chunk
+    return bytes(chunks)
+
+
+def recv(sock: socket.socket) -> dict[str, Any] | None:
+    header = _recv_exact(sock, _HEADER.size)
+    if header is None:
+        return None
+    body = _recv_exact(sock, _HEADER.unpack(header)[0])
+    return None if body is None else json.loads(body)
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return path.stat().st_size, digest.hexdigest()
+
+
+def resolve(target: str) -> Any:
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _store_result(value: Any, work_dir: Path) -> dict[str, Any]:
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        data = pickle.dumps(value)
+        (work_dir / "result.pickle").write_bytes(data)
+        return {"result_file": "result.pickle", "result_format": "pickle"}
+    if len(text) > MAX_INLINE_RESULT:
+        (work_dir / "result.json").write_text(text)
+        return {"result_file": "result.json", "result_format": "json"}
+    return {"result_json": text}
+
+
+def _run(task: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    if task["kind"] == "command":
+        proc = subprocess.run(task["argv"], cwd=work_dir, stdin=subprocess.DEVNULL, stdout=1, stderr=2)
+        if proc.returncode != 0:
+            return {"ok": False, "error": f"command exited with status {proc.returncode}"}
+        return {"ok": True}
+    fn = resolve(task["target"])
+    args = json.loads(task["args_json"] or "[]")
+    kwargs = json.loads(task["kwargs_json"] or "{}")
+    return {"ok": True, **_store_result(fn(*args, **kwargs), work_dir)}
+
+
+def run_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Run one task with its output captured; never raises for the task's own errors."""
+    work_dir, final_dir = Path(task["work_dir"]), Path(task["final_dir"])
+    if work_dir.exists():   # a half-run of this attempt (a re-run after a crash, or a retry by Dask)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    # Only the task's own variables are set and restored: copying the whole environment
+    # back and forth costs more than a trivial job.
+    saved_env = {k: os.environ.get(k) for k in task["env"]}
+    saved_cwd = os.getcwd()
+    saved_fds = [os.dup(1), os.dup(2)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        with open(work_dir / "stdout.log", "wb") as out, open(work_dir / "stderr.log", "wb") as err:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            os.environ.update(task["env"])
+            os.chdir(work_dir)
+            try:
+                outcome = _run(task, work_dir)
+            except BaseException as exc:  # noqa: BLE001 - the job's failure, reported, not ours
+                traceback.print_exc()
+                outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000],
+                           "traceback": traceback.format_exc()[-20000:]}
+            reporting = sys.modules.get("park.progress")
+            if reporting is not None:   # the job reported progress: deliver it before the outcome
+                reporting.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+    finally:
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in saved_fds:
+            os.close(fd)
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if final_dir.exists():  # a previous attempt finished but its outcome was never recorded
+        shutil.rmtree(final_dir)
+    os.rename(work_dir, final_dir)
+    output = final_dir / task["output_name"]
+    if output.is_file():
+        size, sha = file_digest(output)
+        outcome["outputs"] = [[task["output_name"], str(output), size, sha]]
+    if outcome.get("result_file"):
+        outcome["result_file"] = str(final_dir / outcome["result_file"])
+    return outcome
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    while (task := recv(sock)) is not None:
+        send(sock, run_task(task))
+
+
+if __name__ == "__main__":
+    main()

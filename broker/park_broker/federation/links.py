@@ -1,0 +1,156 @@
+"""The subscribing end of `Federation.Subscribe`: remote atoms this site's waiting jobs need.
+
+`PeerLinks` keeps one stream per peer, carrying every remote atom some waiting
+job needs. It reconnects with backoff after any failure and sends every
+still-pending atom again with the last sequence number it saw; atoms resolve
+once and for ever, so what it receives after a reconnect is exactly what it
+missed. A peer that is down delays its dependents; it never cancels them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from park._proto import federation_pb2 as fpb
+from park._proto import federation_pb2_grpc
+from park.wire import InvalidInput, atom_from_proto, atom_to_proto
+from park.conditions import AtomKey, State
+from park_broker.federation.peers import Peer
+
+log = logging.getLogger(__name__)
+
+BACKOFF = (0.1, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """What the subscriber side knows about one peer's stream."""
+
+    peer: str
+    last_seq: int                 # the peer's sequence number as of its last message (updates and progress)
+    connected: bool               # the stream is open (opened when a job first waits on the peer, kept open)
+    pending_atoms: int            # remote atoms still waited for
+    idle_seconds: float | None    # since the peer's last message; None when not known
+
+
+@dataclass
+class _Link:
+    peer: Peer
+    atoms: dict[AtomKey, str] = field(default_factory=dict)        # pending atom -> its token
+    sending: asyncio.Queue[fpb.WatchAtom] | None = None
+    last_seq: int = 0
+    task: asyncio.Task[None] | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    last_message: float = 0.0    # time.monotonic() of the last message from the peer
+
+
+class PeerLinks:
+    """The subscriber side: one stream per peer; see the module docstring."""
+
+    def __init__(self, peers: dict[str, Peer], credentials: grpc.ChannelCredentials, options: list[tuple[str, int]],
+                 on_resolved: Callable[[AtomKey, State, str], None]):
+        self._links = {name: _Link(peer) for name, peer in peers.items()}
+        self._credentials = credentials
+        self._options = options
+        self._on_resolved = on_resolved
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, site: str) -> grpc.aio.Channel:
+        """A mutual-TLS channel to a peer, for calls other than the subscription (file reads)."""
+        if site not in self._channels:
+            self._channels[site] = grpc.aio.secure_channel(self._links[site].peer.address, self._credentials,
+                                                           options=self._options)
+        return self._channels[site]
+
+    def peer_status(self) -> list[PeerStatus]:
+        """Each peer's stream as metrics see it: last sequence number, connected, atoms pending, silence."""
+        now = time.monotonic()
+        return [PeerStatus(link.peer.name, link.last_seq, link.connected.is_set(), len(link.atoms),
+                           now - link.last_message if link.last_message else None)
+                for link in self._links.values()]
+
+    def knows(self, site: str) -> bool:
+        return site in self._links
+
+    def watch(self, key: AtomKey, token: str) -> None:
+        """Ask the peer holding `key` for its resolution (once; re-asked after reconnects)."""
+        link = self._links[key.site]
+        if key in link.atoms:
+            return
+        link.atoms[key] = token
+        if link.task is None:
+            link.task = asyncio.get_running_loop().create_task(self._run(link), name=f"park-peer-{link.peer.name}")
+        elif link.sending is not None:
+            link.sending.put_nowait(fpb.WatchAtom(atom=atom_to_proto(key), token=token))
+
+    async def close(self) -> None:
+        tasks = [link.task for link in self._links.values() if link.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def _run(self, link: _Link) -> None:
+        """Keep the peer's stream open, idle or not (atoms come and go); back off only after failures."""
+        delay = BACKOFF[0]
+        while True:
+            writer: asyncio.Task[None] | None = None
+            try:
+                async with grpc.aio.secure_channel(link.peer.address, self._credentials, options=self._options) as ch:
+                    call = federation_pb2_grpc.FederationStub(ch).Subscribe()
+                    link.sending = asyncio.Queue()
+                    await call.write(fpb.SubscribeRequest(after_seq=link.last_seq, atoms=[
+                        fpb.WatchAtom(atom=atom_to_proto(k), token=t) for k, t in link.atoms.items()]))
+                    writer = asyncio.create_task(self._write(call, link.sending))
+                    async for response in call:
+                        delay = BACKOFF[0]
+                        link.connected.set()
+                        link.last_message = time.monotonic()
+                        self._receive(link, response)
+            except grpc.aio.AioRpcError as exc:
+                log.info("stream to peer %s broke (%s); retrying in %.1f s", link.peer.name, exc.code().name, delay)
+            finally:
+                if writer is not None:
+                    writer.cancel()
+            link.connected.clear()
+            link.sending = None
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, BACKOFF[1])
+
+    @staticmethod
+    async def _write(call: grpc.aio.StreamStreamCall, sending: asyncio.Queue[fpb.WatchAtom]) -> None:
+        """Atoms asked for while the stream is open, batched."""
+        while True:
+            more = [await sending.get()]
+            while not sending.empty() and len(more) < 1000:
+                more.append(sending.get_nowait())
+            await call.write(fpb.SubscribeRequest(atoms=more))
+
+    def _receive(self, link: _Link, response: fpb.SubscribeResponse) -> None:
+        which = response.WhichOneof("item")
+        if which == "progress":
+            link.last_seq = max(link.last_seq, response.progress)
+            return
+        item = response.update if which == "update" else response.refused
+        try:
+            key = atom_from_proto(item.atom)
+        except InvalidInput:
+            log.warning("peer %s sent a malformed atom; ignored", link.peer.name)
+            return
+        if link.atoms.pop(key, None) is None:
+            return   # not (or no longer) asked for: applying it twice must never happen
+        if which == "update":
+            link.last_seq = max(link.last_seq, response.update.seq)
+            state = State.READY if response.update.state == fpb.ATOM_STATE_READY else State.CANCELLED
+            self._on_resolved(key, state, "")
+        else:
+            log.warning("peer %s refused atom %s: %s", link.peer.name, key, response.refused.message)
+            self._on_resolved(key, State.CANCELLED, f"site {key.site} refused to report {key}: "
+                                                    f"{response.refused.message}")

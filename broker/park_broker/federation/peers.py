@@ -1,0 +1,102 @@
+"""The sites a broker federates with: the peers file and peer identification.
+
+    DIR/peers.toml          [peers.NAME] address = "HOST:PORT"
+    DIR/peers/NAME.crt      the peer's TLS certificate (pinned)
+
+A peer is known by its certificate, never by the name it claims: a caller is
+the peer NAME only if the TLS client certificate it presented (verified by the
+handshake against the pinned certificates) is byte-for-byte NAME's. The
+certificate names the peer's Ed25519 identity key (site.py), whose key id is
+what delegated tokens for that peer are bound to (`confirm`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from park import tokens
+from park.wire import InvalidInput, check_site
+from park_broker.site import IDENTITY_URI_PREFIX, SiteError, check_name_and_address
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    name: str
+    address: str
+    certificate: bytes      # PEM
+    key_id: str             # of the Ed25519 identity key its certificate names
+
+
+def identity_key(pem: bytes) -> bytes:
+    """The raw Ed25519 identity key a Park site certificate carries."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        raise SiteError(f"not a Park site certificate: {exc}") from None
+    for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(IDENTITY_URI_PREFIX):
+            return bytes.fromhex(uri[len(IDENTITY_URI_PREFIX):])
+    raise SiteError("the certificate names no Park identity key (was it made by park-broker init?)")
+
+
+def _normal(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).tbs_certificate_bytes
+
+
+class PeerTable:
+    """The peers of a site, as read at start-up (`park-broker peers add` needs a restart)."""
+
+    def __init__(self, peers: dict[str, Peer]):
+        self.peers = peers
+        self._by_cert = {_normal(p.certificate): p for p in peers.values()}
+
+    @classmethod
+    def load(cls, directory: Path) -> PeerTable:
+        path = directory / "peers.toml"
+        if not path.exists():
+            return cls({})
+        try:
+            data = tomllib.loads(path.read_text())
+            peers = {}
+            for name, entry in data.get("peers", {}).items():
+                pem = (directory / "peers" / f"{check_site(name)}.crt").read_bytes()
+                peers[name] = Peer(name, str(entry["address"]), pem, tokens.key_id(identity_key(pem)))
+        except (tomllib.TOMLDecodeError, KeyError, OSError, InvalidInput) as exc:
+            raise SiteError(f"{path} is not a valid peers file: {exc}") from None
+        return cls(peers)
+
+    def bundle(self) -> bytes | None:
+        """The pinned certificates, as the roots that client certificates must chain to."""
+        return b"".join(p.certificate for p in self.peers.values()) or None
+
+    def caller(self, context: grpc.aio.ServicerContext) -> Peer | None:
+        """The peer whose verified TLS client certificate the caller presented, if any."""
+        certs = (context.auth_context() or {}).get("x509_pem_cert") or []
+        for pem in certs:
+            try:
+                peer = self._by_cert.get(_normal(pem))
+            except ValueError:
+                continue
+            if peer is not None:
+                return peer
+        return None
+
+
+def add_peer(directory: Path, name: str, address: str, cert: Path) -> Peer:
+    check_name_and_address(name, address, "peer address")
+    pem = cert.read_bytes()
+    key = identity_key(pem)
+    (directory / "peers").mkdir(exist_ok=True)
+    shutil.copyfile(cert, directory / "peers" / f"{name}.crt")
+    path = directory / "peers.toml"
+    entries = tomllib.loads(path.read_text()).get("peers", {}) if path.exists() else {}
+    entries[name] = {"address": address}
+    path.write_text("".join(f"[peers.{n}]\naddress = {json.dumps(e['address'])}\n\n" for n, e in sorted(entries.items())))
+    return Peer(name, address, pem, tokens.key_id(key))

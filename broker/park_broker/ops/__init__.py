@@ -1,0 +1,1 @@
+"""What operators watch: logs, Prometheus metrics, gRPC reflection."""

@@ -1,0 +1,1 @@
+"""The site's package store: uploaded and index-fetched wheels, installed one directory per (name, version)."""

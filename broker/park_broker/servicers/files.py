@@ -1,0 +1,44 @@
+"""The `Files` service: job outputs, read by whoever holds a token with the path's `files.read` scope."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from park._proto import files_pb2 as fipb
+from park._proto import files_pb2_grpc
+from park_broker.auth.policy import current_identity
+from park_broker.core.store import Store
+from park_broker.errors import Code, fail
+from park_broker.servicers.boundary import streaming
+from park_broker.transfer import source
+
+
+class FilesServicer(files_pb2_grpc.FilesServicer):
+    """Job outputs, read by whoever holds a token with the `files.read` scope of the path."""
+
+    def __init__(self, files_root: Path, store: Store):
+        self.files_root = files_root
+        self.store = store
+
+    @streaming
+    async def Read(self, request: fipb.ReadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[fipb.Chunk]:
+        identity = current_identity.get()
+        if identity.token is None:
+            fail(Code.PERMISSION_DENIED, "reading files needs a token with the files.read scope of the path")
+        source.authorize_read(identity.token, request.path)
+        real = source.resolve_path(self.files_root, request.path)
+        known = await self._recorded_sha256(request.path)
+        async for offset, data, size, sha256 in source.read_chunks(real, request.offset, known_sha256=known,
+                                                                     within=self.files_root):
+            yield fipb.Chunk(offset=offset, data=data, size=size, sha256=sha256)
+
+    async def _recorded_sha256(self, path: str) -> str | None:
+        """The digest the job recorded for this output when it completed: saves hashing it again."""
+        _, job_id, *name = source.split_path(path)
+        job = (await self.store.get_many([job_id])).get(job_id)
+        for output in job.outputs if job is not None else ():
+            if output.name == "/".join(name):
+                return output.sha256
+        return None

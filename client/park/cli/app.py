@@ -1,0 +1,245 @@
+"""`park`: the command line for people and for scripts.
+
+    park services add NAME --address HOST:PORT --cert FILE
+    park status [--json]
+    park jobs [--service NAME] [--state STATE ...] [--json]
+    park watch JOB [--service NAME] [--json] [--exit-status]
+    park cancel JOB [--service NAME] [--reason TEXT] [--json]
+    park graph JOB [--service NAME] [--format dot|mermaid|svg|png] [--depth N] [--output FILE]
+    park demo [--again] [--keep] [--workers N] [--plain]
+
+JOB is a job id, with `--service NAME` or when only one service is configured,
+or a reference `park://SITE/jobs/ID`, whose site is looked up among the
+configured services (the one named like the site first).
+
+Tables are for people; `--json` prints one JSON document on stdout instead.
+Errors go to stderr as `park: message`. Exit status: 0 on success, 1 on a
+failure (an unreachable broker, an unknown job, a job that cannot be
+cancelled), 2 for bad usage, 130 when interrupted.
+
+This module owns the command line: parsing, output and exit statuses. It holds
+no broker logic; everything it does goes through `park.Service` and `park.Job`.
+Formatting lives in park.cli.output, finding jobs in park.cli.targets, `park graph`
+in park.cli.graph and `park demo` in park.cli.demo.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from park._proto import jobs_pb2 as jpb
+from park.wire import STATE_NAMES
+from park.config import add_service
+from park.errors import ParkError
+from park.cli.graph import add_graph_command
+from park.cli.output import (FAILURE, STATE_STYLES, USAGE, CliError, clock, new_console, describe, die, iso,
+                             print_json, when)
+from park.cli.targets import configured_services, open_job, probe, reference
+from park.job import JobEvent
+from park.service import Service
+
+__all__ = ["main"]
+_STATE_NUMBERS = {name: number for number, name in STATE_NAMES.items()}
+
+
+# -- commands -------------------------------------------------------------------------
+
+def cmd_services_add(args: argparse.Namespace) -> int:
+    host, _, port = args.address.rpartition(":")
+    if not host or not port.isdigit():
+        die(f"--address {args.address!r} must be HOST:PORT", USAGE)
+    path = add_service(args.name, args.address, Path(args.cert))
+    print(f"service {args.name} ({args.address}) saved in {path}; check it with `park status`")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    entries = configured_services()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
+        rows = list(pool.map(probe, entries))
+    down = [r["name"] for r in rows if not r["reachable"]]
+    if args.json:
+        print_json({"services": rows})
+    else:
+        table = Table("service", "address", "reachable", "site", "version", "caller")
+        for r in rows:
+            table.add_row(Text(r["name"]), Text(r["address"]),
+                          Text("yes", style="green") if r["reachable"] else Text("no", style="red"),
+                          Text(r["site"] or ""), Text(r["version"] or ""), Text(r["caller"] or ""))
+        new_console().print(table)
+    for r in rows:
+        if not r["reachable"]:
+            print(f"park: service {r['name']} is unreachable: {r['error']}", file=sys.stderr)
+    return FAILURE if down else 0
+
+
+def _job_row(service_name: str, job: jpb.Job) -> dict[str, Any]:
+    return {"service": service_name, "site": job.site, "id": job.id,
+            "label": job.spec.label or job.spec.call.target or " ".join(job.spec.command.argv),
+            "state": STATE_NAMES.get(job.state, "unknown"), "submitted": iso(job.submitted_at),
+            "finished": iso(job.finished_at), "url": job.url}
+
+
+def cmd_why(args: argparse.Namespace) -> int:
+    """`park jobs --why JOB`: was the job reused, and if not, what differs from the last run."""
+    with open_job(args.why, args.service) as job:
+        report = job.memo_report()
+    if args.json:
+        print_json({"hit": report.hit, "job": report.job_id, "nearest": report.nearest_id or None,
+                     "differences": list(report.differences)})
+        return 0
+    if report.hit:
+        print(f"{args.why} reused job {report.job_id} (a memo hit)")
+        return 0
+    print(f"{args.why} ran anew" + (f"; compared with job {report.nearest_id}:" if report.nearest_id else ":"))
+    for difference in report.differences:
+        print(f"  {difference}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.why:
+        return cmd_why(args)
+    states = [_STATE_NUMBERS[s] for s in args.state or ()]
+    found: list[tuple[str, jpb.Job]] = []
+    status = 0
+    for entry in configured_services(args.service):
+        try:
+            with contextlib.closing(Service(entry.address, entry.cert)) as service:
+                found += [(entry.name, job) for job in service.list_jobs(states=states)]
+        except ParkError as exc:
+            print(f"park: service {entry.name}: {exc}", file=sys.stderr)
+            status = FAILURE
+    found.sort(key=lambda pair: pair[1].submitted_at)
+    if args.json:
+        print_json({"jobs": [_job_row(name, job) for name, job in found]})
+        return status
+    table = Table("site", "id", "label", "state", "submitted", "finished")
+    for name, job in found:
+        row = _job_row(name, job)
+        table.add_row(Text(row["site"]), Text(row["id"]), Text(row["label"]),
+                      Text(row["state"], style=STATE_STYLES.get(row["state"], "")),
+                      when(job.submitted_at), when(job.finished_at))
+    new_console().print(table if found else "no jobs")
+    return status
+
+
+def _event_json(event: JobEvent) -> dict[str, Any]:
+    return {"seq": event.seq, "time": iso(event.time), "kind": event.kind, "summary": describe(event),
+            "detail": event.detail}
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    events: list[JobEvent] = []
+    with open_job(args.job, args.service) as job:
+        console = new_console()
+        if not args.json:
+            console.print(Text(f"watching {reference(job)}", style="bold"))
+        for event in job.events():
+            events.append(event)
+            if not args.json:
+                console.print(Text.assemble(f"{clock(event.time)}  #{event.seq:<6} ",
+                                            (f"{event.kind:<10}", STATE_STYLES.get(event.kind, "")),
+                                            f" {describe(event)}"))
+        final = events[-1].kind if events else "unknown"
+        if args.json:
+            print_json({"job": job.id, "reference": reference(job), "url": job.url, "state": final,
+                         "events": [_event_json(e) for e in events]})
+    return FAILURE if args.exit_status and final != "completed" else 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with open_job(args.job, args.service) as job:
+        before = job.state
+        state = before if before in ("completed", "failed", "cancelled") else job.cancel(args.reason)
+        if args.json:
+            print_json({"job": job.id, "reference": reference(job), "before": before, "state": state})
+        elif state == "cancelled":
+            print(f"{reference(job)} " + ("was already cancelled" if before == state else f"cancelled (was {before})"))
+    if state != "cancelled":
+        die(f"job {job.id} had already {state}; it was not cancelled")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from park.cli.demo.run import run_demo   # rich's live view and subprocess handling only when asked for
+
+    if args.workers < 1:
+        die("--workers must be at least 1", USAGE)
+    return run_demo(keep=args.keep, workers=args.workers, plain=args.plain, again=args.again, console=new_console())
+
+
+# -- parsing --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="park", description="Park: durable, condition-gated jobs across sites.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    services = sub.add_parser("services", help="manage the client configuration")
+    services_sub = services.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = services_sub.add_parser("add", help="add or replace a named service")
+    add.add_argument("name")
+    add.add_argument("--address", required=True, help="the broker's HOST:PORT")
+    add.add_argument("--cert", required=True, help="the broker's certificate (its tls.crt)")
+    add.set_defaults(run=cmd_services_add)
+
+    status = sub.add_parser("status", help="is every configured service reachable?")
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.set_defaults(run=cmd_status)
+
+    jobs = sub.add_parser("jobs", help="list your jobs")
+    jobs.add_argument("--service", help="only this service (default: every configured one)")
+    jobs.add_argument("--state", action="append", choices=list(_STATE_NUMBERS), help="only jobs in STATE (repeatable)")
+    jobs.add_argument("--json", action="store_true", help="print one JSON document")
+    jobs.add_argument("--why", metavar="JOB", help="say why JOB was or was not reused (memoization)")
+    jobs.set_defaults(run=cmd_jobs)
+
+    for name, run, text in (("watch", cmd_watch, "print a job's events as they happen, until it ends"),
+                            ("cancel", cmd_cancel, "cancel a job that has not finished")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("job", metavar="JOB", help="a job id or park://SITE/jobs/ID")
+        command.add_argument("--service", help="the service holding the job")
+        command.add_argument("--json", action="store_true", help="print one JSON document (watch: at the end)")
+        command.set_defaults(run=run)
+        if name == "watch":
+            command.add_argument("--exit-status", action="store_true",
+                                 help="exit 1 unless the job completed (default: 0 once it ends)")
+        else:
+            command.add_argument("--reason", default="", help="recorded in the job's cancellation cause")
+
+    add_graph_command(sub)      # park.cli.graph
+
+    demo = sub.add_parser("demo", help="run the seed workflow on two temporary brokers and an agent")
+    demo.add_argument("--again", action="store_true", help="run the workflow a second time: memo hits")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory (state and logs)")
+    demo.add_argument("--workers", type=int, default=4, help="worker processes of each demo broker (default 4)")
+    demo.add_argument("--plain", action="store_true", help="plain lines instead of a live table (default off a tty)")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `park` command; returns the exit status (the console script exits with it)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:          # argparse has printed the usage error, or --help
+        return exc.code if isinstance(exc.code, int) else USAGE
+    try:
+        return args.run(args)
+    except CliError as exc:
+        print(f"park: {exc}", file=sys.stderr)
+        return exc.status
+    except (ParkError, TimeoutError) as exc:
+        print(f"park: {exc}", file=sys.stderr)
+        return FAILURE
+    except KeyboardInterrupt:
+        print("park: interrupted", file=sys.stderr)
+        return 130
+

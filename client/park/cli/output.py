@@ -1,0 +1,80 @@
+"""What the `park` commands print and how they fail: state colours, times, event lines, exit statuses.
+
+Shared by every command and by `park demo`'s board. `CliError` is a failure a
+command reports as `park: message` with its exit status; nothing here talks to
+a broker.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import Any, NoReturn
+
+from rich.console import Console
+
+from park.errors import ParkError
+from park.job import JobEvent
+
+STATE_STYLES = {"waiting": "dim", "queued": "cyan", "running": "yellow", "completed": "green",
+                "failed": "red", "cancelled": "magenta"}
+USAGE, FAILURE = 2, 1
+
+
+class CliError(ParkError):
+    """A failure the command reports as `park: message` with exit status `status`."""
+
+    def __init__(self, message: str, status: int = FAILURE):
+        super().__init__(message)
+        self.status = status
+
+
+def die(message: str, status: int = FAILURE) -> NoReturn:
+    raise CliError(message, status)
+
+
+def clock(t: float) -> str:
+    """Local wall-clock time of an epoch timestamp, for people."""
+    return datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S") if t else ""
+
+
+def when(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+
+def iso(t: float) -> str | None:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat() if t else None
+
+
+def describe(event: JobEvent) -> str:
+    """One line saying what an event means: the work submitted, the result, the error or the cause."""
+    d = event.detail
+    if event.kind == "submitted":
+        spec = d.get("spec", {})
+        work = spec.get("call", {}).get("target") or " ".join(spec.get("command", {}).get("argv", []))
+        label = spec.get("label", "")
+        return f"{label} ({work})" if label and label != work else work
+    if event.kind == "queued":
+        return d.get("reason", "")
+    if event.kind == "started":
+        return f"attempt {d.get('attempt', 1)}"
+    if event.kind == "completed":
+        if "resultFile" in d:
+            return f"result in {d['resultFile'].get('path', '')}"
+        return f"result {d.get('resultJson', 'null')}"
+    if event.kind == "failed":
+        return d.get("error", "")
+    if event.kind == "cancelled":
+        return d.get("cause", {}).get("message", "no cause recorded")
+    if event.kind == "improved":
+        return ", ".join(f"{k}={v:g}" for k, v in d.get("values", {}).items())
+    return ""
+
+
+def new_console() -> Console:
+    # Off a terminal rich would wrap at 80 columns; pipes and files get whole lines.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2))

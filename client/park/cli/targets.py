@@ -1,0 +1,148 @@
+"""Which configured service holds a job: the client configuration, job references, probes.
+
+`open_job` finds the job a bare id or a `park://SITE/jobs/ID` reference names,
+asking the configured services (the one named like the site first);
+`RecordsBySite` reads job records across sites for `park graph`.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from park._proto import jobs_pb2 as jpb
+from park.cli.output import USAGE, die
+from park.config import ServiceEntry, config_path, load_services
+from park.errors import ParkError
+from park.job import Job
+from park.service import Service
+from park.wire import InvalidInput, check_job_id
+
+_REF = re.compile(r"park://(?P<site>[^/]+)/jobs/(?P<id>[^/]+)/?")
+
+
+
+def configured_services(name: str | None = None) -> list[ServiceEntry]:
+    """The configured services, or just `name`: exit 2 for an unknown name, 1 when none are configured."""
+    services = load_services()
+    if name is not None:
+        if name not in services:
+            die(f"no service named {name!r} in {config_path()} (known: {', '.join(sorted(services)) or 'none'})",
+                 USAGE)
+        return [services[name]]
+    if not services:
+        die(f"no services configured in {config_path()}; add one with "
+             "`park services add NAME --address HOST:PORT --cert FILE`")
+    return sorted(services.values(), key=lambda e: e.name)
+
+
+def parse_job(ref: str) -> tuple[str | None, str]:
+    """(site or None, job id) of a bare id or a park://SITE/jobs/ID reference."""
+    match = _REF.fullmatch(ref)
+    site, job_id = (match["site"], match["id"]) if match else (None, ref)
+    try:
+        check_job_id(job_id)
+    except InvalidInput as exc:
+        die(f"{exc}; give an id or a reference park://SITE/jobs/ID")
+    return site, job_id
+
+
+@contextlib.contextmanager
+def open_job(ref: str, name: str | None) -> Iterator[Job]:
+    """The job that `ref` names, at the service that holds it; the connection closes afterwards."""
+    site, job_id = parse_job(ref)
+    entries = configured_services(name)
+    if site is None and name is None and len(entries) > 1:
+        die(f"several services are configured ({', '.join(e.name for e in entries)}); "
+             "pass --service NAME or a reference park://SITE/jobs/ID", USAGE)
+    # A service named like the site is the likely holder: ask it first.
+    entries.sort(key=lambda e: e.name != site)
+    unreachable = []
+    for entry in entries:
+        with contextlib.closing(Service(entry.address, entry.cert)) as service:
+            if site is not None:
+                try:
+                    actual = service.site
+                except ParkError as exc:
+                    if name is not None:
+                        raise
+                    unreachable.append(f"{entry.name}: {exc}")
+                    continue
+                if actual != site:
+                    if name is not None:
+                        die(f"service {name!r} is site {actual!r}, but the reference names site {site!r}")
+                    continue
+            yield service.job(job_id)
+            return
+    detail = f" (unreachable: {'; '.join(unreachable)})" if unreachable else ""
+    die(f"no configured service is site {site!r}{detail}; add it with `park services add {site} "
+         "--address HOST:PORT --cert FILE`")
+
+
+def reference(job: Job) -> str:
+    return f"park://{job.site}/jobs/{job.id}"
+
+
+def probe(entry: ServiceEntry) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": entry.name, "address": entry.address, "reachable": False, "site": None,
+                           "version": None, "caller": None, "error": None}
+    try:
+        with contextlib.closing(Service(entry.address, entry.cert)) as service:
+            info = service.info
+    except ParkError as exc:
+        row["error"] = str(exc)
+    else:
+        row.update(reachable=True, site=info.site, version=info.version, caller=info.caller)
+    return row
+
+
+class RecordsBySite:
+    """Job records by site: the JOB's own service, and a configured service for each other site, opened once."""
+
+    def __init__(self, home: Service, home_site: str, entries: list[ServiceEntry]):
+        self._services: dict[str, Service | None] = {home_site: home}
+        self._entries = entries
+        self._entry_sites: dict[str, str | None] = {}
+        self._opened: list[Service] = []
+
+    def _service(self, site: str) -> Service | None:
+        if site not in self._services:
+            self._services[site] = None
+            for entry in sorted(self._entries, key=lambda e: e.name != site):   # one named like the site first
+                if entry.name not in self._entry_sites and self._probe(entry) == site:
+                    break
+        return self._services[site]
+
+    def _probe(self, entry: ServiceEntry) -> str | None:
+        """Connect to `entry` once and remember which site it is; None when it cannot be reached."""
+        try:
+            service = Service(entry.address, entry.cert)
+        except ParkError:
+            self._entry_sites[entry.name] = None
+            return None
+        try:
+            site: str | None = service.site
+        except ParkError:
+            site = None
+        self._entry_sites[entry.name] = site
+        if site is None or self._services.get(site) is not None:
+            service.close()
+        else:
+            self._opened.append(service)
+            self._services[site] = service
+        return site
+
+    def record(self, site: str, job_id: str) -> tuple[jpb.Job | None, str]:
+        service = self._service(site)
+        if service is None:
+            return None, f"no configured service for site {site}"
+        try:
+            return service.call(service.jobs_stub.Get, jpb.GetRequest(job_id=job_id), f"reading job {job_id}",
+                                timeout=30), ""
+        except ParkError as exc:
+            return None, str(exc).split("\n")[0][:120]
+
+    def close(self) -> None:
+        for service in self._opened:
+            service.close()

@@ -1,0 +1,111 @@
+"""A connection to one broker: TLS channel, session tokens, the site's identity, calls.
+
+`Connection` is what a job proxy needs from its service (park.job): one
+channel with per-call session tokens, the site's `Info`, and `call`, which
+turns a gRPC error into `park.ServiceError`. `park.Service` adds the submission
+pipeline and the default-service context on top.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
+from park._proto import packages_pb2 as ppb
+from park.auth import SessionTokens, token_source
+from park.errors import ConfigError, ServiceError
+
+@dataclass(frozen=True, slots=True)
+class PackageInfo:
+    name: str
+    version: str
+    sha256: str
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class Connection:
+    """One broker's channel; see the module docstring."""
+
+    def __init__(self, address: str, cert: str | os.PathLike[str]):
+        cert = Path(cert)
+        try:
+            pem = cert.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the certificate of {address}: {exc}") from None
+        self.address = address
+        self.tokens = SessionTokens(_site_of_certificate(pem, cert), token_source())
+        channel_credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=pem), grpc.metadata_call_credentials(self.tokens))
+        self._channel = grpc.secure_channel(address, channel_credentials, options=CHANNEL_OPTIONS)
+        self.jobs_stub = jobs_pb2_grpc.JobsStub(self._channel)
+        self._site_stub = site_pb2_grpc.SiteStub(self._channel)
+        self._info: site_pb2.InfoResponse | None = None
+
+    # -- identity of the site ------------------------------------------------------
+
+    @property
+    def info(self) -> site_pb2.InfoResponse:
+        """What the broker says about itself; fetched once."""
+        if self._info is None:
+            info = self.call(self._site_stub.Info, site_pb2.InfoRequest(), f"reaching {self.address}", timeout=30)
+            self._info = info
+        return self._info
+
+    @property
+    def site(self) -> str:
+        return self.info.site
+
+    def __repr__(self) -> str:
+        return f"<park.Service {self.address}>"
+
+    # -- calls -----------------------------------------------------------------------
+
+    def call(self, method, request, doing: str, timeout: float | None = 60):  # type: ignore[no-untyped-def]
+        """One unary call with Park's error translation."""
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise ServiceError.from_rpc(exc, doing) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def packages(self) -> list[PackageInfo]:
+        """What this site has installed, so a script can pin one of those (`requires=[...]`)."""
+        reply = self.call(packages_pb2_grpc.PackagesStub(self._channel).List, ppb.ListPackagesRequest(),
+                          "listing packages")
+        return [PackageInfo(p.name, p.version, p.sha256) for p in reply.packages]
+
+
+def _site_of_certificate(pem: bytes, path: Path) -> str:
+    """A site certificate names its site (park-broker init): the audience of our session tokens."""
+    try:
+        names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not a PEM certificate: {exc}") from None
+    if not names:
+        raise ConfigError(f"{path} does not name a site (no common name); use the tls.crt of a Park site")
+    return str(names[0].value)
+
+
+def status_name(number: int) -> str:
+    """The name of a gRPC status code number (SubmitMany answers per job with numbers)."""
+    return next((s.name for s in grpc.StatusCode if s.value[0] == number), "UNKNOWN")
