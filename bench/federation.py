@@ -191,13 +191,11 @@ def run_park(args: argparse.Namespace, root: Path, mode: str) -> tuple[list[floa
                      tb[("received", a.id)], eb["queued"].time, tb[("committed_queued", b.id)],
                      eb["started"].time, start]
             steps.append([y - x for x, y in pairwise(marks)])
-            subs.append((tb[("watch", a.id)], ta[("asked", a.id)], ta[("admitted", a.id)],
-                         ta[("committed_completed", a.id)]))
+            subs.append((tb[("watch", a.id)], ta[("asked", a.id)], ta[("committed_completed", a.id)]))
     if subs:
-        late = sum(adm > done for _, _, adm, done in subs)
-        print(f"park {mode}: subscribing, B asks -> A reads the request: p50/p99/max "
-              f"{ms([x[1] - x[0] for x in subs], '/')} ms; A reads -> token accepted: "
-              f"{ms([x[2] - x[1] for x in subs], '/')} ms; atom watched only after its job's completion "
+        late = sum(asked > done for _, asked, done in subs)
+        print(f"park {mode}: subscribing, B asks -> A accepts the token: p50/p99/max "
+              f"{ms([x[1] - x[0] for x in subs], '/')} ms; atom asked for only after its job's completion "
               f"was committed: {late} of {len(subs)} pairs")
     return lat, steps
 

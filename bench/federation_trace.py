@@ -12,8 +12,8 @@ Wraps, without changing them, some functions of the running broker and writes
 - received: `PeerLinks._receive`, the subscriber handed an AtomUpdate by gRPC
   (job id = the job at the peer);
 - watch: `PeerLinks.watch`, the subscriber asked for a remote atom (a waiting job arrived);
-- asked / admitted: `Publisher._admit` / `Publisher._check_token` returned, the publisher
-  read that atom from a Subscribe request / accepted its token (from then on it is watched).
+- asked: `Publisher.check` returned, the publisher read that atom from a Subscribe request and
+  accepted its token (from then on it is looked up, then watched or answered).
 
 Each point costs one time.time() and a list append (about a microsecond).
 """
@@ -34,7 +34,7 @@ TRACE: list[tuple[str, str, float]] = []
 
 def _install() -> None:
     publish, update, receive = events.EventHub.publish, publisher._update, links.PeerLinks._receive
-    watch, admit, check = links.PeerLinks.watch, publisher.Publisher._admit, publisher.Publisher._check_token
+    watch, check = links.PeerLinks.watch, publisher.Publisher.check
 
     def traced_publish(self, changes):  # type: ignore[no-untyped-def]
         now = time.time()
@@ -57,18 +57,13 @@ def _install() -> None:
         TRACE.append(("watch", key.job_id, time.time()))
         return watch(self, key, token)
 
-    def traced_admit(self, item):  # type: ignore[no-untyped-def]
-        key = admit(self, item)
+    def traced_check(self, item, peer):  # type: ignore[no-untyped-def]
+        key, subject = check(self, item, peer)
         TRACE.append(("asked", key.job_id, time.time()))
-        return key
-
-    def traced_check(self, token, peer, key, owner):  # type: ignore[no-untyped-def]
-        check(self, token, peer, key, owner)
-        TRACE.append(("admitted", key.job_id, time.time()))
+        return key, subject
 
     links.PeerLinks.watch = traced_watch  # type: ignore[method-assign]
-    publisher.Publisher._admit = traced_admit  # type: ignore[method-assign]
-    publisher.Publisher._check_token = traced_check  # type: ignore[method-assign]
+    publisher.Publisher.check = traced_check  # type: ignore[method-assign]
     events.EventHub.publish = traced_publish  # type: ignore[method-assign]
     publisher._update = traced_update
     links.PeerLinks._receive = traced_receive  # type: ignore[method-assign]

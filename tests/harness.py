@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,3 +121,23 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def federate(*brokers: Broker) -> None:
+    """Pin every broker's certificate at every other one, then start them all (peers are read at start)."""
+    free = [free_port() for _ in brokers]
+    for b, port in zip(brokers, free):
+        b.peer_address = f"127.0.0.1:{port}"
+        for other, other_port in zip(brokers, free):
+            if other is not b:
+                result = broker_cli("peers", "add", str(b.directory), other.site,
+                                    "--address", f"127.0.0.1:{other_port}", "--cert", str(other.cert))
+                assert result.returncode == 0, result.stderr
+    for b in brokers:
+        b.start()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -69,3 +69,18 @@ def test_health_tls_and_sigterm(broker) -> None:  # type: ignore[no-untyped-def]
     wrong.close()
     assert broker.stop() == 0
     assert not (broker.directory / "serve.json").exists()
+
+
+def test_a_site_directory_is_served_by_one_broker_at_a_time(broker) -> None:  # type: ignore[no-untyped-def]
+    second = broker_cli("serve", str(broker.directory), "--listen", "127.0.0.1:0")
+    assert second.returncode == 2
+    assert "already served by another broker" in second.stderr and f"pid {broker.proc.pid}" in second.stderr
+    assert broker.proc.poll() is None
+    assert broker.service().info.site == "sns", "the first broker goes on serving"
+
+
+def test_a_port_in_use_is_refused_not_shared(broker, new_broker) -> None:  # type: ignore[no-untyped-def]
+    other = new_broker("cluster")
+    taken = broker_cli("serve", str(other.directory), "--listen", broker.address)
+    assert taken.returncode == 2 and "address already in use" in taken.stderr, taken.stderr
+    assert broker.service().info.site == "sns"

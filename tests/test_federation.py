@@ -2,7 +2,6 @@
 cross-site cancellation, peers that die and come back."""
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -10,29 +9,9 @@ import pytest
 
 import park
 from park._proto import jobs_pb2 as jpb
-from harness import Broker, broker_cli  # type: ignore[import-not-found]
+from harness import federate  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def federate(*brokers: Broker) -> None:
-    """Pin every broker's certificate at every other one, then start them all (peers are read at start)."""
-    free = [_free_port() for _ in brokers]
-    for b, port in zip(brokers, free):
-        b.peer_address = f"127.0.0.1:{port}"
-        for other, other_port in zip(brokers, free):
-            if other is not b:
-                result = broker_cli("peers", "add", str(b.directory), other.site,
-                                    "--address", f"127.0.0.1:{other_port}", "--cert", str(other.cert))
-                assert result.returncode == 0, result.stderr
-    for b in brokers:
-        b.start()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The job manager in-process, with a real store and a recording executor: the orderings that
+"""The job lifecycle in-process, with a real store and a recording executor: the orderings that
 real brokers hit only under load, made to happen on purpose."""
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from park.wire import condition_to_proto
 from park.conditions import Atom, AtomKey
 from park_broker.core.events import EventHub
 from park_broker.execution.base import Outcome, Task
-from park_broker.core.lifecycle import JobManager, SiteInfo
+from park_broker.core.lifecycle import Lifecycle
 from park_broker.packages.store import PackageStore
 from park_broker.core.store import Store
+from park_broker.site import SiteInfo
 
 
 class RecordingExecutor:
@@ -45,10 +46,10 @@ def test_a_dependency_that_finishes_during_a_submission_is_still_found(tmp_path:
         store = Store(tmp_path / "park.db", on_commit=hub.publish)
         store.open()
         executor = RecordingExecutor()
-        manager = JobManager(SiteInfo("sns", tmp_path / "files"), store, executor, hub,  # type: ignore[arg-type]
+        core = Lifecycle(SiteInfo("sns", tmp_path / "files"), store, executor, hub,  # type: ignore[arg-type]
                              PackageStore(tmp_path / "packages"))
         a = "a" * 26
-        await manager.submit_many("alice", [_spec(a)])
+        await core.submissions.submit_many("alice", [_spec(a)])
         # Hold the next submission in one of its reads, and finish `a` meanwhile.
         held, release = asyncio.Event(), asyncio.Event()
         reports = store.reports
@@ -59,10 +60,10 @@ def test_a_dependency_that_finishes_during_a_submission_is_still_found(tmp_path:
             return await reports(job_ids)
 
         store.reports = slow_reports  # type: ignore[method-assign]
-        submission = asyncio.create_task(manager.submit_many("alice", [_spec("b" * 26, after=a)]))
+        submission = asyncio.create_task(core.submissions.submit_many("alice", [_spec("b" * 26, after=a)]))
         await held.wait()
-        manager.on_started(a, 1)
-        manager.on_finished(a, 1, Outcome(ok=True, result_json="1"))
+        core.transitions.on_started(a, 1)
+        core.transitions.on_finished(a, 1, Outcome(ok=True, result_json="1"))
         await asyncio.sleep(0.2)     # the completion is committed while the submission waits
         release.set()
         [result] = await submission

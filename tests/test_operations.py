@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 import park
 from harness import Broker  # type: ignore[import-not-found]
@@ -204,7 +206,7 @@ def test_metrics_count_jobs_by_state_and_events(new_broker) -> None:  # type: ig
     _until_state(running, "running")
     doomed.cancel("not needed")
     samples, body, content_type = _scrape(address)
-    assert content_type.startswith("text/plain; version=0.0.4")
+    assert content_type == CONTENT_TYPE_LATEST
     assert {s: samples[f'park_jobs{{state="{s}"}}'] for s in
             ("waiting", "queued", "running", "completed", "failed", "cancelled")} == \
         {"waiting": 1, "queued": 0, "running": 1, "completed": 2, "failed": 1, "cancelled": 1}
@@ -217,6 +219,33 @@ def test_metrics_count_jobs_by_state_and_events(new_broker) -> None:  # type: ig
     assert running.wait(timeout=30) == "cancelled"
     after, _, _ = _scrape(address)
     assert after["park_events_committed_total"] > samples["park_events_committed_total"]
+
+
+def test_metrics_parse_with_the_prometheus_parser(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(extra=["--metrics-listen", "127.0.0.1:0", "--log-format", "json"]).start()
+    address = _metrics_address(broker)
+    with broker.service():
+        job = park.submit("park_test_tasks:add", 2, 3)
+    assert job.result(timeout=60) == 5
+    _, body, _ = _scrape(address)
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    # The parser names counter families without their `_total`, as the library's writer does.
+    assert {name: f.type for name, f in families.items()} == {
+        "park_broker_info": "gauge", "park_jobs": "gauge", "park_events_committed": "counter",
+        "park_transfer_bytes": "counter", "park_peer_last_seq": "gauge", "park_peer_connected": "gauge",
+        "park_peer_pending_atoms": "gauge", "park_peer_last_message_age_seconds": "gauge"}
+    jobs = {s.labels["state"]: s.value for s in families["park_jobs"].samples}
+    assert jobs == {"waiting": 0, "queued": 0, "running": 0, "completed": 1, "failed": 0, "cancelled": 0}
+    (events,) = families["park_events_committed"].samples
+    assert events.name == "park_events_committed_total" and events.value >= 2
+    assert [(s.name, s.labels, s.value) for s in families["park_transfer_bytes"].samples] == [
+        ("park_transfer_bytes_total", {"direction": "received"}, 0)]
+    assert families["park_broker_info"].samples[0].labels == {"site": "sns"}
+    assert "_created" not in body
+    with urllib.request.urlopen(urllib.request.Request(f"http://{address}/metrics", method="HEAD"),
+                                timeout=10) as head:
+        assert head.read() == b"" and int(head.headers["Content-Length"]) > 0
+        assert head.headers["Content-Type"] == CONTENT_TYPE_LATEST
 
 
 def test_metrics_endpoint_answers_only_get_on_metrics(new_broker) -> None:  # type: ignore[no-untyped-def]

@@ -22,15 +22,15 @@ def test_waits_then_starts_when_both_complete() -> None:
     s = Scheduler()
     assert s.add("j", atom("a") & atom("b"), {}) is None
     assert "j" in s and s.pending_atoms() == {key("a"), key("b")}
-    assert s.resolve(key("a"), State.READY) == []
-    [d] = s.resolve(key("b"), State.READY)
+    assert s.resolve_all({key("a"): State.READY}) == []
+    [d] = s.resolve_all({key("b"): State.READY})
     assert d.verdict is Verdict.START and "j" not in s and s.pending_atoms() == set()
 
 
 def test_cancelled_atom_cancels_with_cause() -> None:
     s = Scheduler()
     s.add("j", atom("a") & atom("b"), {})
-    [d] = s.resolve(key("a"), State.CANCELLED)
+    [d] = s.resolve_all({key("a"): State.CANCELLED})
     assert d.verdict is Verdict.CANCEL and d.atoms == (key("a"),)
     assert s.pending_atoms() == set(), "a decided job must leave the index"
 
@@ -38,7 +38,7 @@ def test_cancelled_atom_cancels_with_cause() -> None:
 def test_never_holds_is_detected() -> None:
     s = Scheduler()
     s.add("j", atom("a") & ~atom("b"), {})
-    [d] = s.resolve(key("b"), State.READY)
+    [d] = s.resolve_all({key("b"): State.READY})
     assert d.verdict is Verdict.NEVER and d.atoms == (key("b"),)
 
 
@@ -50,8 +50,8 @@ def test_not_of_pending_is_ready_at_submission() -> None:
 def test_or_survives_one_cancelled_side() -> None:
     s = Scheduler()
     s.add("j", atom("a") | atom("b"), {})
-    assert s.resolve(key("a"), State.CANCELLED) == []
-    [d] = s.resolve(key("b"), State.READY)
+    assert s.resolve_all({key("a"): State.CANCELLED}) == []
+    [d] = s.resolve_all({key("b"): State.READY})
     assert d.verdict is Verdict.START
 
 
@@ -60,7 +60,7 @@ def test_resolution_touches_only_dependents() -> None:
     for i in range(1000):
         s.add(f"w{i}", atom("z"), {})
     s.add("target", atom("a"), {})
-    [d] = s.resolve(key("a"), State.READY)
+    [d] = s.resolve_all({key("a"): State.READY})
     assert d.job_id == "target" and len(s) == 1000
 
 
@@ -68,4 +68,4 @@ def test_remove_unindexes() -> None:
     s = Scheduler()
     s.add("j", atom("a"), {})
     assert s.remove("j") is True and s.remove("j") is False
-    assert s.resolve(key("a"), State.READY) == []
+    assert s.resolve_all({key("a"): State.READY}) == []

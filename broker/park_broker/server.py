@@ -1,4 +1,4 @@
-"""Assemble and run a broker: store, executor, job manager, gRPC server.
+"""Assemble and run a broker: store, executor, job lifecycle, gRPC server.
 
 `serve` returns when the broker is asked to stop (SIGTERM, SIGINT) or when the
 store refuses a commit; in both cases it stops accepting calls, gives running
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import grpc
 from cryptography.hazmat.primitives import serialization
-from grpc_health.v1 import _async as health_async
+from grpc_health.v1.health import aio as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from park._proto import federation_pb2_grpc, files_pb2_grpc, jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
 from park_broker.transfer.tuning import tune_allocator
 from park_broker.core.events import EventHub
-from park_broker.core.lifecycle import JobManager, SiteInfo
+from park_broker.core.lifecycle import Lifecycle
 from park_broker.ops.metrics import Metrics
 from park_broker.ops.reflection import broker_services, enable_reflection
 from park_broker.execution.choice import executor_kind, make_executor
@@ -38,7 +38,7 @@ from park_broker.servicers.files import FilesServicer
 from park_broker.servicers.jobs import JobsServicer
 from park_broker.servicers.packages import PackagesServicer
 from park_broker.servicers.site import SiteServicer
-from park_broker.site import SiteConfig, SiteError
+from park_broker.site import SiteConfig, SiteError, SiteInfo, lock_site
 from park_broker.core.store import Store
 from park_broker.auth.users import Authority
 
@@ -98,6 +98,15 @@ def check_loopback(listen: str) -> None:
 
 
 async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | None = None) -> int:
+    """Serve the site until asked to stop; SiteError if it cannot (another broker serves it, a port is taken)."""
+    lock = lock_site(site.directory)
+    try:
+        return await _serve(site, options, stop)
+    finally:
+        os.close(lock)
+
+
+async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | None) -> int:
     listen = options.listen or site.listen
     peers = PeerTable.load(site.directory)
     gate = make_gate(site, options, peers)
@@ -110,29 +119,33 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     hub = EventHub()
     store = Store(site.db_path, on_commit=hub.publish)
     store.open()
-    executor = make_executor(options)
+    executor = make_executor(options.executor, workers=options.workers, python_path=options.python_path,
+                             grace=options.grace)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path))
     packages = PackageStore(site.directory / "packages", options.package_index)
-    manager = JobManager(info, store, executor, hub, packages, frozenset(peers.peers))
+    core = Lifecycle(info, store, executor, hub, packages, frozenset(peers.peers))
     tls_key, certificate = site.tls_key(), site.certificate()
+    links: PeerLinks | None = None
     if peers.peers:
         # Outgoing: our certificate is our identity; the peers' pinned certificates are the only roots.
-        manager.federation = PeerLinks(peers.peers, grpc.ssl_channel_credentials(
+        links = PeerLinks(peers.peers, grpc.ssl_channel_credentials(
             root_certificates=peers.bundle(), private_key=tls_key, certificate_chain=certificate),
-            [("grpc.max_receive_message_length", MAX_MESSAGE), *KEEPALIVE], manager.on_remote_resolved)
+            [("grpc.max_receive_message_length", MAX_MESSAGE), *KEEPALIVE], core.remote.on_resolved)
     hub.head = await store.head_seq()
-    metrics = Metrics(store=store, hub=hub, federation=manager.federation, site=site.name)
-    manager.transfer_meter = metrics.transfer_meter
+    metrics = Metrics(store=store, hub=hub, federation=links, site=site.name)
+    if links is not None:
+        core.connect_peers(links, links.channel, metrics.transfer_meter)
     if options.metrics_listen:
         await metrics.start(options.metrics_listen)
 
     server = grpc.aio.server(
         interceptors=[PolicyInterceptor(gate)],
+        # No SO_REUSEPORT: a second broker on a port in use must fail, not share the port's callers.
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                 ("grpc.max_send_message_length", MAX_MESSAGE), *KEEPALIVE])
-    jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(manager), server)
+                 ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0), *KEEPALIVE])
+    jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(core), server)
     packages_pb2_grpc.add_PackagesServicer_to_server(
-        PackagesServicer(manager, site.directory / "packages" / ".uploads", packages.limits.max_wheel_bytes), server)
+        PackagesServicer(core.installs, packages, site.directory / "packages" / ".uploads", packages.limits.max_wheel_bytes), server)
     identity = site.identity_key().public_key().public_bytes(serialization.Encoding.Raw,
                                                              serialization.PublicFormat.Raw)
     site_info = site_pb2.InfoResponse(
@@ -142,24 +155,23 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root, store), server)
     if gate.authority is not None:
         federation_pb2_grpc.add_FederationServicer_to_server(FederationServicer(
-            Publisher(site.name, gate.authority, hub, manager.atom_state)), server)
+            Publisher(site.name, gate.authority, hub, core.remote.atom_states, core.remote.resolved_by)), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(server, broker_services(federation=gate.authority is not None))
     # Clients authenticate with tokens and need no certificate. Peers use a port of their own where a
     # pinned client certificate is required (gRPC cannot ask for an optional one), as etcd separates them.
-    port = server.add_secure_port(listen, grpc.ssl_server_credentials([(tls_key, certificate)]))
+    port = _bind(server, listen, grpc.ssl_server_credentials([(tls_key, certificate)]), "clients")
     # Bound before recovery, so re-run jobs know where to report; served only after it.
     host = listen.rpartition(":")[0]
     address = info.address = f"{host}:{port}"
     peer_address = ""
     if peers.peers:
         peer_listen = options.peer_listen or f"{host}:{port + 1 if options.listen != f'{host}:0' else 0}"
-        peer_port = server.add_secure_port(peer_listen, grpc.ssl_server_credentials(
-            [(tls_key, certificate)], root_certificates=peers.bundle(), require_client_auth=True))
+        peer_port = _bind(server, peer_listen, grpc.ssl_server_credentials(
+            [(tls_key, certificate)], root_certificates=peers.bundle(), require_client_auth=True), "peers")
         peer_address = f"{peer_listen.rpartition(':')[0]}:{peer_port}"
-    await executor.start(manager.on_started, manager.on_finished)
-    await manager.recover()
+    await core.start()
     await server.start()
     for service in ("", "park.v1.Jobs", "park.v1.Site", "park.v1.Packages", "park.v1.Federation",
                     "park.v1.Files"):
@@ -169,7 +181,7 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     print(f"park-broker: site {site.name} serving on {address}" +
           (f", peers on {peer_address}" if peer_address else ""), flush=True)
 
-    failed = asyncio.create_task(manager.failed.wait())
+    failed = asyncio.create_task(core.failed.wait())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([failed, stopping], return_when=asyncio.FIRST_COMPLETED)
     for task in (failed, stopping):
@@ -177,12 +189,24 @@ async def serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | N
     await health.enter_graceful_shutdown()
     await server.stop(grace=options.grace)
     await metrics.close()
-    if manager.federation is not None:
-        await manager.federation.close()
+    if links is not None:
+        await links.close()
     await executor.close()
     store.close()
     (site.directory / "serve.json").unlink(missing_ok=True)
-    return 1 if manager.failed.is_set() else 0
+    return 1 if core.failed.is_set() else 0
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials, what: str) -> int:
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise SiteError(f"cannot listen for {what} on {address}: address already in use (another broker "
+                        "or program holds it), or not an address of this host; choose another with --listen "
+                        "or --peer-listen")
+    return port
 
 
 def _write_serve_file(directory: Path, address: str, peer_address: str) -> None:

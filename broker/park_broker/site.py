@@ -16,6 +16,7 @@ that delegated tokens are bound to.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
 import socket
@@ -23,15 +24,27 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
+from park.config import replace_file
 from park.wire import InvalidInput, check_site
 
 IDENTITY_URI_PREFIX = "urn:park:ed25519:"
 DEFAULT_LISTEN = "127.0.0.1:7701"
+
+
+@dataclass(slots=True)
+class SiteInfo:
+    """The site as its jobs see it while it serves: its name, file store and where to reach it."""
+
+    name: str
+    files_root: Path
+    address: str = ""        # where jobs reach the broker to report progress; set once bound
+    cert_path: str = ""
 
 
 class SiteError(RuntimeError):
@@ -127,7 +140,8 @@ def init_site(directory: Path, name: str, listen: str = DEFAULT_LISTEN) -> SiteC
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .sign(tls_key, hashes.SHA256()))
     (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "site.toml").write_text(f'site = "{name}"\nlisten = "{listen}"\n')
+    # Written last and whole: a directory holds a site only once it holds everything else.
+    replace_file(directory / "site.toml", tomli_w.dumps({"site": name, "listen": listen}))
     return load_site(directory)
 
 
@@ -147,3 +161,21 @@ def load_site(directory: Path) -> SiteConfig:
     config.files_root.mkdir(exist_ok=True)
     return config
 
+
+
+def lock_site(directory: Path) -> int:
+    """Hold the site directory for one serving broker: an exclusive lock on DIR/broker.lock, which
+    holds the server's pid. Returns the lock's descriptor (keep it open while serving); the lock goes
+    with the process, however it ends. SiteError naming the holder if another broker serves DIR."""
+    path = directory / "broker.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SiteError(f"site directory {directory} is already served by another broker (pid {holder}); "
+                        "stop it first: one broker serves a site directory at a time") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

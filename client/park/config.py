@@ -5,14 +5,21 @@
     [services.sns]
     address = "sns.example.org:7701"
     cert = "/home/me/.config/park/sns.crt"     # relative paths are from this file's directory
+
+Park's TOML files (this one and the broker's site, users and peers files) are
+written with tomli-w, which quotes keys TOML would otherwise read as dotted
+paths, and replaced whole with `replace_file`.
 """
 from __future__ import annotations
 
-import json
 import os
+import secrets
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomli_w
 
 from park.wire import InvalidInput, check_site
 from park.errors import ConfigError
@@ -58,10 +65,34 @@ def add_service(name: str, address: str, cert: Path, path: Path | None = None) -
     services = load_services(path)
     services[name] = ServiceEntry(name, address, cert.resolve())
     path.parent.mkdir(parents=True, exist_ok=True)
-    # JSON string quoting is valid TOML basic-string quoting.
-    text = "".join(f"[services.{s.name}]\naddress = {json.dumps(s.address)}\ncert = {json.dumps(str(s.cert))}\n\n"
-                   for s in services.values())
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    replace_file(path, tomli_w.dumps({"services": {
+        s.name: {"address": s.address, "cert": str(s.cert)} for s in services.values()}}))
     return path
+
+
+def replace_file(path: Path, text: str, mode: int | None = None) -> None:
+    """Replace `path` by `text` at once: a reader, or a crash, sees the old file or the new, never part of one.
+
+    `mode` None keeps the permission bits of the file replaced; a new file gets the umask's.
+    """
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            pass
+    # A name of its own, so that two writers never share a temporary file; in the same
+    # directory, so that os.replace is a rename within one file system.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # Created 0600 when a mode is given, so that a private file is never readable by others, even briefly.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -232,6 +232,13 @@ def _check_confirm(confirm: str) -> None:
         _bad_request("confirm must be a key id: 64 lowercase hex characters, or empty")
 
 
+def check_subject(subject: str) -> str:
+    """A user name a token can carry; TokenError (invalid_argument) saying what is allowed otherwise."""
+    if not _SUBJECT.fullmatch(subject):
+        _bad_request("subject must be 1-64 of [A-Za-z0-9_.@-], not starting with '.', '@' or '-'")
+    return subject
+
+
 def issue(signer: Ed25519PrivateKey, *, subject: str, audience: str, scopes: Iterable[str] = SESSION_SCOPES,
           lifetime: float | None = None, confirm: str = "", max_depth: int = 0,
           now: float | None = None) -> pb.Token:
@@ -241,8 +248,7 @@ def issue(signer: Ed25519PrivateKey, *, subject: str, audience: str, scopes: Ite
     default); a key id makes a delegated token only that key may use or extend
     (1 hour by default, 6 hours at most). `not_before` is backdated 60 s.
     """
-    if not _SUBJECT.fullmatch(subject):
-        _bad_request("subject must be 1-64 of [A-Za-z0-9_.@-], not starting with '.', '@' or '-'")
+    check_subject(subject)
     if not _AUDIENCE.fullmatch(audience):
         _bad_request("audience must be a site name: 1-253 of [A-Za-z0-9_.:-]")
     _check_confirm(confirm)

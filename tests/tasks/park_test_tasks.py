@@ -110,3 +110,12 @@ def write_bytes(n: int) -> int:
 
 def file_size(path: str) -> int:
     return Path(path).stat().st_size
+
+
+def settle_when(path: str, ok: bool, chisq: float) -> dict[str, float]:
+    """Run until `path` exists, then complete with `chisq` as the result or fail: a job whose end a test decides."""
+    while not Path(path).exists():
+        time.sleep(0.02)
+    if not ok:
+        raise RuntimeError("planned failure")
+    return {"chisq": chisq}

@@ -16,8 +16,6 @@ whatever its subject may do.
 """
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 import tomllib
@@ -26,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from park import tokens
+from park.config import replace_file
 from park.wire import InvalidInput, check_name
 
 ALLOWED = ("submit", "upload", "admin")
@@ -142,8 +143,11 @@ def add_user(directory: Path, name: str, key: str, allow: Iterable[str]) -> None
     """Register `name` with public key `key` ("ed25519:..."); adds the key if the user exists."""
     try:
         check_name(name, "user name")
+        tokens.check_subject(name)   # a user no token can name could never call the site
     except InvalidInput as exc:
         raise UsersError(str(exc)) from None
+    except tokens.TokenError as exc:
+        raise UsersError(f"user name {name!r}: {exc.message}") from None
     allow = frozenset(allow)
     unknown = allow - set(ALLOWED)
     if unknown:
@@ -159,10 +163,8 @@ def add_user(directory: Path, name: str, key: str, allow: Iterable[str]) -> None
     if key not in entry["keys"]:
         entry["keys"].append(key)
     entry["allow"] = sorted(allow)
-    # JSON quoting of strings and lists is valid TOML.
-    text = "".join(f"[users.{n}]\nkeys = {json.dumps(u['keys'])}\nallow = {json.dumps(u['allow'])}\n\n"
-                   for n, u in sorted(users.items()))
-    _replace(path, text)
+    # A real writer quotes names such as "john.smith", which a bare key would turn into nested tables.
+    _replace(path, tomli_w.dumps({"users": dict(sorted(users.items()))}))
 
 
 def revoke(directory: Path, link_id: str) -> None:
@@ -174,7 +176,5 @@ def revoke(directory: Path, link_id: str) -> None:
 
 
 def _replace(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    """Who may use the site is the operator's business: both files stay 0600."""
+    replace_file(path, text, mode=0o600)

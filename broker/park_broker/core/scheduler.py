@@ -88,16 +88,22 @@ class Scheduler:
             self._unindex(atom.key, job_id)
         return True
 
-    def resolve(self, key: AtomKey, state: State) -> list[Decision]:
-        """An atom resolved to READY or CANCELLED; the verdicts for the jobs it decides."""
-        if state is State.PENDING:
-            return []
+    def resolve_all(self, updates: Mapping[AtomKey, State]) -> list[Decision]:
+        """Atoms resolved to READY or CANCELLED, together (one job's terminal transition resolves all of
+        its atoms): every update is applied before any condition is evaluated, so a verdict never depends
+        on the order the atoms are listed in. Returns the verdicts for the jobs they decide."""
+        affected: set[str] = set()
+        for key, state in updates.items():
+            if state is State.PENDING:
+                continue
+            waiting = self._index.get(key, set())
+            self._drop(key)
+            for job_id in waiting:
+                self._waiting[job_id].states[Atom(key)] = state
+            affected |= waiting
         decisions = []
-        waiting = self._index.get(key, set())
-        self._drop(key)
-        for job_id in sorted(waiting):
+        for job_id in sorted(affected):
             entry = self._waiting[job_id]
-            entry.states[Atom(key)] = state
             decision = self._decide(job_id, entry.condition, entry.states)
             if decision is not None:
                 self.remove(job_id)

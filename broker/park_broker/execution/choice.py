@@ -7,13 +7,8 @@ broker without the `[dask]` extra never imports `distributed`.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
-
 from park_broker.execution.base import Executor
 from park_broker.site import SiteError
-
-if TYPE_CHECKING:
-    from park_broker.server import ServeOptions
 
 DASK_PREFIX = "dask://"
 
@@ -35,19 +30,19 @@ def executor_kind(spec: str) -> str:
     return "dask" if spec.startswith(DASK_PREFIX) else "local"
 
 
-def make_executor(options: ServeOptions) -> Executor:
-    """The executor `options.executor` names; SiteError if it cannot be built here."""
+def make_executor(executor: str, *, workers: int | None, python_path: list[str], grace: float) -> Executor:
+    """The executor `executor` (an `--executor` value) names; SiteError if it cannot be built here."""
     try:
-        spec = executor_spec(options.executor)
+        spec = executor_spec(executor)
     except argparse.ArgumentTypeError as exc:
         raise SiteError(str(exc)) from exc
     if executor_kind(spec) == "local":
         from park_broker.execution.local import LocalExecutor
 
-        return LocalExecutor(workers=options.workers, python_path=options.python_path, grace=options.grace)
+        return LocalExecutor(workers=workers, python_path=python_path, grace=grace)
     try:
         from park_broker.execution.dask_executor import DaskExecutor
     except ImportError as exc:
         raise SiteError(f"--executor {spec} needs dask.distributed on the broker: "
                         f"pip install 'park[dask]' ({exc})") from exc
-    return DaskExecutor("tcp://" + spec[len(DASK_PREFIX):], python_path=options.python_path, grace=options.grace)
+    return DaskExecutor("tcp://" + spec[len(DASK_PREFIX):], python_path=python_path, grace=grace)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from park._proto import conditions_pb2 as cpb
 from park._proto import federation_pb2 as fpb
 from park._proto import federation_pb2_grpc
 from park.wire import InvalidInput, atom_from_proto, atom_to_proto
@@ -54,7 +55,7 @@ class PeerLinks:
     """The subscriber side: one stream per peer; see the module docstring."""
 
     def __init__(self, peers: dict[str, Peer], credentials: grpc.ChannelCredentials, options: list[tuple[str, int]],
-                 on_resolved: Callable[[AtomKey, State, str], None]):
+                 on_resolved: Callable[[dict[AtomKey, State], str], None]):
         self._links = {name: _Link(peer) for name, peer in peers.items()}
         self._credentials = credentials
         self._options = options
@@ -138,19 +139,28 @@ class PeerLinks:
         if which == "progress":
             link.last_seq = max(link.last_seq, response.progress)
             return
-        item = response.update if which == "update" else response.refused
+        if which == "refused":
+            key = self._asked(link, response.refused.atom)
+            if key is not None:
+                log.warning("peer %s refused atom %s: %s", link.peer.name, key, response.refused.message)
+                self._on_resolved({key: State.CANCELLED}, f"site {key.site} refused to report {key}: "
+                                                          f"{response.refused.message}")
+            return
+        updates = [response.update] if which == "update" else list(response.updates.updates)
+        resolved: dict[AtomKey, State] = {}
+        for update in updates:
+            key = self._asked(link, update.atom)
+            if key is not None:
+                link.last_seq = max(link.last_seq, update.seq)
+                resolved[key] = State.READY if update.state == fpb.ATOM_STATE_READY else State.CANCELLED
+        if resolved:   # the atoms one change at the peer resolved, applied together
+            self._on_resolved(resolved, "")
+
+    def _asked(self, link: _Link, atom: cpb.Atom) -> AtomKey | None:
+        """The atom if it is still asked for, taken off the list: applying it twice must never happen."""
         try:
-            key = atom_from_proto(item.atom)
+            key = atom_from_proto(atom)
         except InvalidInput:
             log.warning("peer %s sent a malformed atom; ignored", link.peer.name)
-            return
-        if link.atoms.pop(key, None) is None:
-            return   # not (or no longer) asked for: applying it twice must never happen
-        if which == "update":
-            link.last_seq = max(link.last_seq, response.update.seq)
-            state = State.READY if response.update.state == fpb.ATOM_STATE_READY else State.CANCELLED
-            self._on_resolved(key, state, "")
-        else:
-            log.warning("peer %s refused atom %s: %s", link.peer.name, key, response.refused.message)
-            self._on_resolved(key, State.CANCELLED, f"site {key.site} refused to report {key}: "
-                                                    f"{response.refused.message}")
+            return None
+        return key if link.atoms.pop(key, None) is not None else None

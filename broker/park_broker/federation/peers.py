@@ -11,16 +11,17 @@ what delegated tokens for that peer are bound to (`confirm`).
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import tomli_w
 from cryptography import x509
 
 from park import tokens
+from park.config import replace_file
 from park.wire import InvalidInput, check_site
 from park_broker.site import IDENTITY_URI_PREFIX, SiteError, check_name_and_address
 
@@ -96,7 +97,11 @@ def add_peer(directory: Path, name: str, address: str, cert: Path) -> Peer:
     (directory / "peers").mkdir(exist_ok=True)
     shutil.copyfile(cert, directory / "peers" / f"{name}.crt")
     path = directory / "peers.toml"
-    entries = tomllib.loads(path.read_text()).get("peers", {}) if path.exists() else {}
-    entries[name] = {"address": address}
-    path.write_text("".join(f"[peers.{n}]\naddress = {json.dumps(e['address'])}\n\n" for n, e in sorted(entries.items())))
+    try:
+        data = tomllib.loads(path.read_text()) if path.exists() else {}
+    except tomllib.TOMLDecodeError as exc:
+        raise SiteError(f"{path} is not a valid peers file: {exc}") from None
+    entries = {**data.get("peers", {}), name: {"address": address}}
+    data["peers"] = dict(sorted(entries.items()))
+    replace_file(path, tomli_w.dumps(data))
     return Peer(name, address, pem, tokens.key_id(key))

@@ -1,15 +1,28 @@
 """The publishing end of `Federation.Subscribe`: serving a peer that waits on this site's jobs.
 
-Each atom a peer asks for comes with a delegated token, checked here (audience
-this site, scope `jobs.read:/<job>`, subject the job's owner, confirm the
-peer's key as proven by its TLS certificate); a refused atom is answered with
-`AtomRefused`, never silently dropped. Resolved atoms are reported once, in the
-order of this site's event sequence, then every later resolution as its event
-is committed, with progress marks every `PROGRESS_EVERY` seconds.
+Each atom a peer asks for comes with a delegated token, checked here before
+anything about the job is revealed (audience this site, the peer's key as
+proven by its TLS certificate, scope `jobs.read:/<job>`, then subject the
+job's owner); a refused atom is answered with `AtomRefused` on its own, never
+silently dropped, and the stream stays up.
+
+Order (DESIGN §5): updates leave in this site's sequence order, each built
+from the committed change that caused it, never from a later read of the job.
+One loop per stream handles, in arrival order, the peer's requests and the
+committed changes the event hub hands it; `horizon` is the sequence number of
+the last change it has handled. The atoms one change resolved leave in one
+message (`AtomUpdates`), so the peer applies them together. A newly asked atom is looked up in the store
+(the snapshot): resolved at or before the horizon, it is sent at once (sorted);
+resolved after it, it is held in `due` until the change stream reaches that
+number, so it leaves between the changes around it; still pending, it is
+watched and the change that resolves it sends it. A stream that falls behind
+the hub is re-synchronised the same way from the store.
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,10 +31,11 @@ import grpc
 
 from park import tokens
 from park._proto import federation_pb2 as fpb
-from park.wire import InvalidInput, atom_from_proto, atom_to_proto
 from park.conditions import AtomKey, State
+from park.wire import InvalidInput, atom_from_proto, atom_to_proto
 from park_broker.auth.users import Authority
 from park_broker.core.events import EventHub, Subscription
+from park_broker.core.store import Change
 from park_broker.errors import BrokerError, Code
 from park_broker.federation.peers import Peer
 
@@ -31,127 +45,192 @@ PROGRESS_EVERY = 10.0
 MAX_ATOMS_PER_STREAM = 100_000
 _WIRE_STATE = {State.READY: fpb.ATOM_STATE_READY, State.CANCELLED: fpb.ATOM_STATE_CANCELLED}
 
+# (state, sequence number that resolved it or 0, owner) of each atom asked for; absent: no such job.
+AtomStates = Callable[[list[AtomKey]], Awaitable[dict[AtomKey, tuple[State, int, str]]]]
+# The state a committed change gives an atom of its job (PENDING: it does not resolve it).
+ResolvedBy = Callable[[AtomKey, Change], State]
+
+_REFRESH = object()    # the hub dropped this stream for lagging: re-synchronise from the store
+
 
 class Publisher:
-    """Serves Subscribe streams; `states` gives an atom's (state, resolving seq, job owner)
-    or raises BrokerError (NOT_FOUND) for a job this site does not have."""
+    """Serves Subscribe streams; see the module docstring."""
 
-    def __init__(self, site: str, authority: Authority, hub: EventHub,
-                 states: Callable[[AtomKey], Awaitable[tuple[State, int, str]]]):
+    def __init__(self, site: str, authority: Authority, hub: EventHub, states: AtomStates, resolved_by: ResolvedBy):
         self.site = site
         self.authority = authority
         self.hub = hub
         self.states = states
+        self.resolved_by = resolved_by
 
     async def serve(self, peer: Peer, requests: AsyncIterator[fpb.SubscribeRequest]
                     ) -> AsyncIterator[fpb.SubscribeResponse]:
-        """Reports flow through one queue, handled by this one loop, so they leave in sequence order."""
-        work: asyncio.Queue[_Work] = asyncio.Queue()
-        watched: dict[str, set[AtomKey]] = {}          # job id -> atoms of it this peer still waits on
-        sub = self.hub.subscribe()
-        feeders = [asyncio.create_task(self._read(peer, requests, watched, work)),
-                   asyncio.create_task(_forward(sub, work))]
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(work.get(), PROGRESS_EVERY)
-                except TimeoutError:
-                    yield fpb.SubscribeResponse(progress=self.hub.head)
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, fpb.SubscribeResponse):
-                    yield item
-                    continue
-                if item is _REFRESH:   # the hub dropped us for lagging: look at every watched atom afresh
-                    self.hub.unsubscribe(sub)
-                    sub = self.hub.subscribe()
-                    feeders.append(asyncio.create_task(_forward(sub, work)))
-                    keys = [k for ks in watched.values() for k in ks]
-                else:
-                    keys = list(item) if isinstance(item, list) else list(watched.get(item, ()))
-                for seq, key, state in sorted(await self._resolved(keys, watched)):
-                    yield _update(key, state, seq)
-        finally:
-            for feeder in feeders:
-                feeder.cancel()
-            self.hub.unsubscribe(sub)
+        stream = _Stream(self, peer)
+        async for response in stream.run(requests):
+            yield response
 
-    async def _read(self, peer: Peer, requests: AsyncIterator[fpb.SubscribeRequest],
-                    watched: dict[str, set[AtomKey]], work: asyncio.Queue[_Work]) -> None:
-        count = 0
-        try:
-            async for request in requests:
-                admitted = []
-                for item in request.atoms:
-                    count += 1
-                    try:
-                        if count > MAX_ATOMS_PER_STREAM:
-                            raise BrokerError(Code.RESOURCE_EXHAUSTED, f"at most {MAX_ATOMS_PER_STREAM} atoms a stream")
-                        key = self._admit(item)
-                        _, _, owner = await self.states(key)
-                        self._check_token(item.token, peer, key, owner)
-                    except BrokerError as exc:
-                        work.put_nowait(fpb.SubscribeResponse(refused=fpb.AtomRefused(
-                            atom=item.atom, code=grpc.StatusCode[exc.code.name].value[0], message=exc.message)))
-                        continue
-                    admitted.append(key)
-                # Watched, then checked, with no wait in between: a resolution committed from here on
-                # is queued after this check, and one committed before it is found by it.
-                for key in admitted:
-                    watched.setdefault(key.job_id, set()).add(key)
-                work.put_nowait(admitted)
-        except Exception as exc:  # noqa: BLE001 - handed to the stream, which ends with it
-            work.put_nowait(exc)
-
-    async def _resolved(self, keys: list[AtomKey], watched: dict[str, set[AtomKey]]
-                        ) -> list[tuple[int, AtomKey, State]]:
-        """The atoms among `keys` that have resolved, each taken out of `watched` (so reported once)."""
-        found = []
-        for key in keys:
-            state, seq, _ = await self.states(key)
-            if state is not State.PENDING and key in watched.get(key.job_id, ()):
-                _forget(watched, key)
-                found.append((seq, key, state))
-        return found
-
-    def _admit(self, item: fpb.WatchAtom) -> AtomKey:
+    def check(self, item: fpb.WatchAtom, peer: Peer) -> tuple[AtomKey, str]:
+        """The atom asked for and the subject its token speaks for; BrokerError to refuse it."""
         try:
             key = atom_from_proto(item.atom)
         except InvalidInput as exc:
             raise BrokerError(Code.INVALID_ARGUMENT, str(exc)) from None
         if key.site != self.site:
             raise BrokerError(Code.INVALID_ARGUMENT, f"atom names site {key.site!r}; this is {self.site!r}")
-        return key
-
-    def _check_token(self, token: str, peer: Peer, key: AtomKey, owner: str) -> None:
         try:
-            verified = self.authority.verify(token, peer.key_id)
+            verified = self.authority.verify(item.token, peer.key_id)
         except tokens.TokenError as exc:
             raise BrokerError(Code.UNAUTHENTICATED, f"token for {key}: {exc.message}") from None
-        if verified.subject != owner or not verified.allows(f"jobs.read:/{key.job_id}"):
+        if not verified.allows(f"jobs.read:/{key.job_id}"):
             raise BrokerError(Code.PERMISSION_DENIED, f"the token does not let {peer.name} read job {key.job_id}")
+        return key, verified.subject
 
 
-_REFRESH = object()
-# What the serve loop handles: a response to send, atoms to check, a job that changed, or the end.
-_Work = Any
+class _Stream:
+    """One Subscribe stream's state; only `run`'s loop touches it."""
+
+    def __init__(self, publisher: Publisher, peer: Peer):
+        self.publisher = publisher
+        self.peer = peer
+        self.watched: dict[str, set[AtomKey]] = {}        # job id -> atoms of it still pending
+        self.due: list[tuple[int, str, AtomKey, State]] = []   # resolved after the horizon, by seq
+        self.asked = 0
+
+    async def run(self, requests: AsyncIterator[fpb.SubscribeRequest]) -> AsyncIterator[fpb.SubscribeResponse]:
+        hub = self.publisher.hub
+        work: asyncio.Queue[Any] = asyncio.Queue()
+        sub = hub.subscribe()
+        horizon = hub.head     # every change after this comes through `sub`
+        feeders = [asyncio.create_task(_read(requests, work)), asyncio.create_task(_forward(sub, work))]
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(work.get(), PROGRESS_EVERY)
+                except TimeoutError:
+                    yield fpb.SubscribeResponse(progress=hub.head)
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Change):
+                    for response in self._on_change(item):
+                        yield response
+                    horizon = max(horizon, item.event.seq)
+                elif item is _REFRESH:
+                    hub.unsubscribe(sub)
+                    sub = hub.subscribe()
+                    horizon = hub.head
+                    feeders.append(asyncio.create_task(_forward(sub, work)))
+                    keys = [k for ks in self.watched.values() for k in ks]
+                    self.watched.clear()
+                    for response in await self._snapshot(keys, horizon):
+                        yield response
+                else:
+                    for response in await self._ask(item, horizon):
+                        yield response
+        finally:
+            for feeder in feeders:
+                feeder.cancel()
+            hub.unsubscribe(sub)
+
+    def _on_change(self, change: Change) -> list[fpb.SubscribeResponse]:
+        seq = change.event.seq
+        before = self._release(seq - 1)
+        resolved = []
+        for key in list(self.watched.get(change.event.job_id, ())):
+            state = self.publisher.resolved_by(key, change)
+            if state is not State.PENDING:
+                self._forget(key)
+                resolved.append((seq, str(key), key, state))
+        return before + _messages(sorted(resolved + self._due_upto(seq)))
+
+    def _release(self, upto: int) -> list[fpb.SubscribeResponse]:
+        return _messages(self._due_upto(upto))
+
+    def _due_upto(self, upto: int) -> list[tuple[int, str, AtomKey, State]]:
+        out = []
+        while self.due and self.due[0][0] <= upto:
+            out.append(heapq.heappop(self.due))
+        return out
+
+    async def _ask(self, items: list[fpb.WatchAtom], horizon: int) -> list[fpb.SubscribeResponse]:
+        """Check newly asked atoms; answer refusals and what is already resolved, watch the rest."""
+        responses: list[fpb.SubscribeResponse] = []
+        subjects: dict[AtomKey, str] = {}
+        for item in items:
+            self.asked += 1
+            try:
+                if self.asked > MAX_ATOMS_PER_STREAM:
+                    raise BrokerError(Code.RESOURCE_EXHAUSTED, f"at most {MAX_ATOMS_PER_STREAM} atoms a stream")
+                key, subject = self.publisher.check(item, self.peer)
+            except BrokerError as exc:
+                responses.append(_refused(item.atom, exc))
+                continue
+            subjects[key] = subject
+        states = await self.publisher.states(list(subjects))
+        admitted = []
+        for key, subject in subjects.items():
+            found = states.get(key)
+            if found is None or found[2] != subject:   # the same answer whether absent or another's
+                responses.append(_refused(atom_to_proto(key), BrokerError(
+                    Code.NOT_FOUND, f"site {self.publisher.site!r} has no job {key.job_id} of {subject!r}")))
+            else:
+                admitted.append(key)
+        return responses + self._place(admitted, states, horizon)
+
+    async def _snapshot(self, keys: list[AtomKey], horizon: int) -> list[fpb.SubscribeResponse]:
+        return self._place(keys, await self.publisher.states(keys), horizon)
+
+    def _place(self, keys: list[AtomKey], states: dict[AtomKey, tuple[State, int, str]],
+               horizon: int) -> list[fpb.SubscribeResponse]:
+        """Send resolutions at or before the horizon (in order), hold later ones, watch pending ones."""
+        now = []
+        for key in keys:
+            state, seq, _ = states[key]
+            if state is State.PENDING:
+                self.watched.setdefault(key.job_id, set()).add(key)
+            elif seq <= horizon:
+                now.append((seq, str(key), key, state))
+            else:
+                heapq.heappush(self.due, (seq, str(key), key, state))
+        return _messages(sorted(now))
+
+    def _forget(self, key: AtomKey) -> None:
+        keys = self.watched.get(key.job_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.watched[key.job_id]
 
 
-async def _forward(sub: Subscription, work: asyncio.Queue[_Work]) -> None:
-    """Committed changes, as the ids of the jobs they touch, into the serve loop's queue."""
+async def _read(requests: AsyncIterator[fpb.SubscribeRequest], work: asyncio.Queue[Any]) -> None:
+    try:
+        async for request in requests:
+            work.put_nowait(list(request.atoms))
+    except Exception as exc:  # noqa: BLE001 - handed to the stream, which ends with it
+        work.put_nowait(exc)
+
+
+async def _forward(sub: Subscription, work: asyncio.Queue[Any]) -> None:
+    """Committed changes into the stream's loop, in sequence order, then _REFRESH if the hub dropped us."""
     while not (sub.overflowed and sub.queue.empty()):
-        work.put_nowait((await sub.queue.get()).event.job_id)
+        work.put_nowait(await sub.queue.get())
     work.put_nowait(_REFRESH)
 
 
-def _forget(watched: dict[str, set[AtomKey]], key: AtomKey) -> None:
-    keys = watched.get(key.job_id)
-    if keys is not None:
-        keys.discard(key)
-        if not keys:
-            del watched[key.job_id]
+def _refused(atom: Any, exc: BrokerError) -> fpb.SubscribeResponse:
+    return fpb.SubscribeResponse(refused=fpb.AtomRefused(
+        atom=atom, code=grpc.StatusCode[exc.code.name].value[0], message=exc.message))
 
 
-def _update(key: AtomKey, state: State, seq: int) -> fpb.SubscribeResponse:
-    return fpb.SubscribeResponse(update=fpb.AtomUpdate(atom=atom_to_proto(key), state=_WIRE_STATE[state], seq=seq))
+def _update(key: AtomKey, state: State, seq: int) -> fpb.AtomUpdate:
+    return fpb.AtomUpdate(atom=atom_to_proto(key), state=_WIRE_STATE[state], seq=seq)
+
+
+def _messages(resolved: list[tuple[int, str, AtomKey, State]]) -> list[fpb.SubscribeResponse]:
+    """Sorted resolutions as messages: one per sequence number, so atoms one change resolved travel together."""
+    out = []
+    for seq, group in itertools.groupby(resolved, key=lambda r: r[0]):
+        updates = [_update(key, state, seq) for _, _, key, state in group]
+        out.append(fpb.SubscribeResponse(update=updates[0]) if len(updates) == 1 else
+                   fpb.SubscribeResponse(updates=fpb.AtomUpdates(updates=updates)))
+    return out

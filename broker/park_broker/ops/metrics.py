@@ -4,6 +4,7 @@
 127.0.0.1) starts a small plain-HTTP server on the broker's event loop. It
 serves what it reads at scrape time and keeps no history:
 
+- `park_broker_info{site}`: always 1, naming the site;
 - `park_jobs{state}`: jobs in the store by state (one `GROUP BY state` query per scrape);
 - `park_events_committed_total`: the store's last event sequence number, which
   counts every event ever committed (numbers are never reused), so it survives
@@ -12,6 +13,12 @@ serves what it reads at scrape time and keeps no history:
   `transfer_meter()` (a `transfer.Progress` callback);
 - per peer: `park_peer_last_seq`, `park_peer_connected`, `park_peer_pending_atoms`
   and `park_peer_last_message_age_seconds`.
+
+The text is written by `prometheus_client`: a collector on a private registry
+(never the library's global one, which would mix in the process's own
+metrics) builds the families from the broker's state when scraped. Reading the
+job counts is an await (a SQLite read in a thread) and a collector cannot
+await, so each scrape first reads them, then renders with that snapshot.
 
 It never serves job contents, owners, ids or tokens: only counts. The endpoint
 has no authentication, which is why it listens on loopback unless told otherwise;
@@ -23,20 +30,23 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from park.wire import STATE_NAMES
 from park_broker.core.events import EventHub
-from park_broker.site import SiteError
 from park_broker.core.store import Store
 from park_broker.federation.links import PeerStatus
+from park_broker.site import SiteError
 
-__all__ = ["Metrics", "parse_listen", "CONTENT_TYPE"]
+__all__ = ["Metrics", "parse_listen"]
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_TIMEOUT = 10.0
 MAX_REQUEST = 16 * 1024
 
@@ -53,29 +63,60 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+class _BrokerCollector(Collector):
+    """The broker's families, read from `metrics` when the registry is collected."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        # Set by Metrics.render for the one synchronous collection that follows its read of the store.
+        self.job_counts: dict[int, int] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.job_counts is None:
+            raise RuntimeError("the job counts were not read; render metrics with Metrics.render()")
+        m = self.metrics
+        if m.site:
+            info = GaugeMetricFamily("park_broker_info", "The site this broker serves (always 1).",
+                                     labels=["site"])
+            info.add_metric([m.site], 1)
+            yield info
+        jobs = GaugeMetricFamily("park_jobs", "Jobs in the store, by state.", labels=["state"])
+        for number, name in STATE_NAMES.items():
+            jobs.add_metric([name], self.job_counts.get(number, 0))
+        yield jobs
+        # Counter families get their `_total` suffix from prometheus_client.
+        yield CounterMetricFamily(
+            "park_events_committed",
+            "Events committed to the store since it was created (the last event sequence number). "
+            "Events per second: rate(park_events_committed_total[1m]).", value=m.hub.head)
+        transfer = CounterMetricFamily(
+            "park_transfer_bytes", "Bytes of files moved between sites by fetch jobs, since the broker started.",
+            labels=["direction"])
+        for direction, nbytes in sorted(m.transfer_bytes.items()):
+            transfer.add_metric([direction], nbytes)
+        yield transfer
+        yield from _peer_families(sorted(m.peers(), key=lambda p: p.peer))
 
 
-class _Text:
-    """Accumulates the exposition: a HELP and TYPE line per family, then its samples."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str,
-               samples: Iterable[tuple[dict[str, str], float]]) -> None:
-        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for labels, value in samples:
-            inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            self.lines.append(f"{name}{{{inner}}} {_number(value)}" if inner else f"{name} {_number(value)}")
-
-    def render(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+def _peer_families(peers: list[PeerStatus]) -> Iterator[Metric]:
+    last_seq = GaugeMetricFamily(
+        "park_peer_last_seq", "The peer's event sequence number as of its last message on the subscription stream.",
+        labels=["peer"])
+    connected = GaugeMetricFamily(
+        "park_peer_connected",
+        "1 while the subscription stream to the peer is open (open only while a job waits on it).", labels=["peer"])
+    pending = GaugeMetricFamily("park_peer_pending_atoms", "Conditions on the peer's jobs still waited for.",
+                                labels=["peer"])
+    age = GaugeMetricFamily("park_peer_last_message_age_seconds",
+                            "Seconds since the peer's last message; an open stream hears at least every 10 s.",
+                            labels=["peer"])
+    for p in peers:
+        last_seq.add_metric([p.peer], p.last_seq)
+        connected.add_metric([p.peer], int(p.connected))
+        pending.add_metric([p.peer], p.pending_atoms)
+        if p.idle_seconds is not None:      # never heard from: no age to report
+            age.add_metric([p.peer], round(p.idle_seconds, 3))
+    yield from (last_seq, connected, pending, age)
 
 
 class Metrics:
@@ -87,6 +128,9 @@ class Metrics:
         self.federation = federation
         self.site = site
         self.transfer_bytes: dict[str, int] = {"received": 0}
+        self.registry = CollectorRegistry()
+        self._collector = _BrokerCollector(self)
+        self.registry.register(self._collector)
         self._server: asyncio.Server | None = None
 
     # -- hooks ----------------------------------------------------------------------
@@ -105,38 +149,21 @@ class Metrics:
             seen = written
         return progress
 
+    def peers(self) -> list[PeerStatus]:
+        return self.federation.peer_status() if self.federation is not None else []
+
     # -- exposition -----------------------------------------------------------------
 
-    async def render(self) -> str:
+    async def render(self) -> bytes:
+        """The exposition (CONTENT_TYPE_LATEST), as of now."""
         counts = await self.store.count_by_state()
-        out = _Text()
-        if self.site:
-            out.family("park_broker_info", "gauge", "The site this broker serves (always 1).",
-                       [({"site": self.site}, 1)])
-        out.family("park_jobs", "gauge", "Jobs in the store, by state.",
-                   [({"state": name}, counts.get(number, 0)) for number, name in STATE_NAMES.items()])
-        out.family("park_events_committed_total", "counter",
-                   "Events committed to the store since it was created (the last event sequence number). "
-                   "Events per second: rate(park_events_committed_total[1m]).", [({}, self.hub.head)])
-        out.family("park_transfer_bytes_total", "counter",
-                   "Bytes of files moved between sites by fetch jobs, since the broker started.",
-                   [({"direction": d}, n) for d, n in sorted(self.transfer_bytes.items())])
-        peers = sorted(self._peers(), key=lambda p: p.peer)
-        out.family("park_peer_last_seq", "gauge",
-                   "The peer's event sequence number as of its last message on the subscription stream.",
-                   [({"peer": p.peer}, p.last_seq) for p in peers])
-        out.family("park_peer_connected", "gauge",
-                   "1 while the subscription stream to the peer is open (open only while a job waits on it).",
-                   [({"peer": p.peer}, int(p.connected)) for p in peers])
-        out.family("park_peer_pending_atoms", "gauge", "Conditions on the peer's jobs still waited for.",
-                   [({"peer": p.peer}, p.pending_atoms) for p in peers])
-        out.family("park_peer_last_message_age_seconds", "gauge",
-                   "Seconds since the peer's last message; an open stream hears at least every 10 s.",
-                   [({"peer": p.peer}, round(p.idle_seconds, 3)) for p in peers if p.idle_seconds is not None])
-        return out.render()
-
-    def _peers(self) -> list[PeerStatus]:
-        return self.federation.peer_status() if self.federation is not None else []
+        # No await between setting the snapshot and collecting: concurrent scrapes on the loop
+        # cannot see each other's counts, and none is left behind for a later scrape.
+        self._collector.job_counts = counts
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._collector.job_counts = None
 
     # -- HTTP -----------------------------------------------------------------------
 
@@ -181,7 +208,7 @@ class Metrics:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", b"use GET\n", {"Allow": "GET, HEAD"}
         try:
-            return "200 OK", (await self.render()).encode(), {}
+            return "200 OK", await self.render(), {}
         except Exception:  # noqa: BLE001 - logged here, answered as 500: a scrape must not kill the broker
             log.exception("metrics could not be read")
             return "500 Internal Server Error", b"metrics could not be read; see the broker's log\n", {}
@@ -195,7 +222,7 @@ def _is_v6(host: str) -> bool:
 
 
 def _response(status: str, body: bytes, extra: dict[str, str], head_only: bool) -> bytes:
-    content_type = CONTENT_TYPE if status.startswith("200") else "text/plain; charset=utf-8"
+    content_type = CONTENT_TYPE_LATEST if status.startswith("200") else "text/plain; charset=utf-8"
     headers = [f"HTTP/1.1 {status}", f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
                "Connection: close", *(f"{k}: {v}" for k, v in extra.items())]
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + (b"" if head_only else body)

@@ -12,19 +12,19 @@ import grpc
 from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc
 from park_broker.auth.policy import current_identity
-from park_broker.core.lifecycle import JobManager
+from park_broker.core.lifecycle import Lifecycle
 from park_broker.errors import Code, fail
 from park_broker.servicers.boundary import abort, status_for, streaming, unary
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
-    def __init__(self, manager: JobManager):
-        self.manager = manager
+    def __init__(self, core: Lifecycle):
+        self.core = core
 
     @unary
     async def SubmitMany(self, request: jpb.SubmitManyRequest, context: grpc.aio.ServicerContext
                          ) -> jpb.SubmitManyResponse:
-        submissions = await self.manager.submit_many(current_identity.get().user, list(request.jobs))
+        submissions = await self.core.submissions.submit_many(current_identity.get().user, list(request.jobs))
         response = jpb.SubmitManyResponse()
         for spec, sub in zip(request.jobs, submissions):
             result = response.results.add(id=spec.id)
@@ -40,31 +40,31 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @unary
     async def Why(self, request: jpb.GetRequest, context: grpc.aio.ServicerContext) -> jpb.MemoReport:
-        return await self.manager.why(current_identity.get().user, request.job_id)
+        return await self.core.queries.why(current_identity.get().user, request.job_id)
 
     @unary
     async def Get(self, request: jpb.GetRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
         caller = current_identity.get()
-        return await self.manager.get(caller.user, request.job_id, admin=caller.admin)
+        return await self.core.queries.get(caller.user, request.job_id, admin=caller.admin)
 
     @unary
     async def List(self, request: jpb.ListRequest, context: grpc.aio.ServicerContext) -> jpb.ListResponse:
         caller = current_identity.get()
-        jobs = await self.manager.list(caller.user, request.states, request.after_id, request.limit,
-                                       admin=caller.admin)
+        jobs = await self.core.queries.list(caller.user, request.states, request.after_id, request.limit,
+                                            admin=caller.admin)
         limit = min(max(request.limit or 100, 1), 1000)
         return jpb.ListResponse(jobs=jobs, next_after_id=jobs[-1].id if len(jobs) == limit else "")
 
     @unary
     async def Cancel(self, request: jpb.CancelRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
         caller = current_identity.get()
-        return await self.manager.cancel(caller.user, request.job_id, request.reason, admin=caller.admin)
+        return await self.core.transitions.cancel(caller.user, request.job_id, request.reason, admin=caller.admin)
 
     @streaming
     async def Watch(self, request: jpb.WatchRequest, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[jpb.WatchResponse]:
         caller = current_identity.get()
-        async for item in self.manager.watch(caller.user, request.job_id, request.from_seq, admin=caller.admin):
+        async for item in self.core.queries.watch(caller.user, request.job_id, request.from_seq, admin=caller.admin):
             yield item
 
 
@@ -76,12 +76,12 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         try:
             async for request in request_iterator:
                 if job is None:
-                    job = self.manager.check_report_token(request.token)
-                elif request.token and request.token != self.manager.report_token(*job):
+                    job = self.core.tokens.check(request.token)
+                elif request.token and request.token != self.core.tokens.issue(*job):
                     fail(Code.INVALID_ARGUMENT, "one report stream serves one job attempt")
                 reports = [dict(r.values) for r in request.reports]
                 if reports:
-                    await self.manager.report(*job, reports)
+                    await self.core.progress.report(*job, reports)
                     accepted += len(reports)
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):

@@ -13,7 +13,8 @@ import grpc
 from park._proto import packages_pb2 as ppb
 from park._proto import packages_pb2_grpc
 from park_broker.auth.policy import current_identity
-from park_broker.core.lifecycle import JobManager
+from park_broker.packages.installs import Installs
+from park_broker.packages.store import PackageStore
 from park_broker.errors import Code, fail
 from park_broker.servicers.boundary import abort, unary
 
@@ -21,8 +22,9 @@ from park_broker.servicers.boundary import abort, unary
 class PackagesServicer(packages_pb2_grpc.PackagesServicer):
     """Wheel uploads for install jobs, and the list of what the site has."""
 
-    def __init__(self, manager: JobManager, uploads: Path, max_bytes: int):
-        self.manager = manager
+    def __init__(self, installs: Installs, packages: PackageStore, uploads: Path, max_bytes: int):
+        self.installs = installs
+        self.packages = packages
         self.uploads = uploads
         self.max_bytes = max_bytes
 
@@ -33,7 +35,7 @@ class PackagesServicer(packages_pb2_grpc.PackagesServicer):
         target = self.uploads / secrets.token_hex(16)
         try:
             header = await self._receive(request_iterator, target)
-            job = await self.manager.install(caller.user, header.job_id, header.sha256, target, header.filename)
+            job = await self.installs.install(caller.user, header.job_id, header.sha256, target, header.filename)
             result = json.loads(job.result_json)
             return ppb.PackageRef(name=result["name"], version=result["version"], sha256=result["sha256"])
         except Exception as exc:
@@ -69,6 +71,6 @@ class PackagesServicer(packages_pb2_grpc.PackagesServicer):
 
     @unary
     async def List(self, request: ppb.ListPackagesRequest, context: grpc.aio.ServicerContext) -> ppb.PackageList:
-        refs = await asyncio.to_thread(self.manager.packages.list)
+        refs = await asyncio.to_thread(self.packages.list)
         return ppb.PackageList(packages=[ppb.PackageRef(name=r.name, version=r.version, sha256=r.sha256)
                                          for r in refs])

@@ -122,6 +122,32 @@ class AtomUpdate(_message.Message):
 Global___AtomUpdate: _TypeAlias = AtomUpdate  # noqa: Y015
 
 @_typing.final
+class AtomUpdates(_message.Message):
+    """Atoms one committed change resolved (a job's terminal transition resolves all of its
+    atoms at once): the subscriber applies them together, before judging any condition.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___AtomUpdate]:
+        """all with the same seq"""
+
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[Global___AtomUpdate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AtomUpdates: _TypeAlias = AtomUpdates  # noqa: Y015
+
+@_typing.final
 class AtomRefused(_message.Message):
     """An atom the publisher will not report: the subscriber must not wait on it."""
 
@@ -157,24 +183,28 @@ class SubscribeResponse(_message.Message):
     UPDATE_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    UPDATES_FIELD_NUMBER: _builtins.int
     progress: _builtins.int
     """every event up to this sequence number has been considered"""
     @_builtins.property
     def update(self) -> Global___AtomUpdate: ...
     @_builtins.property
     def refused(self) -> Global___AtomRefused: ...
+    @_builtins.property
+    def updates(self) -> Global___AtomUpdates: ...
     def __init__(
         self,
         *,
         update: Global___AtomUpdate | None = ...,
         refused: Global___AtomRefused | None = ...,
         progress: _builtins.int = ...,
+        updates: Global___AtomUpdates | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "progress", b"progress", "refused", b"refused", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "progress", b"progress", "refused", b"refused", "update", b"update", "updates", b"updates"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "progress", b"progress", "refused", b"refused", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "progress", b"progress", "refused", b"refused", "update", b"update", "updates", b"updates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["update", "refused", "progress"]  # noqa: Y015
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["update", "refused", "progress", "updates"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 

@@ -1,0 +1,211 @@
+"""The in-memory records of active jobs, and the one place that commits their changes.
+
+Every decision about a job is made synchronously on the event loop against the
+records held here, collected into a `Batch` (the events and record snapshots to
+write, the jobs to hand to an executor), then committed with `commit`, and only
+after the commit are its effects released: events are published to watchers
+(by the store's commit hook) and queued jobs handed to `release`. So a
+dependent never starts on a completion that could still roll back, and the
+order of decisions is the order of sequence numbers.
+
+Invariants this module guarantees:
+- `record(id)` holds every job that is not terminal, and terminal jobs until
+  the commit that made them terminal has finished; any job not here is read
+  from the store, where it is committed and terminal.
+- While a submission is between its first store read and its decisions
+  (`submitting()`), no job leaves memory, so what it read stays consistent
+  with memory.
+- A commit the store refuses sets `failed`: memory has run ahead of the disk,
+  and the broker must stop so that recovery rebuilds memory from the store.
+
+Other modules ask the ledger; none of them holds or mutates its dictionaries.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from park._proto import jobs_pb2 as jpb
+from park.wire import TERMINAL_STATES, InvalidInput, check_job_id
+from park_broker.core.store import Change, Store
+from park_broker.errors import Code, fail
+
+log = logging.getLogger(__name__)
+
+MAX_HISTORY = 10_000      # progress reports kept in memory per active job
+
+Pin = tuple[str, str]     # (package, version) an install job provides
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one decision writes (`changes`, in order) and releases after its commit (`queued`)."""
+
+    changes: list[Change] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)
+
+
+class Ledger:
+    def __init__(self, site: str, store: Store):
+        self.site = site
+        self.store = store
+        self.failed = asyncio.Event()   # set when the store refused a commit: the broker must stop
+        # Called with the committed QUEUED jobs of each batch (set by the lifecycle: the dispatcher).
+        self.release: Callable[[list[str]], None] = lambda queued: None
+        self._active: dict[str, jpb.Job] = {}
+        self._memo: dict[str, str] = {}             # memo key -> id, for active jobs
+        self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
+        self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
+        self._installing: dict[Pin, str] = {}       # (package, version) -> active install job
+        self._install_pin: dict[str, Pin] = {}      # install job -> its pin
+        self._reports: dict[str, list[dict[str, float]]] = {}   # progress reports of active jobs
+        self._submitting = 0
+        self._retiring: list[str] = []
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def record(self, job_id: str) -> jpb.Job | None:
+        """The live record of an active job, named by its id or one of its aliases."""
+        return self._active.get(self._aliases.get(job_id, job_id))
+
+    def canonical(self, job_id: str) -> str:
+        """The job an alias (a memo hit) names, for active jobs; any other id unchanged."""
+        return self._aliases.get(job_id, job_id)
+
+    def memo_twin(self, key: str) -> jpb.Job | None:
+        """The active job with memo key `key`, if any."""
+        return self._active.get(self._memo.get(key, "")) if key else None
+
+    def installing(self) -> set[Pin]:
+        """The packages that active install jobs will provide."""
+        return set(self._installing)
+
+    def history(self, job_id: str) -> list[dict[str, float]]:
+        """The progress reports an active job has made (empty for any other)."""
+        return self._reports.get(job_id, [])
+
+    async def lookup(self, job_ids: Iterable[str]) -> dict[str, jpb.Job]:
+        """Stored records of the ids (and the jobs their aliases name) that are not in memory."""
+        wanted = set(job_ids)
+        wanted |= {self._aliases.get(j, j) for j in wanted}
+        return await self.store.get_many(j for j in wanted if j not in self._active)
+
+    async def get(self, caller: str, job_id: str, *, admin: bool = False) -> jpb.Job:
+        """A copy of a job's record, from memory or the store; NOT_FOUND unless the caller owns it."""
+        try:
+            check_job_id(job_id)
+        except InvalidInput as exc:
+            fail(Code.INVALID_ARGUMENT, str(exc))
+        job = self.record(job_id)
+        if job is not None:
+            job = jpb.Job.FromString(job.SerializeToString())
+        else:
+            job = (await self.store.get_many([job_id])).get(job_id)
+        if job is None or (job.owner != caller and not admin):
+            fail(Code.NOT_FOUND, f"site {self.site!r} has no job {job_id} of yours")
+        return job
+
+    # -- changing --------------------------------------------------------------------------
+
+    def add(self, job: jpb.Job, install_pin: Pin | None = None) -> None:
+        """Hold a new job's record (with its memo key and what it installs) until it is terminal."""
+        self._active[job.id] = job
+        if job.memo_key:
+            self._memo[job.memo_key] = job.id
+        if install_pin is not None:
+            self._installing[install_pin] = job.id
+            self._install_pin[job.id] = install_pin
+
+    def add_recovered(self, jobs: Iterable[jpb.Job], reports: dict[str, list[dict[str, float]]]) -> None:
+        """Hold the active jobs read back from the store at start-up, with their progress reports."""
+        for job in jobs:
+            self._active[job.id] = job
+        self._reports.update(reports)
+
+    def alias(self, alias_id: str, owner: str, twin: jpb.Job, batch: Batch) -> None:
+        """Make `alias_id` another name of `twin` (a memo hit), recorded with the batch."""
+        self._aliases[alias_id] = twin.id
+        self._aliased.setdefault(twin.id, set()).add(alias_id)
+        batch.changes.append(Change(job=jpb.Job(id=alias_id, owner=owner), event=jpb.Event(), alias_of=twin.id))
+
+    def add_reports(self, job_id: str, reports: list[dict[str, float]]) -> None:
+        history = self._reports.setdefault(job_id, [])
+        history.extend(reports)
+        del history[:-MAX_HISTORY]
+
+    @staticmethod
+    def change(job: jpb.Job, event: jpb.Event, insert: bool = False, record: bool = True) -> Change:
+        """An event and, unless `record` is False, a snapshot of the job's record to write with it."""
+        event.job_id = job.id
+        event.time = time.time()
+        # Snapshot: later in-memory changes to the job must not be written under this event.
+        snapshot = jpb.Job.FromString(job.SerializeToString()) if record else jpb.Job(id=job.id, owner=job.owner)
+        return Change(job=snapshot, event=event, insert=insert, record=record)
+
+    # -- committing ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def submitting(self) -> Iterator[None]:
+        """Hold every job in memory for the duration (see the module docstring)."""
+        self._submitting += 1
+        try:
+            yield
+        finally:
+            self._submitting -= 1
+            self._retire()
+
+    async def commit(self, batch: Batch) -> None:
+        """Write the batch durably, then release its queued jobs; on a refused commit, stop the broker."""
+        if not batch.changes:
+            self.release(batch.queued)
+            return
+        try:
+            await self.store.commit(batch.changes)
+        except Exception:
+            log.critical("commit failed; the broker stops so that recovery can restore a consistent state",
+                         exc_info=True)
+            self.failed.set()
+            raise
+        for change in batch.changes:
+            active = self._active.get(change.job.id)
+            if active is not None:
+                active.last_seq = max(active.last_seq, change.event.seq)
+        self.release(batch.queued)
+        for change in batch.changes:
+            job = self._active.get(change.job.id)
+            if job is not None and job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
+                self._retiring.append(job.id)
+        self._retire()
+
+    def commit_soon(self, batch: Batch) -> None:
+        """Commit from a synchronous callback (an executor's); a failure is logged and stops the broker."""
+        if batch.changes or batch.queued:
+            task = asyncio.get_running_loop().create_task(self.commit(batch))
+            task.add_done_callback(_log_failure)
+
+    def _retire(self) -> None:
+        """Forget committed terminal jobs, unless a submission is between its reads and its decisions."""
+        if self._submitting:
+            return
+        for job_id in self._retiring:
+            job = self._active.pop(job_id, None)
+            if job is None:
+                continue
+            self._reports.pop(job.id, None)
+            if self._memo.get(job.memo_key) == job.id:
+                del self._memo[job.memo_key]
+            for alias in self._aliased.pop(job.id, ()):
+                self._aliases.pop(alias, None)
+            pin = self._install_pin.pop(job.id, None)
+            if pin is not None and self._installing.get(pin) == job.id:
+                del self._installing[pin]
+        self._retiring.clear()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background commit failed", exc_info=task.exception())

@@ -1,0 +1,50 @@
+"""Start-up: rebuild memory from the store, so a crash between a commit and its consequences loses nothing.
+
+Every decision is re-derived from committed state: jobs that were RUNNING are
+queued again (their half-run attempt left no trace under the final name),
+QUEUED jobs are handed to their runner, and WAITING jobs are re-evaluated
+against what their atoms are now and re-subscribe to their peers.
+"""
+from __future__ import annotations
+
+import logging
+
+from park._proto import jobs_pb2 as jpb
+from park_broker.core.admission import Admission
+from park_broker.core.ledger import Batch, Ledger
+from park_broker.core.remote import RemoteAtoms
+from park_broker.core.scheduler import Scheduler
+from park_broker.core.store import Store
+from park_broker.core.transitions import Transitions
+
+log = logging.getLogger(__name__)
+
+
+async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler, admission: Admission,
+                  transitions: Transitions, remote: RemoteAtoms) -> None:
+    """Reload active jobs: re-run interrupted ones, re-evaluate waiting ones."""
+    jobs = await store.active()
+    ledger.add_recovered(jobs, await store.reports(j.id for j in jobs))
+    active = {j.id for j in jobs}
+    conditions = {j.id: admission.condition_of(j.spec) for j in jobs if j.state == jpb.JOB_STATE_WAITING}
+    keys = {a.key for c in conditions.values() if c is not None for a in c.depends}
+    stored = await store.get_many({k.job_id for k in keys if k.site == site} - active)
+    histories = await store.reports({k.job_id for k in keys if k.kind == "improved" and k.job_id in stored})
+    batch = Batch()
+    for job in jobs:
+        if job.state == jpb.JOB_STATE_RUNNING:
+            job.state = jpb.JOB_STATE_QUEUED
+            reason = "the broker restarted while the job was running; it runs again"
+            batch.changes.append(ledger.change(job, jpb.Event(queued=jpb.Queued(reason=reason))))
+        if job.state == jpb.JOB_STATE_QUEUED:
+            batch.queued.append(job.id)
+    for job in jobs:
+        if job.id in conditions and job.state == jpb.JOB_STATE_WAITING:
+            states = transitions.states_now(conditions[job.id], stored, histories)
+            decision = scheduler.add(job.id, conditions[job.id], states)
+            if decision is not None:
+                transitions.apply(decision, batch, stored)
+            else:
+                remote.watch(job.spec, conditions[job.id])
+    await ledger.commit(batch)
+    log.info("recovered %d active jobs, %d to run", len(jobs), len(batch.queued))

@@ -1,0 +1,216 @@
+"""Admitting a batch of submissions: each spec becomes a job, a memo hit, or a refusal.
+
+`Submissions.submit_many` checks every spec (core.admission), reads what the
+batch needs from the store, computes memo keys in batch order, and then, with
+no await until the commit, decides the whole batch against the ledger: new
+jobs, aliases of identical work (memo hits), safe retries of ids already held,
+and the first verdicts of the scheduler. One bad spec never sinks its batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from park._proto import jobs_pb2 as jpb
+from park.conditions import Condition
+from park_broker.core import memo
+from park_broker.core.admission import DEFAULT_OUTPUT, Admission
+from park_broker.core.ledger import Batch, Ledger
+from park_broker.core.remote import RemoteAtoms
+from park_broker.core.scheduler import Scheduler
+from park_broker.core.store import Store
+from park_broker.core.transitions import Transitions
+from park_broker.errors import BrokerError, Code, fail
+from park_broker.site import SiteInfo
+
+MAX_BATCH = 10_000
+
+
+@dataclass(slots=True)
+class Submission:
+    """The outcome of one spec of a batch: a job record, or a refusal."""
+
+    job: jpb.Job | None = None
+    error: BrokerError | None = None
+    memo_hit: bool = False
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A spec on its way in: its condition, packages and memo key, or why it is refused."""
+
+    spec: jpb.JobSpec
+    cond: Condition | None
+    dirs: list[Path] = field(default_factory=list)
+    coming: dict[str, str] = field(default_factory=dict)   # pins an install job has yet to receive
+    inputs: dict[str, Any] | None = None
+    key: str = ""
+    error: BrokerError | None = None
+
+
+class Submissions:
+    def __init__(self, site: SiteInfo, store: Store, ledger: Ledger, scheduler: Scheduler, admission: Admission,
+                 transitions: Transitions, remote: RemoteAtoms):
+        self.site = site
+        self.store = store
+        self.ledger = ledger
+        self.scheduler = scheduler
+        self.admission = admission
+        self.transitions = transitions
+        self.remote = remote
+
+    async def submit_many(self, owner: str, specs: list[jpb.JobSpec]) -> list[Submission]:
+        """Validate and store a batch; each spec is accepted or refused on its own.
+
+        Later specs may name earlier ones of the same batch in their conditions and
+        arguments. Re-submitting an id with the same spec returns the existing job (a
+        safe retry). A spec whose memo key matches a completed or still active job
+        becomes another name (an alias) of that job: a memo hit.
+        """
+        if len(specs) > MAX_BATCH:
+            fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
+        with self.ledger.submitting():
+            return await self._submit_many(owner, specs)
+
+    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec]) -> list[Submission]:
+        prepared: list[_Prepared | BrokerError] = []
+        for spec in specs:
+            try:
+                prepared.append(_Prepared(spec, self.admission.validate(spec)))
+            except BrokerError as exc:
+                prepared.append(exc)
+        ok = [p for p in prepared if isinstance(p, _Prepared)]
+        installing = self.ledger.installing()
+        for p in ok:
+            try:
+                p.dirs, p.coming = await self.admission.packages_for(p.spec, installing)
+            except BrokerError as exc:
+                p.error = exc
+            pin = self.admission.installs(p.spec)
+            if pin is not None and p.error is None:
+                installing.add(pin)    # later jobs of the batch may require what it installs
+        wanted = {p.spec.id for p in ok} | {a.key.job_id for p in ok if p.cond is not None for a in p.cond.depends} | {
+            j for p in ok for j in (*p.spec.race.contestants, *self.admission.referenced(p.spec))}
+        stored = await self.ledger.lookup(wanted)
+        digests = await self.admission.file_digests([p.spec for p in ok])
+        self._memo_keys(owner, ok, stored, digests)
+        hits = await self.store.by_memo_keys(p.key for p in ok if p.key)
+        # Reports of finished jobs that improved(...) atoms name; immutable, so reading them here is safe.
+        histories = await self.store.reports({a.key.job_id for p in ok if p.cond is not None for a in p.cond.depends
+                                              if a.key.kind == "improved" and a.key.job_id in stored})
+        # From here to the commit nothing awaits: the batch is decided atomically.
+        results: list[Submission] = []
+        links: list[tuple[Path, str]] = []
+        batch = Batch()
+        now = time.time()
+        for p in prepared:
+            if isinstance(p, BrokerError) or p.error is not None:
+                results.append(Submission(error=p if isinstance(p, BrokerError) else p.error))
+                continue
+            try:
+                spec, cond = self._canonical(p.spec, p.cond, stored)
+            except BrokerError as exc:
+                results.append(Submission(error=exc))
+                continue
+            existing = self.ledger.record(spec.id) or stored.get(spec.id)
+            if existing is not None:
+                if existing.owner == owner and (existing.spec == spec or existing.memo_key == p.key):
+                    results.append(Submission(job=existing, memo_hit=existing.id != spec.id))
+                else:
+                    results.append(Submission(error=BrokerError(
+                        Code.ALREADY_EXISTS, f"job id {spec.id} is already taken; submit with a fresh id")))
+                continue
+            twin = self.ledger.memo_twin(p.key) or hits.get(p.key or "")
+            if twin is not None:
+                self.ledger.alias(spec.id, owner, twin, batch)
+                links.append((self.site.files_root / owner / spec.id, twin.id))
+                stored[twin.id] = stored[spec.id] = twin   # later jobs of the batch may name either
+                results.append(Submission(job=twin, memo_hit=True))
+                continue
+            try:
+                states = self.transitions.states_now(cond, stored, histories)
+            except BrokerError as exc:
+                results.append(Submission(error=exc))
+                continue
+            job = self._new_job(owner, spec, now)
+            if p.key:
+                job.memo_key, job.memo_inputs = p.key, memo.canonical(p.inputs)
+            self.ledger.add(job, self.admission.installs(spec))
+            batch.changes.append(self.ledger.change(
+                job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
+            decision = self.scheduler.add(job.id, cond, states)
+            if decision is not None:
+                self.transitions.apply(decision, batch, stored)
+            else:
+                self.remote.watch(job.spec, cond)
+            results.append(Submission(job=job))
+        if not links:
+            await self.ledger.commit(batch)
+            return results
+        # Memo hits' directories are symlinks made off the event loop (file creation can be slow);
+        # the batch's jobs start only once they exist, since their arguments may name them.
+        await self.ledger.commit(Batch(batch.changes))
+        await asyncio.to_thread(_make_links, links)
+        self.ledger.release(batch.queued)
+        return results
+
+    def _canonical(self, spec: jpb.JobSpec, cond: Condition | None, stored: dict[str, jpb.Job]
+                   ) -> tuple[jpb.JobSpec, Condition | None]:
+        """The spec with every job it names by an alias (a memo hit) named by the job itself."""
+        def resolve(job_id: str) -> str:
+            canonical = self.ledger.canonical(job_id)
+            if canonical != job_id:
+                return canonical
+            return stored[job_id].id if job_id in stored else job_id
+
+        names = [n.atom.job_id for n in spec.when.postfix if n.HasField("atom")] + list(spec.race.contestants)
+        if all(resolve(j) == j for j in names):
+            return spec, cond
+        canonical = jpb.JobSpec()
+        canonical.CopyFrom(spec)
+        for node in canonical.when.postfix:
+            if node.HasField("atom"):
+                node.atom.job_id = resolve(node.atom.job_id)
+        if spec.HasField("race"):   # touching race on another kind of job would switch its oneof
+            canonical.race.contestants[:] = [resolve(j) for j in spec.race.contestants]
+        if canonical.HasField("race") and len(set(canonical.race.contestants)) != len(canonical.race.contestants):
+            fail(Code.INVALID_ARGUMENT, f"job {spec.id}: two contestants of the race are the same job (memo hits "
+                                        "of identical work); vary them, or submit them with memo=False")
+        return canonical, self.admission.condition_of(canonical)
+
+    def _memo_keys(self, owner: str, batch: list[_Prepared], stored: dict[str, jpb.Job],
+                   digests: dict[str, str]) -> None:
+        """Fill in each spec's memo key, in batch order (an upstream job may be earlier in the batch)."""
+        in_batch: dict[str, str] = {}
+
+        def key_of_job(job_id: str) -> str | None:
+            job = self.ledger.record(job_id) or stored.get(job_id)
+            return in_batch.get(job_id) or (job.memo_key if job is not None else None)
+
+        for p in batch:
+            if p.error is not None:
+                continue
+            try:
+                p.inputs = self.admission.memo_inputs(owner, p.spec, p.dirs, p.coming, digests, key_of_job)
+            except BrokerError as exc:
+                p.error = exc
+                continue
+            if p.inputs is not None:
+                p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
+
+    def _new_job(self, owner: str, spec: jpb.JobSpec, now: float) -> jpb.Job:
+        directory = self.site.files_root / owner / spec.id
+        output = spec.output_name or DEFAULT_OUTPUT
+        return jpb.Job(id=spec.id, site=self.site.name, owner=owner, spec=spec, state=jpb.JOB_STATE_WAITING,
+                       url=f"park://{self.site.name}/files/{owner}/{spec.id}/{output}",
+                       filename=str(directory / output), directory=str(directory), submitted_at=now)
+
+
+def _make_links(links: list[tuple[Path, str]]) -> None:
+    for link, target in links:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(target)

@@ -1,0 +1,187 @@
+"""The job state machine: WAITING → QUEUED → RUNNING → COMPLETED | FAILED | CANCELLED.
+
+`Transitions` carries out the scheduler's verdicts (start, cancel, "can never
+hold") and everything they cascade to, records an executor's `started` and
+`finished`, and cancels on request. Each change is appended to a `Batch` and
+written by the ledger's commit; nothing here awaits between a decision and the
+batch it lands in, so a cascade is decided atomically.
+
+A job reaches a terminal state once; later outcomes for it are ignored, and an
+outcome of an attempt other than the current one is ignored too.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from park._proto import jobs_pb2 as jpb
+from park.conditions import AtomKey, Condition, State
+from park.expressions import improved_state
+from park.wire import STATE_NAMES, TERMINAL_STATES, atom_to_proto
+from park_broker.core import races
+from park_broker.core.admission import Admission
+from park_broker.core.ledger import Batch, Ledger
+from park_broker.core.scheduler import Decision, Scheduler, Verdict, job_atom_states
+from park_broker.errors import Code, fail
+from park_broker.execution.base import Outcome
+
+Histories = dict[str, list[dict[str, float]]]
+
+
+class Transitions:
+    def __init__(self, site: str, ledger: Ledger, scheduler: Scheduler, admission: Admission,
+                 stop: Callable[[str], None]):
+        self.site = site
+        self.ledger = ledger
+        self.scheduler = scheduler
+        self.admission = admission
+        self._stop = stop      # ends a queued or running job's attempt, wherever it runs
+
+    # -- atom states ---------------------------------------------------------------------
+
+    def states_now(self, cond: Condition | None, stored: dict[str, jpb.Job],
+                   histories: Histories) -> dict[AtomKey, State]:
+        """The state of each atom of `cond`: local ones from memory or `stored`, remote ones pending."""
+        states: dict[AtomKey, State] = {}
+        if cond is None:
+            return states
+        for atom in cond.depends:
+            key: AtomKey = atom.key  # type: ignore[assignment]
+            if key.site != self.site:
+                states[key] = State.PENDING   # until its site says otherwise (federation)
+                continue
+            job = self.ledger.record(key.job_id) or stored.get(key.job_id)
+            if job is None:
+                fail(Code.NOT_FOUND, f"condition names job {key.job_id}, which site {self.site!r} "
+                                     "does not have; submit it first (earlier in the same batch is fine)")
+            if key.kind == "improved":
+                states[key] = self.improved_state(job, key, self.ledger.history(job.id) or histories.get(job.id, []))
+            else:
+                states[key] = job_atom_states(STATE_NAMES[job.state])[key.kind]
+        return states
+
+    def improved_state(self, job: jpb.Job, key: AtomKey, reports: list[dict[str, float]]) -> State:
+        completed = job.state == jpb.JOB_STATE_COMPLETED
+        return improved_state(self.admission.expression(key.expr), reports, finished=job.state in TERMINAL_STATES,
+                              result=races.result_values(job) if completed else None)
+
+    # -- verdicts ------------------------------------------------------------------------
+
+    def resolve_all(self, resolved: Mapping[AtomKey, State], batch: Batch) -> None:
+        """Atoms resolved together: carry out the verdicts on the jobs waiting on them."""
+        for decision in self.scheduler.resolve_all(resolved):
+            self.apply(decision, batch)
+
+    def apply(self, decision: Decision, batch: Batch, stored: dict[str, jpb.Job] | None = None) -> None:
+        """Carry out a verdict and everything it cascades to (`stored`: finished jobs read for this batch)."""
+        pending = [decision]
+        while pending:
+            d = pending.pop()
+            job = self.ledger.record(d.job_id)
+            assert job is not None, d.job_id   # the scheduler only holds active jobs
+            if d.verdict is Verdict.START and job.spec.WhichOneof("work") == "race":
+                pending += self._settle_race(job, d.atoms, batch, stored)
+            elif d.verdict is Verdict.START:
+                job.state = jpb.JOB_STATE_QUEUED
+                batch.changes.append(self.ledger.change(job, jpb.Event(queued=jpb.Queued(reason="condition holds"))))
+                batch.queued.append(job.id)
+            else:
+                kind = jpb.Cause.KIND_CONDITION if d.verdict is Verdict.CANCEL else jpb.Cause.KIND_NEVER_HOLDS
+                what = ", ".join(str(a) for a in d.atoms)
+                message = (f"its condition was cancelled by {what}" if d.verdict is Verdict.CANCEL
+                           else f"its condition can never hold, given {what}")
+                pending += self._finish(job, jpb.JOB_STATE_CANCELLED, jpb.Event(cancelled=jpb.Cancelled(
+                    cause=jpb.Cause(kind=kind, message=message, atoms=[atom_to_proto(a) for a in d.atoms]))),
+                    batch)
+
+    def _settle_race(self, race: jpb.Job, winners: tuple[AtomKey, ...], batch: Batch,
+                     stored: dict[str, jpb.Job] | None) -> list[Decision]:
+        """A contestant succeeded: cancel the others, complete the race with the winner's values."""
+        outcome = races.settle(race, winners, self.ledger.record, (stored or {}).get)
+        decisions: list[Decision] = []
+        for loser in outcome.losers:
+            decisions += self.cancel_job(loser, jpb.Cause(kind=jpb.Cause.KIND_RACE_LOST, by=race.id,
+                                                          message=f"lost race {race.id} to {outcome.winner}"), batch)
+        race.result_json = outcome.result_json
+        return decisions + self._finish(race, jpb.JOB_STATE_COMPLETED, jpb.Event(
+            completed=jpb.Completed(result_json=race.result_json)), batch)
+
+    def cancel_job(self, job: jpb.Job, cause: jpb.Cause, batch: Batch) -> list[Decision]:
+        """Cancel a job that is not terminal: unindex it, stop its attempt, record the cause."""
+        self.scheduler.remove(job.id)
+        if job.state in (jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING):
+            self._stop(job.id)
+        return self._finish(job, jpb.JOB_STATE_CANCELLED, jpb.Event(cancelled=jpb.Cancelled(cause=cause)), batch)
+
+    def _finish(self, job: jpb.Job, state: int, event: jpb.Event, batch: Batch) -> list[Decision]:
+        """Make a job terminal; returns the verdicts its resolved atoms imply."""
+        job.state = state
+        job.finished_at = time.time()
+        if event.HasField("cancelled"):
+            job.cause.CopyFrom(event.cancelled.cause)
+        batch.changes.append(self.ledger.change(job, event))
+        # All of the job's atoms resolve together (DESIGN §2), then the conditions that read them are judged.
+        updates = {AtomKey(self.site, job.id, kind): atom_state
+                   for kind, atom_state in job_atom_states(STATE_NAMES[state]).items() if kind != "improved"}
+        # Pending improved(...) atoms were not satisfied by any report: only the final result can still do it.
+        for key in self.scheduler.improved_atoms(job.id):
+            updates[key] = self.improved_state(job, key, [dict(job.progress)])
+        return self.scheduler.resolve_all(updates)
+
+    # -- attempts --------------------------------------------------------------------------
+
+    def on_started(self, job_id: str, attempt: int) -> None:
+        """An executor began attempt `attempt` of a queued job."""
+        job = self.ledger.record(job_id)
+        if job is None or job.state != jpb.JOB_STATE_QUEUED:
+            return
+        job.state = jpb.JOB_STATE_RUNNING
+        job.attempts = attempt
+        job.started_at = time.time()
+        self.ledger.commit_soon(Batch([self.ledger.change(job, jpb.Event(started=jpb.Started(attempt=attempt)))]))
+
+    def on_finished(self, job_id: str, attempt: int, outcome: Outcome) -> None:
+        """An executor's outcome of attempt `attempt`; ignored unless it is the job's current attempt."""
+        job = self.ledger.record(job_id)
+        if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
+            return
+        self.settle(job_id, outcome)
+
+    def settle(self, job_id: str, outcome: Outcome) -> None:
+        """Complete or fail an active job with `outcome`, and everything that follows from it."""
+        job = self.ledger.record(job_id)
+        assert job is not None, job_id
+        batch = Batch()
+        if outcome.ok:
+            completed = jpb.Completed(result_json=outcome.result_json, outputs=[
+                jpb.Output(name=n, path=p, size=s, sha256=h) for n, p, s, h in outcome.outputs])
+            if outcome.result_file:
+                completed.result_file.CopyFrom(jpb.ResultFile(path=outcome.result_file, format=outcome.result_format))
+                job.result_file.CopyFrom(completed.result_file)
+            job.result_json = completed.result_json
+            job.outputs.extend(completed.outputs)
+            decisions = self._finish(job, jpb.JOB_STATE_COMPLETED, jpb.Event(completed=completed), batch)
+        else:
+            job.error, job.traceback = outcome.error, outcome.traceback
+            decisions = self._finish(job, jpb.JOB_STATE_FAILED, jpb.Event(
+                failed=jpb.Failed(error=outcome.error, traceback=outcome.traceback)), batch)
+        for decision in decisions:
+            self.apply(decision, batch)
+        self.ledger.commit_soon(batch)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def cancel(self, caller: str, job_id: str, reason: str, *, admin: bool = False) -> jpb.Job:
+        """Cancel a waiting, queued or running job; a terminal job is returned unchanged."""
+        job = await self.ledger.get(caller, job_id, admin=admin)
+        active = self.ledger.record(job.id)
+        if active is None or active.state in TERMINAL_STATES:
+            return job
+        batch = Batch()
+        cause = jpb.Cause(kind=jpb.Cause.KIND_REQUESTED, by=caller,
+                          message=f"cancelled by {caller}" + (f": {reason[:500]}" if reason else ""))
+        for decision in self.cancel_job(active, cause, batch):
+            self.apply(decision, batch)
+        snapshot = batch.changes[0].job
+        await self.ledger.commit(batch)
+        return snapshot
