@@ -119,3 +119,21 @@ def settle_when(path: str, ok: bool, chisq: float) -> dict[str, float]:
     if not ok:
         raise RuntimeError("planned failure")
     return {"chisq": chisq}
+
+
+def chaos_step(directory: str, key: str, fail: bool, seconds: float) -> dict[str, str]:
+    """A job for the kill -9 test: proves no other attempt of it runs meanwhile (an exclusive lock it
+    holds while it runs; a collision leaves a marker), writes an output that names it, then sleeps."""
+    import fcntl
+
+    lock = open(Path(directory) / f"{key}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        (Path(directory) / f"{key}.collision-{os.getpid()}").write_text("two attempts at once")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    Path(park.current_job().filename).write_text(f"output of {key} by attempt in {os.getpid()}\n" * 100)
+    time.sleep(seconds)
+    if fail:
+        raise RuntimeError(f"planned failure of {key}")
+    return {"key": key}

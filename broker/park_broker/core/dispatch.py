@@ -1,17 +1,29 @@
-"""Handing committed QUEUED jobs to whatever runs them, and stopping them again.
+"""Handing committed QUEUED jobs to whatever runs them, stopping them, and taking in what they made.
 
 Python calls and command lines go to the executor as `Task`s; fetch jobs are
 network work the broker does itself (transfer.fetches); an install job waits
 for its upload (packages.installs), not for a runner. The dispatcher is the
 ledger's `release`: it only ever sees jobs whose QUEUED state is committed.
+
+Each attempt runs in a directory of its own, `.<job>.attempt-<n>` beside the
+job's final directory. When an executor reports an attempt's end, `finished`
+moves that directory into place only if the attempt is the job's current one;
+a stale attempt's directory (one that outlived a crash or a cancellation) is
+removed instead, so it can never replace a recorded result.
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import os
+import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from park._proto import jobs_pb2 as jpb
+from park.wire import TERMINAL_STATES
 from park_broker.core.admission import DEFAULT_OUTPUT
 from park_broker.core.ledger import Ledger
 from park_broker.errors import BrokerError
@@ -33,9 +45,12 @@ class Dispatcher:
         self.executor = executor
         self.packages = packages
         self.fetcher: Fetcher | None = None   # set when the site has peers to fetch from
+        self._attempts: dict[tuple[str, int], Path] = {}   # attempts handed to the executor, not yet ended
         self._report_token = report_token
-        # Fails a job that cannot start after all; set by the lifecycle to the state machine's settle.
+        # Set by the lifecycle to the state machine's: failing a job that cannot start after all, and
+        # an adopted outcome of a current attempt.
         self.refuse: Callable[[str, Outcome], None] = lambda job_id, outcome: None
+        self.on_finished: Callable[[str, int, Outcome], None] = lambda job_id, attempt, outcome: None
 
     def release(self, queued: list[str]) -> None:
         """Start each committed QUEUED job (unless it was cancelled meanwhile)."""
@@ -52,28 +67,69 @@ class Dispatcher:
             except BrokerError as exc:   # a package it requires was not installed after all
                 self.refuse(job.id, Outcome(ok=False, error=exc.message))
                 continue
+            self._attempts[(task.job_id, task.attempt)] = task.work_dir
             self.executor.submit(task)
 
+    def finished(self, job_id: str, attempt: int, outcome: Outcome) -> None:
+        """An executor's outcome: adopted for the job's current attempt, discarded for any other."""
+        work = self._attempts.pop((job_id, attempt), None)
+        if work is None:   # not an attempt this broker started, or one it already heard the end of
+            return
+        job = self.ledger.record(job_id)
+        if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
+            _discard(work)
+            return
+        self.on_finished(job_id, attempt, _adopt(work, Path(job.directory), outcome))
+
     def stop(self, job_id: str) -> None:
-        """End a queued or running job's attempt, wherever it runs."""
+        """End a queued or running job's attempt, wherever it runs; the executor removes what it left,
+        and nothing it reports later is adopted."""
+        for key in [k for k in self._attempts if k[0] == job_id]:
+            del self._attempts[key]
         self.executor.cancel(job_id)
         if self.fetcher is not None:
             self.fetcher.cancel(job_id)
 
     def _task(self, job: jpb.Job) -> Task:
         spec = job.spec
-        final = Path(job.directory)
         attempt = job.attempts + 1
-        work = final.parent / f".{job.id}.attempt-{attempt}"
+        work = attempt_dir(job, attempt)
         output = spec.output_name or DEFAULT_OUTPUT
         env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_DIR": str(work),
                "PARK_JOB_FILENAME": str(work / output), "PARK_JOB_URL": job.url,
                "PARK_BROKER_ADDRESS": self.site.address, "PARK_BROKER_CERT": self.site.cert_path,
                "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}
         python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires)))
-        common = dict(job_id=job.id, attempt=attempt, work_dir=work, final_dir=final, output_name=output, env=env,
+        common = dict(job_id=job.id, attempt=attempt, work_dir=work, output_name=output, env=env,
                       python_path=python_path)
         if spec.WhichOneof("work") == "call":
             return Task(kind="call", target=spec.call.target, args_json=spec.call.args_json,
                         kwargs_json=spec.call.kwargs_json, **common)  # type: ignore[arg-type]
         return Task(kind="command", argv=tuple(spec.command.argv), **common)  # type: ignore[arg-type]
+
+
+def attempt_dir(job: jpb.Job, attempt: int) -> Path:
+    """Where attempt `attempt` of `job` runs: beside its final directory, never visible under its name."""
+    return Path(job.directory).with_name(f".{job.id}.attempt-{attempt}")
+
+
+def _adopt(work: Path, final: Path, outcome: Outcome) -> Outcome:
+    """Move attempt directory `work` to `final` (replacing an unrecorded earlier one) and point the
+    outcome's paths there. Renames are single system calls; removing what was replaced is not, and
+    happens off the event loop."""
+    if not work.is_dir():    # the attempt never got as far as making its directory
+        return outcome
+    if final.exists():
+        replaced = final.with_name(f".{final.name}.replaced-{secrets.token_hex(4)}")
+        os.rename(final, replaced)
+        _discard(replaced)
+    os.rename(work, final)
+
+    def moved(path: str) -> str:
+        return str(final / Path(path).relative_to(work)) if path else path
+    return dataclasses.replace(outcome, result_file=moved(outcome.result_file),
+                               outputs=tuple((n, moved(p), s, h) for n, p, s, h in outcome.outputs))
+
+
+def _discard(directory: Path) -> None:
+    asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, directory, True)

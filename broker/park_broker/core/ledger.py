@@ -160,11 +160,23 @@ class Ledger:
 
     async def commit(self, batch: Batch) -> None:
         """Write the batch durably, then release its queued jobs; on a refused commit, stop the broker."""
-        if not batch.changes:
+        await self._committed(batch, self.store.enqueue(batch.changes) if batch.changes else None)
+
+    def commit_soon(self, batch: Batch) -> None:
+        """Commit from a synchronous callback (an executor's). The batch takes its place in the store's
+        line at once, so it is written before any decision made after it; a failure is logged and stops
+        the broker."""
+        if batch.changes or batch.queued:
+            written = self.store.enqueue(batch.changes) if batch.changes else None
+            task = asyncio.get_running_loop().create_task(self._committed(batch, written))
+            task.add_done_callback(_log_failure)
+
+    async def _committed(self, batch: Batch, written: asyncio.Future[None] | None) -> None:
+        if written is None:
             self.release(batch.queued)
             return
         try:
-            await self.store.commit(batch.changes)
+            await written
         except Exception:
             log.critical("commit failed; the broker stops so that recovery can restore a consistent state",
                          exc_info=True)
@@ -180,12 +192,6 @@ class Ledger:
             if job is not None and job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
                 self._retiring.append(job.id)
         self._retire()
-
-    def commit_soon(self, batch: Batch) -> None:
-        """Commit from a synchronous callback (an executor's); a failure is logged and stops the broker."""
-        if batch.changes or batch.queued:
-            task = asyncio.get_running_loop().create_task(self.commit(batch))
-            task.add_done_callback(_log_failure)
 
     def _retire(self) -> None:
         """Forget committed terminal jobs, unless a submission is between its reads and its decisions."""

@@ -62,6 +62,7 @@ class Lifecycle:
         self.ledger.release = self.dispatch.release
         self.transitions = Transitions(site.name, self.ledger, self.scheduler, self.admission, self.dispatch.stop)
         self.dispatch.refuse = self.transitions.settle
+        self.dispatch.on_finished = self.transitions.on_finished
         self.progress = ProgressReports(self.ledger, self.scheduler, self.admission, self.transitions)
         self.remote = RemoteAtoms(site.name, store, self.ledger, self.admission, self.transitions)
         self.submissions = Submissions(site, store, self.ledger, self.scheduler, self.admission, self.transitions,
@@ -78,6 +79,6 @@ class Lifecycle:
 
     async def start(self) -> None:
         """Start the executor with the state machine's callbacks, then recover from the store."""
-        await self.executor.start(self.transitions.on_started, self.transitions.on_finished)
+        await self.executor.start(self.transitions.on_started, self.dispatch.finished)
         await recover(self.site.name, self.store, self.ledger, self.scheduler, self.admission, self.transitions,
                       self.remote)

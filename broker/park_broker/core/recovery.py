@@ -7,7 +7,10 @@ against what their atoms are now and re-subscribe to their peers.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
+from pathlib import Path
 
 from park._proto import jobs_pb2 as jpb
 from park_broker.core.admission import Admission
@@ -46,5 +49,15 @@ async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler,
                 transitions.apply(decision, batch, stored)
             else:
                 remote.watch(job.spec, conditions[job.id])
+    # What interrupted attempts left behind goes before anything runs again; their processes died
+    # with the broker (execution.worker), and no attempt directory is ever adopted but the current one's.
+    await asyncio.to_thread(_clear_attempts, [j for j in jobs if j.state == jpb.JOB_STATE_QUEUED])
     await ledger.commit(batch)
     log.info("recovered %d active jobs, %d to run", len(jobs), len(batch.queued))
+
+
+def _clear_attempts(jobs: list[jpb.Job]) -> None:
+    for job in jobs:
+        directory = Path(job.directory)
+        for attempt in directory.parent.glob(f".{job.id}.attempt-[0-9]*"):   # a fetch resumes from its own
+            shutil.rmtree(attempt, ignore_errors=True)

@@ -137,14 +137,18 @@ class Store:
         Concurrent callers are grouped into one transaction. If the transaction
         fails, every caller in it gets the exception and nothing of it is kept.
         """
-        if not changes:
-            return
+        if changes:
+            await self.enqueue(changes)
+
+    def enqueue(self, changes: list[Change]) -> asyncio.Future[None]:
+        """Queue `changes` for writing now, in call order (the order of sequence numbers), and return
+        the future of their commit: a caller that cannot await yet still fixes its place in line."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((changes, future))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())
-        await future
+        return future
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()

@@ -21,8 +21,7 @@ class Task:
     args_json: str = ""
     kwargs_json: str = ""
     argv: tuple[str, ...] = ()
-    work_dir: Path                 # where the attempt runs; renamed to final_dir when it ends
-    final_dir: Path
+    work_dir: Path                 # where the attempt runs and leaves what it made; the broker moves it into place
     output_name: str
     env: dict[str, str] = field(default_factory=dict)
     python_path: tuple[str, ...] = ()   # package directories the job requires, first on sys.path

@@ -2,9 +2,9 @@
 
 `park-broker serve DIR --executor dask://HOST:PORT` connects an asynchronous
 `distributed.Client` to the scheduler at HOST:PORT. Every task becomes one Dask
-task (`park_broker.dask_task.run`) that runs the job in a child process on a
-worker, with the same attempt directory, output capture, result storage and
-final rename as the local executor. The broker keeps the only record of jobs;
+task (`park_broker.execution.dask_task.run`) that runs the job in a child process
+on a worker, with the same attempt directory, output capture and result storage
+as the local executor; the broker moves a current attempt's directory into place. The broker keeps the only record of jobs;
 Dask only runs them.
 
 Signals, and where they come from:
@@ -109,8 +109,7 @@ class DaskExecutor:
     def submit(self, task: Task) -> None:
         key = f"park-{task.job_id}-{task.attempt}-{self.session}"
         payload = {"key": key, "topic": self.topic, "grace": self.grace, "python_path": self.python_path,
-                   "task": {**dataclasses.asdict(task), "work_dir": str(task.work_dir),
-                            "final_dir": str(task.final_dir)}}
+                   "task": {**dataclasses.asdict(task), "work_dir": str(task.work_dir)}}
         future = self._client.submit(dask_task.run, payload, key=key, pure=False)
         run = self._runs[key] = _Run(task, future)
         self._keys[task.job_id] = key

@@ -3,8 +3,9 @@
 `run(payload)` is the function the broker submits to Dask. It hands the task to
 a child process (`python -m park_broker.execution.dask_task FD`, in its own session) over
 a socket pair and returns the child's outcome dict: the child calls
-`park_broker.worker.run_task`, so the attempt directory, output capture, result
-storage and the final rename are exactly those of the local executor. Children
+`park_broker.execution.worker.run_task`, so the attempt directory, output capture
+and result storage are exactly those of the local executor (and, as there, the
+broker alone moves a current attempt's directory into place). Children
 are kept warm between tasks (at most one idle child per worker thread), and a
 child only takes tasks with the import path it was started with, as local
 workers do; so, as there, modules a job imported stay imported for the next.

@@ -1,7 +1,7 @@
 """The local executor: a pool of long-lived worker processes on the broker's host.
 
 Each worker (`park_broker.execution.worker`) runs in its own session and takes one task at
-a time over a socket pair. Workers are kept warm between jobs (no process start
+a time over a socket pair, and dies with the broker (its process group with it). Workers are kept warm between jobs (no process start
 per job); cancelling a running job signals the worker's process group with
 SIGTERM, then SIGKILL after the grace period, and a fresh worker takes its place.
 A worker that dies on its own fails the task it was running, and is replaced.
@@ -45,9 +45,10 @@ class _Worker:
         self.packages = packages
         path = [*packages, *self.executor.python_path, env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        watch = self.executor.watch_fd
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()),
-            pass_fds=[child.fileno()], start_new_session=True, stdin=asyncio.subprocess.DEVNULL, env=env)
+            sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()), str(watch),
+            pass_fds=[child.fileno(), watch], start_new_session=True, stdin=asyncio.subprocess.DEVNULL, env=env)
         child.close()
         self.reader, self.writer = await asyncio.open_unix_connection(sock=parent)
 
@@ -59,8 +60,7 @@ class _Worker:
             await self.spawn(task.python_path)
         assert self.writer is not None and self.reader is not None and self.proc is not None
         self.task, self.cancelled = task, False
-        body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir),
-                           "final_dir": str(task.final_dir)}).encode()
+        body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir)}).encode()
         try:
             self.writer.write(_HEADER.pack(len(body)) + body)
             await self.writer.drain()
@@ -129,6 +129,9 @@ class LocalExecutor:
         self._loops: list[asyncio.Task[None]] = []
         self._on_started: StartedCallback | None = None
         self._on_finished: FinishedCallback | None = None
+        # Workers die with the broker: they watch the read end of this pipe, whose one write end
+        # (not inherited by anything) closes when this process ends, however it ends.
+        self.watch_fd, self._alive_fd = os.pipe()
 
     async def start(self, on_started: StartedCallback, on_finished: FinishedCallback) -> None:
         self._on_started, self._on_finished = on_started, on_finished
@@ -168,3 +171,5 @@ class LocalExecutor:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         await asyncio.gather(*(w.stop() for w in self._workers))
+        for fd in (self.watch_fd, self._alive_fd):
+            os.close(fd)

@@ -1,12 +1,18 @@
 """A local worker process: runs one task at a time for the local executor.
 
-Started as `python -m park_broker.execution.worker FD` in its own session (so a cancel can
-signal the whole process group, command-line children included). Tasks and
-outcomes are length-prefixed JSON on the socket FD. For each task the worker
-creates the attempt directory, points fds 1 and 2 at `stdout.log`/`stderr.log`
-there, runs the call or command, stores the return value, and only then renames
-the attempt directory to the job's final directory: a half-run attempt is never
-visible under the final name.
+Started as `python -m park_broker.execution.worker FD WATCH_FD` in its own
+session (so a cancel can signal the whole process group, command-line children
+included). Tasks and outcomes are length-prefixed JSON on the socket FD. For
+each task the worker creates the attempt directory, points fds 1 and 2 at
+`stdout.log`/`stderr.log` there, runs the call or command and stores the
+return value there. It never touches the job's final directory: the broker
+moves an attempt's directory into place, and only for the attempt it considers
+current, so a stale attempt can never replace a recorded result.
+
+A worker dies with its broker: WATCH_FD is the read end of a pipe whose only
+write end the broker holds, and a watchdog thread kills the worker's whole
+process group (the job's own children included) when it reads end-of-file,
+however the broker ended.
 
 This module must import nothing heavy: it is what every worker starts with.
 """
@@ -18,10 +24,12 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -96,8 +104,8 @@ def _run(task: dict[str, Any], work_dir: Path) -> dict[str, Any]:
 
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
-    """Run one task with its output captured; never raises for the task's own errors."""
-    work_dir, final_dir = Path(task["work_dir"]), Path(task["final_dir"])
+    """Run one task with its output captured in its attempt directory; never raises for the task's own errors."""
+    work_dir = Path(task["work_dir"])
     if work_dir.exists():   # a half-run of this attempt (a re-run after a crash, or a retry by Dask)
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
@@ -136,20 +144,31 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    if final_dir.exists():  # a previous attempt finished but its outcome was never recorded
-        shutil.rmtree(final_dir)
-    os.rename(work_dir, final_dir)
-    output = final_dir / task["output_name"]
+    output = work_dir / task["output_name"]
     if output.is_file():
         size, sha = file_digest(output)
         outcome["outputs"] = [[task["output_name"], str(output), size, sha]]
     if outcome.get("result_file"):
-        outcome["result_file"] = str(final_dir / outcome["result_file"])
+        outcome["result_file"] = str(work_dir / outcome["result_file"])
     return outcome
+
+
+def die_with_broker(watch_fd: int) -> None:
+    """Kill this process group when the broker is gone (see the module docstring). A broker that
+    died before this runs is noticed too: its pipe is already at end-of-file. (Not PR_SET_PDEATHSIG:
+    it would kill this process alone, before it could take the job's own children with it.)"""
+    def watch() -> None:
+        try:
+            while os.read(watch_fd, 1):
+                pass
+        finally:
+            os.killpg(0, signal.SIGKILL)
+    threading.Thread(target=watch, name="park-broker-watchdog", daemon=True).start()
 
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    die_with_broker(int(sys.argv[2]))
     while (task := recv(sock)) is not None:
         send(sock, run_task(task))
 
