@@ -92,7 +92,12 @@ def _compile(node: ast.expr, depth: int, names: set[str]) -> Fn:
         raise ExpressionError(f"expression is nested deeper than {MAX_DEPTH}")
     d = depth + 1
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        value = float(node.value)
+        try:
+            value = float(node.value)
+        except OverflowError:
+            raise ExpressionError(f"number {str(node.value)[:20]}... is too large for a float") from None
+        if not math.isfinite(value):
+            raise ExpressionError(f"number {str(node.value)[:20]}... is too large for a float")
         return lambda env: value
     if isinstance(node, ast.Name):
         name = node.id

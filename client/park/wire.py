@@ -8,6 +8,7 @@ check raises `InvalidInput` with a message that says what to fix.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from park._proto import conditions_pb2 as cpb
@@ -24,6 +25,7 @@ MAX_CONDITION_NODES = 512
 MAX_CONDITION_ATOMS = 128
 MAX_CONDITION_DEPTH = 64
 MAX_ARGS_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64
 MAX_EXPR_LENGTH = 500
 JOB_ID_LENGTH = 26
 
@@ -86,16 +88,53 @@ def check_name(name: str, what: str = "output name") -> str:
 
 
 def check_json(text: str, kind: type, what: str) -> str:
-    if len(text.encode()) > MAX_ARGS_BYTES:
+    """`text` is a JSON array or object (`kind`) that every party can read back the same way: at most
+    MAX_ARGS_BYTES of UTF-8, nested at most MAX_JSON_DEPTH deep, finite numbers only, no lone surrogates."""
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} holds a lone surrogate, which is not text; send valid UTF-8") from None
+    if size > MAX_ARGS_BYTES:
         raise InvalidInput(f"{what} is larger than {MAX_ARGS_BYTES} bytes; pass a file instead")
     if text:
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        except RecursionError:
+            raise InvalidInput(f"{what} is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
         except ValueError as exc:
             raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
         if not isinstance(value, kind):
             raise InvalidInput(f"{what} must be a JSON {'array' if kind is list else 'object'}")
+        _check_value(value, what, 1)
     return text
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number; send finite numbers only")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:30]} is too large for a float")
+    return value
+
+
+def _check_value(value: object, what: str, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidInput(f"{what} is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:   # "\ud800" decodes to a lone surrogate: not text anyone can store
+            raise InvalidInput(f"{what} holds a lone surrogate, which is not text; send valid UTF-8") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_value(key, what, depth)
+            _check_value(item, what, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_value(item, what, depth + 1)
 
 
 def condition_to_proto(cond: Condition | None) -> cpb.Condition:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import getpass
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -114,10 +115,44 @@ class Gate:
         return identity
 
 
-def _wrap(behavior: Callable[..., Any], gate: Gate, rule: str, streaming: bool) -> Callable[..., Any]:
-    """The handler `behavior`, run only for an identified caller; `streaming`: it yields responses."""
-    if streaming:
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+class _Undecodable:
+    """What a request that does not decode becomes: the call is refused with INVALID_ARGUMENT."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A request deserializer that never raises: gRPC would answer UNKNOWN and log a traceback."""
+    if deserialize is None:
+        return None
+    kind = getattr(getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None), "full_name", "message")
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # noqa: BLE001 - any decoding failure is the sender's malformed request
+            return _Undecodable(f"the request is not a valid {kind} message; send what the .proto defines")
+    return decode
+
+
+async def _checked(context: grpc.aio.ServicerContext, request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+    return request
+
+
+async def _checked_stream(context: grpc.aio.ServicerContext, requests: Any) -> Any:
+    async for request in requests:
+        yield await _checked(context, request)
+
+
+def _wrap(behavior: Callable[..., Any], gate: Gate | None, rule: str, request_stream: bool,
+          response_stream: bool) -> Callable[..., Any]:
+    """The handler `behavior`, run only for an identified caller (`gate` None: it authenticates itself)
+    and only on requests that decode."""
+    async def enter(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if gate is not None:
             try:
                 identity = gate.identify(rule, context)
             except _Refused as refused:
@@ -125,21 +160,22 @@ def _wrap(behavior: Callable[..., Any], gate: Gate, rule: str, streaming: bool) 
             # Each call runs in a task of its own, so the identity set here dies with it. Not reset:
             # a stream the client abandons is finalized in another context, where reset() would fail.
             current_identity.set(identity)
-            async for item in behavior(request, context):
+        return _checked_stream(context, request) if request_stream else await _checked(context, request)
+
+    if response_stream and inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for item in behavior(await enter(request, context), context):
                 yield item
         return stream
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            identity = gate.identify(rule, context)
-        except _Refused as refused:
-            await context.abort(refused.code, refused.message)
-        token = current_identity.set(identity)
+    # Unary responses, and streams a handler writes with context.write() (grpc's own health Watch).
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        request = await enter(request, context)
         try:
             return await behavior(request, context)
-        finally:
-            current_identity.reset(token)
-    return unary
+        except NotImplementedError:   # a generated base method no servicer overrides (health List, here)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{behavior.__qualname__} is not served here")
+    return call
 
 
 def _refuse(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -157,14 +193,16 @@ class PolicyInterceptor(grpc.aio.ServerInterceptor):
         if rule is None:
             return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"method {details.method} is not served here")
         handler = await continuation(details)
-        if handler is None or rule == JOB:
+        if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap(handler.unary_unary, self._gate, rule, False))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap(handler.unary_stream, self._gate, rule, True))
-        if handler.stream_unary is not None:   # the request is a stream; the wrapper passes it through
-            return handler._replace(stream_unary=_wrap(handler.stream_unary, self._gate, rule, False))
-        if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_wrap(handler.stream_stream, self._gate, rule, True))
+        gate = None if rule == JOB else self._gate    # a job's report carries its own credential
+        handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+        for shape, request_stream, response_stream in _SHAPES:
+            behavior = getattr(handler, shape)
+            if behavior is not None:
+                return handler._replace(**{shape: _wrap(behavior, gate, rule, request_stream, response_stream)})
         return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"method {details.method} has no policy for its shape")
+
+
+_SHAPES = (("unary_unary", False, False), ("unary_stream", False, True), ("stream_unary", True, False),
+           ("stream_stream", True, True))

@@ -23,6 +23,7 @@ from park_broker.errors import Code, fail
 
 MAX_REPORT_VALUES = 64
 _VALUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_TOKEN = re.compile(r"(?P<job>[a-z2-7]{26})\.(?P<attempt>[0-9]{1,9})\.[0-9a-f]{64}", re.ASCII)
 
 
 class ReportTokens:
@@ -37,11 +38,11 @@ class ReportTokens:
 
     def check(self, token: str) -> tuple[str, int]:
         """The (job id, attempt) a job-scoped token was issued for; UNAUTHENTICATED if it is not ours."""
-        job_id, _, rest = token.partition(".")
-        attempt, _, _mac = rest.partition(".")
-        if not attempt.isdigit() or not hmac.compare_digest(self.issue(job_id, int(attempt)), token):
+        match = _TOKEN.fullmatch(token)
+        if match is None or not hmac.compare_digest(self.issue(match["job"], int(match["attempt"])).encode(),
+                                                    token.encode()):
             fail(Code.UNAUTHENTICATED, "the report token is not valid for any job attempt of this broker")
-        return job_id, int(attempt)
+        return match["job"], int(match["attempt"])
 
 
 class ProgressReports:

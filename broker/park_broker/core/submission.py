@@ -9,6 +9,7 @@ and the first verdicts of the scheduler. One bad spec never sinks its batch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from park_broker.core.store import Store
 from park_broker.core.transitions import Transitions
 from park_broker.errors import BrokerError, Code, fail
 from park_broker.site import SiteInfo
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000
 
@@ -82,6 +85,8 @@ class Submissions:
                 prepared.append(_Prepared(spec, self.admission.validate(spec)))
             except BrokerError as exc:
                 prepared.append(exc)
+            except Exception as exc:  # noqa: BLE001 - a check that broke refuses its spec, not the batch
+                prepared.append(_unexpected(spec, exc))
         ok = [p for p in prepared if isinstance(p, _Prepared)]
         installing = self.ledger.installing()
         for p in ok:
@@ -89,6 +94,8 @@ class Submissions:
                 p.dirs, p.coming = await self.admission.packages_for(p.spec, installing)
             except BrokerError as exc:
                 p.error = exc
+            except Exception as exc:  # noqa: BLE001 - as above
+                p.error = _unexpected(p.spec, exc)
             pin = self.admission.installs(p.spec)
             if pin is not None and p.error is None:
                 installing.add(pin)    # later jobs of the batch may require what it installs
@@ -198,6 +205,9 @@ class Submissions:
             except BrokerError as exc:
                 p.error = exc
                 continue
+            except Exception as exc:  # noqa: BLE001 - as above
+                p.error = _unexpected(p.spec, exc)
+                continue
             if p.inputs is not None:
                 p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
 
@@ -207,6 +217,13 @@ class Submissions:
         return jpb.Job(id=spec.id, site=self.site.name, owner=owner, spec=spec, state=jpb.JOB_STATE_WAITING,
                        url=f"park://{self.site.name}/files/{owner}/{spec.id}/{output}",
                        filename=str(directory / output), directory=str(directory), submitted_at=now)
+
+
+def _unexpected(spec: jpb.JobSpec, exc: Exception) -> BrokerError:
+    """A spec a check could not handle: refused on its own, and logged in one line for the operator."""
+    log.error("job %s: a check of its spec failed with %s: %s", spec.id[:40], type(exc).__name__, str(exc)[:200])
+    return BrokerError(Code.INVALID_ARGUMENT, f"job {spec.id[:40]}: the spec could not be checked "
+                                              f"({type(exc).__name__}); it was refused, the rest of its batch was not")
 
 
 def _make_links(links: list[tuple[Path, str]]) -> None:

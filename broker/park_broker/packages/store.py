@@ -77,6 +77,8 @@ _CODE_OF: dict[Kind, Code] = {
 }
 
 
+MAX_PIN_LENGTH = 200
+
 class PackageError(BrokerError):
     """A package could not be installed or resolved; `kind` says why, the message how to fix it."""
 
@@ -296,6 +298,8 @@ def parse_pins(requires: list[str]) -> list[tuple[str, str]]:
     """(normalized name, normalized version) of each exact pin; PackageError("invalid") for anything else."""
     pins: dict[str, str] = {}
     for text in requires:
+        if len(text) > MAX_PIN_LENGTH:   # name and version become directory names
+            raise PackageError("invalid", f"requirement {text[:60]!r}... is longer than {MAX_PIN_LENGTH} characters")
         try:
             req = Requirement(text)
             specs = list(req.specifier)
