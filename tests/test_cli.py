@@ -277,9 +277,25 @@ def test_demo_stops_its_agent_and_brokers_when_terminated():
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "park: interrupted" in err
     _assert_all_stopped(pids)
+    assert not _processes_using(state), "the whole process tree stops (the workflow, its pip, the workers)"
     assert f"kept {state}" in out
     assert all((state / log).exists() for log in ("agent.log", "sns.log", "cluster.log"))
     shutil.rmtree(state)
+
+
+def _processes_using(directory: Path) -> list[str]:
+    """Processes whose command line or environment names `directory` (the demo's TMPDIR is under it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:   # gone meanwhile, or not ours to read
+            continue
+        if str(directory).encode() in text:
+            found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
+    return found
 
 
 def test_jobs_why_names_what_changed(configured, service, capsys):

@@ -1,6 +1,7 @@
 """The broker process: site directories, TLS, health, loopback-only, clean shutdown."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -69,6 +70,16 @@ def test_health_tls_and_sigterm(broker) -> None:  # type: ignore[no-untyped-def]
     wrong.close()
     assert broker.stop() == 0
     assert not (broker.directory / "serve.json").exists()
+
+
+def test_an_idle_broker_stops_promptly_and_says_so(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker()
+    broker.extra = ["--grace", "5"]     # the default grace: an idle broker must not wait it out
+    broker.start()
+    started = time.monotonic()
+    assert broker.stop() == 0
+    assert time.monotonic() - started < 2.0
+    assert "site sns stopping (asked to stop)" in broker.log() and "site sns stopped" in broker.log()
 
 
 def test_a_site_directory_is_served_by_one_broker_at_a_time(broker) -> None:  # type: ignore[no-untyped-def]

@@ -186,6 +186,9 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     await asyncio.wait([failed, stopping], return_when=asyncio.FIRST_COMPLETED)
     for task in (failed, stopping):
         task.cancel()
+    why = "the store refused a commit" if core.failed.is_set() else "asked to stop"
+    log.info("site %s stopping (%s): calls get %.1f s to finish; running jobs run again at the next start",
+             site.name, why, options.grace)
     await health.enter_graceful_shutdown()
     await server.stop(grace=options.grace)
     await metrics.close()
@@ -194,6 +197,7 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     await executor.close()
     store.close()
     (site.directory / "serve.json").unlink(missing_ok=True)
+    log.info("site %s stopped", site.name)
     return 1 if core.failed.is_set() else 0
 
 

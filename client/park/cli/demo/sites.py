@@ -52,15 +52,22 @@ _SOCK_LINE = re.compile(r"PARK_AUTH_SOCK=(\S+); export PARK_AUTH_SOCK;")
 
 
 def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None, sig: int, grace: float) -> None:
-    """Signal `proc` if it still runs, then kill it if it has not exited within `grace` seconds."""
-    if proc is None or proc.poll() is not None:
+    """Stop `proc` and everything it started: each demo process leads a session of its own, so `sig`
+    goes to its process group, and after `grace` seconds (or once the leader exits) SIGKILL takes what
+    is left of the group, children such as the pip that builds a wheel included."""
+    if proc is None:
         return
-    proc.send_signal(sig)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    if proc.poll() is None:
+        _signal_group(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -217,19 +224,17 @@ class Sites:
 
 
 def _stop_brokers(brokers: tuple[DemoBroker, ...]) -> None:
-    """SIGTERM to every running broker at once, then SIGKILL to those still running after the grace."""
+    """SIGTERM to every running broker at once; after the grace, SIGKILL to each broker's process group
+    (its session: start_new_session), which takes a broker still running and anything that outlived it."""
     running = [b.proc for b in brokers if b.proc is not None and b.proc.poll() is None]
     for proc in running:
         proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE
     for proc in running:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            # The broker's session is its process group (start_new_session): its workers go with it.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @contextlib.contextmanager
