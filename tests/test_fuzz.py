@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc

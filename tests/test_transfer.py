@@ -344,3 +344,18 @@ def test_fetch_without_permission_fails_at_once(site: SiteConfig, tmp_path: Path
             assert (await fetch(s.opener(PATH, right), part, final))[0] == 2 * MiB
 
     run(body())
+
+
+def test_a_link_to_another_users_file_is_not_found(site: SiteConfig) -> None:
+    """A job of alice's can make links in its directory; none of them reaches bob's files."""
+    bob_real, _ = put(site, f"/bob/{'b' * 26}/output", 10)
+    alice_dir = site.files_root / "alice" / JOB
+    alice_dir.mkdir(parents=True, exist_ok=True)
+    (alice_dir / "stolen").symlink_to(Path("..") / ".." / "bob" / ("b" * 26) / "output")
+    (alice_dir / "absolute").symlink_to(bob_real)
+    (site.files_root / "alice" / ("c" * 26)).symlink_to(Path("..") / "bob" / ("b" * 26))   # a forged "memo hit"
+    for path in (f"/alice/{JOB}/stolen", f"/alice/{JOB}/absolute", f"/alice/{'c' * 26}/output"):
+        with pytest.raises(BrokerError) as info:
+            resolve_path(site.files_root, path)
+        assert info.value.code is Code.NOT_FOUND and "no file" in info.value.message
+    assert resolve_path(site.files_root, f"/bob/{'b' * 26}/output") == bob_real.resolve()

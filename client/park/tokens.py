@@ -331,6 +331,16 @@ def decode(text: str) -> pb.Token:
     return token
 
 
+def subject_of(text: str) -> str | None:
+    """The subject a token's first link names, unverified; None when `text` is not a token. For a
+    site that must refuse a token carried in someone else's submission before it ever presents it."""
+    try:
+        token = decode(text)
+        return pb.Claims.FromString(token.links[0].claims).subject if token.links else None
+    except (TokenError, DecodeError):
+        return None
+
+
 # --- verification ------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)

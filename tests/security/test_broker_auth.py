@@ -142,6 +142,29 @@ def test_another_users_job_is_not_found(new_broker, tmp_path: Path) -> None:  # 
     channel.close()
 
 
+def test_conditions_and_races_cannot_name_another_users_jobs(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker().start()
+    with broker.service():
+        running = park.submit("park_test_tasks:sleep", 30, memo=False)
+    mallory_key = Ed25519PrivateKey.generate()
+    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
+                        tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
+    token = tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns"))
+    stub, metadata, channel = _raw(broker, token)
+    oracle = jpb.JobSpec(id=park.service.new_job_id(), call=jpb.PythonCall(target="park_test_tasks:noop"))
+    oracle.when.CopyFrom(park.wire.condition_to_proto(running.iscompleted))
+    race = jpb.JobSpec(id=park.service.new_job_id(), race=jpb.Race(contestants=[running.id], until="step > 0"))
+    results = stub.SubmitMany(jpb.SubmitManyRequest(jobs=[oracle, race]), metadata=metadata, timeout=10).results
+    for result in results:
+        assert result.code == grpc.StatusCode.NOT_FOUND.value[0], result.message
+        assert f"names job {running.id}, which site 'sns' does not have" in result.message
+    assert running.state == "running", "mallory's race did not cancel alice's job"
+    running.cancel()
+    channel.close()
+
+
 def test_public_info_is_anonymous_but_a_bad_token_is_still_refused(broker) -> None:  # type: ignore[no-untyped-def]
     channel = grpc.secure_channel(broker.address, grpc.ssl_channel_credentials(broker.cert.read_bytes()))
     stub = site_pb2_grpc.SiteStub(channel)
@@ -194,3 +217,46 @@ def test_session_tokens_are_refreshed_before_they_expire() -> None:
     plugin = SessionTokens("sns", LongSource())  # type: ignore[arg-type]
     assert plugin.current() == plugin.current() == "long"
     assert len(issued) == 3, "a token far from expiry is reused"
+
+
+def test_no_answer_carries_a_delegated_token_even_to_an_admin(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(allow="submit,upload,admin").start()
+    service = broker.service()
+    secret = "c2VjcmV0LWRlbGVnYXRlZC10b2tlbg"
+    spec = jpb.JobSpec(id=park.service.new_job_id(), call=jpb.PythonCall(target="park_test_tasks:noop"),
+                       grants={"sns": secret})
+    [result] = service.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec]), timeout=10).results
+    assert result.code == 0, result.message
+    service.job(spec.id).wait(timeout=30)
+    answers = [service.jobs_stub.Get(jpb.GetRequest(job_id=spec.id), timeout=10),
+               *service.jobs_stub.List(jpb.ListRequest(), timeout=10).jobs]
+    stream = service.jobs_stub.Watch(jpb.WatchRequest(job_id=spec.id), timeout=10)
+    for response in stream:
+        if response.HasField("progress"):   # caught up with the log
+            stream.cancel()
+            break
+        answers.append(response.event)
+    assert answers[2].WhichOneof("kind") == "submitted" and "sns" in answers[2].submitted.spec.grants
+    for answer in answers:
+        assert secret.encode() not in answer.SerializeToString(), answer
+
+
+def test_a_submission_may_carry_only_its_submitters_delegated_tokens(new_broker) -> None:  # type: ignore[no-untyped-def]
+    """The confused deputy: mallory hands the site a token alice delegated, for the site to present."""
+    broker = new_broker().start()
+    alices = tokens.encode(tokens.issue(_user_key(), subject=default_subject(), audience="sns",
+                                        scopes=["files.read:/x/" + "a" * 26 + "/output"], confirm="ab" * 32))
+    mallory_key = Ed25519PrivateKey.generate()
+    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
+                        tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
+    stub, metadata, channel = _raw(broker, tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns")))
+    grant = jpb.JobSpec(id=park.service.new_job_id(), call=jpb.PythonCall(target="park_test_tasks:noop"),
+                        grants={"cluster": alices})
+    fetch = jpb.JobSpec(id=park.service.new_job_id(), fetch=jpb.Fetch(url="park://cluster/files/x/y/z", token=alices))
+    results = stub.SubmitMany(jpb.SubmitManyRequest(jobs=[grant, fetch]), metadata=metadata, timeout=10).results
+    for result in results:
+        assert result.code == grpc.StatusCode.PERMISSION_DENIED.value[0], result.message
+        assert f"speaks for {default_subject()!r}, not for you ('mallory')" in result.message
+    channel.close()

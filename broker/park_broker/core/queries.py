@@ -2,7 +2,9 @@
 
 Nothing here changes a job. A caller sees only their own jobs unless they are
 an admin; single records come from the ledger (`Ledger.get`), which holds the
-owner check in one place.
+owner check in one place. No answer carries a token, whoever asks: the
+delegated tokens a spec holds (a fetch's, its grants) are blanked by
+`without_tokens`, which the servicer applies to every job and event it sends.
 """
 from __future__ import annotations
 
@@ -62,3 +64,22 @@ class Queries:
         report.nearest_id = nearest.id
         report.differences.extend(memo.differences(json.loads(nearest.memo_inputs), json.loads(job.memo_inputs)))
         return report
+
+
+def without_tokens(job: jpb.Job) -> jpb.Job:
+    """`job` as it may be shown: the same record, with the delegated tokens of its spec blanked."""
+    _blank(job.spec)
+    return job
+
+
+def event_without_tokens(event: jpb.Event) -> jpb.Event:
+    if event.HasField("submitted"):
+        _blank(event.submitted.spec)
+    return event
+
+
+def _blank(spec: jpb.JobSpec) -> None:
+    if spec.HasField("fetch"):
+        spec.fetch.token = ""
+    for site in spec.grants:
+        spec.grants[site] = ""

@@ -43,7 +43,7 @@ async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler,
             batch.queued.append(job.id)
     for job in jobs:
         if job.id in conditions and job.state == jpb.JOB_STATE_WAITING:
-            states = transitions.states_now(conditions[job.id], stored, histories)
+            states = transitions.states_now(job.owner, conditions[job.id], stored, histories)
             decision = scheduler.add(job.id, conditions[job.id], states)
             if decision is not None:
                 transitions.apply(decision, batch, stored)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from park import tokens
 from park._proto import jobs_pb2 as jpb
 from park.conditions import Condition
 from park_broker.core import memo
@@ -82,6 +83,7 @@ class Submissions:
         prepared: list[_Prepared | BrokerError] = []
         for spec in specs:
             try:
+                _check_delegation(owner, spec)
                 prepared.append(_Prepared(spec, self.admission.validate(spec)))
             except BrokerError as exc:
                 prepared.append(exc)
@@ -138,7 +140,7 @@ class Submissions:
                 results.append(Submission(job=twin, memo_hit=True))
                 continue
             try:
-                states = self.transitions.states_now(cond, stored, histories)
+                states = self.transitions.states_now(owner, cond, stored, histories)
             except BrokerError as exc:
                 results.append(Submission(error=exc))
                 continue
@@ -217,6 +219,18 @@ class Submissions:
         return jpb.Job(id=spec.id, site=self.site.name, owner=owner, spec=spec, state=jpb.JOB_STATE_WAITING,
                        url=f"park://{self.site.name}/files/{owner}/{spec.id}/{output}",
                        filename=str(directory / output), directory=str(directory), submitted_at=now)
+
+
+def _check_delegation(owner: str, spec: jpb.JobSpec) -> None:
+    """A delegated token inside a submission (a fetch's, a watch grant) must speak for the submitter: else
+    this site would present another user's token on the submitter's behalf (a confused deputy)."""
+    carried = [("the fetch's token", spec.fetch.token)] if spec.HasField("fetch") else []
+    carried += [(f"the grant for site {site}", token) for site, token in sorted(spec.grants.items())]
+    for what, token in carried:
+        subject = tokens.subject_of(token)
+        if subject is not None and subject != owner:
+            fail(Code.PERMISSION_DENIED, f"job {spec.id[:40]}: {what} speaks for {subject!r}, not for you "
+                                         f"({owner!r}); a job may carry only your own delegated tokens")
 
 
 def _unexpected(spec: jpb.JobSpec, exc: Exception) -> BrokerError:

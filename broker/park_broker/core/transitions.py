@@ -39,9 +39,11 @@ class Transitions:
 
     # -- atom states ---------------------------------------------------------------------
 
-    def states_now(self, cond: Condition | None, stored: dict[str, jpb.Job],
+    def states_now(self, owner: str, cond: Condition | None, stored: dict[str, jpb.Job],
                    histories: Histories) -> dict[AtomKey, State]:
-        """The state of each atom of `cond`: local ones from memory or `stored`, remote ones pending."""
+        """The state of each atom of `cond` (a condition of `owner`'s): local ones from memory or `stored`,
+        remote ones pending. A local atom may name only `owner`'s own jobs: anyone else's is NOT_FOUND, in
+        the words used for a job that does not exist, so a condition is no oracle on other users' jobs."""
         states: dict[AtomKey, State] = {}
         if cond is None:
             return states
@@ -51,7 +53,7 @@ class Transitions:
                 states[key] = State.PENDING   # until its site says otherwise (federation)
                 continue
             job = self.ledger.record(key.job_id) or stored.get(key.job_id)
-            if job is None:
+            if job is None or job.owner != owner:
                 fail(Code.NOT_FOUND, f"condition names job {key.job_id}, which site {self.site!r} "
                                      "does not have; submit it first (earlier in the same batch is fine)")
             if key.kind == "improved":

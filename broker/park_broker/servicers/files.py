@@ -30,8 +30,9 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
         source.authorize_read(identity.token, request.path)
         real = source.resolve_path(self.files_root, request.path)
         known = await self._recorded_sha256(request.path)
+        within = source.owner_root(self.files_root, request.path)
         async for offset, data, size, sha256 in source.read_chunks(real, request.offset, known_sha256=known,
-                                                                     within=self.files_root):
+                                                                     within=within):
             yield fipb.Chunk(offset=offset, data=data, size=size, sha256=sha256)
 
     async def _recorded_sha256(self, path: str) -> str | None:

@@ -13,6 +13,7 @@ from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc
 from park_broker.auth.policy import current_identity
 from park_broker.core.lifecycle import Lifecycle
+from park_broker.core.queries import event_without_tokens, without_tokens
 from park_broker.errors import Code, fail
 from park_broker.servicers.boundary import abort, status_for, streaming, unary
 
@@ -45,7 +46,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     @unary
     async def Get(self, request: jpb.GetRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
         caller = current_identity.get()
-        return await self.core.queries.get(caller.user, request.job_id, admin=caller.admin)
+        return without_tokens(await self.core.queries.get(caller.user, request.job_id, admin=caller.admin))
 
     @unary
     async def List(self, request: jpb.ListRequest, context: grpc.aio.ServicerContext) -> jpb.ListResponse:
@@ -53,18 +54,23 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         jobs = await self.core.queries.list(caller.user, request.states, request.after_id, request.limit,
                                             admin=caller.admin)
         limit = min(max(request.limit or 100, 1), 1000)
-        return jpb.ListResponse(jobs=jobs, next_after_id=jobs[-1].id if len(jobs) == limit else "")
+        return jpb.ListResponse(jobs=[without_tokens(j) for j in jobs],
+                                next_after_id=jobs[-1].id if len(jobs) == limit else "")
 
     @unary
     async def Cancel(self, request: jpb.CancelRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
         caller = current_identity.get()
-        return await self.core.transitions.cancel(caller.user, request.job_id, request.reason, admin=caller.admin)
+        job = await self.core.transitions.cancel(caller.user, request.job_id, request.reason, admin=caller.admin)
+        return without_tokens(jpb.Job.FromString(job.SerializeToString()))   # the record others still read
 
     @streaming
     async def Watch(self, request: jpb.WatchRequest, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[jpb.WatchResponse]:
         caller = current_identity.get()
         async for item in self.core.queries.watch(caller.user, request.job_id, request.from_seq, admin=caller.admin):
+            if item.HasField("event") and item.event.HasField("submitted"):   # live events are shared: copy
+                item = jpb.WatchResponse(event=event_without_tokens(jpb.Event.FromString(
+                    item.event.SerializeToString())))
             yield item
 
 

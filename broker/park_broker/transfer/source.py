@@ -47,24 +47,30 @@ def split_path(path: str) -> tuple[str, ...]:
 
 
 def resolve_path(files_root: Path, path: str) -> Path:
-    """The real path of the regular file `path` names inside `files_root`.
+    """The real path of the regular file `path` (`/<owner>/<job>/<name>`) names in its owner's part of
+    `files_root`.
 
-    Symlinks are followed (a memo hit's job directory links to its twin's), but
-    a file whose real path is outside `files_root`, missing, or not a regular
-    file is NOT_FOUND, with the same words, so callers learn nothing about
-    what lies outside the store.
+    Symlinks are followed (a memo hit's job directory links to its twin's, which has the same owner),
+    but a file whose real path is outside the owner's directory (a job's link to another user's
+    output, or out of the store), missing, or not a regular file is NOT_FOUND, with the same words,
+    so callers learn nothing about what lies elsewhere.
     """
     segments = split_path(path)
-    root = files_root.resolve()
+    root = owner_root(files_root, path)
     missing = BrokerError(Code.NOT_FOUND, f"no file {path} in this site's file store")
     try:
-        real = root.joinpath(*segments).resolve(strict=True)
+        real = files_root.resolve().joinpath(*segments).resolve(strict=True)
         st = real.stat()
     except (OSError, RuntimeError):  # RuntimeError: a symlink loop on older Pythons
         raise missing from None
     if not real.is_relative_to(root) or not stat.S_ISREG(st.st_mode):
         raise missing
     return real
+
+
+def owner_root(files_root: Path, path: str) -> Path:
+    """The directory that holds every file of the owner `path` names."""
+    return files_root.resolve() / split_path(path)[0]
 
 
 def authorize_read(verified: tokens.Verified, path: str) -> None:
