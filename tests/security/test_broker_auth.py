@@ -260,3 +260,21 @@ def test_a_submission_may_carry_only_its_submitters_delegated_tokens(new_broker)
         assert result.code == grpc.StatusCode.PERMISSION_DENIED.value[0], result.message
         assert f"speaks for {default_subject()!r}, not for you ('mallory')" in result.message
     channel.close()
+
+
+def test_revocation_ends_an_open_watch_within_seconds(broker) -> None:  # type: ignore[no-untyped-def]
+    token = tokens.issue(_user_key(), subject=default_subject(), audience="sns")
+    stub, metadata, channel = _raw(broker, tokens.encode(token))
+    stream = stub.Watch(jpb.WatchRequest(), metadata=metadata, timeout=30)
+    first = next(stream)
+    assert first.HasField("progress"), "the stream is open and caught up"
+    result = broker_cli("tokens", "revoke", str(broker.directory), tokens.link_id(token.links[0]))
+    assert result.returncode == 0, result.stderr
+    revoked = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream:   # an idle Watch: it would otherwise only send progress marks every 15 s
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "no longer hold" in (info.value.details() or "") and "revoked" in (info.value.details() or "")
+    assert time.monotonic() - revoked < 5
+    channel.close()

@@ -16,9 +16,11 @@ loopback addresses only) every caller is the broker's own user.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import getpass
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,9 @@ POLICY: dict[str, str] = {
 }
 ANONYMOUS = Identity(user="", permissions=frozenset())
 MAX_TOKEN_METADATA = tokens.MAX_TOKEN_CHARS + 16
+
+
+RECHECK = 1.0   # seconds between re-checks of a long stream's caller
 
 
 def local_identity() -> Identity:
@@ -147,6 +152,16 @@ async def _checked_stream(context: grpc.aio.ServicerContext, requests: Any) -> A
         yield await _checked(context, request)
 
 
+async def _recheck(gate: Gate | None, rule: str, context: grpc.aio.ServicerContext) -> None:
+    if gate is None:   # a job's report stream: its token lives as long as the attempt
+        return
+    try:
+        gate.identify(rule, context)
+    except _Refused as refused:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"the stream's credentials no longer hold: "
+                                                             f"{refused.message}")
+
+
 def _wrap(behavior: Callable[..., Any], gate: Gate | None, rule: str, request_stream: bool,
           response_stream: bool) -> Callable[..., Any]:
     """The handler `behavior`, run only for an identified caller (`gate` None: it authenticates itself)
@@ -164,8 +179,28 @@ def _wrap(behavior: Callable[..., Any], gate: Gate | None, rule: str, request_st
 
     if response_stream and inspect.isasyncgenfunction(behavior):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async for item in behavior(await enter(request, context), context):
-                yield item
+            items = behavior(await enter(request, context), context).__aiter__()
+            checked = time.monotonic()
+            pending: asyncio.Future[Any] | None = None
+            try:
+                while True:
+                    pending = asyncio.ensure_future(items.__anext__())
+                    # A long stream stays authorized: its caller is identified again every RECHECK
+                    # seconds, so revocation, removal of the user or expiry ends it within about that.
+                    while True:
+                        left = checked + RECHECK - time.monotonic()
+                        if left > 0 and (await asyncio.wait({pending}, timeout=left))[0]:
+                            break
+                        await _recheck(gate, rule, context)
+                        checked = time.monotonic()
+                    try:
+                        item = pending.result()
+                    except StopAsyncIteration:
+                        return
+                    yield item
+            finally:
+                if pending is not None:
+                    pending.cancel()
         return stream
 
     # Unary responses, and streams a handler writes with context.write() (grpc's own health Watch).
