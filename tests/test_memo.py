@@ -253,3 +253,12 @@ def test_damaged_and_malicious_uploads_install_nothing(broker, tmp_path: Path) -
     assert service.packages() == []
     assert not (broker.directory / "packages" / "escape.py").exists()
     assert not (broker.directory.parent / "escape.py").exists()
+
+
+def test_a_user_with_upload_alone_can_install_a_package(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(allow="upload").start()
+    service = broker.service()
+    with service:
+        upload = park.install_service(write_project(tmp_path / "p", "1.0"))
+    assert upload.wait(timeout=120) == "completed", upload.record().error
+    assert [(p.name, p.version) for p in service.packages()] == [("mymodel", "1.0")]

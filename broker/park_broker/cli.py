@@ -5,6 +5,7 @@
         [--python-path DIR ...] [--local-only] [--metrics-listen HOST:PORT]
     park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin]
     park-broker users list DIR
+    park-broker users remove DIR USER
     park-broker tokens revoke DIR LINK_ID
     park-broker peers add DIR NAME --address HOST:PORT --cert FILE
 
@@ -23,7 +24,7 @@ from park_broker.ops import logs
 from park_broker.federation.peers import add_peer
 from park_broker.server import ServeOptions, serve
 from park_broker.site import DEFAULT_LISTEN, SiteError, init_site, load_site
-from park_broker.auth.users import ALLOWED, UsersError, add_user, load_users, revoke
+from park_broker.auth.users import ALLOWED, UsersError, add_user, load_users, remove_user, revoke
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--allow", default="submit", help=f"comma-separated, from {','.join(ALLOWED)} (default submit)")
     lst = users.add_parser("list", help="show registered users")
     lst.add_argument("directory", type=Path)
+    rm = users.add_parser("remove", help="forget a user (their calls and open streams are refused at once)")
+    rm.add_argument("directory", type=Path)
+    rm.add_argument("user")
     revoke_cmd = sub.add_parser("tokens", help="token revocation").add_subparsers(dest="action", required=True)
     rev = revoke_cmd.add_parser("revoke", help="refuse every token chain containing a link")
     rev.add_argument("directory", type=Path)
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "users" and args.action == "add":
             add_user(site.directory, args.user, args.key, [a for a in args.allow.split(",") if a])
             print(f"user {args.user} may now {args.allow} at site {site.name}")
+            return 0
+        if args.command == "users" and args.action == "remove":
+            remove_user(site.directory, args.user)
+            print(f"user {args.user} may no longer use site {site.name}")
             return 0
         if args.command == "users":
             for name, user in sorted(load_users(site.directory / "users.toml").items()):

@@ -94,8 +94,13 @@ def test_token_without_the_scope_is_permission_denied(broker) -> None:  # type: 
 
 def test_user_not_allowed_to_submit_is_permission_denied(new_broker) -> None:  # type: ignore[no-untyped-def]
     broker = new_broker(allow="upload").start()
-    code, details = _code(broker, _session(_user_key()))
-    assert code == grpc.StatusCode.PERMISSION_DENIED and "may not submit" in details
+    stub, metadata, channel = _raw(broker, _session(_user_key()))
+    [result] = stub.SubmitMany(jpb.SubmitManyRequest(jobs=[NOOP]), metadata=metadata, timeout=10).results
+    assert result.code == grpc.StatusCode.PERMISSION_DENIED.value[0] and "may not submit" in result.message
+    channel.close()
+    reader = new_broker("cluster", allow="").start()   # every user may read; this one nothing more
+    code, details = _code(reader, _session(_user_key(), audience="cluster"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "may not submit or upload" in details
 
 
 def test_delegated_token_used_as_bearer_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
@@ -277,4 +282,28 @@ def test_revocation_ends_an_open_watch_within_seconds(broker) -> None:  # type: 
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "no longer hold" in (info.value.details() or "") and "revoked" in (info.value.details() or "")
     assert time.monotonic() - revoked < 5
+    channel.close()
+
+
+def test_a_removed_user_is_refused_at_once_open_streams_included(broker) -> None:  # type: ignore[no-untyped-def]
+    mallory_key = Ed25519PrivateKey.generate()
+    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
+                        tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
+    stub, metadata, channel = _raw(broker, tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns")))
+    stream = stub.Watch(jpb.WatchRequest(), metadata=metadata, timeout=30)
+    assert next(stream).HasField("progress")
+    result = broker_cli("users", "remove", str(broker.directory), "mallory")
+    assert result.returncode == 0 and "may no longer use site sns" in result.stdout
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "no longer hold" in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.List(jpb.ListRequest(), metadata=metadata, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert broker.service().info.caller == default_subject(), "the other users are untouched"
+    again = broker_cli("users", "remove", str(broker.directory), "mallory")
+    assert again.returncode == 2 and "has no user 'mallory'" in again.stderr
     channel.close()

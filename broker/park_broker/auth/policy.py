@@ -37,9 +37,10 @@ PUBLIC = "public"
 JOB = "job"
 PEER = "peer"    # a peer broker, known by its TLS client certificate
 TOKEN = "token"  # any valid token; the handler checks the scope the call needs
+SUBMIT_OR_UPLOAD = "submit|upload"   # either permission; the handler checks which each spec needs
 POLICY: dict[str, str] = {
     "/park.v1.Site/Info": PUBLIC,
-    "/park.v1.Jobs/SubmitMany": "submit",
+    "/park.v1.Jobs/SubmitMany": SUBMIT_OR_UPLOAD,   # an install job needs only upload; the handler checks
     "/park.v1.Jobs/Get": "read",
     "/park.v1.Jobs/List": "read",
     "/park.v1.Jobs/Cancel": "submit",
@@ -113,9 +114,9 @@ class Gate:
             identity = self.authority.authenticate(value[len("Bearer "):], peer.key_id if peer else None)
         except tokens.TokenError as exc:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, f"token refused: {exc.message}") from None
-        if rule not in (PUBLIC, TOKEN) and rule not in identity.permissions:
+        if rule not in (PUBLIC, TOKEN) and not set(rule.split("|")) & identity.permissions:
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
-                           f"user {identity.user!r} may not {rule} at site {self.authority.site!r} with this "
+                           f"user {identity.user!r} may not {rule.replace('|', ' or ')} at site {self.authority.site!r} with this "
                            f"token (it grants: {', '.join(sorted(identity.permissions)) or 'nothing'})")
         return identity
 

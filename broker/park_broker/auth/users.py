@@ -156,15 +156,30 @@ def add_user(directory: Path, name: str, key: str, allow: Iterable[str]) -> None
         tokens.parse_public_key(key)
     except tokens.TokenError as exc:
         raise UsersError(f"{exc.message}; use the line `park-agent pubkey` prints") from None
-    path = directory / "users.toml"
-    users = {n: {"keys": [tokens.format_public_key(k) for k in u.keys], "allow": sorted(u.allow)}
-             for n, u in load_users(path).items()}
+    users = _entries(directory)
     entry = users.setdefault(name, {"keys": [], "allow": []})
     if key not in entry["keys"]:
         entry["keys"].append(key)
     entry["allow"] = sorted(allow)
+    _write_users(directory, users)
+
+
+def remove_user(directory: Path, name: str) -> None:
+    """Forget `name`: a running broker refuses the user's calls, open streams included, within seconds."""
+    users = _entries(directory)
+    if users.pop(name, None) is None:
+        raise UsersError(f"site has no user {name!r}; `park-broker users list DIR` shows who it has")
+    _write_users(directory, users)
+
+
+def _entries(directory: Path) -> dict[str, dict[str, list[str]]]:
+    return {n: {"keys": [tokens.format_public_key(k) for k in u.keys], "allow": sorted(u.allow)}
+            for n, u in load_users(directory / "users.toml").items()}
+
+
+def _write_users(directory: Path, users: dict[str, dict[str, list[str]]]) -> None:
     # A real writer quotes names such as "john.smith", which a bare key would turn into nested tables.
-    _replace(path, tomli_w.dumps({"users": dict(sorted(users.items()))}))
+    _replace(directory / "users.toml", tomli_w.dumps({"users": dict(sorted(users.items()))}))
 
 
 def revoke(directory: Path, link_id: str) -> None:

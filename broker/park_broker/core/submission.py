@@ -66,8 +66,12 @@ class Submissions:
         self.transitions = transitions
         self.remote = remote
 
-    async def submit_many(self, owner: str, specs: list[jpb.JobSpec]) -> list[Submission]:
+    async def submit_many(self, owner: str, specs: list[jpb.JobSpec],
+                          may: frozenset[str] = frozenset({"submit", "upload"})) -> list[Submission]:
         """Validate and store a batch; each spec is accepted or refused on its own.
+
+        `may` is what the submitter is allowed: an install job (`install_service`) needs `upload`,
+        every other job `submit`.
 
         Later specs may name earlier ones of the same batch in their conditions and
         arguments. Re-submitting an id with the same spec returns the existing job (a
@@ -77,12 +81,16 @@ class Submissions:
         if len(specs) > MAX_BATCH:
             fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
         with self.ledger.submitting():
-            return await self._submit_many(owner, specs)
+            return await self._submit_many(owner, specs, may)
 
-    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec]) -> list[Submission]:
+    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str]) -> list[Submission]:
         prepared: list[_Prepared | BrokerError] = []
         for spec in specs:
             try:
+                needed = "upload" if spec.WhichOneof("work") == "install" else "submit"
+                if needed not in may:
+                    fail(Code.PERMISSION_DENIED, f"job {spec.id[:40]}: user {owner!r} may not {needed} at site "
+                                                 f"{self.site.name!r} (allowed: {', '.join(sorted(may)) or 'nothing'})")
                 _check_delegation(owner, spec)
                 prepared.append(_Prepared(spec, self.admission.validate(spec)))
             except BrokerError as exc:

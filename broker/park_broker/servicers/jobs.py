@@ -25,7 +25,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     @unary
     async def SubmitMany(self, request: jpb.SubmitManyRequest, context: grpc.aio.ServicerContext
                          ) -> jpb.SubmitManyResponse:
-        submissions = await self.core.submissions.submit_many(current_identity.get().user, list(request.jobs))
+        caller = current_identity.get()
+        submissions = await self.core.submissions.submit_many(caller.user, list(request.jobs), caller.permissions)
         response = jpb.SubmitManyResponse()
         for spec, sub in zip(request.jobs, submissions):
             result = response.results.add(id=spec.id)
