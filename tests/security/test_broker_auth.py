@@ -307,3 +307,35 @@ def test_a_removed_user_is_refused_at_once_open_streams_included(broker) -> None
     again = broker_cli("users", "remove", str(broker.directory), "mallory")
     assert again.returncode == 2 and "has no user 'mallory'" in again.stderr
     channel.close()
+
+
+def test_warm_workers_are_never_shared_between_users(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(workers=1).start()
+    mallory_key = Ed25519PrivateKey.generate()
+    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
+                        tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
+    service = broker.service()
+
+    def pid_of_a_job(who: str, submit) -> int:  # type: ignore[no-untyped-def]
+        marker = tmp_path / f"{who}-{len(list(tmp_path.iterdir()))}.pid"
+        job_id = park.service.new_job_id()
+        submit(jpb.JobSpec(id=job_id, no_memo=True, call=jpb.PythonCall(
+            target="park_test_tasks:sleep", args_json=f'[0, "{marker}"]')))
+        deadline = time.monotonic() + 30
+        while not (marker.exists() and marker.read_text()):
+            assert time.monotonic() < deadline, f"{who}'s job did not run"
+            time.sleep(0.05)
+        time.sleep(0.3)   # the job has ended and its worker is idle again
+        return int(marker.read_text())
+
+    stub, metadata, channel = _raw(broker, tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns")))
+    mine = lambda spec: service.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec]), timeout=10)  # noqa: E731
+    hers = lambda spec: stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec]), metadata=metadata, timeout=10)  # noqa: E731
+    first, again = pid_of_a_job("me", mine), pid_of_a_job("me", mine)
+    assert first == again, "a user's jobs share a warm worker"
+    theirs = pid_of_a_job("mallory", hers)
+    assert theirs != first, "another user's job gets a fresh process"
+    assert pid_of_a_job("me", mine) not in (first, theirs)
+    channel.close()

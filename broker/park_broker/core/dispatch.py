@@ -100,7 +100,7 @@ class Dispatcher:
                "PARK_BROKER_ADDRESS": self.site.address, "PARK_BROKER_CERT": self.site.cert_path,
                "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}
         python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires)))
-        common = dict(job_id=job.id, attempt=attempt, work_dir=work, output_name=output, env=env,
+        common = dict(job_id=job.id, attempt=attempt, owner=job.owner, work_dir=work, output_name=output, env=env,
                       python_path=python_path)
         if spec.WhichOneof("work") == "call":
             return Task(kind="call", target=spec.call.target, args_json=spec.call.args_json,

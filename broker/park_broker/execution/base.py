@@ -16,6 +16,7 @@ from typing import Protocol
 class Task:
     job_id: str
     attempt: int
+    owner: str                     # a warm process serves one user: it never takes another's job
     kind: str                      # "call" or "command"
     target: str = ""               # "package.module:function" for calls
     args_json: str = ""

@@ -4,8 +4,9 @@
 `distributed.Client` to the scheduler at HOST:PORT. Every task becomes one Dask
 task (`park_broker.execution.dask_task.run`) that runs the job in a child process
 on a worker, with the same attempt directory, output capture and result storage
-as the local executor; the broker moves a current attempt's directory into place. The broker keeps the only record of jobs;
-Dask only runs them.
+as the local executor; the broker moves a current attempt's directory into
+place. The broker keeps the only record of jobs; Dask only runs them. A warm
+child process serves one user's jobs only.
 
 Signals, and where they come from:
 - started: the Dask task itself announces it (`Worker.log_event` on a topic of

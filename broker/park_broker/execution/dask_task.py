@@ -129,7 +129,8 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
 class _Process:
     """A warm child process: `python -m park_broker.execution.dask_task FD`, taking one task at a time."""
 
-    def __init__(self, python_path: tuple[str, ...]):
+    def __init__(self, owner: str, python_path: tuple[str, ...]):
+        self.owner = owner
         self.python_path = python_path
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (*python_path, env.get("PYTHONPATH", "")) if p)
@@ -149,14 +150,14 @@ class _Process:
 _idle: list[_Process] = []   # warm processes of this worker between tasks
 
 
-def _process(python_path: tuple[str, ...]) -> _Process:
-    """A warm process started with `python_path` (modules stay imported in a process, so another set
-    of package directories needs another process), or a new one."""
+def _process(owner: str, python_path: tuple[str, ...]) -> _Process:
+    """A warm process of `owner`'s started with `python_path` (modules stay imported in a process, so
+    another set of package directories, or another user, needs another process), or a new one."""
     with _lock:
         for i, warm in enumerate(_idle):
-            if warm.python_path == python_path and warm.proc.poll() is None:
+            if (warm.owner, warm.python_path) == (owner, python_path) and warm.proc.poll() is None:
                 return _idle.pop(i)
-    return _Process(python_path)
+    return _Process(owner, python_path)
 
 
 def _release(process: _Process, keep: int) -> None:
@@ -170,7 +171,7 @@ def _release(process: _Process, keep: int) -> None:
 
 def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str, Any]:
     key, grace = payload["key"], float(payload["grace"])
-    process = _process((*payload["task"]["python_path"], *payload["python_path"]))
+    process = _process(payload["task"]["owner"], (*payload["task"]["python_path"], *payload["python_path"]))
     with _lock:
         if child.cancelled:
             cancelled = True

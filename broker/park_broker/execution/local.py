@@ -1,10 +1,13 @@
 """The local executor: a pool of long-lived worker processes on the broker's host.
 
-Each worker (`park_broker.execution.worker`) runs in its own session and takes one task at
-a time over a socket pair, and dies with the broker (its process group with it). Workers are kept warm between jobs (no process start
-per job); cancelling a running job signals the worker's process group with
-SIGTERM, then SIGKILL after the grace period, and a fresh worker takes its place.
-A worker that dies on its own fails the task it was running, and is replaced.
+Each worker (`park_broker.execution.worker`) runs in its own session, takes one
+task at a time over a socket pair, and dies with the broker (its process group
+with it). Workers are kept warm between one user's jobs (no process start per
+job), never between users' (a job of another user gets a fresh process); all
+run as the broker's own account. Cancelling a running job signals the worker's
+process group with SIGTERM, then SIGKILL after the grace period, and a fresh
+worker takes its place. A worker that dies on its own fails the task it was
+running, and is replaced.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class _Worker:
         self.task: Task | None = None
         self.cancelled = False
         self.packages: tuple[str, ...] = ()   # the package directories this process was started with
+        self.owner = ""                       # the user whose jobs it runs; none yet
 
     async def spawn(self, packages: tuple[str, ...] = ()) -> None:
         parent, child = socket.socketpair()
@@ -54,10 +58,12 @@ class _Worker:
 
     async def run(self, task: Task) -> Outcome | None:
         """Run `task`; None if it was cancelled or the worker could not be reached."""
-        if task.python_path != self.packages:
-            # Modules stay imported in a worker: another set of package versions needs a fresh process.
+        if task.python_path != self.packages or (self.owner and task.owner != self.owner):
+            # Modules (and whatever a job left behind) stay in a worker: another set of package versions,
+            # or another user's job, needs a fresh process.
             await self.stop()
             await self.spawn(task.python_path)
+        self.owner = task.owner
         assert self.writer is not None and self.reader is not None and self.proc is not None
         self.task, self.cancelled = task, False
         body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir)}).encode()
@@ -85,6 +91,7 @@ class _Worker:
         if self.writer is not None:
             self.writer.close()
         await self.spawn(self.packages)
+        self.owner = ""
 
     def terminate(self, grace: float) -> None:
         """SIGTERM the worker's process group now and SIGKILL it after `grace` seconds."""
