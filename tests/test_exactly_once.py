@@ -9,14 +9,10 @@ from pathlib import Path
 import pytest
 
 import park
+from core_harness import in_process_core  # type: ignore[import-not-found]
 from harness import alive, wait_for  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
-from park_broker.core.events import EventHub
-from park_broker.core.lifecycle import Lifecycle
-from park_broker.core.store import Store
 from park_broker.execution.base import Outcome, Task
-from park_broker.packages.store import PackageStore
-from park_broker.site import SiteInfo
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,23 +36,6 @@ def test_a_job_and_its_children_die_with_a_killed_broker(new_broker, tmp_path: P
     again.job(shell.id).cancel()
 
 
-class _Recording:
-    def __init__(self) -> None:
-        self.tasks: list[Task] = []
-
-    async def start(self, on_started, on_finished) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    def submit(self, task: Task) -> None:
-        self.tasks.append(task)
-
-    def cancel(self, job_id: str) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
 def _attempt(task: Task, text: str) -> Outcome:
     """What a worker leaves: the output in the attempt's directory, and the outcome naming it."""
     task.work_dir.mkdir(parents=True)
@@ -65,21 +44,12 @@ def _attempt(task: Task, text: str) -> Outcome:
                                                           len(text), "0" * 64),))
 
 
-def _broker(tmp_path: Path) -> tuple[Lifecycle, _Recording, Store]:
-    hub = EventHub()
-    store = Store(tmp_path / "park.db", on_commit=hub.publish)
-    store.open()
-    executor = _Recording()
-    return Lifecycle(SiteInfo("sns", tmp_path / "files"), store, executor, hub,  # type: ignore[arg-type]
-                     PackageStore(tmp_path / "packages")), executor, store
-
-
 SPEC = jpb.JobSpec(id="a" * 26, call=jpb.PythonCall(target="m:f"), no_memo=True)
 
 
 def test_an_interrupted_attempt_never_becomes_the_result_of_its_rerun(tmp_path: Path) -> None:
     async def main() -> None:
-        first, executor, store = _broker(tmp_path)
+        first, executor, store = in_process_core(tmp_path)
         await first.start()
         await first.submissions.submit_many("alice", [SPEC])
         [stale] = executor.tasks
@@ -87,7 +57,7 @@ def test_an_interrupted_attempt_never_becomes_the_result_of_its_rerun(tmp_path: 
         _attempt(stale, "stale")            # what the attempt had written when the broker died
         await asyncio.sleep(0.1)
         store.close()
-        second, executor, store = _broker(tmp_path)
+        second, executor, store = in_process_core(tmp_path)
         await second.start()                # recovery queues the job again: attempt 2, in a fresh directory
         [current] = executor.tasks
         assert current.attempt == stale.attempt + 1 and not stale.work_dir.exists()
@@ -105,7 +75,7 @@ def test_an_interrupted_attempt_never_becomes_the_result_of_its_rerun(tmp_path: 
 
 def test_an_attempt_that_reports_after_its_job_was_cancelled_is_discarded(tmp_path: Path) -> None:
     async def main() -> None:
-        core, executor, store = _broker(tmp_path)
+        core, executor, store = in_process_core(tmp_path)
         await core.start()
         await core.submissions.submit_many("alice", [SPEC])
         [task] = executor.tasks

@@ -5,32 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from core_harness import in_process_core  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
-from park.wire import condition_to_proto
 from park.conditions import Atom, AtomKey
-from park_broker.core.events import EventHub
-from park_broker.execution.base import Outcome, Task
-from park_broker.core.lifecycle import Lifecycle
-from park_broker.packages.store import PackageStore
-from park_broker.core.store import Store
-from park_broker.site import SiteInfo
-
-
-class RecordingExecutor:
-    def __init__(self) -> None:
-        self.tasks: list[Task] = []
-
-    async def start(self, on_started, on_finished) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    def submit(self, task: Task) -> None:
-        self.tasks.append(task)
-
-    def cancel(self, job_id: str) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
+from park.wire import condition_to_proto
+from park_broker.execution.base import Outcome
 
 
 def _spec(job_id: str, after: str | None = None) -> jpb.JobSpec:
@@ -42,12 +21,7 @@ def _spec(job_id: str, after: str | None = None) -> jpb.JobSpec:
 
 def test_a_dependency_that_finishes_during_a_submission_is_still_found(tmp_path: Path) -> None:
     async def main() -> None:
-        hub = EventHub()
-        store = Store(tmp_path / "park.db", on_commit=hub.publish)
-        store.open()
-        executor = RecordingExecutor()
-        core = Lifecycle(SiteInfo("sns", tmp_path / "files"), store, executor, hub,  # type: ignore[arg-type]
-                             PackageStore(tmp_path / "packages"))
+        core, executor, store = in_process_core(tmp_path)
         a = "a" * 26
         await core.submissions.submit_many("alice", [_spec(a)])
         # Hold the next submission in one of its reads, and finish `a` meanwhile.

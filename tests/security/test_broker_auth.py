@@ -34,6 +34,16 @@ def _raw(broker, token: str | None, *extra: tuple[str, str]):  # type: ignore[no
     return jobs_pb2_grpc.JobsStub(channel), metadata, channel
 
 
+def _second_user(broker, name: str = "mallory"):  # type: ignore[no-untyped-def]
+    """Register another user (submit only) at `broker`, and a JobsStub that calls as them."""
+    key = Ed25519PrivateKey.generate()
+    result = broker_cli("users", "add", str(broker.directory), name, "--key",
+                        tokens.format_public_key(key.public_key()), "--allow", "submit")
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
+    return _raw(broker, tokens.encode(tokens.issue(key, subject=name, audience=broker.site)))
+
+
 def _code(broker, token: str | None, *extra: tuple[str, str], request=None):  # type: ignore[no-untyped-def]
     stub, metadata, channel = _raw(broker, token, *extra)
     try:
@@ -129,13 +139,7 @@ def test_another_users_job_is_not_found(new_broker, tmp_path: Path) -> None:  # 
         job = park.submit("park_test_tasks:noop")
     job.wait(timeout=30)
     # A second user, registered at the same site.
-    mallory_key = Ed25519PrivateKey.generate()
-    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
-                         tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
-    assert result.returncode == 0, result.stderr
-    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
-    token = tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns"))
-    stub, metadata, channel = _raw(broker, token)
+    stub, metadata, channel = _second_user(broker)
     for call in (lambda: stub.Get(jpb.GetRequest(job_id=job.id), metadata=metadata, timeout=10),
                  lambda: stub.Cancel(jpb.CancelRequest(job_id=job.id), metadata=metadata, timeout=10),
                  lambda: list(stub.Watch(jpb.WatchRequest(job_id=job.id), metadata=metadata, timeout=10))):
@@ -151,13 +155,7 @@ def test_conditions_and_races_cannot_name_another_users_jobs(new_broker) -> None
     broker = new_broker().start()
     with broker.service():
         running = park.submit("park_test_tasks:sleep", 30, memo=False)
-    mallory_key = Ed25519PrivateKey.generate()
-    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
-                        tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
-    assert result.returncode == 0, result.stderr
-    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
-    token = tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns"))
-    stub, metadata, channel = _raw(broker, token)
+    stub, metadata, channel = _second_user(broker)
     oracle = jpb.JobSpec(id=park.service.new_job_id(), call=jpb.PythonCall(target="park_test_tasks:noop"))
     oracle.when.CopyFrom(park.wire.condition_to_proto(running.iscompleted))
     race = jpb.JobSpec(id=park.service.new_job_id(), race=jpb.Race(contestants=[running.id], until="step > 0"))
@@ -251,12 +249,7 @@ def test_a_submission_may_carry_only_its_submitters_delegated_tokens(new_broker)
     broker = new_broker().start()
     alices = tokens.encode(tokens.issue(_user_key(), subject=default_subject(), audience="sns",
                                         scopes=["files.read:/x/" + "a" * 26 + "/output"], confirm="ab" * 32))
-    mallory_key = Ed25519PrivateKey.generate()
-    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
-                        tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
-    assert result.returncode == 0, result.stderr
-    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
-    stub, metadata, channel = _raw(broker, tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns")))
+    stub, metadata, channel = _second_user(broker)
     grant = jpb.JobSpec(id=park.service.new_job_id(), call=jpb.PythonCall(target="park_test_tasks:noop"),
                         grants={"cluster": alices})
     fetch = jpb.JobSpec(id=park.service.new_job_id(), fetch=jpb.Fetch(url="park://cluster/files/x/y/z", token=alices))
@@ -286,12 +279,7 @@ def test_revocation_ends_an_open_watch_within_seconds(broker) -> None:  # type: 
 
 
 def test_a_removed_user_is_refused_at_once_open_streams_included(broker) -> None:  # type: ignore[no-untyped-def]
-    mallory_key = Ed25519PrivateKey.generate()
-    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
-                        tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
-    assert result.returncode == 0, result.stderr
-    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
-    stub, metadata, channel = _raw(broker, tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns")))
+    stub, metadata, channel = _second_user(broker)
     stream = stub.Watch(jpb.WatchRequest(), metadata=metadata, timeout=30)
     assert next(stream).HasField("progress")
     result = broker_cli("users", "remove", str(broker.directory), "mallory")
@@ -311,11 +299,7 @@ def test_a_removed_user_is_refused_at_once_open_streams_included(broker) -> None
 
 def test_warm_workers_are_never_shared_between_users(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     broker = new_broker(workers=1).start()
-    mallory_key = Ed25519PrivateKey.generate()
-    result = broker_cli("users", "add", str(broker.directory), "mallory", "--key",
-                        tokens.format_public_key(mallory_key.public_key()), "--allow", "submit")
-    assert result.returncode == 0, result.stderr
-    time.sleep(1.1)   # the broker re-reads users.toml at most once a second
+    stub, metadata, channel = _second_user(broker)
     service = broker.service()
 
     def pid_of_a_job(who: str, submit) -> int:  # type: ignore[no-untyped-def]
@@ -330,7 +314,6 @@ def test_warm_workers_are_never_shared_between_users(new_broker, tmp_path: Path)
         time.sleep(0.3)   # the job has ended and its worker is idle again
         return int(marker.read_text())
 
-    stub, metadata, channel = _raw(broker, tokens.encode(tokens.issue(mallory_key, subject="mallory", audience="sns")))
     mine = lambda spec: service.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec]), timeout=10)  # noqa: E731
     hers = lambda spec: stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec]), metadata=metadata, timeout=10)  # noqa: E731
     first, again = pid_of_a_job("me", mine), pid_of_a_job("me", mine)
