@@ -8,6 +8,13 @@ from pathlib import Path
 import park
 
 
+def _write_pid(marker: str) -> None:
+    """The job's pid in `marker`, which appears whole or not at all (a test reads it as soon as it exists)."""
+    part = Path(f"{marker}.part")
+    part.write_text(str(os.getpid()))
+    part.rename(marker)
+
+
 def add(a: float, b: float) -> float:
     return a + b
 
@@ -22,7 +29,7 @@ def fail(message: str) -> None:
 
 def sleep(seconds: float, marker: str = "") -> str:
     if marker:
-        Path(marker).write_text(str(os.getpid()))
+        _write_pid(marker)
     time.sleep(seconds)
     return "slept"
 
@@ -59,7 +66,7 @@ def fit(chisqs: list[float], delay: float, marker: str = "", wait_for: str = "")
     With `wait_for`, after the last report wait (up to 30 s) for that file to appear:
     proof that a dependent started while this job was still running."""
     if marker:
-        Path(marker).write_text(str(os.getpid()))
+        _write_pid(marker)
     for step, chisq in enumerate(chisqs):
         park.report(chisq=chisq, step=step)
         time.sleep(delay)
