@@ -107,12 +107,12 @@ def make_broker(tmp_path: Path, site: str = "sns", allow: str = "submit,upload",
 
 
 def alive(pid: int) -> bool:
-    """Whether process `pid` still exists."""
+    """Whether process `pid` still runs (a zombie waiting for its parent to reap it does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -137,3 +137,32 @@ def test_an_executor_that_is_not_local_or_dask_is_refused(tmp_path: Path) -> Non
     result = broker_cli("serve", str(tmp_path / "nowhere"), "--executor", "slurm://login1")
     assert result.returncode == 2
     assert "is not an executor: use local or dask://HOST:PORT" in result.stderr
+
+
+def test_a_starting_broker_kills_attempts_its_sites_previous_broker_left_on_the_cluster(
+        cluster: distributed.LocalCluster, tmp_path: Path) -> None:
+    """`dask_task.kill_stale`, as a starting broker runs it on every worker: the attempts of an earlier
+    run of the same site die (and it waits for that), those of its own run and of other sites do not."""
+    from park_broker.execution import dask_task
+
+    def attempt(key: str) -> dict[str, object]:
+        marker = tmp_path / key
+        task = {"job_id": key, "attempt": 1, "owner": "alice", "kind": "command", "target": "", "args_json": "",
+                "kwargs_json": "", "argv": ["sh", "-c", f"echo $$ > {marker}.tmp && mv {marker}.tmp {marker}; "
+                                                          "exec sleep 60"],
+                "work_dir": str(tmp_path / f".{key}.attempt"), "output_name": "output", "env": {},
+                "python_path": []}
+        return {"key": key, "topic": "park-test", "grace": 1.0, "python_path": [], "task": task}
+
+    keys = ["park-site1-a-1-oldrun", "park-site1-b-1-newrun"]   # the cluster runs two tasks at once
+    with distributed.Client(cluster) as client:
+        futures = [client.submit(dask_task.run, attempt(k), key=k, pure=False) for k in keys]
+        wait_for(lambda: all((tmp_path / k).exists() for k in keys))
+        pids = [int((tmp_path / k).read_text()) for k in keys]
+        assert sum(client.run(dask_task.kill_stale, "park-site2-", "newrun").values()) == 0, "another site's"
+        assert sum(client.run(dask_task.kill_stale, "park-site1-", "newrun").values()) == 1
+        assert not alive(pids[0]) and alive(pids[1])
+        assert futures[0].result(timeout=10)["ok"] is False
+        client.run(dask_task.kill_stale, "park-", "no-run-of-this-name")
+        for future in futures:
+            future.result(timeout=10)

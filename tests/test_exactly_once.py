@@ -4,6 +4,10 @@ never run beside its re-run's result or replace it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from core_harness import in_process_core  # type: ignore[import-not-found]
 from harness import alive, wait_for  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
 from park_broker.execution.base import Outcome, Task
+from park_broker.execution.groups import ProcessGroups
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,6 +39,36 @@ def test_a_job_and_its_children_die_with_a_killed_broker(new_broker, tmp_path: P
     assert again.job(shell.id).state in ("queued", "running"), "the interrupted jobs run again"
     again.job(call.id).cancel()
     again.job(shell.id).cancel()
+
+
+def test_a_restarted_broker_kills_what_a_stuck_worker_left_before_it_runs_the_job_again(
+        new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A worker whose watchdog cannot run when its broker dies (here: the whole process group is
+    stopped) outlives the broker; the next broker on the site kills its group, from the durable record
+    of it, before the job runs again, so two attempts never run at once."""
+    broker = new_broker().start()
+    markers = tmp_path / "attempts"
+    markers.mkdir()
+    with broker.service():
+        job = park.run(["sh", "-c", f"touch {markers}/$$; exec sleep 300"])
+    wait_for(lambda: any(markers.iterdir()))
+    [first] = [int(p.name) for p in markers.iterdir()]
+    group = os.getpgid(first)
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        broker.kill()
+        time.sleep(1.0)
+        assert alive(first), "a stopped worker survives its broker (the case this guards against)"
+        broker.start()
+        wait_for(lambda: len(list(markers.iterdir())) == 2)
+        assert not alive(first), "the stale attempt was killed before its re-run started"
+        assert "left running by the broker that served this site before" in broker.log()
+        broker.service().job(job.id).cancel()
+    finally:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _attempt(task: Task, text: str) -> Outcome:
@@ -90,3 +125,23 @@ def test_an_attempt_that_reports_after_its_job_was_cancelled_is_discarded(tmp_pa
         store.close()
 
     asyncio.run(main())
+
+
+def test_process_group_records_never_signal_a_pid_used_again(tmp_path: Path) -> None:
+    """A record names a group by its leader's start time and the boot: a pid the kernel handed out again
+    (another start time), or a record of an earlier boot, is left alone; the recorded group is killed."""
+    groups = ProcessGroups(tmp_path / "groups")
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        groups.record(sleeper.pid)
+        boot, started = (tmp_path / "groups" / str(sleeper.pid)).read_text().split()
+        for record in (f"{boot} {int(started) + 1}\n", f"another-boot {started}\n"):
+            (tmp_path / "groups" / str(sleeper.pid)).write_text(record)
+            assert groups.reap() == 0 and sleeper.poll() is None
+            assert not (tmp_path / "groups" / str(sleeper.pid)).exists(), "a spent record is removed"
+        groups.record(sleeper.pid)
+        assert groups.reap() == 1
+        assert sleeper.wait(5) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -119,7 +119,7 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     hub = EventHub()
     store = Store(site.db_path, on_commit=hub.publish)
     store.open()
-    executor = make_executor(options.executor, workers=options.workers, python_path=options.python_path,
+    executor = make_executor(options.executor, state=site.directory, workers=options.workers, python_path=options.python_path,
                              grace=options.grace)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path))
     packages = PackageStore(site.directory / "packages", options.package_index)

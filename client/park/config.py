@@ -70,6 +70,14 @@ def add_service(name: str, address: str, cert: Path, path: Path | None = None) -
     return path
 
 
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_file(path: Path, text: str, mode: int | None = None) -> None:
     """Replace `path` by `text` at once: a reader, or a crash, sees the old file or the new, never part of one.
 
@@ -93,6 +101,7 @@ def replace_file(path: Path, text: str, mode: int | None = None) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_directory(path.parent)   # the rename itself survives a crash only once its directory is synced
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -5,8 +5,10 @@ network work the broker does itself (transfer.fetches); an install job waits
 for its upload (packages.installs), not for a runner. The dispatcher is the
 ledger's `release`: it only ever sees jobs whose QUEUED state is committed.
 
-Each attempt runs in a directory of its own, `.<job>.attempt-<n>` beside the
-job's final directory. When an executor reports an attempt's end, `finished`
+Each attempt runs in a directory of its own, `.<job>.attempt-<n>-<run>` beside
+the job's final directory, where `<run>` names this broker process: an attempt
+that outlived a crash (its start had not been committed, so the re-run has the
+same number) never shares a directory with its re-run. When an executor reports an attempt's end, `finished`
 moves that directory into place only if the attempt is the job's current one;
 a stale attempt's directory (one that outlived a crash or a cancellation) is
 removed instead, so it can never replace a recorded result.
@@ -46,6 +48,7 @@ class Dispatcher:
         self.packages = packages
         self.fetcher: Fetcher | None = None   # set when the site has peers to fetch from
         self._attempts: dict[tuple[str, int], Path] = {}   # attempts handed to the executor, not yet ended
+        self._run = secrets.token_hex(4)
         self._report_token = report_token
         # Set by the lifecycle to the state machine's: failing a job that cannot start after all, and
         # an adopted outcome of a current attempt.
@@ -93,7 +96,7 @@ class Dispatcher:
     def _task(self, job: jpb.Job) -> Task:
         spec = job.spec
         attempt = job.attempts + 1
-        work = attempt_dir(job, attempt)
+        work = Path(job.directory).with_name(f".{job.id}.attempt-{attempt}-{self._run}")
         output = spec.output_name or DEFAULT_OUTPUT
         env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_DIR": str(work),
                "PARK_JOB_FILENAME": str(work / output), "PARK_JOB_URL": job.url,
@@ -106,11 +109,6 @@ class Dispatcher:
             return Task(kind="call", target=spec.call.target, args_json=spec.call.args_json,
                         kwargs_json=spec.call.kwargs_json, **common)  # type: ignore[arg-type]
         return Task(kind="command", argv=tuple(spec.command.argv), **common)  # type: ignore[arg-type]
-
-
-def attempt_dir(job: jpb.Job, attempt: int) -> Path:
-    """Where attempt `attempt` of `job` runs: beside its final directory, never visible under its name."""
-    return Path(job.directory).with_name(f".{job.id}.attempt-{attempt}")
 
 
 def _adopt(work: Path, final: Path, outcome: Outcome) -> Outcome:

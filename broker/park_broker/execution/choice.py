@@ -7,6 +7,9 @@ broker without the `[dask]` extra never imports `distributed`.
 from __future__ import annotations
 
 import argparse
+import hashlib
+from pathlib import Path
+
 from park_broker.execution.base import Executor
 from park_broker.site import SiteError
 
@@ -30,19 +33,23 @@ def executor_kind(spec: str) -> str:
     return "dask" if spec.startswith(DASK_PREFIX) else "local"
 
 
-def make_executor(executor: str, *, workers: int | None, python_path: list[str], grace: float) -> Executor:
-    """The executor `executor` (an `--executor` value) names; SiteError if it cannot be built here."""
+def make_executor(executor: str, *, state: Path, workers: int | None, python_path: list[str],
+                  grace: float) -> Executor:
+    """The executor `executor` (an `--executor` value) names, keeping what it must remember across restarts
+    under `state`; SiteError if it cannot be built here."""
     try:
         spec = executor_spec(executor)
     except argparse.ArgumentTypeError as exc:
         raise SiteError(str(exc)) from exc
     if executor_kind(spec) == "local":
+        from park_broker.execution.groups import ProcessGroups
         from park_broker.execution.local import LocalExecutor
 
-        return LocalExecutor(workers=workers, python_path=python_path, grace=grace)
+        return LocalExecutor(ProcessGroups(state / "groups"), workers=workers, python_path=python_path, grace=grace)
     try:
         from park_broker.execution.dask_executor import DaskExecutor
     except ImportError as exc:
         raise SiteError(f"--executor {spec} needs dask.distributed on the broker: "
                         f"pip install 'park[dask]' ({exc})") from exc
-    return DaskExecutor("tcp://" + spec[len(DASK_PREFIX):], python_path=python_path, grace=grace)
+    site = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:12]
+    return DaskExecutor("tcp://" + spec[len(DASK_PREFIX):], site, python_path=python_path, grace=grace)

@@ -25,8 +25,10 @@ Signals, and where they come from:
 
 When the broker goes away (stop, or kill -9), its client's futures are released:
 the scheduler drops queued tasks, and running ones notice they were released and
-terminate their child (see `dask_task`). Recovery then re-runs them, as with the
-local executor.
+terminate their child (see `dask_task`). A broker that starts first kills, on
+every worker, any attempt its site's previous broker left there (its tasks' keys
+name the site), and only then does recovery re-run them, as with the local
+executor.
 
 Facility deployment. Workers need Park installed (the same version as the
 broker: they import `park_broker.execution.dask_task` and the jobs import `park`), the
@@ -83,10 +85,11 @@ class _Run:
 class DaskExecutor:
     """Runs tasks on the Dask scheduler at `address`; see the module docstring."""
 
-    def __init__(self, address: str, *, python_path: list[str] | None = None, grace: float = 5.0):
+    def __init__(self, address: str, site: str, *, python_path: list[str] | None = None, grace: float = 5.0):
         self.address = address
         self.python_path = list(python_path or [])
         self.grace = grace
+        self.site = site   # names this site's tasks among those of every broker sharing the cluster
         self.session = uuid.uuid4().hex[:12]
         self.topic = f"park-started-{self.session}"
         self._client: Any = None        # distributed.Client, asynchronous
@@ -105,10 +108,13 @@ class DaskExecutor:
             raise SiteError(f"cannot reach the Dask scheduler at {self.address}: {exc}") from exc
         self._client.subscribe_topic(self.topic, self._on_event)
         self._client.subscribe_topic("all", self._on_cluster_event)
+        stale = await self._client.run(dask_task.kill_stale, f"park-{self.site}-", self.session, on_error="ignore")
+        if killed := sum(n for n in stale.values() if isinstance(n, int)):
+            log.warning("killed %d attempts left running on the Dask cluster by this site's previous broker", killed)
         log.info("running jobs on the Dask scheduler at %s", self.address)
 
     def submit(self, task: Task) -> None:
-        key = f"park-{task.job_id}-{task.attempt}-{self.session}"
+        key = f"park-{self.site}-{task.job_id}-{task.attempt}-{self.session}"
         payload = {"key": key, "topic": self.topic, "grace": self.grace, "python_path": self.python_path,
                    "task": {**dataclasses.asdict(task), "work_dir": str(task.work_dir)}}
         future = self._client.submit(dask_task.run, payload, key=key, pure=False)

@@ -22,7 +22,9 @@ Failure guarantees:
 - a task the scheduler no longer wants (its broker cancelled it, or the broker
   died and its client was dropped) is noticed within `POLL` seconds and its
   child terminated, so an orphaned attempt does not race the re-run that the
-  restarted broker starts. This one check reads the worker's task state, which
+  restarted broker starts; and a broker that starts kills, on every worker,
+  whatever attempts an earlier broker of its site left (`kill_stale`) before
+  it runs anything, in case the scheduler has not dropped them yet. This one check reads the worker's task state, which
   is not a public Dask API; should it change, `_released` returns False and only
   explicit cancellation stops running jobs.
 
@@ -96,6 +98,24 @@ def terminate(keys: list[str], grace: float) -> int:
             child.terminate(grace)
             found += 1
     return found
+
+
+def kill_stale(prefix: str, current: str, timeout: float = 10.0) -> int:
+    """Run by a broker that starts (`Client.run`, on every worker): SIGKILL the children of tasks whose
+    key starts with `prefix` (the broker's site) but not of its own run `current`, that is, attempts an
+    earlier broker of the site started, and wait until they exited; returns how many."""
+    with _lock:
+        stale = [c for k, c in _children.items() if k.startswith(prefix) and not k.endswith(current)]
+        for child in stale:
+            child.cancelled = True
+    for child in stale:
+        if child.proc is not None and child.proc.poll() is None:
+            _signal_group(child.proc.pid, signal.SIGKILL)
+            try:
+                child.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("stale attempt's process %d survived SIGKILL for %.0f s", child.proc.pid, timeout)
+    return len(stale)
 
 
 def _released(worker: Any, key: str) -> bool:

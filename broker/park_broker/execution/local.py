@@ -2,7 +2,10 @@
 
 Each worker (`park_broker.execution.worker`) runs in its own session, takes one
 task at a time over a socket pair, and dies with the broker (its process group
-with it). Workers are kept warm between one user's jobs (no process start per
+with it); each worker's process group is recorded durably
+(`execution.groups`) before it runs anything, so a broker that starts after a
+crash kills whatever its predecessor's workers left before it runs a job again.
+Workers are kept warm between one user's jobs (no process start per
 job), never between users' (a job of another user gets a fresh process); all
 run as the broker's own account. Cancelling a running job signals the worker's
 process group with SIGTERM, then SIGKILL after the grace period, and a fresh
@@ -24,6 +27,7 @@ import sys
 from collections import deque
 
 from park_broker.execution.base import FinishedCallback, Outcome, StartedCallback, Task
+from park_broker.execution.groups import ProcessGroups
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
@@ -54,6 +58,7 @@ class _Worker:
             sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()), str(watch),
             pass_fds=[child.fileno(), watch], start_new_session=True, stdin=asyncio.subprocess.DEVNULL, env=env)
         child.close()
+        self.executor.groups.record(self.proc.pid)
         self.reader, self.writer = await asyncio.open_unix_connection(sock=parent)
 
     async def run(self, task: Task) -> Outcome | None:
@@ -74,6 +79,7 @@ class _Worker:
             reply = json.loads(await self.reader.readexactly(_HEADER.unpack(header)[0]))
         except (asyncio.IncompleteReadError, ConnectionError):
             code = await self.proc.wait()
+            self._end_group()
             await self.respawn()
             if self.cancelled:
                 shutil.rmtree(task.work_dir, ignore_errors=True)
@@ -106,8 +112,16 @@ class _Worker:
         if self.proc is not None and self.proc.returncode is None:
             _signal_group(self.proc.pid, signal.SIGKILL)
             await self.proc.wait()
+        if self.proc is not None:
+            self._end_group()
         if self.writer is not None:
             self.writer.close()
+
+    def _end_group(self) -> None:
+        """The worker has exited: nothing its attempt started may outlive it, then forget its group."""
+        assert self.proc is not None
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        self.executor.groups.forget(self.proc.pid)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -125,8 +139,9 @@ def _kill_if_alive(proc: asyncio.subprocess.Process) -> None:
 class LocalExecutor:
     """Runs tasks on `workers` local processes; see the module docstring."""
 
-    def __init__(self, *, workers: int | None = None, python_path: list[str] | None = None,
+    def __init__(self, groups: ProcessGroups, *, workers: int | None = None, python_path: list[str] | None = None,
                  grace: float = 5.0):
+        self.groups = groups
         self.size = workers or os.cpu_count() or 1
         self.python_path = list(python_path or [])
         self.grace = grace
@@ -142,6 +157,8 @@ class LocalExecutor:
 
     async def start(self, on_started: StartedCallback, on_finished: FinishedCallback) -> None:
         self._on_started, self._on_finished = on_started, on_finished
+        if killed := await asyncio.to_thread(self.groups.reap):
+            log.warning("killed %d process groups left by the broker that served this site before", killed)
         self._workers = [_Worker(self, i) for i in range(self.size)]
         await asyncio.gather(*(w.spawn() for w in self._workers))
         self._loops = [asyncio.create_task(self._serve(w), name=f"park-worker-{w.index}") for w in self._workers]
