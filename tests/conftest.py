@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def user_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop(k, None)
         if v is not None:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def jobs_reach_tmp_path(request: pytest.FixtureRequest) -> None:
+    """As root (CI), brokers run jobs as an unprivileged account (harness.JOB_ACCOUNT), and many tests'
+    jobs write markers into `tmp_path`: let any account traverse to it and write there."""
+    if os.geteuid() != 0 or "tmp_path" not in request.fixturenames:
+        return
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    tmp_path.chmod(0o777)
+    for parent in tmp_path.parents:
+        if parent == Path(tempfile.gettempdir()):
+            break
+        parent.chmod(parent.stat().st_mode | 0o711)
 
 
 @pytest.fixture

@@ -21,6 +21,11 @@ TASKS = Path(__file__).parent / "tasks"
 sys.path.insert(0, str(TASKS))  # the @park.job test imports the same module the brokers run
 
 
+# A broker running as root (as CI does) never runs jobs as root: the test user's jobs run as nobody.
+JOB_ACCOUNT = "nobody" if os.geteuid() == 0 else ""
+JOB_ACCOUNT_OPTION = ["--default-unix-user", JOB_ACCOUNT] if JOB_ACCOUNT else []
+
+
 @dataclass
 class Broker:
     directory: Path
@@ -44,7 +49,8 @@ class Broker:
         log = open(self.directory / "broker.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "park_broker.cli", "serve", str(self.directory), "--listen", listen,
-             "--workers", str(self.workers), "--python-path", str(TASKS), "--grace", "1", *peer_listen, *self.extra],
+             "--workers", str(self.workers), "--python-path", str(TASKS), "--grace", "1", *peer_listen,
+             *JOB_ACCOUNT_OPTION, *self.extra],
             stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not serve_file.exists():

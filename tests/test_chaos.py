@@ -29,6 +29,7 @@ def test_random_kill_9s_lose_nothing_and_run_nothing_twice(new_broker, tmp_path:
     rng = random.Random(20261201)
     markers = tmp_path / "markers"
     markers.mkdir()
+    markers.chmod(0o777)   # the jobs write here, as whichever account they run as
     broker = new_broker(workers=3).start()
     plan: list[tuple[list[int], bool]] = []    # (upstream jobs, planned failure) of each job
     for i in range(JOBS):

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import park
-from harness import broker_cli  # type: ignore[import-not-found]
+from harness import JOB_ACCOUNT_OPTION, broker_cli  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,7 +34,7 @@ def test_local_only_mode_refuses_non_loopback(tmp_path: Path) -> None:
 
 def test_a_site_without_users_does_not_serve(tmp_path: Path) -> None:
     broker_cli("init", str(tmp_path / "s"), "--site", "sns")
-    out = broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0")
+    out = broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0", *JOB_ACCOUNT_OPTION)
     assert out.returncode == 2 and "has no users" in out.stderr and "park-broker users add" in out.stderr
 
 
@@ -51,7 +51,7 @@ def test_with_authentication_any_address_may_be_served(new_broker) -> None:  # t
 def test_serve_refuses_a_key_readable_by_others(tmp_path: Path) -> None:
     broker_cli("init", str(tmp_path / "s"), "--site", "sns")
     (tmp_path / "s" / "tls.key").chmod(0o644)
-    out = broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--local-only")
+    out = broker_cli("serve", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--local-only", *JOB_ACCOUNT_OPTION)
     assert out.returncode == 2 and "chmod 600" in out.stderr
 
 
@@ -83,7 +83,7 @@ def test_an_idle_broker_stops_promptly_and_says_so(new_broker) -> None:  # type:
 
 
 def test_a_site_directory_is_served_by_one_broker_at_a_time(broker) -> None:  # type: ignore[no-untyped-def]
-    second = broker_cli("serve", str(broker.directory), "--listen", "127.0.0.1:0")
+    second = broker_cli("serve", str(broker.directory), "--listen", "127.0.0.1:0", *JOB_ACCOUNT_OPTION)
     assert second.returncode == 2
     assert "already served by another broker" in second.stderr and f"pid {broker.proc.pid}" in second.stderr
     assert broker.proc.poll() is None
@@ -92,6 +92,6 @@ def test_a_site_directory_is_served_by_one_broker_at_a_time(broker) -> None:  # 
 
 def test_a_port_in_use_is_refused_not_shared(broker, new_broker) -> None:  # type: ignore[no-untyped-def]
     other = new_broker("cluster")
-    taken = broker_cli("serve", str(other.directory), "--listen", broker.address)
+    taken = broker_cli("serve", str(other.directory), "--listen", broker.address, *JOB_ACCOUNT_OPTION)
     assert taken.returncode == 2 and "address already in use" in taken.stderr, taken.stderr
     assert broker.service().info.site == "sns"

@@ -147,6 +147,7 @@ def test_a_starting_broker_kills_attempts_its_sites_previous_broker_left_on_the_
 
     def attempt(key: str) -> dict[str, object]:
         marker = tmp_path / key
+        (tmp_path / f".{key}.attempt").mkdir()   # as a broker makes each attempt's directory
         task = {"job_id": key, "attempt": 1, "owner": "alice", "kind": "command", "target": "", "args_json": "",
                 "kwargs_json": "", "argv": ["sh", "-c", f"echo $$ > {marker}.tmp && mv {marker}.tmp {marker}; "
                                                           "exec sleep 60"],

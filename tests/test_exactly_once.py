@@ -49,6 +49,7 @@ def test_a_restarted_broker_kills_what_a_stuck_worker_left_before_it_runs_the_jo
     broker = new_broker().start()
     markers = tmp_path / "attempts"
     markers.mkdir()
+    markers.chmod(0o777)   # the job writes here, as whichever account it runs as
     with broker.service():
         job = park.run(["sh", "-c", f"touch {markers}/$$; exec sleep 300"])
     wait_for(lambda: any(markers.iterdir()))
@@ -73,7 +74,7 @@ def test_a_restarted_broker_kills_what_a_stuck_worker_left_before_it_runs_the_jo
 
 def _attempt(task: Task, text: str) -> Outcome:
     """What a worker leaves: the output in the attempt's directory, and the outcome naming it."""
-    task.work_dir.mkdir(parents=True)
+    task.work_dir.mkdir(parents=True, exist_ok=True)   # the dispatcher made it for the attempt
     (task.work_dir / task.output_name).write_text(text)
     return Outcome(ok=True, result_json='"done"', outputs=((task.output_name, str(task.work_dir / task.output_name),
                                                           len(text), "0" * 64),))

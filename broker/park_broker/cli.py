@@ -3,7 +3,8 @@
     park-broker init DIR --site NAME [--listen HOST:PORT]
     park-broker [--log-level LEVEL] [--log-format text|json] serve DIR [--listen HOST:PORT] [--workers N]
         [--python-path DIR ...] [--local-only] [--metrics-listen HOST:PORT]
-    park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin]
+    park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin] [--unix-user ACCOUNT]
+    park-broker users set DIR USER [--allow ...] [--unix-user ACCOUNT]
     park-broker users list DIR
     park-broker users remove DIR USER
     park-broker tokens revoke DIR LINK_ID
@@ -24,7 +25,7 @@ from park_broker.ops import logs
 from park_broker.federation.peers import add_peer
 from park_broker.server import ServeOptions, serve
 from park_broker.site import DEFAULT_LISTEN, SiteError, init_site, load_site
-from park_broker.auth.users import ALLOWED, UsersError, add_user, load_users, remove_user, revoke
+from park_broker.auth.users import ALLOWED, UsersError, add_user, load_users, remove_user, revoke, set_user
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between SIGTERM and SIGKILL for a cancelled job, and for shutdown")
     srv.add_argument("--package-index", metavar="DIR_OR_URL",
                      help="wheelhouse directory or package index for implicit installs of requires=")
+    srv.add_argument("--default-unix-user", default="", metavar="ACCOUNT",
+                     help="the unprivileged account jobs of users without a Unix account run as (a broker "
+                          "running as root never runs jobs as root)")
     srv.add_argument("--local-only", action="store_true",
                      help="no tokens: serve on loopback only, every caller is this user (for a laptop)")
     users = sub.add_parser("users", help="who may use the site").add_subparsers(dest="action", required=True)
@@ -59,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("user")
     add.add_argument("--key", required=True, help="the line `park-agent pubkey` prints (ed25519:...)")
     add.add_argument("--allow", default="submit", help=f"comma-separated, from {','.join(ALLOWED)} (default submit)")
+    add.add_argument("--unix-user", metavar="ACCOUNT",
+                     help="the Unix account the user's jobs run as (default: the account of the same name, if any)")
+    chg = users.add_parser("set", help="change what a user may do, or the Unix account their jobs run as")
+    chg.add_argument("directory", type=Path)
+    chg.add_argument("user")
+    chg.add_argument("--allow", help=f"comma-separated, from {','.join(ALLOWED)}")
+    chg.add_argument("--unix-user", metavar="ACCOUNT", help="the Unix account their jobs run as ('' for none)")
     lst = users.add_parser("list", help="show registered users")
     lst.add_argument("directory", type=Path)
     rm = users.add_parser("remove", help="forget a user (their calls and open streams are refused at once)")
@@ -91,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         site = load_site(args.directory)
         if args.command == "users" and args.action == "add":
-            add_user(site.directory, args.user, args.key, [a for a in args.allow.split(",") if a])
+            add_user(site.directory, args.user, args.key, _permissions(args.allow), args.unix_user)
             print(f"user {args.user} may now {args.allow} at site {site.name}")
+            return 0
+        if args.command == "users" and args.action == "set":
+            set_user(site.directory, args.user, None if args.allow is None else _permissions(args.allow),
+                     args.unix_user)
+            print(f"user {args.user} of site {site.name} changed")
             return 0
         if args.command == "users" and args.action == "remove":
             remove_user(site.directory, args.user)
@@ -100,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "users":
             for name, user in sorted(load_users(site.directory / "users.toml").items()):
-                print(f"{name}\tallow={','.join(sorted(user.allow)) or '-'}\tkeys={len(user.keys)}")
+                print(f"{name}\tallow={','.join(sorted(user.allow)) or '-'}\tkeys={len(user.keys)}"
+                      f"\tunix_user={user.unix_user or '-'}")
             return 0
         if args.command == "peers":
             peer = add_peer(site.directory, args.name, args.address, args.cert)
@@ -114,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SiteError("--workers must be at least 1")
         options = ServeOptions(listen=args.listen, peer_listen=args.peer_listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
                                package_index=args.package_index, executor=args.executor,
-                               metrics_listen=args.metrics_listen,
+                               metrics_listen=args.metrics_listen, default_unix_user=args.default_unix_user,
                                python_path=[str(Path(p).resolve()) for p in args.python_path])
         return asyncio.run(serve(site, options))
     except (SiteError, UsersError) as exc:
         print(f"park-broker: {exc}", file=sys.stderr)
         return 2
+
+
+def _permissions(text: str) -> list[str]:
+    return [a for a in text.split(",") if a]
 
 
 if __name__ == "__main__":

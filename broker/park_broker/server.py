@@ -27,6 +27,8 @@ from park_broker.core.events import EventHub
 from park_broker.core.lifecycle import Lifecycle
 from park_broker.ops.metrics import Metrics
 from park_broker.ops.reflection import broker_services, enable_reflection
+from park_broker.execution.accounts import AccountError, Accounts
+from park_broker.execution.accounts import choose as accounts_for
 from park_broker.execution.choice import executor_kind, make_executor
 from park_broker.auth.policy import Gate, PolicyInterceptor, local_identity
 from park_broker.packages.store import PackageStore
@@ -38,7 +40,7 @@ from park_broker.servicers.files import FilesServicer
 from park_broker.servicers.jobs import JobsServicer
 from park_broker.servicers.packages import PackagesServicer
 from park_broker.servicers.site import SiteServicer
-from park_broker.site import SiteConfig, SiteError, SiteInfo, lock_site
+from park_broker.site import SiteConfig, SiteError, SiteInfo, lock_site, protect_state
 from park_broker.core.store import Store
 from park_broker.auth.users import Authority
 
@@ -67,6 +69,7 @@ class ServeOptions:
     package_index: str | None = None   # a wheelhouse directory or index URL for implicit installs
     metrics_listen: str | None = None  # HOST:PORT (a bare PORT: loopback) for Prometheus' GET /metrics
     executor: str = "local"      # "local" or "dask://HOST:PORT" (park_broker.execution.choice)
+    default_unix_user: str = ""  # the account of users without one (execution.accounts)
 
 
 def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate:
@@ -81,6 +84,19 @@ def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate
                         f"`park-broker users add {site.directory} NAME --key \"$(park-agent pubkey)\" --allow submit`, "
                         "or serve your own user on loopback with --local-only")
     return Gate(authority, peers=peers)
+
+
+def choose_accounts(site: SiteConfig, options: ServeOptions, gate: Gate) -> Accounts:
+    """Who jobs run as (execution.accounts); SiteError if this broker cannot honour its users file."""
+    if gate.authority is not None:
+        mapping, users = gate.authority.unix_user, gate.authority.names()
+    else:
+        assert gate.local is not None
+        mapping, users = (lambda user: ""), [gate.local.user]
+    try:
+        return accounts_for(executor_kind(options.executor) == "local", mapping, users, options.default_unix_user)
+    except AccountError as exc:
+        raise SiteError(f"site {site.name} cannot serve: {exc}") from None
 
 
 def check_loopback(listen: str) -> None:
@@ -119,11 +135,14 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     hub = EventHub()
     store = Store(site.db_path, on_commit=hub.publish)
     store.open()
+    accounts = choose_accounts(site, options, gate)
+    protect_state(site, shared=accounts.switching)
+    log.info("site %s: %s", site.name, accounts.description)
     executor = make_executor(options.executor, state=site.directory, workers=options.workers, python_path=options.python_path,
                              grace=options.grace)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path))
     packages = PackageStore(site.directory / "packages", options.package_index)
-    core = Lifecycle(info, store, executor, hub, packages, frozenset(peers.peers))
+    core = Lifecycle(info, store, executor, hub, packages, frozenset(peers.peers), accounts)
     tls_key, certificate = site.tls_key(), site.certificate()
     links: PeerLinks | None = None
     if peers.peers:
@@ -150,7 +169,7 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
                                                              serialization.PublicFormat.Raw)
     site_info = site_pb2.InfoResponse(
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
-        certificate_pem=site.certificate().decode(), executor=executor_kind(options.executor), capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
+        certificate_pem=site.certificate().decode(), executor=executor_kind(options.executor), isolation=accounts.description, capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
     files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root, store), server)
     if gate.authority is not None:

@@ -163,6 +163,24 @@ def load_site(directory: Path) -> SiteConfig:
 
 
 
+# Made private here; the keys are not: a key others could read is refused (_read_private), not quietly fixed.
+PRIVATE_FILES = ("users.toml", "revoked.txt", "park.db", "park.db-wal", "park.db-shm")
+
+
+def protect_state(site: SiteConfig, *, shared: bool) -> None:
+    """Keep the state directory the broker's: its keys, database and users file readable by the broker
+    alone. With `shared` (jobs run as other Unix accounts) the directory and the file store can be
+    traversed but not listed, so those accounts reach their own job directories, the packages and the
+    certificate their reports use by path, and nothing else of the site's."""
+    os.chmod(site.directory, 0o711 if shared else 0o700)
+    os.chmod(site.files_root, 0o711)
+    for name in PRIVATE_FILES:
+        path = site.directory / name
+        if path.exists():
+            os.chmod(path, 0o600)
+    os.chmod(site.cert_path, 0o644)
+
+
 def lock_site(directory: Path) -> int:
     """Hold the site directory for one serving broker: an exclusive lock on DIR/broker.lock, which
     holds the server's pid. Returns the lock's descriptor (keep it open while serving); the lock goes

@@ -1,6 +1,7 @@
 """Who may use a site: the users file, the revocation list, and token checking.
 
-    DIR/users.toml       [users.NAME] keys = ["ed25519:..."], allow = ["submit", "upload", "admin"]
+    DIR/users.toml       [users.NAME] keys = ["ed25519:..."], allow = ["submit", "upload", "admin"],
+                         unix_user = "ACCOUNT" (the account NAME's jobs run as; execution.accounts)
     DIR/revoked.txt      one revoked link id (sha256 hex) per line
 
 `Authority.authenticate` turns the bearer token of a call into an `Identity`:
@@ -8,7 +9,9 @@ the token must verify (park.tokens) for this site's name as audience, with a
 root key registered for its subject, no revoked link, and, for a token bound
 to a key (`confirm`), a caller that proved possession of that key. The files
 are re-read when they change, so `park-broker users add` and
-`park-broker tokens revoke` take effect on a running broker within a second.
+`park-broker tokens revoke` take effect on a running broker within a second;
+a users file that no longer parses leaves the last good one in force, and the
+error is logged.
 
 Permissions are the intersection of what the users file allows and what the
 token's scopes grant: a delegated token never carries more than its scopes,
@@ -16,6 +19,7 @@ whatever its subject may do.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import tomllib
@@ -29,11 +33,13 @@ import tomli_w
 from park import tokens
 from park.config import replace_file
 from park.wire import InvalidInput, check_name
+from park_broker.execution.accounts import AccountError, default_account_name, lookup
 
 ALLOWED = ("submit", "upload", "admin")
 # What each permission needs from the token's scopes (a path scope checks its root).
 _SCOPE_OF = {"submit": "jobs.submit", "upload": "packages.upload", "admin": "admin", "read": "jobs.read:/"}
 RELOAD_EVERY = 1.0
+log = logging.getLogger(__name__)
 
 
 class UsersError(RuntimeError):
@@ -58,6 +64,7 @@ class Identity:
 class _User:
     keys: list[bytes]
     allow: frozenset[str]
+    unix_user: str = ""
 
 
 @dataclass
@@ -97,6 +104,16 @@ class Authority:
         granted = frozenset(p for p in (*user.allow, "read") if verified.allows(_SCOPE_OF[p]))
         return Identity(verified.subject, granted, verified)
 
+    def unix_user(self, name: str) -> str:
+        """The Unix account user `name` is mapped to ("" for none, or no such user)."""
+        self._reload()
+        user = self._users.get(name)
+        return user.unix_user if user else ""
+
+    def names(self) -> list[str]:
+        self._reload()
+        return sorted(self._users)
+
     def _keys(self, subject: str) -> Iterable[bytes]:
         user = self._users.get(subject)
         return user.keys if user else ()
@@ -109,7 +126,14 @@ class Authority:
             self._checked = now
             stamp = (_mtime(self.users_path), _mtime(self.revoked_path))
             if stamp != self._stamp:
-                self._users = load_users(self.users_path)
+                try:
+                    users = load_users(self.users_path)
+                except UsersError as exc:
+                    if self._stamp == (-1.0, -1.0):   # at start there is no good one to keep: refuse to serve
+                        raise
+                    log.error("%s; the users file as it was before stays in force until it is fixed", exc)
+                    users = self._users
+                self._users = users
                 self._revoked = load_revoked(self.revoked_path)
                 self._stamp = stamp
 
@@ -127,9 +151,9 @@ def load_users(path: Path) -> dict[str, _User]:
     try:
         data = tomllib.loads(path.read_text())
         return {name: _User([tokens.parse_public_key(k) for k in entry["keys"]],
-                            frozenset(entry.get("allow", ())))
+                            frozenset(entry.get("allow", ())), str(entry.get("unix_user", "")))
                 for name, entry in data.get("users", {}).items()}
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, tokens.TokenError) as exc:
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError, tokens.TokenError) as exc:
         raise UsersError(f"{path} is not a valid users file: {exc}") from None
 
 
@@ -139,8 +163,10 @@ def load_revoked(path: Path) -> frozenset[str]:
     return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
-def add_user(directory: Path, name: str, key: str, allow: Iterable[str]) -> None:
-    """Register `name` with public key `key` ("ed25519:..."); adds the key if the user exists."""
+def add_user(directory: Path, name: str, key: str, allow: Iterable[str], unix_user: str | None = None) -> None:
+    """Register `name` with public key `key` ("ed25519:..."); adds the key if the user exists.
+
+    `unix_user` None maps a new user to the account of the same name when there is one."""
     try:
         check_name(name, "user name")
         tokens.check_subject(name)   # a user no token can name could never call the site
@@ -148,20 +174,45 @@ def add_user(directory: Path, name: str, key: str, allow: Iterable[str]) -> None
         raise UsersError(str(exc)) from None
     except tokens.TokenError as exc:
         raise UsersError(f"user name {name!r}: {exc.message}") from None
-    allow = frozenset(allow)
-    unknown = allow - set(ALLOWED)
-    if unknown:
-        raise UsersError(f"unknown permission {sorted(unknown)[0]!r}; choose from {', '.join(ALLOWED)}")
     try:
         tokens.parse_public_key(key)
     except tokens.TokenError as exc:
         raise UsersError(f"{exc.message}; use the line `park-agent pubkey` prints") from None
     users = _entries(directory)
-    entry = users.setdefault(name, {"keys": [], "allow": []})
+    entry = users.setdefault(name, {"keys": []})
     if key not in entry["keys"]:
         entry["keys"].append(key)
-    entry["allow"] = sorted(allow)
+    if unix_user is None and "unix_user" not in entry:
+        unix_user = default_account_name(name)
+    _update(entry, allow, unix_user)
     _write_users(directory, users)
+
+
+def set_user(directory: Path, name: str, allow: Iterable[str] | None, unix_user: str | None) -> None:
+    """Change what `name` may do, or the account their jobs run as ("" for none); None leaves it."""
+    users = _entries(directory)
+    if name not in users:
+        raise UsersError(f"site has no user {name!r}; add them with `park-broker users add DIR {name} --key ...`")
+    _update(users[name], allow, unix_user)
+    _write_users(directory, users)
+
+
+def _update(entry: dict[str, Any], allow: Iterable[str] | None, unix_user: str | None) -> None:
+    if allow is not None:
+        allowed = frozenset(allow)
+        unknown = allowed - set(ALLOWED)
+        if unknown:
+            raise UsersError(f"unknown permission {sorted(unknown)[0]!r}; choose from {', '.join(ALLOWED)}")
+        entry["allow"] = sorted(allowed)
+    entry.setdefault("allow", ["submit"])
+    if unix_user:
+        try:
+            lookup(unix_user)
+        except AccountError as exc:
+            raise UsersError(str(exc)) from None
+        entry["unix_user"] = unix_user
+    elif unix_user == "":
+        entry.pop("unix_user", None)
 
 
 def remove_user(directory: Path, name: str) -> None:
@@ -172,12 +223,13 @@ def remove_user(directory: Path, name: str) -> None:
     _write_users(directory, users)
 
 
-def _entries(directory: Path) -> dict[str, dict[str, list[str]]]:
-    return {n: {"keys": [tokens.format_public_key(k) for k in u.keys], "allow": sorted(u.allow)}
+def _entries(directory: Path) -> dict[str, dict[str, Any]]:
+    return {n: {"keys": [tokens.format_public_key(k) for k in u.keys], "allow": sorted(u.allow),
+                **({"unix_user": u.unix_user} if u.unix_user else {})}
             for n, u in load_users(directory / "users.toml").items()}
 
 
-def _write_users(directory: Path, users: dict[str, dict[str, list[str]]]) -> None:
+def _write_users(directory: Path, users: dict[str, dict[str, Any]]) -> None:
     # A real writer quotes names such as "john.smith", which a bare key would turn into nested tables.
     _replace(directory / "users.toml", tomli_w.dumps({"users": dict(sorted(users.items()))}))
 

@@ -8,7 +8,8 @@ ledger's `release`: it only ever sees jobs whose QUEUED state is committed.
 Each attempt runs in a directory of its own, `.<job>.attempt-<n>-<run>` beside
 the job's final directory, where `<run>` names this broker process: an attempt
 that outlived a crash (its start had not been committed, so the re-run has the
-same number) never shares a directory with its re-run. When an executor reports an attempt's end, `finished`
+same number) never shares a directory with its re-run. The broker creates it, for
+the account the job runs as (execution.accounts), before the executor sees it. When an executor reports an attempt's end, `finished`
 moves that directory into place only if the attempt is the job's current one;
 a stale attempt's directory (one that outlived a crash or a cancellation) is
 removed instead, so it can never replace a recorded result.
@@ -29,6 +30,7 @@ from park.wire import TERMINAL_STATES
 from park_broker.core.admission import DEFAULT_OUTPUT
 from park_broker.core.ledger import Ledger
 from park_broker.errors import BrokerError
+from park_broker.execution.accounts import AccountError, Accounts
 from park_broker.execution.base import Executor, Outcome, Task
 from park_broker.packages.store import PackageStore
 from park_broker.site import SiteInfo
@@ -41,8 +43,9 @@ class Fetcher(Protocol):
 
 class Dispatcher:
     def __init__(self, site: SiteInfo, ledger: Ledger, executor: Executor, packages: PackageStore,
-                 report_token: Callable[[str, int], str]):
+                 report_token: Callable[[str, int], str], accounts: Accounts):
         self.site = site
+        self.accounts = accounts
         self.ledger = ledger
         self.executor = executor
         self.packages = packages
@@ -70,6 +73,9 @@ class Dispatcher:
             except BrokerError as exc:   # a package it requires was not installed after all
                 self.refuse(job.id, Outcome(ok=False, error=exc.message))
                 continue
+            except (AccountError, OSError) as exc:   # its user has no account (any more) to run as
+                self.refuse(job.id, Outcome(ok=False, error=f"the job cannot start at site {self.site.name}: {exc}"))
+                continue
             self._attempts[(task.job_id, task.attempt)] = task.work_dir
             self.executor.submit(task)
 
@@ -93,18 +99,24 @@ class Dispatcher:
         if self.fetcher is not None:
             self.fetcher.cancel(job_id)
 
+    def hand_over(self, owner: str, directory: Path) -> None:
+        """Give a directory the broker itself filled (a fetch's) to the account `owner`'s jobs run as."""
+        self.accounts.hand_over(directory, self.accounts.of(owner))
+
     def _task(self, job: jpb.Job) -> Task:
         spec = job.spec
         attempt = job.attempts + 1
         work = Path(job.directory).with_name(f".{job.id}.attempt-{attempt}-{self._run}")
+        account = self.accounts.of(job.owner)
+        self.accounts.prepare(work, account)
         output = spec.output_name or DEFAULT_OUTPUT
         env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_DIR": str(work),
                "PARK_JOB_FILENAME": str(work / output), "PARK_JOB_URL": job.url,
                "PARK_BROKER_ADDRESS": self.site.address, "PARK_BROKER_CERT": self.site.cert_path,
                "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}
         python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires)))
-        common = dict(job_id=job.id, attempt=attempt, owner=job.owner, work_dir=work, output_name=output, env=env,
-                      python_path=python_path)
+        common = dict(job_id=job.id, attempt=attempt, owner=job.owner, account=account, work_dir=work,
+                      output_name=output, env=env, python_path=python_path)
         if spec.WhichOneof("work") == "call":
             return Task(kind="call", target=spec.call.target, args_json=spec.call.args_json,
                         kwargs_json=spec.call.kwargs_json, **common)  # type: ignore[arg-type]

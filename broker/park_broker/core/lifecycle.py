@@ -35,6 +35,7 @@ from park_broker.core.scheduler import Scheduler
 from park_broker.core.store import Store
 from park_broker.core.submission import Submissions
 from park_broker.core.transitions import Transitions
+from park_broker.execution.accounts import Accounts
 from park_broker.execution.base import Executor
 from park_broker.packages.installs import Installs
 from park_broker.packages.store import PackageStore
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 class Lifecycle:
     def __init__(self, site: SiteInfo, store: Store, executor: Executor, hub: EventHub, packages: PackageStore,
-                 peers: frozenset[str] = frozenset()):
+                 peers: frozenset[str] = frozenset(), accounts: Accounts = Accounts(False, lambda user: "")):
         self.site = site
         self.store = store
         self.executor = executor
@@ -58,7 +59,7 @@ class Lifecycle:
         self.admission = Admission(site.name, site.files_root, packages, peers)
         self.failed = self.ledger.failed
         self.tokens = ReportTokens()
-        self.dispatch = Dispatcher(site, self.ledger, executor, packages, self.tokens.issue)
+        self.dispatch = Dispatcher(site, self.ledger, executor, packages, self.tokens.issue, accounts)
         self.ledger.release = self.dispatch.release
         self.transitions = Transitions(site.name, self.ledger, self.scheduler, self.admission, self.dispatch.stop)
         self.dispatch.refuse = self.transitions.settle
@@ -75,7 +76,7 @@ class Lifecycle:
         """Federate: remote atoms are asked of `links`, and fetch jobs read through `channel`."""
         self.remote.links = links
         self.dispatch.fetcher = Fetches(self.admission.fetch_source, channel, self.transitions.on_started,
-                                        self.transitions.on_finished, meter)
+                                        self.transitions.on_finished, self.dispatch.hand_over, meter)
 
     async def start(self) -> None:
         """Start the executor with the state machine's callbacks, then recover from the store."""

@@ -250,6 +250,6 @@ def _unexpected(spec: jpb.JobSpec, exc: Exception) -> BrokerError:
 
 def _make_links(links: list[tuple[Path, str]]) -> None:
     for link, target in links:
-        link.parent.mkdir(parents=True, exist_ok=True)
+        link.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to(target)

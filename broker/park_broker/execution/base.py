@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from park_broker.execution.accounts import Account
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Task:
     job_id: str
     attempt: int
     owner: str                     # a warm process serves one user: it never takes another's job
+    account: Account | None = None  # the Unix account it runs as; None: the broker's (execution.accounts)
     kind: str                      # "call" or "command"
     target: str = ""               # "package.module:function" for calls
     args_json: str = ""

@@ -6,11 +6,12 @@ with it); each worker's process group is recorded durably
 (`execution.groups`) before it runs anything, so a broker that starts after a
 crash kills whatever its predecessor's workers left before it runs a job again.
 Workers are kept warm between one user's jobs (no process start per
-job), never between users' (a job of another user gets a fresh process); all
-run as the broker's own account. Cancelling a running job signals the worker's
-process group with SIGTERM, then SIGKILL after the grace period, and a fresh
-worker takes its place. A worker that dies on its own fails the task it was
-running, and is replaced.
+job), never between users' (a job of another user gets a fresh process), and
+each runs as the Unix account of the user whose jobs it takes when the broker
+switches accounts (execution.accounts), with a clean environment. Cancelling a
+running job signals the worker's process group with SIGTERM, then SIGKILL after
+the grace period, and a fresh worker takes its place. A worker that dies on its
+own fails the task it was running, and is replaced.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import struct
 import sys
 from collections import deque
 
+from park_broker.execution.accounts import Account, job_environment
 from park_broker.execution.base import FinishedCallback, Outcome, StartedCallback, Task
 from park_broker.execution.groups import ProcessGroups
 
@@ -46,28 +48,41 @@ class _Worker:
         self.cancelled = False
         self.packages: tuple[str, ...] = ()   # the package directories this process was started with
         self.owner = ""                       # the user whose jobs it runs; none yet
+        self.account: Account | None = None   # the Unix account it runs as; None: the broker's
 
-    async def spawn(self, packages: tuple[str, ...] = ()) -> None:
+    async def spawn(self, packages: tuple[str, ...] = (), account: Account | None = None) -> None:
         parent, child = socket.socketpair()
-        env = dict(os.environ)
-        self.packages = packages
-        path = [*packages, *self.executor.python_path, env.get("PYTHONPATH", "")]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        self.packages, self.account = packages, account
+        env = job_environment(account, [*packages, *self.executor.python_path])
+        who = [] if account is None else [f"{account.uid}:{account.gid}:{','.join(map(str, account.groups))}"]
         watch = self.executor.watch_fd
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()), str(watch),
-            pass_fds=[child.fileno(), watch], start_new_session=True, stdin=asyncio.subprocess.DEVNULL, env=env)
-        child.close()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()), str(watch), *who,
+                pass_fds=[child.fileno(), watch], start_new_session=True, stdin=asyncio.subprocess.DEVNULL,
+                env=env, cwd="/")
+        except OSError:
+            parent.close()
+            raise
+        finally:
+            child.close()
         self.executor.groups.record(self.proc.pid)
         self.reader, self.writer = await asyncio.open_unix_connection(sock=parent)
 
     async def run(self, task: Task) -> Outcome | None:
         """Run `task`; None if it was cancelled or the worker could not be reached."""
-        if task.python_path != self.packages or (self.owner and task.owner != self.owner):
+        if (self.proc is None or task.python_path != self.packages or task.account != self.account
+                or (self.owner and task.owner != self.owner)):
             # Modules (and whatever a job left behind) stay in a worker: another set of package versions,
-            # or another user's job, needs a fresh process.
+            # or another user's job, needs a fresh process, started as that user's account.
             await self.stop()
-            await self.spawn(task.python_path)
+            try:
+                await self.spawn(task.python_path, task.account)
+            except OSError as exc:
+                self.proc = None
+                who = f" as Unix account {task.account.name}" if task.account else ""
+                log.error("cannot start a worker process%s: %s", who, exc)
+                return Outcome(ok=False, error=f"the site could not start a process for the job{who}: {exc}")
         self.owner = task.owner
         assert self.writer is not None and self.reader is not None and self.proc is not None
         self.task, self.cancelled = task, False
@@ -96,8 +111,12 @@ class _Worker:
     async def respawn(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        await self.spawn(self.packages)
-        self.owner = ""
+        self.proc, self.owner = None, ""
+        try:
+            await self.spawn(self.packages, self.account)
+        except OSError as exc:   # the next task tries again, and fails with the reason if it still cannot
+            self.proc = None
+            log.error("cannot start a worker process: %s", exc)
 
     def terminate(self, grace: float) -> None:
         """SIGTERM the worker's process group now and SIGKILL it after `grace` seconds."""

@@ -1,9 +1,12 @@
 """A local worker process: runs one task at a time for the local executor.
 
-Started as `python -m park_broker.execution.worker FD WATCH_FD` in its own
-session (so a cancel can signal the whole process group, command-line children
-included). Tasks and outcomes are length-prefixed JSON on the socket FD. For
-each task the worker creates the attempt directory, points fds 1 and 2 at
+Started as `python -m park_broker.execution.worker FD WATCH_FD [UID:GID:GROUPS]`
+in its own session (so a cancel can signal the whole process group,
+command-line children included). Given an account, the worker becomes it for
+good before it reads a task: the broker starts it as root and lets it drop its
+privileges itself, because a process that serves gRPC must not fork to change
+accounts (gRPC's fork handlers break the child); a plain spawn is safe. Tasks and outcomes are length-prefixed JSON on the socket FD. For
+each task, in the attempt directory the broker made for it, the worker points fds 1 and 2 at
 `stdout.log`/`stderr.log` there, runs the call or command and stores the
 return value there. It never touches the job's final directory: the broker
 moves an attempt's directory into place, and only for the attempt it considers
@@ -105,10 +108,13 @@ def _run(task: dict[str, Any], work_dir: Path) -> dict[str, Any]:
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Run one task with its output captured in its attempt directory; never raises for the task's own errors."""
-    work_dir = Path(task["work_dir"])
-    if work_dir.exists():   # a half-run of this attempt (a re-run after a crash, or a retry by Dask)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
+    work_dir = Path(task["work_dir"])   # made by the broker, for the account this process runs as
+    try:
+        left = list(work_dir.iterdir())   # a half-run of this attempt (a retry by Dask)
+    except FileNotFoundError:
+        return {"ok": False, "error": "the attempt's directory is gone: its broker no longer wants this attempt"}
+    for path in left:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     # Only the task's own variables are set and restored: copying the whole environment
     # back and forth costs more than a trivial job.
     saved_env = {k: os.environ.get(k) for k in task["env"]}
@@ -166,7 +172,19 @@ def die_with_broker(watch_fd: int) -> None:
     threading.Thread(target=watch, name="park-broker-watchdog", daemon=True).start()
 
 
+def become(account: str) -> None:
+    """Drop to the account "UID:GID:GROUP,GROUP..." for good, before anything of a job is seen."""
+    uid, gid, groups = account.split(":")
+    os.setgroups([int(g) for g in groups.split(",") if g])
+    os.setgid(int(gid))
+    os.setuid(int(uid))
+    if os.getuid() != int(uid) or os.geteuid() != int(uid):
+        raise SystemExit(f"park worker: could not become uid {uid}")
+
+
 def main() -> None:
+    if len(sys.argv) > 3:
+        become(sys.argv[3])
     sock = socket.socket(fileno=int(sys.argv[1]))
     die_with_broker(int(sys.argv[2]))
     while (task := recv(sock)) is not None:

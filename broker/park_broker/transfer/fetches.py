@@ -28,11 +28,13 @@ from park_broker.transfer import download
 class Fetches:
     def __init__(self, source_of: Callable[[jpb.JobSpec], tuple[str, str]],
                  channel: Callable[[str], grpc.aio.Channel], on_started: StartedCallback,
-                 on_finished: FinishedCallback, meter: Callable[[], download.Progress] | None = None):
+                 on_finished: FinishedCallback, hand_over: Callable[[str, Path], None],
+                 meter: Callable[[], download.Progress] | None = None):
         self._source_of = source_of     # (site, path) a fetch job reads
         self._channel = channel         # a mutual-TLS channel to a peer site
         self._on_started = on_started
         self._on_finished = on_finished
+        self._hand_over = hand_over     # (owner, directory): a fetched file becomes the owner's account's
         self._meter = meter             # a progress callback per fetch, for the metrics
         self._running: dict[str, asyncio.Task[None]] = {}
 
@@ -58,10 +60,14 @@ class Fetches:
             return files_pb2_grpc.FilesStub(channel).Read(fipb.ReadRequest(path=path, offset=offset),
                                                         metadata=metadata)
         try:
-            work.mkdir(parents=True, exist_ok=True)
+            # The broker writes here itself, so no job may have had a hand in this directory: it is the
+            # broker's until complete, and only then handed over to the account the owner's jobs run as.
+            work.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+            work.mkdir(mode=0o700, exist_ok=True)
             meter = self._meter() if self._meter is not None else None
             size, sha = await download.fetch(open_stream, work / f".{name}.part", work / name, on_progress=meter)
             await asyncio.to_thread(_replace_dir, work, final_dir)
+            await asyncio.to_thread(self._hand_over, job.owner, final_dir)
             outcome = Outcome(ok=True, outputs=((name, str(final_dir / name), size, sha),))
         except BrokerError as exc:
             outcome = Outcome(ok=False, error=f"fetching {job.spec.fetch.url}: {exc.message}")

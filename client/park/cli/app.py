@@ -74,6 +74,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                           Text("yes", style="green") if r["reachable"] else Text("no", style="red"),
                           Text(r["site"] or ""), Text(r["version"] or ""), Text(r["caller"] or ""))
         new_console().print(table)
+        for r in rows:
+            if r["isolation"]:
+                print(f"{r['name']}: {r['isolation']}")
     for r in rows:
         if not r["reachable"]:
             print(f"park: service {r['name']} is unreachable: {r['error']}", file=sys.stderr)

@@ -86,14 +86,15 @@ def reference(job: Job) -> str:
 
 def probe(entry: ServiceEntry) -> dict[str, Any]:
     row: dict[str, Any] = {"name": entry.name, "address": entry.address, "reachable": False, "site": None,
-                           "version": None, "caller": None, "error": None}
+                           "version": None, "caller": None, "isolation": None, "error": None}
     try:
         with contextlib.closing(Service(entry.address, entry.cert)) as service:
             info = service.info
     except ParkError as exc:
         row["error"] = str(exc)
     else:
-        row.update(reachable=True, site=info.site, version=info.version, caller=info.caller)
+        row.update(reachable=True, site=info.site, version=info.version, caller=info.caller,
+                   isolation=info.isolation)
     return row
 
 

@@ -288,6 +288,7 @@ def run_demo(*, keep: bool, workers: int, plain: bool, again: bool, console: Con
     examples = find_examples()
     expect = expectations(examples / EXAMPLE)
     root = Path(tempfile.mkdtemp(prefix="park-demo-"))
+    root.chmod(0o711)   # the sites' job directories are in here, for the accounts their jobs run as
     runs = 2 if again else 1
     problems: list[str] = []
     failed = False

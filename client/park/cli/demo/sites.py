@@ -48,6 +48,8 @@ SITES = ("sns", "cluster")
 START_TIMEOUT = 30.0     # seconds for a broker to write serve.json, or the agent to print its socket
 STOP_GRACE = 20.0        # seconds between SIGTERM and SIGKILL
 KEY_LIFETIME = 3600      # seconds the agent holds the demo's key
+# A broker running as root never runs jobs as root: run as root, the demo's jobs run as nobody.
+ROOT_JOB_ACCOUNT = ["--default-unix-user", "nobody"] if os.geteuid() == 0 else []
 _SOCK_LINE = re.compile(r"PARK_AUTH_SOCK=(\S+); export PARK_AUTH_SOCK;")
 
 
@@ -189,7 +191,8 @@ class DemoBroker:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "park_broker.cli", "serve", str(self.directory), "--listen", "127.0.0.1:0",
-                 "--peer-listen", f"127.0.0.1:{self.peer_port}", "--workers", str(workers), "--grace", "2", *paths],
+                 "--peer-listen", f"127.0.0.1:{self.peer_port}", "--workers", str(workers), "--grace", "2", *paths,
+                 *ROOT_JOB_ACCOUNT],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_serving(self) -> None:
