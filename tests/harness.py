@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import park
-from park import tokens
+from park import certificates, tokens
 from park.agent_client import default_subject
 from park.signer import read_private_key
 
@@ -93,6 +93,11 @@ class Broker:
 def broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "park_broker.cli", *args], capture_output=True, text=True,
                           timeout=60)
+
+
+def site_audience(broker: Broker) -> str:
+    """What tokens for `broker`'s site name: its name and identity key, from its certificate."""
+    return certificates.audience(broker.cert.read_bytes())
 
 
 def public_key_of(path: Path) -> str:

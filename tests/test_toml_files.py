@@ -9,7 +9,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness import broker_cli  # type: ignore[import-not-found]
+from harness import broker_cli, site_audience  # type: ignore[import-not-found]
 from park import tokens
 from park._proto import jobs_pb2, jobs_pb2_grpc, site_pb2, site_pb2_grpc
 from park.config import add_service, load_services, replace_file
@@ -133,7 +133,7 @@ def test_a_broker_serves_a_user_with_a_dotted_name(new_broker) -> None:  # type:
     broker.start()
     with grpc.secure_channel(broker.address, grpc.ssl_channel_credentials(broker.cert.read_bytes())) as channel:
         def bearer(key: Ed25519PrivateKey, subject: str) -> list[tuple[str, str]]:
-            return [("authorization", f"Bearer {tokens.encode(tokens.issue(key, subject=subject, audience='sns'))}")]
+            return [("authorization", f"Bearer {tokens.encode(tokens.issue(key, subject=subject, audience=site_audience(broker)))}")]
 
         info = site_pb2_grpc.SiteStub(channel).Info(site_pb2.InfoRequest(), metadata=bearer(john, "john.smith"),
                                                    timeout=10)

@@ -78,7 +78,7 @@ def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate
         if peers.peers:
             raise SiteError("a --local-only broker has no users to delegate tokens, so it cannot have peers")
         return Gate(None, local_identity())
-    authority = Authority(site.name, site.directory)
+    authority = Authority(site.name, site.directory, site.audience)
     if not authority.has_users():
         raise SiteError(f"site {site.name} has no users, so nobody could call it; add one with "
                         f"`park-broker users add {site.directory} NAME --key \"$(park-agent pubkey)\" --allow submit`, "

@@ -30,10 +30,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
+from park import certificates
+from park.certificates import IDENTITY_URI_PREFIX
 from park.config import replace_file
 from park.wire import InvalidInput, check_site
 
-IDENTITY_URI_PREFIX = "urn:park:ed25519:"
 DEFAULT_LISTEN = "127.0.0.1:7701"
 
 
@@ -74,6 +75,11 @@ class SiteConfig:
 
     def certificate(self) -> bytes:
         return self.cert_path.read_bytes()
+
+    @property
+    def audience(self) -> str:
+        """What tokens for this site name (park.tokens.site_audience): its name and identity key's id."""
+        return certificates.audience(self.certificate())
 
     def identity_key(self) -> ed25519.Ed25519PrivateKey:
         key = serialization.load_pem_private_key(_read_private(self.directory / "identity.key"), None)

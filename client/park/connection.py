@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
+from park import certificates
 from park._proto import jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
 from park._proto import packages_pb2 as ppb
 from park.auth import SessionTokens, token_source
@@ -47,7 +46,11 @@ class Connection:
         except OSError as exc:
             raise ConfigError(f"cannot read the certificate of {address}: {exc}") from None
         self.address = address
-        self.tokens = SessionTokens(_site_of_certificate(pem, cert), token_source())
+        try:
+            self.audience = certificates.audience(pem)   # what our tokens for this site name (park.tokens)
+        except certificates.CertificateError as exc:
+            raise ConfigError(f"{cert} is not a Park site certificate: {exc}") from None
+        self.tokens = SessionTokens(self.audience, token_source())
         channel_credentials = grpc.composite_channel_credentials(
             grpc.ssl_channel_credentials(root_certificates=pem), grpc.metadata_call_credentials(self.tokens))
         self._channel = grpc.secure_channel(address, channel_credentials, options=CHANNEL_OPTIONS)
@@ -93,17 +96,6 @@ class Connection:
         reply = self.call(packages_pb2_grpc.PackagesStub(self._channel).List, ppb.ListPackagesRequest(),
                           "listing packages")
         return [PackageInfo(p.name, p.version, p.sha256) for p in reply.packages]
-
-
-def _site_of_certificate(pem: bytes, path: Path) -> str:
-    """A site certificate names its site (park-broker init): the audience of our session tokens."""
-    try:
-        names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not a PEM certificate: {exc}") from None
-    if not names:
-        raise ConfigError(f"{path} does not name a site (no common name); use the tls.crt of a Park site")
-    return str(names[0].value)
 
 
 def status_name(number: int) -> str:

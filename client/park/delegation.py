@@ -57,5 +57,5 @@ def credentials(service: Service, scopes: Sequence[str] = (), lifetime: int = 0,
         raise ConfigError(f"{destination} did not say which key it presents tokens with")
     for scope in scopes:
         tokens.parse_scope(scope)
-    return Credentials(audience=service.site, confirm=tokens.key_id(key), scopes=tuple(scopes), lifetime=lifetime,
+    return Credentials(audience=service.audience, confirm=tokens.key_id(key), scopes=tuple(scopes), lifetime=lifetime,
                        source=source, service=service)

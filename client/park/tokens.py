@@ -40,11 +40,13 @@ from park._proto import tokens_pb2 as pb
 __all__ = [
     "TokenError", "Scope", "Verified", "parse_scope", "covers", "key_id", "link_id",
     "format_public_key", "parse_public_key", "issue", "attenuate", "verify", "encode", "decode",
-    "sign_link", "VERSION", "MAX_DEPTH", "BACKDATE", "SESSION_LIFETIME", "DELEGATED_LIFETIME",
+    "sign_link", "site_audience", "VERSION", "MAX_DEPTH", "BACKDATE", "SESSION_LIFETIME", "DELEGATED_LIFETIME",
     "MAX_LIFETIME", "SESSION_SCOPES",
 ]
 
-VERSION = 1
+# 2: the audience names the site's identity key as well as its name (`site_audience`); tokens of
+# format 1 named the site alone, so one handed to an impostor of that name worked at the real site.
+VERSION = 2
 MAX_DEPTH = 5
 BACKDATE = 60
 SESSION_LIFETIME = 10 * 60
@@ -239,6 +241,26 @@ def check_subject(subject: str) -> str:
     return subject
 
 
+def site_audience(site: str, identity_key_id: str) -> str:
+    """The audience of tokens for site `site` whose identity key has id `identity_key_id`: "NAME:KEYID".
+
+    Both come from the site's certificate that the client pinned (park.certificates), so a token made
+    for an impostor that took the site's name names the impostor's key."""
+    return f"{site}:{identity_key_id}"
+
+
+def _wrong_audience(theirs: str, ours: str) -> str:
+    site, _, key = theirs.partition(":")
+    our_site, _, our_key = ours.partition(":")
+    if site == our_site and not key:
+        return (f"token names the site {site!r} by name alone, not by its identity key too: upgrade the Park client "
+                "that made it")
+    if site == our_site and key != our_key:
+        return (f"token is for a site named {site!r} with identity key {key[:12] or '(none)'}..., but this site's key "
+                f"is {our_key[:12]}...: the client pinned another site's certificate under this name")
+    return f"token is for audience {theirs!r}, not {ours!r}"
+
+
 def issue(signer: Ed25519PrivateKey, *, subject: str, audience: str, scopes: Iterable[str] = SESSION_SCOPES,
           lifetime: float | None = None, confirm: str = "", max_depth: int = 0,
           now: float | None = None) -> pb.Token:
@@ -375,6 +397,9 @@ def _parse_claims(i: int, data: bytes) -> pb.Claims:
         claims.ParseFromString(data)
     except DecodeError:
         _fail(f"link {i}: claims are not a park.v1.Claims message")
+    if claims.version == 1:
+        _fail(f"link {i}: token format 1 names its site by name alone and is no longer accepted: upgrade the "
+              "Park client (and park-agent) that made it")
     if claims.version != VERSION:
         _fail(f"link {i}: unsupported token version {claims.version}")
     return claims
@@ -479,7 +504,7 @@ def verify(token: pb.Token | str, *, audience: str, trusted_root_keys: RootKeys,
         prev, prev_scopes = claims, scopes
     assert prev is not None
     if prev.audience != audience:
-        _fail(f"token is for audience {prev.audience!r}, not {audience!r}")
+        _fail(_wrong_audience(prev.audience, audience))
     if prev.confirm and presenter_key_id != prev.confirm:
         _fail(f"token is bound to key {prev.confirm[:12]}... and the caller did not prove possession of it")
     return Verified(subject=prev.subject, audience=prev.audience, scopes=prev_scopes, expires=prev.expires,

@@ -10,9 +10,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import park
-from harness import broker_cli  # type: ignore[import-not-found]
-from park import tokens
+from harness import broker_cli, site_audience  # type: ignore[import-not-found]
+from park import certificates, tokens
 from park._proto import jobs_pb2 as jpb
+from park._proto import tokens_pb2
 from park._proto import jobs_pb2_grpc, site_pb2, site_pb2_grpc
 from park.agent_client import default_subject
 from park.auth import SessionTokens
@@ -41,7 +42,7 @@ def _second_user(broker, name: str = "mallory"):  # type: ignore[no-untyped-def]
                         tokens.format_public_key(key.public_key()), "--allow", "submit")
     assert result.returncode == 0, result.stderr
     time.sleep(1.1)   # the broker re-reads users.toml at most once a second
-    return _raw(broker, tokens.encode(tokens.issue(key, subject=name, audience=broker.site)))
+    return _raw(broker, tokens.encode(tokens.issue(key, subject=name, audience=site_audience(broker))))
 
 
 def _code(broker, token: str | None, *extra: tuple[str, str], request=None):  # type: ignore[no-untyped-def]
@@ -55,8 +56,9 @@ def _code(broker, token: str | None, *extra: tuple[str, str], request=None):  # 
     return grpc.StatusCode.OK, ""
 
 
-def _session(key: Ed25519PrivateKey, audience: str = "sns", **kwargs) -> str:  # type: ignore[no-untyped-def]
-    return tokens.encode(tokens.issue(key, subject=default_subject(), audience=audience, **kwargs))
+def _session(broker, key: Ed25519PrivateKey, audience: str | None = None, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    return tokens.encode(tokens.issue(key, subject=default_subject(), audience=audience or site_audience(broker),
+                                      **kwargs))
 
 
 def test_missing_token_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
@@ -72,7 +74,7 @@ def test_garbled_token_is_unauthenticated(broker) -> None:  # type: ignore[no-un
 def test_malformed_authorization_metadata(broker) -> None:  # type: ignore[no-untyped-def]
     stub, _, channel = _raw(broker, None)
     for metadata in ([("authorization", "Basic dXNlcjpwdw==")],
-                     [("authorization", f"Bearer {_session(_user_key())}")] * 2):
+                     [("authorization", f"Bearer {_session(broker, _user_key())}")] * 2):
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitMany(jpb.SubmitManyRequest(jobs=[NOOP]), metadata=metadata, timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -81,47 +83,68 @@ def test_malformed_authorization_metadata(broker) -> None:  # type: ignore[no-un
 
 
 def test_expired_session_token_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
-    old = _session(_user_key(), now=time.time() - 3600)
+    old = _session(broker, _user_key(), now=time.time() - 3600)
     code, details = _code(broker, old)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "expired" in details
 
 
 def test_token_for_another_site_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
-    code, details = _code(broker, _session(_user_key(), audience="SNS"))
-    assert code == grpc.StatusCode.UNAUTHENTICATED and "not 'sns'" in details
+    code, details = _code(broker, _session(broker, _user_key(), audience="SNS"))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and f"not {site_audience(broker)!r}" in details
+
+
+def test_a_token_handed_to_an_impostor_of_the_same_name_is_refused(new_broker, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Any operator can init a site called sns: what a client's token names is the site it pinned, name and
+    identity key, so a token made for the impostor is refused by the real sns."""
+    real = new_broker().start()
+    broker_cli("init", str(tmp_path / "impostor"), "--site", "sns")
+    impostor_audience = certificates.audience((tmp_path / "impostor" / "tls.crt").read_bytes())
+    assert impostor_audience.startswith("sns:") and impostor_audience != site_audience(real)
+    code, details = _code(real, _session(real, _user_key(), audience=impostor_audience))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "pinned another site's certificate under this name" in details
+
+
+def test_a_token_of_the_old_format_is_refused_with_a_message_to_upgrade(broker) -> None:  # type: ignore[no-untyped-def]
+    claims = tokens_pb2.Claims(version=1, issuer=tokens.key_id(_user_key().public_key()), subject=default_subject(),
+                               audience="sns", scopes=["jobs.submit"], not_before=int(time.time()) - 60,
+                               expires=int(time.time()) + 600, id="ab" * 16)
+    old = tokens.encode(tokens_pb2.Token(links=[tokens.sign_link(claims, _user_key())]))
+    code, details = _code(broker, old)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "format 1" in details and "upgrade" in details
 
 
 def test_key_not_registered_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
-    code, details = _code(broker, _session(Ed25519PrivateKey.generate()))
+    code, details = _code(broker, _session(broker, Ed25519PrivateKey.generate()))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "not signed by a key registered" in details
 
 
 def test_token_without_the_scope_is_permission_denied(broker) -> None:  # type: ignore[no-untyped-def]
-    read_only = _session(_user_key(), scopes=["jobs.read:/"])
+    read_only = _session(broker, _user_key(), scopes=["jobs.read:/"])
     code, details = _code(broker, read_only)
     assert code == grpc.StatusCode.PERMISSION_DENIED and "may not submit" in details
 
 
 def test_user_not_allowed_to_submit_is_permission_denied(new_broker) -> None:  # type: ignore[no-untyped-def]
     broker = new_broker(allow="upload").start()
-    stub, metadata, channel = _raw(broker, _session(_user_key()))
+    stub, metadata, channel = _raw(broker, _session(broker, _user_key()))
     [result] = stub.SubmitMany(jpb.SubmitManyRequest(jobs=[NOOP]), metadata=metadata, timeout=10).results
     assert result.code == grpc.StatusCode.PERMISSION_DENIED.value[0] and "may not submit" in result.message
     channel.close()
     reader = new_broker("cluster", allow="").start()   # every user may read; this one nothing more
-    code, details = _code(reader, _session(_user_key(), audience="cluster"))
+    code, details = _code(reader, _session(reader, _user_key()))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "may not submit or upload" in details
 
 
 def test_delegated_token_used_as_bearer_is_unauthenticated(broker) -> None:  # type: ignore[no-untyped-def]
     other = Ed25519PrivateKey.generate()
-    delegated = _session(_user_key(), confirm=tokens.key_id(other.public_key()))
+    delegated = _session(broker, _user_key(), confirm=tokens.key_id(other.public_key()))
     code, details = _code(broker, delegated)
     assert code == grpc.StatusCode.UNAUTHENTICATED and "did not prove possession" in details
 
 
 def test_revocation_takes_effect_on_a_running_broker(broker) -> None:  # type: ignore[no-untyped-def]
-    token = tokens.issue(_user_key(), subject=default_subject(), audience="sns")
+    token = tokens.issue(_user_key(), subject=default_subject(), audience=site_audience(broker))
     text = tokens.encode(token)
     assert _code(broker, text)[0] == grpc.StatusCode.OK
     result = broker_cli("tokens", "revoke", str(broker.directory), tokens.link_id(token.links[0]))
@@ -247,7 +270,7 @@ def test_no_answer_carries_a_delegated_token_even_to_an_admin(new_broker) -> Non
 def test_a_submission_may_carry_only_its_submitters_delegated_tokens(new_broker) -> None:  # type: ignore[no-untyped-def]
     """The confused deputy: mallory hands the site a token alice delegated, for the site to present."""
     broker = new_broker().start()
-    alices = tokens.encode(tokens.issue(_user_key(), subject=default_subject(), audience="sns",
+    alices = tokens.encode(tokens.issue(_user_key(), subject=default_subject(), audience=site_audience(broker),
                                         scopes=["files.read:/x/" + "a" * 26 + "/output"], confirm="ab" * 32))
     stub, metadata, channel = _second_user(broker)
     grant = jpb.JobSpec(id=park.service.new_job_id(), call=jpb.PythonCall(target="park_test_tasks:noop"),
@@ -261,7 +284,7 @@ def test_a_submission_may_carry_only_its_submitters_delegated_tokens(new_broker)
 
 
 def test_revocation_ends_an_open_watch_within_seconds(broker) -> None:  # type: ignore[no-untyped-def]
-    token = tokens.issue(_user_key(), subject=default_subject(), audience="sns")
+    token = tokens.issue(_user_key(), subject=default_subject(), audience=site_audience(broker))
     stub, metadata, channel = _raw(broker, tokens.encode(token))
     stream = stub.Watch(jpb.WatchRequest(), metadata=metadata, timeout=30)
     first = next(stream)

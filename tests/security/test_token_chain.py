@@ -95,7 +95,11 @@ def test_root_claiming_another_subject_refused(kit):
 
 
 def test_unknown_version_refused(kit):
-    kit.refused(kit.root(version=2), "link 0: unsupported token version 2")
+    kit.refused(kit.root(version=3), "link 0: unsupported token version 3")
+
+
+def test_the_format_before_audiences_named_keys_is_refused_with_a_message_to_upgrade(kit):
+    kit.refused(kit.root(version=1), "link 0: token format 1 names its site by name alone")
 
 
 def test_empty_token_refused(kit):

@@ -5,7 +5,7 @@
     DIR/revoked.txt      one revoked link id (sha256 hex) per line
 
 `Authority.authenticate` turns the bearer token of a call into an `Identity`:
-the token must verify (park.tokens) for this site's name as audience, with a
+the token must verify (park.tokens) for this site's name and identity key as audience, with a
 root key registered for its subject, no revoked link, and, for a token bound
 to a key (`confirm`), a caller that proved possession of that key. The files
 are re-read when they change, so `park-broker users add` and
@@ -71,6 +71,7 @@ class _User:
 class Authority:
     site: str
     directory: Path
+    audience: str     # what tokens for this site must name: its name and its identity key (park.tokens)
     now: Callable[[], float] = time.time
     _users: dict[str, _User] = field(default_factory=dict)
     _revoked: frozenset[str] = frozenset()
@@ -93,7 +94,7 @@ class Authority:
     def verify(self, token_text: str, presenter_key_id: str | None = None) -> tokens.Verified:
         """A token checked for this site, its registered users and revocations; raises tokens.TokenError."""
         self._reload()
-        return tokens.verify(token_text, audience=self.site, revoked=self._revoked,
+        return tokens.verify(token_text, audience=self.audience, revoked=self._revoked,
                              trusted_root_keys=lambda subject: self._keys(subject),
                              presenter_key_id=presenter_key_id, now=self.now())
 

@@ -20,10 +20,10 @@ import grpc
 import tomli_w
 from cryptography import x509
 
-from park import tokens
+from park import certificates, tokens
 from park.config import replace_file
 from park.wire import InvalidInput, check_site
-from park_broker.site import IDENTITY_URI_PREFIX, SiteError, check_name_and_address
+from park_broker.site import SiteError, check_name_and_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +37,9 @@ class Peer:
 def identity_key(pem: bytes) -> bytes:
     """The raw Ed25519 identity key a Park site certificate carries."""
     try:
-        cert = x509.load_pem_x509_certificate(pem)
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound) as exc:
+        return certificates.identity_key(pem)
+    except certificates.CertificateError as exc:
         raise SiteError(f"not a Park site certificate: {exc}") from None
-    for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith(IDENTITY_URI_PREFIX):
-            return bytes.fromhex(uri[len(IDENTITY_URI_PREFIX):])
-    raise SiteError("the certificate names no Park identity key (was it made by park-broker init?)")
 
 
 def _normal(pem: bytes) -> bytes:
