@@ -1,6 +1,7 @@
 """Real brokers for tests: `park-broker` processes on loopback ports, in temporary directories."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -8,14 +9,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import park
 from park import certificates, tokens
 from park.agent_client import default_subject
-from park.signer import read_private_key
+from park.signer import read_private_key, write_private_key
 
 TASKS = Path(__file__).parent / "tasks"
 sys.path.insert(0, str(TASKS))  # the @park.job test imports the same module the brokers run
@@ -93,6 +96,27 @@ class Broker:
 def broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "park_broker.cli", *args], capture_output=True, text=True,
                           timeout=60)
+
+
+@contextlib.contextmanager
+def as_user(broker: Broker, name: str, key_dir: Path, *extra: str) -> Iterator[None]:
+    """Register another user `name` at `broker` (`extra`: options of `users add`, such as --allow) and make
+    the clients made inside the block speak for them (PARK_KEY_FILE, PARK_USER)."""
+    key_file = key_dir / f"{name}.key"
+    if not key_file.exists():
+        write_private_key(key_file, Ed25519PrivateKey.generate(), None)
+        result = broker_cli("users", "add", str(broker.directory), name, "--key", public_key_of(key_file), *extra)
+        assert result.returncode == 0, result.stderr
+        time.sleep(1.1)   # a running broker re-reads users.toml at most once a second
+    saved = {k: os.environ.get(k) for k in ("PARK_KEY_FILE", "PARK_USER")}
+    os.environ.update(PARK_KEY_FILE=str(key_file), PARK_USER=name)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 def site_audience(broker: Broker) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import shutil
 import stat
 import subprocess
@@ -65,8 +66,8 @@ def install(store: PackageStore, wheel: Path) -> PackageRef:
 
 
 def leftovers(root: Path) -> list[Path]:
-    """Everything under the store's root except its (empty) staging directory."""
-    return sorted(p for p in root.rglob("*") if p != root / ".staging")
+    """Everything under the store's root except its (empty) staging and site-wide directories."""
+    return sorted(p for p in root.rglob("*") if p not in (root / ".staging", root / "@site"))
 
 
 def imported_version(path: Path, tmp_path: Path) -> str:
@@ -80,11 +81,11 @@ def test_two_versions_side_by_side(wheelhouse: Path, tmp_path: Path) -> None:
     store = PackageStore(tmp_path / "packages", None)
     old, new = install(store, wheel_of(wheelhouse, "1.0")), install(store, wheel_of(wheelhouse, "1.1"))
     assert [(r.name, r.version) for r in store.list()] == [("mymodel", "1.0"), ("mymodel", "1.1")]
-    assert store.resolve(["mymodel==1.0"]) == [tmp_path / "packages" / "mymodel" / "1.0"]
-    assert store.resolve(["MyModel==1.1.0"]) == [tmp_path / "packages" / "mymodel" / "1.1"]  # normalized
-    assert imported_version(store.resolve(["mymodel==1.0"])[0], tmp_path) == "1.0"
-    assert imported_version(store.resolve(["mymodel==1.1"])[0], tmp_path) == "1.1"
-    assert installed_versions(store.resolve(["mymodel==1.1"])) == {"mymodel": "1.1"}
+    assert store.resolve(["mymodel==1.0"], "alice") == [tmp_path / "packages" / "@site" / "mymodel" / "1.0"]
+    assert store.resolve(["MyModel==1.1.0"], "alice") == [tmp_path / "packages" / "@site" / "mymodel" / "1.1"]  # normalized
+    assert imported_version(store.resolve(["mymodel==1.0"], "alice")[0], tmp_path) == "1.0"
+    assert imported_version(store.resolve(["mymodel==1.1"], "alice")[0], tmp_path) == "1.1"
+    assert installed_versions(store.resolve(["mymodel==1.1"], "alice")) == {"mymodel": "1.1"}
     assert (old.sha256, new.sha256) == (sha256_file(wheel_of(wheelhouse, "1.0")), sha256_file(wheel_of(wheelhouse, "1.1")))
     kept = old.path / ".park-wheel" / wheel_of(wheelhouse, "1.0").name
     assert kept.read_bytes() == wheel_of(wheelhouse, "1.0").read_bytes()
@@ -179,12 +180,12 @@ def test_resolve_names_what_the_site_has(wheelhouse: Path, tmp_path: Path) -> No
     install(store, wheel_of(wheelhouse, "1.1"))
     install(store, wheel_of(wheelhouse, "1.0"))
     with pytest.raises(PackageError) as err:
-        store.resolve(["mymodel==2.0", "other==1"])
+        store.resolve(["mymodel==2.0", "other==1"], "alice")
     assert (err.value.kind, err.value.code) == ("missing", Code.FAILED_PRECONDITION)
     assert "mymodel==2.0 (this site has 1.0, 1.1 of mymodel)" in err.value.message
     assert "other==1 (this site has no version of other)" in err.value.message
     with pytest.raises(PackageError, match="mymodel is pinned twice, to 1.0 and 1.1"):
-        store.resolve(["mymodel==1.0", "MyModel==1.1"])
+        store.resolve(["mymodel==1.0", "MyModel==1.1"], "alice")
 
 
 @pytest.mark.parametrize("requirement", ["mymodel>=1.0", "mymodel", "mymodel==1.*", "mymodel[fast]==1.0",
@@ -192,7 +193,7 @@ def test_resolve_names_what_the_site_has(wheelhouse: Path, tmp_path: Path) -> No
 def test_only_exact_pins_are_accepted(requirement: str, tmp_path: Path) -> None:
     store = PackageStore(tmp_path / "packages", None)
     with pytest.raises(PackageError, match="must be an exact pin like 'name==1.2'") as err:
-        store.resolve([requirement])
+        store.resolve([requirement], "alice")
     assert err.value.kind == "invalid"
 
 
@@ -211,19 +212,19 @@ def test_implicit_install_from_a_wheelhouse_happens_once(wheelhouse: Path, tmp_p
 
     def ask() -> None:
         barrier.wait()
-        results.append(store.ensure(["mymodel==1.1"]))
+        results.append(store.ensure(["mymodel==1.1"], "alice"))
 
     threads = [threading.Thread(target=ask) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=100)
-    assert results == [[tmp_path / "packages" / "mymodel" / "1.1"]] * 2
+    assert results == [[tmp_path / "packages" / "@site" / "mymodel" / "1.1"]] * 2
     assert installs == ["mymodel-1.1-py3-none-any.whl"]
-    assert store.ensure(["mymodel==1.1"]) == results[0] and len(installs) == 1
+    assert store.ensure(["mymodel==1.1"], "alice") == results[0] and len(installs) == 1
     assert imported_version(results[0][0], tmp_path) == "1.1"
     with pytest.raises(PackageError, match=r"or from its package index: mymodel==9\.0 \(this site has 1\.1 of"):
-        store.ensure(["mymodel==9.0"])
+        store.ensure(["mymodel==9.0"], "alice")
     assert [(r.name, r.version) for r in store.list()] == [("mymodel", "1.1")]
     assert list((tmp_path / "packages" / ".staging").iterdir()) == []
 
@@ -284,6 +285,36 @@ def test_a_pin_the_index_lacks_is_not_fetched_again_at_once(wheelhouse: Path, tm
     store._fetch_and_install = counting  # type: ignore[method-assign]
     for _ in range(3):
         with pytest.raises(PackageError, match=r"mymodel==7 \(this site has no version of mymodel\)") as err:
-            store.ensure(["mymodel==7"])
+            store.ensure(["mymodel==7"], "alice")
         assert err.value.kind == "missing"
     assert calls == [("mymodel", "7")]
+
+
+def test_packages_belong_to_their_uploader_and_site_wide_ones_to_everyone(wheelhouse: Path, tmp_path: Path) -> None:
+    """Nobody takes a name before its author, nor shadows another user's package: each user has a namespace,
+    `requires=` resolves the owner's own package first, then a site-wide one."""
+    store = PackageStore(tmp_path / "packages", None)
+    one = wheel_of(wheelhouse, "1.0")
+    mine = store.install_wheel(one, sha256_file(one), owner="alice")
+    assert mine.owner == "alice" and store.resolve(["mymodel==1.0"], "alice") == [mine.path]
+    with pytest.raises(PackageError) as err:
+        store.resolve(["mymodel==1.0"], "bob")
+    assert err.value.kind == "missing" and "no version of mymodel" in err.value.message
+    # Bob's own mymodel==1.0, other bytes: no conflict with alice's, and his jobs get his.
+    other = tmp_path / "other"
+    bobs_wheel = build_wheel(write_project(other, "1.0", body="BOB = 1\n"), tmp_path / "bobs")
+    bobs = store.install_wheel(bobs_wheel, sha256_file(bobs_wheel), owner="bob")
+    assert bobs.sha256 != mine.sha256 and store.resolve(["mymodel==1.0"], "bob") == [bobs.path]
+    # Published site-wide (by an admin): everyone may use it; an owner's own still comes first.
+    site = store.install_wheel(wheel_of(wheelhouse, "1.1"), sha256_file(wheel_of(wheelhouse, "1.1")))
+    assert site.owner == "" and store.resolve(["mymodel==1.1"], "bob") == [site.path]
+    assert [(r.owner, r.version) for r in store.list("alice")] == [("alice", "1.0"), ("", "1.1")]
+    assert {(r.owner, r.version) for r in store.list()} == {("alice", "1.0"), ("bob", "1.0"), ("", "1.1")}
+
+
+def test_a_store_of_the_layout_before_namespaces_is_kept_site_wide(wheelhouse: Path, tmp_path: Path) -> None:
+    root = tmp_path / "packages"
+    ref = PackageStore(root, None).install_wheel(wheel_of(wheelhouse, "1.0"), sha256_file(wheel_of(wheelhouse, "1.0")))
+    os.rename(ref.path.parent, root / "mymodel")   # where the earlier layout kept it
+    store = PackageStore(root, None)
+    assert store.resolve(["mymodel==1.0"], "anyone") == [root / "@site" / "mymodel" / "1.0"]

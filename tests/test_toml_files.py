@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness import broker_cli, site_audience  # type: ignore[import-not-found]
+import park
+from harness import broker_cli, site_audience, wait_for  # type: ignore[import-not-found]
 from park import tokens
 from park._proto import jobs_pb2, jobs_pb2_grpc, site_pb2, site_pb2_grpc
 from park.config import add_service, load_services, replace_file
@@ -141,3 +143,14 @@ def test_a_broker_serves_a_user_with_a_dotted_name(new_broker) -> None:  # type:
         listing = jobs_pb2_grpc.JobsStub(channel).List(jobs_pb2.ListRequest(), metadata=bearer(alice, "alice"),
                                                        timeout=10)
         assert list(listing.jobs) == []
+
+
+def test_a_users_file_that_stops_parsing_leaves_the_last_good_one_in_force(broker) -> None:  # type: ignore[no-untyped-def]
+    service = broker.service()
+    assert service.info.caller
+    good = (broker.directory / "users.toml").read_text()
+    (broker.directory / "users.toml").write_text(good + "\n[users.broken\n")   # a hand edit gone wrong
+    time.sleep(1.2)   # re-read within a second
+    with park.Service(broker.address, broker.cert) as again:
+        assert again.info.caller == service.info.caller, "every call still works"
+    wait_for(lambda: "stays in force until it is fixed" in broker.log())

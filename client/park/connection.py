@@ -24,6 +24,7 @@ class PackageInfo:
     name: str
     version: str
     sha256: str
+    owner: str = ""      # whose upload it is; "" for one the site has for every user
 
 
 CHANNEL_OPTIONS = [
@@ -95,7 +96,7 @@ class Connection:
         """What this site has installed, so a script can pin one of those (`requires=[...]`)."""
         reply = self.call(packages_pb2_grpc.PackagesStub(self._channel).List, ppb.ListPackagesRequest(),
                           "listing packages")
-        return [PackageInfo(p.name, p.version, p.sha256) for p in reply.packages]
+        return [PackageInfo(p.name, p.version, p.sha256, p.owner) for p in reply.packages]
 
 
 def status_name(number: int) -> str:

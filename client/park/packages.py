@@ -33,16 +33,21 @@ CHUNK = 1 << 20
 RETRY_FOR = 60.0
 
 
-def install_service(module_or_path: types.ModuleType | str | Path, service: Service | None = None) -> Job:
+def install_service(module_or_path: types.ModuleType | str | Path, service: Service | None = None, *,
+                    site_wide: bool = False) -> Job:
     """Build a wheel of the project a module (or directory) belongs to, and install it at `service`
-    (default: the enclosing `with`). Returns the install job; `requires=["name==version"]` uses it."""
+    (default: the enclosing `with`). Returns the install job; `requires=["name==version"]` uses it.
+
+    The package is yours: your jobs' `requires=` find it, other users' do not (they have their own
+    namespace). `site_wide=True` (admins only) publishes it for every user of the site."""
     service = default_service(service)
     out = Path(tempfile.mkdtemp(prefix="park-install-"))
     wheel = build_wheel(module_or_path, out)
     digest = sha256_file(wheel)
     name, version = wheel.name.split("-")[:2]
     spec = spec_for(service, None, "output", f"install {name} {version}")
-    spec.install.CopyFrom(jpb.Install(name=name, version=version, sha256=digest, filename=wheel.name))
+    spec.install.CopyFrom(jpb.Install(name=name, version=version, sha256=digest, filename=wheel.name,
+                                      site_wide=site_wide))
     job = queue_spec(service, spec)
     service.background(lambda: _upload(service, job, wheel, digest), f"upload of {wheel.name}")
     return job

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 import park
-from harness import broker_cli, wait_for  # type: ignore[import-not-found]
-from park import tokens
+from harness import as_user, broker_cli, wait_for  # type: ignore[import-not-found]
 from park.agent_client import default_subject
 
 pytestmark = [
@@ -45,37 +44,17 @@ def accounts() -> Iterator[tuple[str, str]]:
         subprocess.run(["userdel", name], check=False)
 
 
-def _bob(broker, account: str):  # type: ignore[no-untyped-def]
-    """A second site user, "bob", mapped to `account`, and a client session as him."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    key = Ed25519PrivateKey.generate()
-    result = broker_cli("users", "add", str(broker.directory), "bob", "--key", tokens.format_public_key(key.public_key()),
-                        "--unix-user", account)
-    assert result.returncode == 0, result.stderr
-    return key
-
-
 def test_each_users_jobs_run_as_their_account_and_reach_neither_the_sites_secrets_nor_other_users_outputs(
         new_broker, accounts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     alice_account, bob_account = accounts
     broker = new_broker()
     me = default_subject()
     assert broker_cli("users", "set", str(broker.directory), me, "--unix-user", alice_account).returncode == 0
-    bob_key = _bob(broker, bob_account)
     broker.start()
-    bob_file = tmp_path / "bob.key"
-    from park.signer import write_private_key
-    write_private_key(bob_file, bob_key, None)
-
-    os.environ["PARK_KEY_FILE"], saved = str(bob_file), os.environ["PARK_KEY_FILE"]
-    os.environ["PARK_USER"] = "bob"
-    try:
+    with as_user(broker, "bob", tmp_path, "--unix-user", bob_account):
         with broker.service():
             secret = park.run(["sh", "-c", "echo bob-secret > output; id -un"])
             assert secret.wait(timeout=60) == "completed"
-    finally:
-        os.environ["PARK_KEY_FILE"] = saved
-        del os.environ["PARK_USER"]
     bob_output = Path(secret.filename)
     assert bob_output.read_text() == "bob-secret\n"
     assert (bob_output.parent / "stdout.log").read_text() == f"{bob_account}\n"

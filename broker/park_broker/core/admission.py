@@ -145,7 +145,7 @@ class Admission:
 
     # -- packages and memo keys -------------------------------------------------------
 
-    async def packages_for(self, spec: jpb.JobSpec, installing: set[tuple[str, str]]
+    async def packages_for(self, owner: str, spec: jpb.JobSpec, installing: set[tuple[str, str, str]]
                            ) -> tuple[list[Path], dict[str, str]]:
         """The install directories of the pins a job requires (fetched from the index if needed), and
         the pins an install job of this site is still waiting to receive: those are checked at start."""
@@ -153,19 +153,20 @@ class Admission:
             return [], {}
         try:
             pins = parse_pins(list(spec.requires))
-            coming = {name: version for name, version in pins if (name, version) in installing}
+            coming = {name: version for name, version in pins
+                      if (owner, name, version) in installing or ("", name, version) in installing}
             rest = [f"{name}=={version}" for name, version in pins if name not in coming]
-            return await asyncio.to_thread(self.packages.ensure, rest), coming
+            return await asyncio.to_thread(self.packages.ensure, rest, owner), coming
         except PackageError as exc:
             raise BrokerError(exc.code, f"job {spec.id}: {exc.message}") from None
 
     @staticmethod
-    def installs(spec: jpb.JobSpec) -> tuple[str, str] | None:
-        """The pin an install job provides."""
+    def installs(owner: str, spec: jpb.JobSpec) -> tuple[str, str, str] | None:
+        """The pin an install job of `owner` provides, and to whom ("" for every user)."""
         if spec.WhichOneof("work") != "install":
             return None
         try:
-            return parse_wheel_name(spec.install.filename)
+            return ("" if spec.install.site_wide else owner, *parse_wheel_name(spec.install.filename))
         except PackageError:
             return None
 
@@ -204,8 +205,8 @@ class Admission:
             work, args, kwargs = memo.substitute(list(spec.command.argv), resolve), [], {}
         elif which == "fetch":   # a job's output never changes once it exists: the url names the content
             work, args, kwargs = spec.fetch.url, [], {}
-        else:
-            work, args, kwargs = spec.install.sha256, [], {}
+        else:   # the same wheel published site-wide is another install than the uploader's own
+            work, args, kwargs = spec.install.sha256 + (":site-wide" if spec.install.site_wide else ""), [], {}
         # The condition is part of the work: the same call gated differently is other work. Its
         # atoms count by their jobs' keys, so a rerun whose upstream jobs are memo hits still matches.
         when = [cpb.Op.Name(n.op) if n.WhichOneof("node") == "op" else

@@ -114,7 +114,7 @@ class Dispatcher:
                "PARK_JOB_FILENAME": str(work / output), "PARK_JOB_URL": job.url,
                "PARK_BROKER_ADDRESS": self.site.address, "PARK_BROKER_CERT": self.site.cert_path,
                "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}
-        python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires)))
+        python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires), job.owner))
         common = dict(job_id=job.id, attempt=attempt, owner=job.owner, account=account, work_dir=work,
                       output_name=output, env=env, python_path=python_path)
         if spec.WhichOneof("work") == "call":

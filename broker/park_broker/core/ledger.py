@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_HISTORY = 10_000      # progress reports kept in memory per active job
 
-Pin = tuple[str, str]     # (package, version) an install job provides
+Pin = tuple[str, str, str]     # (owner or "" for site-wide, package, version) an install job provides
 
 
 @dataclass(slots=True)

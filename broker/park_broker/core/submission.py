@@ -88,6 +88,8 @@ class Submissions:
         for spec in specs:
             try:
                 needed = "upload" if spec.WhichOneof("work") == "install" else "submit"
+                if needed == "upload" and spec.install.site_wide:
+                    needed = "admin"   # what every user's requires= may run is the operators' to publish
                 if needed not in may:
                     fail(Code.PERMISSION_DENIED, f"job {spec.id[:40]}: user {owner!r} may not {needed} at site "
                                                  f"{self.site.name!r} (allowed: {', '.join(sorted(may)) or 'nothing'})")
@@ -101,12 +103,12 @@ class Submissions:
         installing = self.ledger.installing()
         for p in ok:
             try:
-                p.dirs, p.coming = await self.admission.packages_for(p.spec, installing)
+                p.dirs, p.coming = await self.admission.packages_for(owner, p.spec, installing)
             except BrokerError as exc:
                 p.error = exc
             except Exception as exc:  # noqa: BLE001 - as above
                 p.error = _unexpected(p.spec, exc)
-            pin = self.admission.installs(p.spec)
+            pin = self.admission.installs(owner, p.spec)
             if pin is not None and p.error is None:
                 installing.add(pin)    # later jobs of the batch may require what it installs
         wanted = {p.spec.id for p in ok} | {a.key.job_id for p in ok if p.cond is not None for a in p.cond.depends} | {
@@ -155,7 +157,7 @@ class Submissions:
             job = self._new_job(owner, spec, now)
             if p.key:
                 job.memo_key, job.memo_inputs = p.key, memo.canonical(p.inputs)
-            self.ledger.add(job, self.admission.installs(spec))
+            self.ledger.add(job, self.admission.installs(owner, spec))
             batch.changes.append(self.ledger.change(
                 job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
             decision = self.scheduler.add(job.id, cond, states)

@@ -42,7 +42,8 @@ class Installs:
             fail(Code.FAILED_PRECONDITION, f"install job {job_id} is {STATE_NAMES[job.state]}, not waiting for "
                                            "its upload")
         try:
-            ref = await asyncio.to_thread(self.packages.install_wheel, wheel, sha256, filename)
+            owner = "" if job.spec.install.site_wide else job.owner
+            ref = await asyncio.to_thread(self.packages.install_wheel, wheel, sha256, filename, owner=owner)
         except BrokerError as exc:
             self.transitions.settle(job.id, Outcome(ok=False, error=exc.message))
             raise

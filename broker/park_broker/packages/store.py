@@ -1,14 +1,23 @@
-"""The site's package store: uploaded and index-fetched wheels, one directory per (name, version).
+"""The site's package store: uploaded and index-fetched wheels, one directory per (namespace, name, version).
 
 Layout, under `<state>/packages/`:
 
-    <name>/<version>/                   `pip install --no-deps --target` of one wheel; goes first on sys.path
-    <name>/<version>/.park-wheel.json   the record: file name, sha256, size, where it came from
-    <name>/<version>/.park-wheel/*.whl  the exact bytes that were installed
-    .staging/                           work directories; never visible under a package name
+    <ns>/<name>/<version>/                   `pip install --no-deps --target` of one wheel; first on sys.path
+    <ns>/<name>/<version>/.park-wheel.json   the record: file name, sha256, size, where it came from
+    <ns>/<name>/<version>/.park-wheel/*.whl  the exact bytes that were installed
+    .staging/                                work directories; never visible under a package name
 
 `<name>` is the PEP 503 normalized name and `<version>` the PEP 440 normalized
 version, so two versions of one package coexist and a job picks one by pin.
+
+Packages have owners. `<ns>` is `~<user>` for what a user uploaded, and
+`@site` for what is there for everyone: what an admin published site-wide and
+what the site installed from its own package index. A job's `requires=`
+resolves its owner's own packages first, then site-wide ones, so nobody can
+take a name before its author, or shadow another user's package: every user
+has a `mymodel==1.0` of their own to upload. (A store of the layout before
+namespaces, `<name>/<version>/` at the top, is moved under `@site` on open:
+those packages were everyone's.)
 
 Guarantees:
 - Nothing half-installed is ever visible: a wheel is copied (and hashed while
@@ -65,6 +74,7 @@ log = logging.getLogger(__name__)
 RECORD_FILE = ".park-wheel.json"
 WHEEL_DIR = ".park-wheel"
 STAGING_DIR = ".staging"
+SITE_WIDE = "@site"
 ABSENT_TTL = 60.0
 _PIP_TIMEOUT = 600.0  # seconds; a wheel install is local work, so this only catches a hung pip
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -104,6 +114,12 @@ class PackageRef:
     version: str  # PEP 440 normalized
     sha256: str  # of the wheel file that was installed
     path: Path  # the install directory: put it first on sys.path
+    owner: str = ""  # the user whose upload it is; "" for a site-wide package
+
+
+def namespace(owner: str) -> str:
+    """Where `owner`'s packages live ("" for site-wide)."""
+    return f"~{owner}" if owner else SITE_WIDE
 
 
 class PackageStore:
@@ -118,6 +134,11 @@ class PackageStore:
         self._locks_guard = threading.Lock()
         self._absent: dict[tuple[str, str], float] = {}  # pin -> monotonic time the index lacked it
         self._staging.mkdir(parents=True, exist_ok=True)
+        (root / SITE_WIDE).mkdir(exist_ok=True)
+        for legacy in sorted(root.iterdir()):
+            if legacy.is_dir() and not legacy.name.startswith((".", "@", "~")):
+                os.rename(legacy, root / SITE_WIDE / legacy.name)
+                log.info("package %s moved to the site-wide namespace", legacy.name)
         for leftover in self._staging.iterdir():
             # Only an interrupted install leaves work here, and it was never visible: drop it.
             log.warning("removing interrupted package install", extra={"path": str(leftover)})
@@ -125,8 +146,10 @@ class PackageStore:
 
     # -- installing ---------------------------------------------------------------------------
 
-    def install_wheel(self, data_path: Path, expected_sha256: str, filename: str | None = None) -> PackageRef:
-        """Install the wheel at `data_path` (named `filename`, default its own name).
+    def install_wheel(self, data_path: Path, expected_sha256: str, filename: str | None = None, *,
+                      owner: str = "") -> PackageRef:
+        """Install the wheel at `data_path` (named `filename`, default its own name) as `owner`'s
+        ("" for site-wide).
 
         Returns the new ref, or the existing one when the same bytes are already
         installed. Raises PackageError("invalid") for a bad wheel or digest and
@@ -138,22 +161,22 @@ class PackageStore:
         expected = expected_sha256.lower()
         if not _SHA256.fullmatch(expected):
             raise PackageError("invalid", "the wheel's sha256 must be 64 hexadecimal digits")
-        with self._lock(name, version):
+        with self._lock(owner, name, version):
             work = Path(tempfile.mkdtemp(dir=self._staging))
             try:
-                return self._install_locked(data_path, filename, name, version, expected, work, source="upload")
+                return self._install_locked(data_path, filename, owner, name, version, expected, work,
+                                            source="upload")
             finally:
                 shutil.rmtree(work, ignore_errors=True)
 
-    def _install_locked(
-        self, data_path: Path, filename: str, name: str, version: str, expected: str | None, work: Path, *, source: str
-    ) -> PackageRef:
+    def _install_locked(self, data_path: Path, filename: str, owner: str, name: str, version: str,
+                        expected: str | None, work: Path, *, source: str) -> PackageRef:
         # The copy is what gets checked and installed, so the caller's file changing later cannot matter.
         wheel = work / filename
         actual, size = _copy_hashing(data_path, wheel, self.limits.max_wheel_bytes)
         if expected is not None and not hmac.compare_digest(actual, expected):
             raise PackageError("invalid", f"{filename}: sha256 is {actual}, but the upload said {expected}")
-        existing = self._installed(name, version)
+        existing = self._installed(owner, name, version)
         if existing is not None:
             return _same_or_conflict(existing, actual)
         _check_wheel(wheel, name, version, self.limits)
@@ -169,21 +192,22 @@ class PackageStore:
                   "source": source, "installed_at": time.time()}
         (tree / RECORD_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
         _fsync_tree(tree)  # so that what the rename reveals has reached the disk
-        final = self.root / name / version
+        final = self.root / namespace(owner) / name / version
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(tree, final)  # atomic; fails rather than merging if another process got there first
         except OSError:
-            winner = self._installed(name, version)
+            winner = self._installed(owner, name, version)
             if winner is None:
                 raise
             return _same_or_conflict(winner, actual)
         _fsync_dir(final.parent)
-        log.info("installed package", extra={"package": name, "version": version, "sha256": actual, "source": source})
-        return PackageRef(name, version, actual, final)
+        log.info("installed package %s %s for %s", name, version, owner or "the whole site",
+                 extra={"package": name, "version": version, "sha256": actual, "source": source, "owner": owner})
+        return PackageRef(name, version, actual, final, owner)
 
-    def ensure(self, requires: builtins.list[str]) -> builtins.list[Path]:
-        """`resolve`, after installing from the site's index any pin the site lacks.
+    def ensure(self, requires: builtins.list[str], owner: str) -> builtins.list[Path]:
+        """`resolve` for `owner`, after installing site-wide from the site's index any pin the site lacks.
 
         Each missing pin is fetched and installed once, even when several threads
         ask at once. Raises PackageError("missing") when the index has no wheel
@@ -192,12 +216,12 @@ class PackageStore:
         pins = parse_pins(requires)
         if self.index is not None:
             for name, version in pins:
-                if self._installed(name, version) is None:
-                    with self._lock(name, version):
+                if self._visible(owner, name, version) is None:
+                    with self._lock("", name, version):
                         # Another thread may have installed it, or just learnt that the index lacks it.
-                        if self._installed(name, version) is None and not self._recently_absent(name, version):
+                        if self._installed("", name, version) is None and not self._recently_absent(name, version):
                             self._fetch_and_install(name, version)
-        return self._resolve_pins(pins)
+        return self._resolve_pins(pins, owner)
 
     def _fetch_and_install(self, name: str, version: str) -> None:
         assert self.index is not None
@@ -216,7 +240,7 @@ class PackageStore:
             if len(wheels) != 1 or not _same_pin(parse_wheel_name(wheels[0].name), (name, version)):
                 raise PackageError("invalid", f"the package index gave {[w.name for w in wheels]} for {name}=={version}")
             # No digest to compare: the site's own index is trusted; the wheel is still checked.
-            self._install_locked(wheels[0], wheels[0].name, name, version, None, work, source=self.index)
+            self._install_locked(wheels[0], wheels[0].name, "", name, version, None, work, source=self.index)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -226,23 +250,24 @@ class PackageStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def resolve(self, requires: builtins.list[str]) -> builtins.list[Path]:
-        """The install directories for exact pins `name==version`, in order, without installing.
+    def resolve(self, requires: builtins.list[str], owner: str) -> builtins.list[Path]:
+        """The install directories of `owner`'s (else site-wide) packages for exact pins `name==version`, in
+        order, without installing.
 
         Raises PackageError("invalid") for anything but an exact pin and
         PackageError("missing") naming every unmet pin and the versions the site has.
         """
-        return self._resolve_pins(parse_pins(requires))
+        return self._resolve_pins(parse_pins(requires), owner)
 
-    def _resolve_pins(self, pins: builtins.list[tuple[str, str]]) -> builtins.list[Path]:
+    def _resolve_pins(self, pins: builtins.list[tuple[str, str]], owner: str) -> builtins.list[Path]:
         paths: builtins.list[Path] = []
         missing: builtins.list[str] = []
         for name, version in pins:
-            ref = self._installed(name, version)
+            ref = self._visible(owner, name, version)
             if ref is not None:
                 paths.append(ref.path)
                 continue
-            have = [r.version for r in self.list() if r.name == name]
+            have = [r.version for r in self.list(owner) if r.name == name]
             missing.append(f"{name}=={version} (this site has {', '.join(have) if have else 'no version'} of {name})")
         if missing:
             hint = " or from its package index" if self.index is not None else ""
@@ -250,37 +275,45 @@ class PackageStore:
                                + ". Pin a version the site has, or upload it with park.install_service")
         return paths
 
-    def _installed(self, name: str, version: str) -> PackageRef | None:
+    def _visible(self, owner: str, name: str, version: str) -> PackageRef | None:
+        """What `requires=` of a job of `owner` gets for a pin: their own package, else the site-wide one."""
+        return (self._installed(owner, name, version) if owner else None) or self._installed("", name, version)
+
+    def _installed(self, owner: str, name: str, version: str) -> PackageRef | None:
         wanted = Version(version)
-        for ref in self._refs_of(self.root / name):
+        for ref in self._refs_of(self.root / namespace(owner) / name, owner):
             if Version(ref.version) == wanted:  # "1.0" and "1.0.0" are one version
                 return ref
         return None
 
-    def _refs_of(self, name_dir: Path) -> builtins.list[PackageRef]:
+    def _refs_of(self, name_dir: Path, owner: str) -> builtins.list[PackageRef]:
         refs = []
         for version_dir in sorted(name_dir.iterdir()) if name_dir.is_dir() else []:
             try:
                 record = json.loads((version_dir / RECORD_FILE).read_text())
-                refs.append(PackageRef(record["name"], record["version"], record["sha256"], version_dir))
+                refs.append(PackageRef(record["name"], record["version"], record["sha256"], version_dir, owner))
             except (OSError, ValueError, KeyError) as e:
                 # Not ours, or damaged by hand: never offer it to a job, but keep it for the operator to inspect.
                 log.warning("ignoring package directory without a valid record",
                             extra={"path": str(version_dir), "error": repr(e)})
         return sorted(refs, key=lambda r: Version(r.version))
 
-    def _lock(self, name: str, version: str) -> threading.Lock:
-        key = (name, canonicalize_version(version))
+    def _lock(self, owner: str, name: str, version: str) -> threading.Lock:
+        key = (owner, name, canonicalize_version(version))
         with self._locks_guard:
             return self._locks.setdefault(key, threading.Lock())
 
     # `builtins.list` in this class's annotations: a type checker would read `list` as this method.
-    def list(self) -> builtins.list[PackageRef]:  # noqa: A003 -- the name the RPC and DESIGN §8 use
-        """Every installed package, by name then version."""
+    def list(self, owner: str | None = None) -> builtins.list[PackageRef]:  # noqa: A003 -- the RPC's name
+        """The packages `owner` can require (their own, then site-wide ones), or every user's for None; each
+        namespace by name then version."""
+        spaces = [d for d in sorted(self.root.iterdir()) if d.name.startswith(("~", "@"))] if owner is None else [
+            self.root / namespace(owner), self.root / SITE_WIDE] if owner else [self.root / SITE_WIDE]
         refs: builtins.list[PackageRef] = []
-        for name_dir in sorted(self.root.iterdir()):
-            if not name_dir.name.startswith("."):
-                refs.extend(self._refs_of(name_dir))
+        for space in spaces:
+            who = space.name[1:] if space.name.startswith("~") else ""
+            for name_dir in sorted(space.iterdir()) if space.is_dir() else []:
+                refs.extend(self._refs_of(name_dir, who))
         return refs
 
 

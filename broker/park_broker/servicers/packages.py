@@ -71,6 +71,8 @@ class PackagesServicer(packages_pb2_grpc.PackagesServicer):
 
     @unary
     async def List(self, request: ppb.ListPackagesRequest, context: grpc.aio.ServicerContext) -> ppb.PackageList:
-        refs = await asyncio.to_thread(self.packages.list)
-        return ppb.PackageList(packages=[ppb.PackageRef(name=r.name, version=r.version, sha256=r.sha256)
-                                         for r in refs])
+        caller = current_identity.get()
+        # What the caller can require: their own and site-wide packages; an admin sees every user's.
+        refs = await asyncio.to_thread(self.packages.list, None if caller.admin else caller.user)
+        return ppb.PackageList(packages=[ppb.PackageRef(name=r.name, version=r.version, sha256=r.sha256,
+                                                        owner=r.owner) for r in refs])

@@ -139,10 +139,13 @@ class Install(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     FILENAME_FIELD_NUMBER: _builtins.int
+    SITE_WIDE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     sha256: _builtins.str
     filename: _builtins.str
+    site_wide: _builtins.bool
+    """publish for every user of the site (admin only); else it is the uploader's own"""
     def __init__(
         self,
         *,
@@ -150,10 +153,11 @@ class Install(_message.Message):
         version: _builtins.str = ...,
         sha256: _builtins.str = ...,
         filename: _builtins.str = ...,
+        site_wide: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "name", b"name", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "name", b"name", "sha256", b"sha256", "site_wide", b"site_wide", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

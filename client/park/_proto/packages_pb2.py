@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16park/v1/packages.proto\x12\x07park.v1\"N\n\x0cUploadHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"P\n\rUploadRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.park.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\";\n\nPackageRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x15\n\x13ListPackagesRequest\"4\n\x0bPackageList\x12%\n\x08packages\x18\x01 \x03(\x0b\x32\x13.park.v1.PackageRef2\x7f\n\x08Packages\x12\x37\n\x06Upload\x12\x16.park.v1.UploadRequest\x1a\x13.park.v1.PackageRef(\x01\x12:\n\x04List\x12\x1c.park.v1.ListPackagesRequest\x1a\x14.park.v1.PackageListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16park/v1/packages.proto\x12\x07park.v1\"N\n\x0cUploadHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"P\n\rUploadRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.park.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"J\n\nPackageRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\"\x15\n\x13ListPackagesRequest\"4\n\x0bPackageList\x12%\n\x08packages\x18\x01 \x03(\x0b\x32\x13.park.v1.PackageRef2\x7f\n\x08Packages\x12\x37\n\x06Upload\x12\x16.park.v1.UploadRequest\x1a\x13.park.v1.PackageRef(\x01\x12:\n\x04List\x12\x1c.park.v1.ListPackagesRequest\x1a\x14.park.v1.PackageListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADREQUEST']._serialized_start=115
   _globals['_UPLOADREQUEST']._serialized_end=195
   _globals['_PACKAGEREF']._serialized_start=197
-  _globals['_PACKAGEREF']._serialized_end=256
-  _globals['_LISTPACKAGESREQUEST']._serialized_start=258
-  _globals['_LISTPACKAGESREQUEST']._serialized_end=279
-  _globals['_PACKAGELIST']._serialized_start=281
-  _globals['_PACKAGELIST']._serialized_end=333
-  _globals['_PACKAGES']._serialized_start=335
-  _globals['_PACKAGES']._serialized_end=462
+  _globals['_PACKAGEREF']._serialized_end=271
+  _globals['_LISTPACKAGESREQUEST']._serialized_start=273
+  _globals['_LISTPACKAGESREQUEST']._serialized_end=294
+  _globals['_PACKAGELIST']._serialized_start=296
+  _globals['_PACKAGELIST']._serialized_end=348
+  _globals['_PACKAGES']._serialized_start=350
+  _globals['_PACKAGES']._serialized_end=477
 # @@protoc_insertion_point(module_scope)
