@@ -43,9 +43,18 @@ def jobs_reach_tmp_path(request: pytest.FixtureRequest) -> None:
         parent.chmod(parent.stat().st_mode | 0o711)
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Keep each phase's report on the test item, so fixtures can tell in teardown whether it failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def new_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """A factory of initialised (not yet started) brokers, all stopped after the test."""
+def new_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Broker]]:
+    """A factory of initialised (not yet started) brokers, all stopped after the test (and, when the
+    test failed, the end of each one's log printed, which pytest shows with the failure)."""
     made: list[Broker] = []
 
     def factory(site: str = "sns", **kwargs: object) -> Broker:
@@ -58,6 +67,11 @@ def new_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
             s.close()
         if b.proc is not None:
             b.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for b in made:
+            if (b.directory / "broker.log").exists():
+                print(f"--- the end of {b.site}'s broker log ---\n{b.log()[-4000:]}")
 
 
 @pytest.fixture

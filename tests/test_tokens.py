@@ -107,7 +107,7 @@ def test_delegated_token_defaults_to_one_hour():
 @pytest.mark.parametrize(("confirm", "lifetime", "fragment"), [
     ("", 601, "lifetime 601 s of a bearer session token must be in (0, 600]"),
     ("x" * 64, 60, "confirm must be a key id"),
-    (kid(BOB), tokens.MAX_LIFETIME + 1, "lifetime 21601 s of a delegated token must be in (0, 21600]"),
+    (kid(BOB), tokens.MAX_LIFETIME + 1, "lifetime 21601 s of a delegated token of broad scope (one scoped to a single job or file may live longer) must be in (0, 21600]"),
     (kid(BOB), 0, "must be in (0, 21600]"),
 ])
 def test_issue_refuses_bad_requests(confirm, lifetime, fragment):
@@ -174,3 +174,16 @@ def test_parse_scope_refuses(text):
     with pytest.raises(TokenError) as info:
         parse_scope(text)
     assert info.value.kind == "invalid_argument"
+
+
+def test_a_delegated_token_scoped_to_one_job_or_file_may_outlive_the_broad_limit() -> None:
+    week = 7 * 24 * 3600
+    for scope in ("files.read:/alice/" + "a" * 26 + "/output", "jobs.read:/" + "a" * 26):
+        token = tokens.issue(ALICE, subject="alice", audience="sns", scopes=[scope], confirm=kid(BOB), lifetime=week)
+        assert tokens.verify(token, audience="sns", trusted_root_keys=ROOTS, presenter_key_id=kid(BOB)).lifetime == week
+    for broad in ("files.read:/alice/", "jobs.read:/"):
+        with pytest.raises(tokens.TokenError, match="broad scope"):
+            tokens.issue(ALICE, subject="alice", audience="sns", scopes=[broad], confirm=kid(BOB), lifetime=week)
+    with pytest.raises(tokens.TokenError, match="must be in"):
+        tokens.issue(ALICE, subject="alice", audience="sns", scopes=["jobs.read:/" + "a" * 26], confirm=kid(BOB),
+                     lifetime=tokens.MAX_NARROW_LIFETIME + 1)

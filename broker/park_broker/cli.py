@@ -20,6 +20,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from park import tokens
 from park_broker.execution.choice import executor_spec
 from park_broker.ops import logs
 from park_broker.federation.peers import add_peer
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between SIGTERM and SIGKILL for a cancelled job, and for shutdown")
     srv.add_argument("--package-index", metavar="DIR_OR_URL",
                      help="wheelhouse directory or package index for implicit installs of requires=")
+    srv.add_argument("--max-delegation", type=int, default=7 * 24 * 3600, metavar="SECONDS",
+                     help="the longest-lived delegated token (scoped to one job or file) this site accepts "
+                          "(default 7 days; clients renew waiting jobs' tokens with `park renew`)")
     srv.add_argument("--default-unix-user", default="", metavar="ACCOUNT",
                      help="the unprivileged account jobs of users without a Unix account run as (a broker "
                           "running as root never runs jobs as root)")
@@ -129,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.workers is not None and args.workers < 1:
             raise SiteError("--workers must be at least 1")
+        if not 0 < args.max_delegation <= tokens.MAX_NARROW_LIFETIME:
+            raise SiteError(f"--max-delegation must be between 1 and {tokens.MAX_NARROW_LIFETIME} seconds")
         options = ServeOptions(listen=args.listen, peer_listen=args.peer_listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
                                package_index=args.package_index, executor=args.executor,
                                metrics_listen=args.metrics_listen, default_unix_user=args.default_unix_user,
+                               max_delegation=args.max_delegation,
                                python_path=[str(Path(p).resolve()) for p in args.python_path])
         return asyncio.run(serve(site, options))
     except (SiteError, UsersError) as exc:

@@ -70,6 +70,7 @@ class ServeOptions:
     metrics_listen: str | None = None  # HOST:PORT (a bare PORT: loopback) for Prometheus' GET /metrics
     executor: str = "local"      # "local" or "dask://HOST:PORT" (park_broker.execution.choice)
     default_unix_user: str = ""  # the account of users without one (execution.accounts)
+    max_delegation: int = 7 * 24 * 3600   # seconds: the longest delegated token accepted (tokens.narrow ones)
 
 
 def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate:
@@ -78,7 +79,7 @@ def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate
         if peers.peers:
             raise SiteError("a --local-only broker has no users to delegate tokens, so it cannot have peers")
         return Gate(None, local_identity())
-    authority = Authority(site.name, site.directory, site.audience)
+    authority = Authority(site.name, site.directory, site.audience, options.max_delegation)
     if not authority.has_users():
         raise SiteError(f"site {site.name} has no users, so nobody could call it; add one with "
                         f"`park-broker users add {site.directory} NAME --key \"$(park-agent pubkey)\" --allow submit`, "
@@ -169,7 +170,8 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
                                                              serialization.PublicFormat.Raw)
     site_info = site_pb2.InfoResponse(
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
-        certificate_pem=site.certificate().decode(), executor=executor_kind(options.executor), isolation=accounts.description, capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
+        certificate_pem=site.certificate().decode(), executor=executor_kind(options.executor), isolation=accounts.description,
+        max_delegation_seconds=options.max_delegation, capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
     files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root, store), server)
     if gate.authority is not None:

@@ -10,7 +10,7 @@
 The public surface is exactly `__all__` (pinned by tests/test_exports.py).
 """
 from park.delegation import Credentials, credentials
-from park.api import CurrentJob, current_job, fetch_url, job, race, run, submit
+from park.api import CurrentJob, current_job, fetch_url, job, race, renew, run, submit
 from park.conditions import Condition, State
 from park.errors import (ConfigError, JobCancelled, JobFailed, NoServiceError, ParkError, ServiceError,
                          SubmitError)
@@ -26,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed", "MemoReport", "PackageInfo",
     "NoServiceError", "ParkError", "Race", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
-    "credentials", "current_job", "fetch_url", "install_service", "job", "race", "remote_service", "report", "run", "submit",
+    "credentials", "current_job", "fetch_url", "install_service", "job", "race", "remote_service", "renew", "report", "run", "submit",
 ]

@@ -22,15 +22,13 @@ from park.conditions import Condition
 from park.errors import ParkError, ServiceError
 from park.expressions import Expression
 from park.job import Job, Race
+from park.renewal import DEFAULT_WITHIN, renew_at
 from park.service import Service, default_service, new_job_id
 from park.wheels import distribution_versions
 
-__all__ = ["submit", "run", "race", "fetch_url", "job", "current_job", "CurrentJob"]
+__all__ = ["submit", "run", "race", "fetch_url", "renew", "job", "current_job", "CurrentJob"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-# A job may wait long on another site; the token lets its broker watch it that long (the cap of DESIGN §6).
-GRANT_LIFETIME = 6 * 3600
-
 
 def _target_of(fn: Callable[..., Any]) -> str:
     """`module:qualname` of a function the broker can import."""
@@ -80,8 +78,9 @@ def _name_remote_jobs(service: Service, when: Condition, spec: jpb.JobSpec) -> N
         if node.HasField("atom"):
             node.atom.job_id = canonical.get((node.atom.site, node.atom.job_id), node.atom.job_id)
     for site, (other, ids) in remote.items():
+        # As long as `other` accepts (the job may wait long there); `park renew` replaces it later.
         spec.grants[site] = credentials(other, scopes=[f"jobs.read:/{j}" for j in sorted(ids)],
-                                        lifetime=GRANT_LIFETIME, destination=service).token()
+                                        destination=service).token()
 
 
 def queue_spec(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = None) -> Job:
@@ -158,6 +157,13 @@ def fetch_url(url: str, *, auth: Credentials, when: Condition | None = None, ser
     spec = spec_for(service, when, name, label or f"fetch {url}")
     spec.fetch.CopyFrom(jpb.Fetch(url=url, token=auth.token([f"files.read:{path}"])))
     return queue_spec(service, spec)
+
+
+def renew(service: Service | None = None, *, within: float = DEFAULT_WITHIN) -> list[jpb.Credential]:
+    """Replace the delegated tokens (fetch tokens, grants) of your active jobs at `service` (default: the
+    enclosing `with`) that expire within `within` seconds with fresh ones from your agent, so a job that
+    waits longer than a site lets a token live keeps going; returns what was renewed (`park renew`)."""
+    return renew_at(default_service(service), within)
 
 
 def race(jobs: Sequence[Job], until: str | None = None, *, service: Service | None = None,

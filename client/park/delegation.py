@@ -3,7 +3,10 @@
 `credentials()` asks for a delegated token: audience the site that will be
 read, scopes only what the job needs, and `confirm` the identity key of the
 broker that will present it (by default the service of the enclosing `with`).
-Each token is reused until a minute before it expires.
+Each token is reused until a minute before it expires. A token scoped to one job
+or one file lives, unless asked otherwise, as long as the site it is for
+accepts (`Site.Info.max_delegation_seconds`, 7 days by default), so that a job
+waiting in a queue keeps it; `park renew` replaces those of waiting jobs later.
 """
 from __future__ import annotations
 
@@ -40,14 +43,22 @@ class Credentials:
         issued = self._issued.get(wanted)
         if issued is None or issued.expires - time.time() < REFRESH_BEFORE:
             issued = self._issued[wanted] = self.source.delegate(self.audience, scopes=wanted, confirm=self.confirm,
-                                                                 lifetime=self.lifetime)
+                                                                 lifetime=self.lifetime or self._longest(wanted))
         return issued.token
+
+    def _longest(self, scopes: Sequence[str]) -> int:
+        """What to ask for when not told: as long as the site accepts for a job- or file-scoped token."""
+        accepted = self.service.info.max_delegation_seconds
+        if accepted > 0 and tokens.narrow(tokens.parse_scope(s) for s in scopes):
+            return min(accepted, tokens.MAX_NARROW_LIFETIME)
+        return tokens.DELEGATED_LIFETIME
 
 
 def credentials(service: Service, scopes: Sequence[str] = (), lifetime: int = 0,
                 destination: Service | None = None) -> Credentials:
     """Delegated credentials for reading from `service`, usable only by `destination`
-    (default: the service of the enclosing `with`). `lifetime` in seconds: 0 = 1 hour, at most 6 hours."""
+    (default: the service of the enclosing `with`). `lifetime` in seconds: 0 = as long as `service` accepts for
+    a token scoped to one job or file (else 1 hour); at most 6 hours for broader scopes."""
     destination = default_service(destination)
     source = token_source()
     if source is None:

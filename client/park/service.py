@@ -34,6 +34,7 @@ from park.connection import Connection, status_name
 from park.config import load_services
 from park.errors import ConfigError, NoServiceError, ServiceError, SubmitError
 from park.job import Job, Pending
+from park.renewal import renew_quietly
 
 _default: contextvars.ContextVar[tuple[Service, ...]] = contextvars.ContextVar("park_default_service", default=())
 
@@ -84,12 +85,16 @@ class Service(Connection):
         self._sender: threading.Thread | None = None
         self._background: list[threading.Thread] = []
         self._failures: list[ServiceError] = []
+        self._renewing = False
         atexit.register(self._at_exit)
 
     # -- default service -----------------------------------------------------------
 
     def __enter__(self) -> Service:
         _default.set((*_default.get(), self))
+        if not self._renewing:   # once a session: what its jobs here hold that is about to expire
+            self._renewing = True
+            threading.Thread(target=renew_quietly, args=(self,), name="park-renew", daemon=True).start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,

@@ -17,6 +17,7 @@ Errors are `TokenError` with a `kind`: "unauthenticated" (missing, malformed,
 expired, badly signed, revoked, wrong audience, not held by the presenter),
 "permission_denied" (a valid token without the scope asked for) or
 "invalid_argument" (a bad request to build a token or a malformed scope).
+Scopes, and `TokenError` itself, are park.scopes' (re-exported here).
 """
 from __future__ import annotations
 
@@ -29,19 +30,25 @@ import secrets
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NoReturn
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from park._proto import tokens_pb2 as pb
+from park.scopes import (MAX_SCOPE_LENGTH, MAX_SCOPES, PATH_ACTIONS, PLAIN_ACTIONS, Scope, TokenError, covers, narrow,
+                         parse_scope)
+from park.scopes import bad_request as _bad_request
+from park.scopes import covered as _covered
+from park.scopes import parse_scopes as _parse_scopes
+from park.scopes import refuse as _fail
 
 __all__ = [
     "TokenError", "Scope", "Verified", "parse_scope", "covers", "key_id", "link_id",
+    "PLAIN_ACTIONS", "PATH_ACTIONS", "MAX_SCOPES", "MAX_SCOPE_LENGTH",
     "format_public_key", "parse_public_key", "issue", "attenuate", "verify", "encode", "decode",
-    "sign_link", "site_audience", "VERSION", "MAX_DEPTH", "BACKDATE", "SESSION_LIFETIME", "DELEGATED_LIFETIME",
-    "MAX_LIFETIME", "SESSION_SCOPES",
+    "sign_link", "site_audience", "claims_of", "VERSION", "MAX_DEPTH", "BACKDATE", "SESSION_LIFETIME", "DELEGATED_LIFETIME",
+    "MAX_LIFETIME", "MAX_NARROW_LIFETIME", "SESSION_SCOPES", "narrow",
 ]
 
 # 2: the audience names the site's identity key as well as its name (`site_audience`); tokens of
@@ -51,133 +58,23 @@ MAX_DEPTH = 5
 BACKDATE = 60
 SESSION_LIFETIME = 10 * 60
 DELEGATED_LIFETIME = 60 * 60
-MAX_LIFETIME = 6 * 60 * 60
+MAX_LIFETIME = 6 * 60 * 60            # a delegated token of broad scope
+# A delegated token scoped to one job or one file (`narrow`) may live this long, for jobs that wait
+# days in a facility's queue; each site accepts at most its own `--max-delegation` (default 7 days).
+MAX_NARROW_LIFETIME = 30 * 24 * 60 * 60
 MAX_TOKEN_CHARS = 16 * 1024
-MAX_SCOPES = 64
-MAX_SCOPE_LENGTH = 1024
 # What a session token carries unless asked for less; the broker's users file
 # still decides which of these a user really has.
 SESSION_SCOPES = ("jobs.submit", "jobs.read:/", "files.read:/", "packages.upload", "admin")
 
-PLAIN_ACTIONS = frozenset({"jobs.submit", "packages.upload", "admin"})
-PATH_ACTIONS = frozenset({"jobs.read", "files.read"})
 
-Kind = Literal["unauthenticated", "permission_denied", "invalid_argument"]
 RootKeys = Mapping[str, Sequence[bytes]] | Callable[[str], Iterable[bytes]]
 
-# Deliberately narrow: anything a shell, a URL or a file system treats
-# specially (%, \, whitespace, control characters, non-ASCII) is refused.
-_SEGMENT = re.compile(r"[A-Za-z0-9_.+@=,~-]+")
 _SUBJECT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
 _AUDIENCE = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 _KEY_ID = re.compile(r"[0-9a-f]{64}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _PUBLIC_KEY_PREFIX = "ed25519:"
-
-
-class TokenError(Exception):
-    """A token or scope was refused. `kind` maps to a gRPC status at the servicer."""
-
-    def __init__(self, kind: Kind, message: str) -> None:
-        super().__init__(message)
-        self.kind: Kind = kind
-        self.message = message
-
-
-def _fail(message: str) -> NoReturn:
-    raise TokenError("unauthenticated", message)
-
-
-def _bad_request(message: str) -> NoReturn:
-    raise TokenError("invalid_argument", message)
-
-
-# --- scopes -----------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Scope:
-    """One parsed capability; `segments` is None for an action without a path.
-
-    Actions never imply one another: `admin` does not cover `jobs.submit` (the
-    broker's users file decides what an admin may do).
-    """
-
-    action: str
-    segments: tuple[str, ...] | None = None
-    directory: bool = False
-
-    def __str__(self) -> str:
-        if self.segments is None:
-            return self.action
-        path = "/" + "/".join(self.segments)
-        return f"{self.action}:{path}/" if self.directory and self.segments else f"{self.action}:{path}"
-
-
-def parse_scope(text: str) -> Scope:
-    """Parse one scope, rejecting rather than normalizing; formats back to exactly `text`.
-
-    Refused: `..`, `.`, empty segments, any `%` (so no percent-encoded dot can be
-    decoded into `..` further down), NUL and characters outside a small safe set,
-    relative paths, a path on a plain action, a path action without a path.
-    """
-    if len(text) > MAX_SCOPE_LENGTH:
-        _bad_request(f"scope longer than {MAX_SCOPE_LENGTH} characters")
-    if "\x00" in text:
-        _bad_request(f"scope {text.replace(chr(0), '?')!r}: contains NUL")
-    action, sep, path = text.partition(":")
-    if action in PLAIN_ACTIONS:
-        if sep:
-            _bad_request(f"scope {text!r}: {action} takes no path")
-        return Scope(action)
-    if action not in PATH_ACTIONS:
-        _bad_request(f"scope {text!r}: unknown action {action!r}")
-    if not path:
-        _bad_request(f"scope {text!r}: {action} needs a path, e.g. {action}:/john/")
-    if "%" in path:
-        _bad_request(f"scope {text!r}: percent-encoding is not allowed in paths")
-    if not path.startswith("/"):
-        _bad_request(f"scope {text!r}: the path must be absolute (start with '/')")
-    if path == "/":
-        return Scope(action, (), True)
-    directory = path.endswith("/")
-    segments = tuple((path[1:-1] if directory else path[1:]).split("/"))
-    for seg in segments:
-        if seg == "":
-            _bad_request(f"scope {text!r}: empty path segment")
-        if seg in (".", ".."):
-            _bad_request(f"scope {text!r}: {seg!r} segment")
-        if not _SEGMENT.fullmatch(seg):
-            _bad_request(f"scope {text!r}: segment {seg!r} has a character outside [A-Za-z0-9_.+@=,~-]")
-    return Scope(action, segments, directory)
-
-
-def covers(granted: Scope, wanted: Scope) -> bool:
-    """True when holding `granted` allows everything `wanted` allows.
-
-    Paths compare segment by segment; a directory covers itself and what lies
-    strictly below it, a file only itself.
-    """
-    if granted.action != wanted.action:
-        return False
-    if granted.segments is None or wanted.segments is None:
-        return granted.segments is None and wanted.segments is None
-    if not granted.directory:
-        return not wanted.directory and granted.segments == wanted.segments
-    n = len(granted.segments)
-    return wanted.segments[:n] == granted.segments and (wanted.directory or len(wanted.segments) > n)
-
-
-def _covered(granted: Iterable[Scope], wanted: Scope) -> bool:
-    return any(covers(g, wanted) for g in granted)
-
-
-def _parse_scopes(scopes: Iterable[str]) -> tuple[Scope, ...]:
-    parsed = tuple(parse_scope(s) for s in scopes)
-    if not parsed:
-        _bad_request("a token needs at least one scope")
-    if len(parsed) > MAX_SCOPES:
-        _bad_request(f"more than {MAX_SCOPES} scopes")
-    return parsed
 
 
 # --- keys and links -----------------------------------------------------------
@@ -219,12 +116,18 @@ def sign_link(claims: pb.Claims, signer: Ed25519PrivateKey) -> pb.Link:
     return pb.Link(claims=data, signature=signer.sign(data), signer_key=signer.public_key().public_bytes_raw())
 
 
-def _check_lifetime(lifetime: float | None, bearer: bool) -> float:
-    limit = SESSION_LIFETIME if bearer else MAX_LIFETIME
+def _lifetime_limit(bearer: bool, scopes: Iterable[Scope]) -> int:
+    return SESSION_LIFETIME if bearer else MAX_NARROW_LIFETIME if narrow(scopes) else MAX_LIFETIME
+
+
+def _check_lifetime(lifetime: float | None, bearer: bool, scopes: Iterable[Scope] = ()) -> float:
+    limit = _lifetime_limit(bearer, scopes)
     if lifetime is None:
         return SESSION_LIFETIME if bearer else DELEGATED_LIFETIME
     if not 0 < lifetime <= limit:
         kind = "a bearer session token" if bearer else "a delegated token"
+        if not bearer and limit == MAX_LIFETIME:
+            kind += " of broad scope (one scoped to a single job or file may live longer)"
         _bad_request(f"lifetime {lifetime:g} s of {kind} must be in (0, {limit}]")
     return lifetime
 
@@ -277,7 +180,7 @@ def issue(signer: Ed25519PrivateKey, *, subject: str, audience: str, scopes: Ite
     if not 0 <= max_depth <= MAX_DEPTH:
         _bad_request(f"max_depth must be in [0, {MAX_DEPTH}]")
     parsed = _parse_scopes(scopes)
-    seconds = _check_lifetime(lifetime, bearer=not confirm)
+    seconds = _check_lifetime(lifetime, bearer=not confirm, scopes=parsed)
     t = time.time() if now is None else now
     claims = pb.Claims(version=VERSION, issuer=key_id(signer.public_key()), subject=subject, audience=audience,
                        scopes=[str(s) for s in parsed], not_before=int(t) - BACKDATE, expires=int(t + seconds),
@@ -313,7 +216,7 @@ def attenuate(token: pb.Token, signer: Ed25519PrivateKey, *, confirm: str, scope
         if not _covered(parent_scopes, s):
             _bad_request(f"scope {str(s)!r} is not covered by the parent token")
     t = time.time() if now is None else now
-    expires = parent.expires if lifetime is None else int(t + _check_lifetime(lifetime, bearer=False))
+    expires = parent.expires if lifetime is None else int(t + _check_lifetime(lifetime, bearer=False, scopes=parsed))
     if expires > parent.expires:
         _bad_request("the new link would expire after its parent")
     claims = pb.Claims(version=VERSION, issuer=parent.confirm, subject=parent.subject, audience=parent.audience,
@@ -329,6 +232,16 @@ def _b64decode(text: str) -> bytes | None:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         return None
+
+
+def claims_of(token: pb.Token | str) -> pb.Claims:
+    """The last link's claims, unverified: what a holder needs to ask for a like token (audience, scopes,
+    confirm, expiry). TokenError("unauthenticated") if it is not a token at all."""
+    if isinstance(token, str):
+        token = decode(token)
+    if not token.links:
+        _fail("token has no links")
+    return _parse_claims(len(token.links) - 1, token.links[-1].claims)
 
 
 def encode(token: pb.Token) -> str:
@@ -376,6 +289,7 @@ class Verified:
     link_ids: tuple[str, ...]
     root_key_id: str
     confirm: str
+    lifetime: int = 0      # the longest any of its links was issued for, in seconds
 
     def allows(self, scope: str | Scope) -> bool:
         return _covered(self.scopes, parse_scope(scope) if isinstance(scope, str) else scope)
@@ -448,8 +362,8 @@ def _check_narrowing(i: int, claims: pb.Claims, prev: pb.Claims, prev_id: str, r
             _fail(f"link {i}: widens scope {str(s)!r} beyond its parent")
 
 
-def _check_time(i: int, claims: pb.Claims, t: float) -> None:
-    limit = SESSION_LIFETIME if not claims.confirm else MAX_LIFETIME
+def _check_time(i: int, claims: pb.Claims, scopes: tuple[Scope, ...], t: float) -> None:
+    limit = _lifetime_limit(not claims.confirm, scopes)
     if claims.expires - claims.not_before > limit + BACKDATE:
         _fail(f"link {i}: lifetime longer than {limit} s")
     if t < claims.not_before:
@@ -479,7 +393,7 @@ def verify(token: pb.Token | str, *, audience: str, trusted_root_keys: RootKeys,
     prev: pb.Claims | None = None
     prev_scopes: tuple[Scope, ...] = ()
     ids: list[str] = []
-    root_depth, root_key = 0, ""
+    root_depth, root_key, longest = 0, "", 0
     for i, link in enumerate(links):
         claims = _parse_claims(i, link.claims)
         _check_signature(i, link, claims, prev, trusted_root_keys)
@@ -497,7 +411,8 @@ def verify(token: pb.Token | str, *, audience: str, trusted_root_keys: RootKeys,
             root_depth, root_key = claims.max_depth, claims.issuer
         else:
             _check_narrowing(i, claims, prev, ids[-1], root_depth, prev_scopes, scopes)
-        _check_time(i, claims, t)
+        _check_time(i, claims, scopes, t)
+        longest = max(longest, claims.expires - claims.not_before - BACKDATE)
         ids.append(link_id(link))
         if ids[-1] in revoked:
             _fail(f"link {i}: revoked (id {ids[-1][:12]}...)")
@@ -508,4 +423,4 @@ def verify(token: pb.Token | str, *, audience: str, trusted_root_keys: RootKeys,
     if prev.confirm and presenter_key_id != prev.confirm:
         _fail(f"token is bound to key {prev.confirm[:12]}... and the caller did not prove possession of it")
     return Verified(subject=prev.subject, audience=prev.audience, scopes=prev_scopes, expires=prev.expires,
-                    link_ids=tuple(ids), root_key_id=root_key, confirm=prev.confirm)
+                    link_ids=tuple(ids), root_key_id=root_key, confirm=prev.confirm, lifetime=longest)

@@ -47,6 +47,8 @@ POLICY: dict[str, str] = {
     "/park.v1.Jobs/Watch": "read",
     "/park.v1.Jobs/Report": JOB,
     "/park.v1.Jobs/Why": "read",
+    "/park.v1.Jobs/Credentials": "read",   # of the caller's own jobs only
+    "/park.v1.Jobs/Renew": "submit",
     "/park.v1.Packages/Upload": "upload",
     "/park.v1.Packages/List": "read",
     "/park.v1.Federation/Subscribe": PEER,

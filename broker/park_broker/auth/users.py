@@ -72,11 +72,13 @@ class Authority:
     site: str
     directory: Path
     audience: str     # what tokens for this site must name: its name and its identity key (park.tokens)
+    max_delegation: int = 7 * 24 * 3600   # the longest-lived delegated token it accepts (serve --max-delegation)
     now: Callable[[], float] = time.time
     _users: dict[str, _User] = field(default_factory=dict)
     _revoked: frozenset[str] = frozenset()
     _stamp: tuple[float, float] = (-1.0, -1.0)
     _checked: float = 0.0
+    generation: int = 0    # changes whenever who may use the site does: open streams re-check their tokens
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -94,9 +96,14 @@ class Authority:
     def verify(self, token_text: str, presenter_key_id: str | None = None) -> tokens.Verified:
         """A token checked for this site, its registered users and revocations; raises tokens.TokenError."""
         self._reload()
-        return tokens.verify(token_text, audience=self.audience, revoked=self._revoked,
-                             trusted_root_keys=lambda subject: self._keys(subject),
-                             presenter_key_id=presenter_key_id, now=self.now())
+        verified = tokens.verify(token_text, audience=self.audience, revoked=self._revoked,
+                                 trusted_root_keys=lambda subject: self._keys(subject),
+                                 presenter_key_id=presenter_key_id, now=self.now())
+        if verified.confirm and verified.lifetime > self.max_delegation:
+            raise tokens.TokenError("unauthenticated", (
+                f"the delegated token was issued for {verified.lifetime} s; site {self.site} accepts at most "
+                f"{self.max_delegation} s: ask for less (`park renew` replaces a waiting job's before it expires)"))
+        return verified
 
     def authenticate(self, token_text: str, presenter_key_id: str | None = None) -> Identity:
         """The identity a token establishes; raises tokens.TokenError (kind "unauthenticated")."""
@@ -137,6 +144,7 @@ class Authority:
                 self._users = users
                 self._revoked = load_revoked(self.revoked_path)
                 self._stamp = stamp
+                self.generation += 1
 
 
 def _mtime(path: Path) -> float:

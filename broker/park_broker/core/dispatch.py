@@ -57,6 +57,8 @@ class Dispatcher:
         # an adopted outcome of a current attempt.
         self.refuse: Callable[[str, Outcome], None] = lambda job_id, outcome: None
         self.on_finished: Callable[[str, int, Outcome], None] = lambda job_id, attempt, outcome: None
+        # Whether a queued fetch's token is good enough to start with (core.credentials).
+        self.may_fetch: Callable[[jpb.Job], bool] = lambda job: True
 
     def release(self, queued: list[str]) -> None:
         """Start each committed QUEUED job (unless it was cancelled meanwhile)."""
@@ -66,7 +68,8 @@ class Dispatcher:
                 continue
             if job.spec.WhichOneof("work") == "fetch":
                 assert self.fetcher is not None   # admission refuses fetches from sites that are not peers
-                self.fetcher.start(job)
+                if self.may_fetch(job):           # else it waits, queued, for its owner to renew the token
+                    self.fetcher.start(job)
                 continue
             try:
                 task = self._task(job)

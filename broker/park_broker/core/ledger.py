@@ -72,6 +72,10 @@ class Ledger:
         """The live record of an active job, named by its id or one of its aliases."""
         return self._active.get(self._aliases.get(job_id, job_id))
 
+    def active(self) -> list[jpb.Job]:
+        """The live records of every active job."""
+        return list(self._active.values())
+
     def canonical(self, job_id: str) -> str:
         """The job an alias (a memo hit) names, for active jobs; any other id unchanged."""
         return self._aliases.get(job_id, job_id)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from park_broker.core.admission import Admission
+from park_broker.core.credentials import Credentials
 from park_broker.core.dispatch import Dispatcher
 from park_broker.core.events import EventHub
 from park_broker.core.ledger import Ledger
@@ -70,11 +71,16 @@ class Lifecycle:
                                        self.remote)
         self.queries = Queries(store, self.ledger, hub)
         self.installs = Installs(self.ledger, self.transitions, packages)
+        self.credentials = Credentials(self.ledger, self.admission)
+        self.credentials.release = self.dispatch.release
+        self.credentials.rewatch = self.remote.rewatch
+        self.dispatch.may_fetch = self.credentials.fetch_may_start
 
     def connect_peers(self, links: Links, channel: Callable[[str], grpc.aio.Channel],
                       meter: Callable[[], download.Progress] | None = None) -> None:
         """Federate: remote atoms are asked of `links`, and fetch jobs read through `channel`."""
         self.remote.links = links
+        links.on_expired = self.credentials.grant_expired
         self.dispatch.fetcher = Fetches(self.admission.fetch_source, channel, self.transitions.on_started,
                                         self.transitions.on_finished, self.dispatch.hand_over, meter)
 

@@ -67,7 +67,8 @@ class Queries:
 
 
 def without_tokens(job: jpb.Job) -> jpb.Job:
-    """`job` as it may be shown: the same record, with the delegated tokens of its spec blanked."""
+    """`job` as it may be shown: the same record, with the delegated tokens of its spec blanked in place
+    (so never a live record of the ledger's: give it a copy)."""
     _blank(job.spec)
     return job
 

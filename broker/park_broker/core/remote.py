@@ -9,6 +9,7 @@ sees must not roll back if this broker crashes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from park._proto import jobs_pb2 as jpb
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 class Links(Protocol):
     """What the lifecycle needs of the subscriber side of federation."""
+
+    on_expired: Callable[[AtomKey, str], None]   # a peer refused an atom because its grant expired
 
     def watch(self, key: AtomKey, token: str) -> None: ...
 
@@ -45,6 +48,15 @@ class RemoteAtoms:
         for atom in cond.depends:
             if atom.key.site != self.site:
                 self.links.watch(atom.key, spec.grants[atom.key.site])
+
+    def rewatch(self, spec: jpb.JobSpec, site: str) -> None:
+        """Ask `site` again for a waiting job's atoms there, with the grant it now holds (renewed)."""
+        cond = self.admission.condition_of(spec)
+        if cond is None or self.links is None:
+            return
+        for atom in cond.depends:
+            if atom.key.site == site:
+                self.links.watch(atom.key, spec.grants[site])
 
     def on_resolved(self, resolved: dict[AtomKey, State], reason: str) -> None:
         """A peer reported remote atoms that one of its changes resolved (or refused to report: `reason`)."""

@@ -113,6 +113,8 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         left = list(work_dir.iterdir())   # a half-run of this attempt (a retry by Dask)
     except FileNotFoundError:
         return {"ok": False, "error": "the attempt's directory is gone: its broker no longer wants this attempt"}
+    except OSError as exc:
+        return {"ok": False, "error": f"the job's process (uid {os.getuid()}) cannot use its directory: {exc}"}
     for path in left:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     # Only the task's own variables are set and restored: copying the whole environment
@@ -188,7 +190,12 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     die_with_broker(int(sys.argv[2]))
     while (task := recv(sock)) is not None:
-        send(sock, run_task(task))
+        try:
+            outcome = run_task(task)
+        except Exception as exc:  # noqa: BLE001 - the worker's own failure is the task's, never a dead worker
+            outcome = {"ok": False, "error": f"the worker could not run the job: {type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc()}
+        send(sock, outcome)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ job needs. It reconnects with backoff after any failure and sends every
 still-pending atom again with the last sequence number it saw; atoms resolve
 once and for ever, so what it receives after a reconnect is exactly what it
 missed. A peer that is down delays its dependents; it never cancels them.
+Nor does a grant that expired: the peer refuses the atom as `expired`, the
+jobs that wait on it say they need fresh credentials, and a renewed grant
+(`watch` again) asks for it anew. A grant refused for any other reason (revoked,
+never valid) cancels the atom.
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ class PeerLinks:
         self._credentials = credentials
         self._options = options
         self._on_resolved = on_resolved
+        # (atom, why): its grant expired; set by the lifecycle, whose waiting jobs then ask for renewal
+        self.on_expired: Callable[[AtomKey, str], None] = lambda key, why: None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, site: str) -> grpc.aio.Channel:
@@ -80,9 +86,11 @@ class PeerLinks:
         return site in self._links
 
     def watch(self, key: AtomKey, token: str) -> None:
-        """Ask the peer holding `key` for its resolution (once; re-asked after reconnects)."""
+        """Ask the peer holding `key` for its resolution (once; re-asked after reconnects). Asked again for
+        an atom still asked for, the token replaces the one it is re-asked with (a renewed grant)."""
         link = self._links[key.site]
         if key in link.atoms:
+            link.atoms[key] = token
             return
         link.atoms[key] = token
         if link.task is None:
@@ -141,10 +149,16 @@ class PeerLinks:
             return
         if which == "refused":
             key = self._asked(link, response.refused.atom)
-            if key is not None:
-                log.warning("peer %s refused atom %s: %s", link.peer.name, key, response.refused.message)
-                self._on_resolved({key: State.CANCELLED}, f"site {key.site} refused to report {key}: "
-                                                          f"{response.refused.message}")
+            if key is None:
+                return
+            if response.refused.expired:
+                log.warning("peer %s: the grant for atom %s expired; its jobs wait for a renewed one", link.peer.name,
+                            key)
+                self.on_expired(key, response.refused.message)
+                return
+            log.warning("peer %s refused atom %s: %s", link.peer.name, key, response.refused.message)
+            self._on_resolved({key: State.CANCELLED}, f"site {key.site} refused to report {key}: "
+                                                      f"{response.refused.message}")
             return
         updates = [response.update] if which == "update" else list(response.updates.updates)
         resolved: dict[AtomKey, State] = {}

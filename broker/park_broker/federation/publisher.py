@@ -4,7 +4,11 @@ Each atom a peer asks for comes with a delegated token, checked here before
 anything about the job is revealed (audience this site, the peer's key as
 proven by its TLS certificate, scope `jobs.read:/<job>`, then subject the
 job's owner); a refused atom is answered with `AtomRefused` on its own, never
-silently dropped, and the stream stays up.
+silently dropped, and the stream stays up. The tokens of atoms still watched
+are checked again whenever who may use the site changes (a revocation, a user
+removed) and as each expires, so an open stream never outlives its grants; a
+grant that only expired is refused with `expired` set, and the peer's job waits
+for its owner to renew it rather than being cancelled.
 
 Order (DESIGN §5): updates leave in this site's sequence order, each built
 from the committed change that caused it, never from a later read of the job.
@@ -24,6 +28,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -42,6 +47,7 @@ from park_broker.federation.peers import Peer
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 10.0
+RECHECK = 1.0     # seconds between looks at whether watched atoms' tokens must be checked again
 MAX_ATOMS_PER_STREAM = 100_000
 _WIRE_STATE = {State.READY: fpb.ATOM_STATE_READY, State.CANCELLED: fpb.ATOM_STATE_CANCELLED}
 
@@ -80,10 +86,23 @@ class Publisher:
         try:
             verified = self.authority.verify(item.token, peer.key_id)
         except tokens.TokenError as exc:
-            raise BrokerError(Code.UNAUTHENTICATED, f"token for {key}: {exc.message}") from None
+            raise _TokenRefused(f"token for {key}: {exc.message}", _expired(item.token)) from None
         if not verified.allows(f"jobs.read:/{key.job_id}"):
             raise BrokerError(Code.PERMISSION_DENIED, f"the token does not let {peer.name} read job {key.job_id}")
         return key, verified.subject
+
+
+class _TokenRefused(BrokerError):
+    def __init__(self, message: str, expired: bool):
+        super().__init__(Code.UNAUTHENTICATED, message)
+        self.expired = expired   # only its lifetime ran out: a renewed grant may ask again
+
+
+def _expired(token: str) -> bool:
+    try:
+        return tokens.claims_of(token).expires <= time.time()
+    except tokens.TokenError:
+        return False
 
 
 class _Stream:
@@ -93,6 +112,8 @@ class _Stream:
         self.publisher = publisher
         self.peer = peer
         self.watched: dict[str, set[AtomKey]] = {}        # job id -> atoms of it still pending
+        self.grants: dict[AtomKey, str] = {}               # watched atom -> the token it was asked with
+        self.checked = (publisher.authority.generation, float("inf"))   # (as of, next expiry) of the grants
         self.due: list[tuple[int, str, AtomKey, State]] = []   # resolved after the horizon, by seq
         self.asked = 0
 
@@ -102,13 +123,19 @@ class _Stream:
         sub = hub.subscribe()
         horizon = hub.head     # every change after this comes through `sub`
         feeders = [asyncio.create_task(_read(requests, work)), asyncio.create_task(_forward(sub, work))]
+        quiet_since = time.monotonic()
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(work.get(), PROGRESS_EVERY)
+                    item = await asyncio.wait_for(work.get(), RECHECK)
                 except TimeoutError:
-                    yield fpb.SubscribeResponse(progress=hub.head)
+                    for response in self._recheck():
+                        yield response
+                    if time.monotonic() - quiet_since >= PROGRESS_EVERY:
+                        quiet_since = time.monotonic()
+                        yield fpb.SubscribeResponse(progress=hub.head)
                     continue
+                quiet_since = time.monotonic()
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, Change):
@@ -166,11 +193,14 @@ class _Stream:
                 responses.append(_refused(item.atom, exc))
                 continue
             subjects[key] = subject
+            self.grants[key] = item.token
+            self._note_expiry(item.token)
         states = await self.publisher.states(list(subjects))
         admitted = []
         for key, subject in subjects.items():
             found = states.get(key)
             if found is None or found[2] != subject:   # the same answer whether absent or another's
+                self.grants.pop(key, None)
                 responses.append(_refused(atom_to_proto(key), BrokerError(
                     Code.NOT_FOUND, f"site {self.publisher.site!r} has no job {key.job_id} of {subject!r}")))
             else:
@@ -188,13 +218,49 @@ class _Stream:
             state, seq, _ = states[key]
             if state is State.PENDING:
                 self.watched.setdefault(key.job_id, set()).add(key)
-            elif seq <= horizon:
+                continue
+            self.grants.pop(key, None)
+            if seq <= horizon:
                 now.append((seq, str(key), key, state))
             else:
                 heapq.heappush(self.due, (seq, str(key), key, state))
         return _messages(sorted(now))
 
+    def _note_expiry(self, token: str) -> None:
+        try:
+            expires = float(tokens.claims_of(token).expires)
+        except tokens.TokenError:
+            return
+        self.checked = (self.checked[0], min(self.checked[1], expires))
+
+    def _recheck(self) -> list[fpb.SubscribeResponse]:
+        """Refuse the watched atoms whose tokens no longer hold, once who may use the site changed or a
+        token reached its expiry; each distinct token is verified once."""
+        generation, next_expiry = self.checked
+        authority = self.publisher.authority
+        if authority.generation == generation and time.time() < next_expiry:
+            return []
+        self.checked = (authority.generation, float("inf"))
+        verdicts: dict[str, BrokerError | None] = {}
+        responses = []
+        for keys in list(self.watched.values()):
+            for key in list(keys):
+                token = self.grants.get(key, "")
+                if token not in verdicts:
+                    try:
+                        self.publisher.check(fpb.WatchAtom(atom=atom_to_proto(key), token=token), self.peer)
+                        verdicts[token] = None
+                        self._note_expiry(token)
+                    except BrokerError as exc:
+                        verdicts[token] = exc
+                refusal = verdicts[token]
+                if refusal is not None:
+                    self._forget(key)
+                    responses.append(_refused(atom_to_proto(key), refusal))
+        return responses
+
     def _forget(self, key: AtomKey) -> None:
+        self.grants.pop(key, None)
         keys = self.watched.get(key.job_id)
         if keys is not None:
             keys.discard(key)
@@ -219,7 +285,8 @@ async def _forward(sub: Subscription, work: asyncio.Queue[Any]) -> None:
 
 def _refused(atom: Any, exc: BrokerError) -> fpb.SubscribeResponse:
     return fpb.SubscribeResponse(refused=fpb.AtomRefused(
-        atom=atom, code=grpc.StatusCode[exc.code.name].value[0], message=exc.message))
+        atom=atom, code=grpc.StatusCode[exc.code.name].value[0], message=exc.message,
+        expired=isinstance(exc, _TokenRefused) and exc.expired))
 
 
 def _update(key: AtomKey, state: State, seq: int) -> fpb.AtomUpdate:

@@ -41,6 +41,18 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         return response
 
     @unary
+    async def Credentials(self, request: jpb.CredentialsRequest, context: grpc.aio.ServicerContext
+                          ) -> jpb.CredentialsList:
+        if request.within_seconds < 0:
+            fail(Code.INVALID_ARGUMENT, "within_seconds must be 0 (all) or more")
+        held = self.core.credentials.held(current_identity.get().user, float(request.within_seconds))
+        return jpb.CredentialsList(credentials=held)
+
+    @unary
+    async def Renew(self, request: jpb.RenewRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
+        return without_tokens(await self.core.credentials.renew(current_identity.get().user, request))
+
+    @unary
     async def Why(self, request: jpb.GetRequest, context: grpc.aio.ServicerContext) -> jpb.MemoReport:
         return await self.core.queries.why(current_identity.get().user, request.job_id)
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from park._proto import conditions_pb2 as park_dot_v1_dot_conditions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18park/v1/federation.proto\x12\x07park.v1\x1a\x18park/v1/conditions.proto\"7\n\tWatchAtom\x12\x1b\n\x04\x61tom\x18\x01 \x01(\x0b\x32\r.park.v1.Atom\x12\r\n\x05token\x18\x02 \x01(\t\"H\n\x10SubscribeRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x03\x12!\n\x05\x61toms\x18\x02 \x03(\x0b\x32\x12.park.v1.WatchAtom\"Y\n\nAtomUpdate\x12\x1b\n\x04\x61tom\x18\x01 \x01(\x0b\x32\r.park.v1.Atom\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.park.v1.AtomState\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"3\n\x0b\x41tomUpdates\x12$\n\x07updates\x18\x01 \x03(\x0b\x32\x13.park.v1.AtomUpdate\"I\n\x0b\x41tomRefused\x12\x1b\n\x04\x61tom\x18\x01 \x01(\x0b\x32\r.park.v1.Atom\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa8\x01\n\x11SubscribeResponse\x12%\n\x06update\x18\x01 \x01(\x0b\x32\x13.park.v1.AtomUpdateH\x00\x12\'\n\x07refused\x18\x02 \x01(\x0b\x32\x14.park.v1.AtomRefusedH\x00\x12\x12\n\x08progress\x18\x03 \x01(\x03H\x00\x12\'\n\x07updates\x18\x04 \x01(\x0b\x32\x14.park.v1.AtomUpdatesH\x00\x42\x06\n\x04item*W\n\tAtomState\x12\x1a\n\x16\x41TOM_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41TOM_STATE_READY\x10\x01\x12\x18\n\x14\x41TOM_STATE_CANCELLED\x10\x02\x32T\n\nFederation\x12\x46\n\tSubscribe\x12\x19.park.v1.SubscribeRequest\x1a\x1a.park.v1.SubscribeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18park/v1/federation.proto\x12\x07park.v1\x1a\x18park/v1/conditions.proto\"7\n\tWatchAtom\x12\x1b\n\x04\x61tom\x18\x01 \x01(\x0b\x32\r.park.v1.Atom\x12\r\n\x05token\x18\x02 \x01(\t\"H\n\x10SubscribeRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x03\x12!\n\x05\x61toms\x18\x02 \x03(\x0b\x32\x12.park.v1.WatchAtom\"Y\n\nAtomUpdate\x12\x1b\n\x04\x61tom\x18\x01 \x01(\x0b\x32\r.park.v1.Atom\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.park.v1.AtomState\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"3\n\x0b\x41tomUpdates\x12$\n\x07updates\x18\x01 \x03(\x0b\x32\x13.park.v1.AtomUpdate\"Z\n\x0b\x41tomRefused\x12\x1b\n\x04\x61tom\x18\x01 \x01(\x0b\x32\r.park.v1.Atom\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x08\"\xa8\x01\n\x11SubscribeResponse\x12%\n\x06update\x18\x01 \x01(\x0b\x32\x13.park.v1.AtomUpdateH\x00\x12\'\n\x07refused\x18\x02 \x01(\x0b\x32\x14.park.v1.AtomRefusedH\x00\x12\x12\n\x08progress\x18\x03 \x01(\x03H\x00\x12\'\n\x07updates\x18\x04 \x01(\x0b\x32\x14.park.v1.AtomUpdatesH\x00\x42\x06\n\x04item*W\n\tAtomState\x12\x1a\n\x16\x41TOM_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41TOM_STATE_READY\x10\x01\x12\x18\n\x14\x41TOM_STATE_CANCELLED\x10\x02\x32T\n\nFederation\x12\x46\n\tSubscribe\x12\x19.park.v1.SubscribeRequest\x1a\x1a.park.v1.SubscribeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'park.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ATOMSTATE']._serialized_start=584
-  _globals['_ATOMSTATE']._serialized_end=671
+  _globals['_ATOMSTATE']._serialized_start=601
+  _globals['_ATOMSTATE']._serialized_end=688
   _globals['_WATCHATOM']._serialized_start=63
   _globals['_WATCHATOM']._serialized_end=118
   _globals['_SUBSCRIBEREQUEST']._serialized_start=120
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATOMUPDATES']._serialized_start=285
   _globals['_ATOMUPDATES']._serialized_end=336
   _globals['_ATOMREFUSED']._serialized_start=338
-  _globals['_ATOMREFUSED']._serialized_end=411
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=414
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=582
-  _globals['_FEDERATION']._serialized_start=673
-  _globals['_FEDERATION']._serialized_end=757
+  _globals['_ATOMREFUSED']._serialized_end=428
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=431
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=599
+  _globals['_FEDERATION']._serialized_start=690
+  _globals['_FEDERATION']._serialized_end=774
 # @@protoc_insertion_point(module_scope)

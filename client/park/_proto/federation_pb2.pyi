@@ -156,9 +156,12 @@ class AtomRefused(_message.Message):
     ATOM_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """a gRPC status code"""
     message: _builtins.str
+    expired: _builtins.bool
+    """only the grant's lifetime ran out: ask again with a renewed one"""
     @_builtins.property
     def atom(self) -> _conditions_pb2.Atom: ...
     def __init__(
@@ -167,10 +170,11 @@ class AtomRefused(_message.Message):
         atom: _conditions_pb2.Atom | None = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        expired: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["atom", b"atom"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atom", b"atom", "code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atom", b"atom", "code", b"code", "expired", b"expired", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

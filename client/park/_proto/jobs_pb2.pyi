@@ -603,6 +603,59 @@ class Cancelled(_message.Message):
 Global___Cancelled: _TypeAlias = Cancelled  # noqa: Y015
 
 @_typing.final
+class NeedsCredentials(_message.Message):
+    """A credential the job waits with (a fetch's token, a grant for a site) expired or was refused as
+    expired: the job keeps waiting until its owner renews it (`park renew`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NeedsCredentials: _TypeAlias = NeedsCredentials  # noqa: Y015
+
+@_typing.final
+class Renewed(_message.Message):
+    """The owner replaced a credential of the job (`park renew`); it expires at `expires` (unix seconds)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    USE_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    use: _builtins.str
+    expires: _builtins.int
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        use: _builtins.str = ...,
+        expires: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires", "site", b"site", "use", b"use"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Renewed: _TypeAlias = Renewed  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -616,6 +669,8 @@ class Event(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
+    NEEDS_CREDENTIALS_FIELD_NUMBER: _builtins.int
+    RENEWED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """per broker, strictly increasing"""
     job_id: _builtins.str
@@ -635,6 +690,10 @@ class Event(_message.Message):
     def failed(self) -> Global___Failed: ...
     @_builtins.property
     def cancelled(self) -> Global___Cancelled: ...
+    @_builtins.property
+    def needs_credentials(self) -> Global___NeedsCredentials: ...
+    @_builtins.property
+    def renewed(self) -> Global___Renewed: ...
     def __init__(
         self,
         *,
@@ -648,12 +707,14 @@ class Event(_message.Message):
         completed: Global___Completed | None = ...,
         failed: Global___Failed | None = ...,
         cancelled: Global___Cancelled | None = ...,
+        needs_credentials: Global___NeedsCredentials | None = ...,
+        renewed: Global___Renewed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "improved", b"improved", "kind", b"kind", "queued", b"queued", "started", b"started", "submitted", b"submitted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "improved", b"improved", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "started", b"started", "submitted", b"submitted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "improved", b"improved", "job_id", b"job_id", "kind", b"kind", "queued", b"queued", "seq", b"seq", "started", b"started", "submitted", b"submitted", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "improved", b"improved", "job_id", b"job_id", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "seq", b"seq", "started", b"started", "submitted", b"submitted", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["submitted", "queued", "started", "improved", "completed", "failed", "cancelled"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["submitted", "queued", "started", "improved", "completed", "failed", "cancelled", "needs_credentials", "renewed"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -706,6 +767,7 @@ class Job(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     MEMO_KEY_FIELD_NUMBER: _builtins.int
     MEMO_INPUTS_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     site: _builtins.str
     owner: _builtins.str
@@ -727,6 +789,8 @@ class Job(_message.Message):
     """sha256 of memo_inputs; empty when memo is off"""
     memo_inputs: _builtins.str
     """the canonical JSON the key hashes (for "why not reused")"""
+    attention: _builtins.str
+    """what the job waits for its owner to do, e.g. run `park renew`"""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -765,10 +829,11 @@ class Job(_message.Message):
         progress: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         memo_key: _builtins.str = ...,
         memo_inputs: _builtins.str = ...,
+        attention: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "result_file", b"result_file", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "memo_inputs", b"memo_inputs", "memo_key", b"memo_key", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "attention", b"attention", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "memo_inputs", b"memo_inputs", "memo_key", b"memo_key", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1127,3 +1192,123 @@ class MemoReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MemoReport: _TypeAlias = MemoReport  # noqa: Y015
+
+@_typing.final
+class CredentialsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHIN_SECONDS_FIELD_NUMBER: _builtins.int
+    within_seconds: _builtins.int
+    """only those that expire within this many seconds (0: all)"""
+    def __init__(
+        self,
+        *,
+        within_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["within_seconds", b"within_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialsRequest: _TypeAlias = CredentialsRequest  # noqa: Y015
+
+@_typing.final
+class Credential(_message.Message):
+    """A delegated token an active job holds, by its claims: a fresh one with the same audience, scopes
+    and confirm key (and a later expiry) may replace it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    USE_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    CONFIRM_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    LIFETIME_SECONDS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    use: _builtins.str
+    """"fetch" (the token a fetch presents) or "grant" (a remote condition's)"""
+    site: _builtins.str
+    """the site the token is for"""
+    audience: _builtins.str
+    confirm: _builtins.str
+    """the key id of the broker that presents it"""
+    expires: _builtins.int
+    """unix seconds"""
+    lifetime_seconds: _builtins.int
+    """what it was issued for: ask for as much again"""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        use: _builtins.str = ...,
+        site: _builtins.str = ...,
+        audience: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        confirm: _builtins.str = ...,
+        expires: _builtins.int = ...,
+        lifetime_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "confirm", b"confirm", "expires", b"expires", "job_id", b"job_id", "lifetime_seconds", b"lifetime_seconds", "scopes", b"scopes", "site", b"site", "use", b"use"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Credential: _TypeAlias = Credential  # noqa: Y015
+
+@_typing.final
+class CredentialsList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___Credential]: ...
+    def __init__(
+        self,
+        *,
+        credentials: _abc.Iterable[Global___Credential] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialsList: _TypeAlias = CredentialsList  # noqa: Y015
+
+@_typing.final
+class RenewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    USE_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    use: _builtins.str
+    """as in Credential"""
+    site: _builtins.str
+    token: _builtins.str
+    """the new delegated token"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        use: _builtins.str = ...,
+        site: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "site", b"site", "token", b"token", "use", b"use"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewRequest: _TypeAlias = RenewRequest  # noqa: Y015

@@ -69,6 +69,16 @@ class JobsStub:
                 request_serializer=park_dot_v1_dot_jobs__pb2.GetRequest.SerializeToString,
                 response_deserializer=park_dot_v1_dot_jobs__pb2.MemoReport.FromString,
                 _registered_method=True)
+        self.Credentials = channel.unary_unary(
+                '/park.v1.Jobs/Credentials',
+                request_serializer=park_dot_v1_dot_jobs__pb2.CredentialsRequest.SerializeToString,
+                response_deserializer=park_dot_v1_dot_jobs__pb2.CredentialsList.FromString,
+                _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/park.v1.Jobs/Renew',
+                request_serializer=park_dot_v1_dot_jobs__pb2.RenewRequest.SerializeToString,
+                response_deserializer=park_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -116,6 +126,20 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Credentials(self, request, context):
+        """The credentials the caller's active jobs hold (never the tokens: what to make new ones of), and
+        replacing one with a fresh token (`park renew`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +177,16 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.Why,
                     request_deserializer=park_dot_v1_dot_jobs__pb2.GetRequest.FromString,
                     response_serializer=park_dot_v1_dot_jobs__pb2.MemoReport.SerializeToString,
+            ),
+            'Credentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.Credentials,
+                    request_deserializer=park_dot_v1_dot_jobs__pb2.CredentialsRequest.FromString,
+                    response_serializer=park_dot_v1_dot_jobs__pb2.CredentialsList.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=park_dot_v1_dot_jobs__pb2.RenewRequest.FromString,
+                    response_serializer=park_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +378,60 @@ class Jobs:
             '/park.v1.Jobs/Why',
             park_dot_v1_dot_jobs__pb2.GetRequest.SerializeToString,
             park_dot_v1_dot_jobs__pb2.MemoReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Credentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/park.v1.Jobs/Credentials',
+            park_dot_v1_dot_jobs__pb2.CredentialsRequest.SerializeToString,
+            park_dot_v1_dot_jobs__pb2.CredentialsList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/park.v1.Jobs/Renew',
+            park_dot_v1_dot_jobs__pb2.RenewRequest.SerializeToString,
+            park_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,7 @@ class InfoResponse(_message.Message):
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     EXECUTOR_FIELD_NUMBER: _builtins.int
+    MAX_DELEGATION_SECONDS_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
     site: _builtins.str
     """the site's name, as in park://<site>/..."""
@@ -60,6 +61,8 @@ class InfoResponse(_message.Message):
     """the broker's TLS certificate"""
     executor: _builtins.str
     """"local" or "dask" """
+    max_delegation_seconds: _builtins.int
+    """the longest delegated token (scoped to a job or a file) it accepts"""
     isolation: _builtins.str
     """which Unix account jobs run as, in words ("jobs run as each user's own ...")"""
     @_builtins.property
@@ -75,11 +78,12 @@ class InfoResponse(_message.Message):
         certificate_pem: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         executor: _builtins.str = ...,
+        max_delegation_seconds: _builtins.int = ...,
         isolation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "capabilities", b"capabilities", "certificate_pem", b"certificate_pem", "executor", b"executor", "files_root", b"files_root", "identity_public_key", b"identity_public_key", "isolation", b"isolation", "site", b"site", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "capabilities", b"capabilities", "certificate_pem", b"certificate_pem", "executor", b"executor", "files_root", b"files_root", "identity_public_key", b"identity_public_key", "isolation", b"isolation", "max_delegation_seconds", b"max_delegation_seconds", "site", b"site", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

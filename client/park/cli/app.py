@@ -43,6 +43,7 @@ from park.cli.output import (FAILURE, STATE_STYLES, USAGE, CliError, clock, new_
                              print_json, when)
 from park.cli.targets import configured_services, open_job, probe, reference
 from park.job import JobEvent
+from park.renewal import DEFAULT_WITHIN, renew_at
 from park.service import Service
 
 __all__ = ["main"]
@@ -87,7 +88,7 @@ def _job_row(service_name: str, job: jpb.Job) -> dict[str, Any]:
     return {"service": service_name, "site": job.site, "id": job.id,
             "label": job.spec.label or job.spec.call.target or " ".join(job.spec.command.argv),
             "state": STATE_NAMES.get(job.state, "unknown"), "submitted": iso(job.submitted_at),
-            "finished": iso(job.finished_at), "url": job.url}
+            "finished": iso(job.finished_at), "url": job.url, "attention": job.attention or None}
 
 
 def cmd_why(args: argparse.Namespace) -> int:
@@ -131,6 +132,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                       Text(row["state"], style=STATE_STYLES.get(row["state"], "")),
                       when(job.submitted_at), when(job.finished_at))
     new_console().print(table if found else "no jobs")
+    for name, job in found:
+        if job.attention:   # waiting for its owner to act: say so under the table, in full
+            print(f"{job.site}/{job.id} {job.attention}")
     return status
 
 
@@ -169,6 +173,25 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if state != "cancelled":
         die(f"job {job.id} had already {state}; it was not cancelled")
     return 0
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    """Renew, at every configured service (or one), the delegated tokens of your jobs that expire soon."""
+    failed = False
+    for entry in configured_services(args.service):
+        try:
+            with contextlib.closing(Service(entry.address, entry.cert)) as service:
+                renewed = renew_at(service, args.within)
+        except ParkError as exc:
+            print(f"park: {entry.name}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        for credential in renewed:
+            print(f"{entry.name}: renewed the {credential.use} token of job {credential.job_id} (for "
+                  f"{credential.site})")
+        if not renewed:
+            print(f"{entry.name}: nothing to renew")
+    return FAILURE if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -216,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="exit 1 unless the job completed (default: 0 once it ends)")
         else:
             command.add_argument("--reason", default="", help="recorded in the job's cancellation cause")
+
+    renew = sub.add_parser("renew", help="renew the delegated tokens your waiting jobs hold (for cron)")
+    renew.add_argument("--service", help="only this service (default: every configured one)")
+    renew.add_argument("--within", type=float, default=DEFAULT_WITHIN, metavar="SECONDS",
+                       help=f"tokens that expire within SECONDS (default {DEFAULT_WITHIN:.0f}), or already have")
+    renew.set_defaults(run=cmd_renew)
 
     add_graph_command(sub)      # park.cli.graph
 

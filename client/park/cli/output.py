@@ -68,6 +68,10 @@ def describe(event: JobEvent) -> str:
         return d.get("cause", {}).get("message", "no cause recorded")
     if event.kind == "improved":
         return ", ".join(f"{k}={v:g}" for k, v in d.get("values", {}).items())
+    if event.kind == "needs_credentials":
+        return f"needs fresh credentials for {d.get('site', '?')}: {d.get('message', '')}; run `park renew`"
+    if event.kind == "renewed":
+        return f"{d.get('use', '')} credential for {d.get('site', '?')} renewed"
     return ""
 
 
