@@ -194,11 +194,12 @@ class Job:
         """The job's events after `from_seq`, replayed then followed live, ending with the terminal one.
 
         Reconnects after a broken stream from the last event seen, so no event is
-        missed or repeated."""
+        missed or repeated; so too when the stream outlived its session token."""
         self.acknowledged(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         last = from_seq
         broken_since: float | None = None
+        refused = False     # the last stream ended for its token: one more try, with a fresh one
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -206,7 +207,7 @@ class Job:
             stream = self.service.jobs_stub.Watch(jpb.WatchRequest(job_id=self.id, from_seq=last), timeout=left)
             try:
                 for item in stream:
-                    broken_since = None
+                    broken_since, refused = None, False
                     if item.HasField("event"):
                         last = item.event.seq
                         event = JobEvent.from_proto(item.event)
@@ -216,6 +217,11 @@ class Job:
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"job {self.id} did not finish within {timeout} s") from None
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not refused and "expired" in (exc.details() or ""):
+                    # A long watch outlives its session token; the broker ends it, and it resumes from the
+                    # last event with a fresh one. Refused again (revoked, removed) is final.
+                    refused = True
+                    continue
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise ServiceError.from_rpc(exc, f"watching job {self.id}") from None
                 broken_since = broken_since or time.monotonic()

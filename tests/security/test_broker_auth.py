@@ -345,3 +345,27 @@ def test_warm_workers_are_never_shared_between_users(new_broker, tmp_path: Path)
     assert theirs != first, "another user's job gets a fresh process"
     assert pid_of_a_job("me", mine) not in (first, theirs)
     channel.close()
+
+
+def test_a_watch_that_outlives_its_session_token_resumes_with_a_fresh_one(broker) -> None:  # type: ignore[no-untyped-def]
+    """The broker ends a stream whose token expired (within about a second); the client library resumes
+    it from the last event with a fresh token, so an honest watcher loses nothing and sees nothing twice."""
+    from park.agent_client import IssuedToken
+
+    audience = site_audience(broker)
+    issued: list[float] = []
+
+    class ShortLived:
+        def session_token(self, audience_: str, *, scopes=()):  # type: ignore[no-untyped-def]
+            issued.append(time.time())
+            token = tokens.issue(_user_key(), subject=default_subject(), audience=audience, lifetime=3)
+            return IssuedToken(token=tokens.encode(token), expires=int(time.time()) + 3, key_id="k")
+
+    service = broker.service()
+    service.tokens.source = ShortLived()  # type: ignore[assignment]   (each call: 3 s left, so a fresh one)
+    with service:
+        job = park.run(["sleep", "8"])
+    events = list(job.events(timeout=60))
+    assert [e.kind for e in events] == ["submitted", "queued", "started", "completed"]
+    assert len({e.seq for e in events}) == len(events)
+    assert len(issued) >= 3, "the stream was resumed with fresh tokens"

@@ -78,6 +78,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in rows:
             if r["isolation"]:
                 print(f"{r['name']}: {r['isolation']}")
+            if r["max_delegation_seconds"]:
+                print(f"{r['name']}: accepts delegated tokens of up to {r['max_delegation_seconds']} s "
+                      "(`park renew` keeps longer waits going)")
     for r in rows:
         if not r["reachable"]:
             print(f"park: service {r['name']} is unreachable: {r['error']}", file=sys.stderr)

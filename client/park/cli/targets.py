@@ -86,7 +86,8 @@ def reference(job: Job) -> str:
 
 def probe(entry: ServiceEntry) -> dict[str, Any]:
     row: dict[str, Any] = {"name": entry.name, "address": entry.address, "reachable": False, "site": None,
-                           "version": None, "caller": None, "isolation": None, "error": None}
+                           "version": None, "caller": None, "isolation": None, "max_delegation_seconds": None,
+                           "error": None}
     try:
         with contextlib.closing(Service(entry.address, entry.cert)) as service:
             info = service.info
@@ -94,7 +95,7 @@ def probe(entry: ServiceEntry) -> dict[str, Any]:
         row["error"] = str(exc)
     else:
         row.update(reachable=True, site=info.site, version=info.version, caller=info.caller,
-                   isolation=info.isolation)
+                   isolation=info.isolation, max_delegation_seconds=info.max_delegation_seconds or None)
     return row
 
 
