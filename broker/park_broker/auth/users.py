@@ -112,6 +112,11 @@ class Authority:
         granted = frozenset(p for p in (*user.allow, "read") if verified.allows(_SCOPE_OF[p]))
         return Identity(verified.subject, granted, verified)
 
+    def current_generation(self) -> int:
+        """`generation`, after re-reading the files if they may have changed."""
+        self._reload()
+        return self.generation
+
     def unix_user(self, name: str) -> str:
         """The Unix account user `name` is mapped to ("" for none, or no such user)."""
         self._reload()

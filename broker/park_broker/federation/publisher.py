@@ -237,10 +237,10 @@ class _Stream:
         """Refuse the watched atoms whose tokens no longer hold, once who may use the site changed or a
         token reached its expiry; each distinct token is verified once."""
         generation, next_expiry = self.checked
-        authority = self.publisher.authority
-        if authority.generation == generation and time.time() < next_expiry:
+        now_generation = self.publisher.authority.current_generation()
+        if now_generation == generation and time.time() < next_expiry:
             return []
-        self.checked = (authority.generation, float("inf"))
+        self.checked = (now_generation, float("inf"))
         verdicts: dict[str, BrokerError | None] = {}
         responses = []
         for keys in list(self.watched.values()):
