@@ -133,9 +133,8 @@ def test_watch_exit_status_of_a_failed_job(configured, service, capsys):
         job = park.submit("park_test_tasks:fail", "on purpose")
     assert job.wait(timeout=30) == "failed"
     status, out, _ = run(capsys, "watch", job.id)
-    assert status == 0 and "ValueError: on purpose" in out
-    status, _, _ = run(capsys, "watch", job.id, "--exit-status")
-    assert status == 1
+    assert status == 1 and "ValueError: on purpose" in out
+    assert "Traceback (most recent call last)" in out, "the remote traceback is shown"
 
 
 @pytest.mark.timeout(60)
@@ -151,9 +150,9 @@ def test_cancel_a_waiting_job_and_watch_shows_the_cause(configured, service, cap
     assert waiting.state == "cancelled" and after.wait(timeout=30) == "cancelled"
     assert "not needed" in waiting.record().cause.message
     status, out, _ = run(capsys, "watch", waiting.id)
-    assert status == 0 and "cancelled by" in out and "not needed" in out
+    assert status == 1 and "cancelled by" in out and "not needed" in out, "a cancelled job: exit 1"
     status, out, _ = run(capsys, "watch", after.id)
-    assert status == 0 and f"its condition was cancelled by sns/{waiting.id}.completed" in out
+    assert status == 1 and f"its condition was cancelled by sns/{waiting.id}.completed" in out
     status, out, _ = run(capsys, "cancel", waiting.id)
     assert status == 0 and "was already cancelled" in out
     assert run(capsys, "cancel", sleeper.id, "--json")[0] == 0
@@ -178,7 +177,31 @@ def test_bad_job_ids_fail_with_a_clear_message(configured, broker, capsys):
     assert status == 1 and "no configured service is site 'elsewhere'" in err
     add_service("other", broker.address, broker.cert)
     status, _, err = run(capsys, "watch", unknown)
-    assert status == 2 and "several services are configured (other, sns)" in err
+    assert status == 1 and f"no configured service has job {unknown}" in err
+
+
+def test_a_bare_job_id_is_found_among_several_services_and_its_files_come_back(new_broker, config, capsys,
+                                                                               tmp_path):
+    """No --service needed: the client asks every configured service; `park get` downloads the outputs
+    (verified), `park logs` prints the job's standard output, for a job and for a memo hit of it."""
+    sns, cluster = new_broker("sns").start(), new_broker("cluster").start()
+    add_service("sns", sns.address, sns.cert)
+    add_service("cluster", cluster.address, cluster.cert)
+    with cluster.service():
+        job = park.submit("park_test_tasks:write_output", "hello")
+    assert job.wait(timeout=30) == "completed"
+    status, out, _ = run(capsys, "watch", job.id)
+    assert status == 0 and "completed" in out
+    status, out, err = run(capsys, "get", job.id, "-o", str(tmp_path / "got"))
+    assert status == 0, err
+    assert (tmp_path / "got" / "output").read_text() == "hello"
+    status, out, _ = run(capsys, "logs", job.id)
+    assert status == 0 and out == "wrote 5 characters\n"
+    with cluster.service():
+        again = park.submit("park_test_tasks:write_output", "hello")
+    assert again.memo_hit
+    assert again.open().read() == b"hello" and again.logs() == "wrote 5 characters\n"
+    assert again.download(tmp_path / "memo", "output").read_text() == "hello"
 
 
 def test_demo_outside_a_checkout_says_where_to_run_it(tmp_path, monkeypatch, capsys):
@@ -309,3 +332,21 @@ def test_jobs_why_names_what_changed(configured, service, capsys):
     assert "ran anew" in out and "args[1]: 2 -> 5" in out
     code, out, _ = run(capsys, "jobs", "--why", again.id)
     assert code == 0 and "a memo hit" in out
+
+
+def test_a_download_resumes_what_an_earlier_one_left_and_refuses_a_corrupt_part(service, tmp_path):
+    with service:
+        job = park.submit("park_test_tasks:write_bytes", 3 << 20)
+    assert job.wait(timeout=30) == "completed"
+    whole = Path(job.filename).read_bytes()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "output.part").write_bytes(whole[:1 << 20])   # an interrupted download
+    seen: list[int] = []
+    assert job.download(tmp_path / "a", "output", progress=lambda done, size: seen.append(done)).read_bytes() == whole
+    assert seen[0] > 1 << 20, "it went on from the part it had"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "output.part").write_bytes(b"x" * 1000)          # not a prefix of the file
+    with pytest.raises(park.ServiceError) as refused:
+        job.download(tmp_path / "b", "output")
+    assert refused.value.code == "DATA_LOSS" and not (tmp_path / "b" / "output.part").exists()
+    assert job.download(tmp_path / "b", "output").read_bytes() == whole, "and the next try starts afresh"

@@ -43,8 +43,12 @@ class SubmitError(ServiceError):
 
 
 class JobFailed(ParkError):
+    """A job failed at its site: `error` is the one line it failed with, `traceback` the remote Python
+    traceback (empty for a command line), both shown when the exception is printed."""
+
     def __init__(self, job: Any, error: str, traceback: str = ""):
-        super().__init__(f"job {job.id} failed: {error}")
+        remote = f"\n\nthe job's traceback, at its site:\n{traceback.rstrip()}" if traceback else ""
+        super().__init__(f"job {job.id} failed: {error}{remote}")
         self.job, self.error, self.traceback = job, error, traceback
 
 

@@ -9,11 +9,15 @@ events) first waits for the submission to be acknowledged and raises
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import grpc
 from google.protobuf import json_format
@@ -22,6 +26,7 @@ from park._proto import jobs_pb2 as jpb
 from park.wire import STATE_NAMES, TERMINAL_STATES
 from park.conditions import Atom, AtomKey, State
 from park.connection import Connection
+from park.downloads import Progress, fetch, file_path
 from park.errors import JobCancelled, JobFailed, ServiceError, SubmitError
 from park.expressions import Expression, improved_state
 
@@ -177,6 +182,50 @@ class Job:
         """The broker's full record of the job."""
         self.acknowledged()
         return self.service.call(self.service.jobs_stub.Get, jpb.GetRequest(job_id=self.id), f"reading job {self.id}")
+
+    # -- files ----------------------------------------------------------------------
+
+    def download(self, dest: str | os.PathLike[str] | None = None, name: str | None = None,
+                 progress: Progress | None = None) -> Path:
+        """Download the job's outputs (or just `name`) into directory `dest` (default: `./<job id>`),
+        resuming what an earlier call left and checking each against the size and sha256 the job
+        recorded; returns the directory, or the file when `name` is given."""
+        job = self.record()
+        directory = Path(dest) if dest is not None else Path.cwd() / self.id
+        outputs = [o for o in job.outputs if name is None or o.name == name]
+        if name is not None and not outputs:
+            if job.state not in TERMINAL_STATES:
+                raise ServiceError("FAILED_PRECONDITION", f"job {self.id} has not finished; its outputs come after")
+            have = ", ".join(o.name for o in job.outputs) or "none"
+            raise ServiceError("NOT_FOUND", f"job {self.id} recorded no output {name!r} (it has: {have})")
+        for output in outputs:
+            fetch(self.service, file_path(job.owner, job.id, output.name), directory / output.name,
+                  sha256=output.sha256, size=output.size, progress=progress)
+        return directory / name if name is not None else directory
+
+    def open(self, name: str = "output") -> BinaryIO:
+        """One of the job's outputs as a readable binary file (downloaded and verified first)."""
+        spool = Path(tempfile.mkdtemp(prefix="park-open-"))
+        path = self.download(spool, name)
+        f = open(path, "rb")
+        shutil.rmtree(spool)   # the open file stays readable
+        return f
+
+    def logs(self, stream: str = "stdout") -> str:
+        """What the job wrote to its standard output ("stdout") or error ("stderr") so far."""
+        if stream not in ("stdout", "stderr"):
+            raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
+        job = self.record()
+        spool = Path(tempfile.mkdtemp(prefix="park-logs-"))
+        try:
+            return fetch(self.service, file_path(job.owner, job.id, f"{stream}.log"), spool / "log").read_text(
+                errors="replace")
+        except ServiceError as exc:
+            if exc.code == "NOT_FOUND" and job.state in (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED):
+                return ""   # it has not run yet
+            raise
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
 
     @property
     def state(self) -> str:

@@ -3,19 +3,22 @@
     park services add NAME --address HOST:PORT --cert FILE
     park status [--json]
     park jobs [--service NAME] [--state STATE ...] [--json]
-    park watch JOB [--service NAME] [--json] [--exit-status]
+    park watch JOB [--service NAME] [--json]
     park cancel JOB [--service NAME] [--reason TEXT] [--json]
+    park get JOB [NAME] [-o DEST] [--service NAME]
+    park logs JOB [--stderr] [--follow] [--service NAME]
+    park renew [--service NAME] [--within SECONDS]
     park graph JOB [--service NAME] [--format dot|mermaid|svg|png] [--depth N] [--output FILE]
     park demo [--again] [--keep] [--workers N] [--plain]
 
-JOB is a job id, with `--service NAME` or when only one service is configured,
-or a reference `park://SITE/jobs/ID`, whose site is looked up among the
-configured services (the one named like the site first).
+JOB is a job id or a reference `park://SITE/jobs/ID`; the service that holds
+it is found among the configured ones (`--service NAME` says which).
 
 Tables are for people; `--json` prints one JSON document on stdout instead.
 Errors go to stderr as `park: message`. Exit status: 0 on success, 1 on a
 failure (an unreachable broker, an unknown job, a job that cannot be
-cancelled), 2 for bad usage, 130 when interrupted.
+cancelled, a watched job that failed or was cancelled), 2 for bad usage, 130
+when interrupted.
 
 This module owns the command line: parsing, output and exit statuses. It holds
 no broker logic; everything it does goes through `park.Service` and `park.Job`.
@@ -28,9 +31,11 @@ import argparse
 import concurrent.futures
 import contextlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -48,6 +53,7 @@ from park.service import Service
 
 __all__ = ["main"]
 _STATE_NUMBERS = {name: number for number, name in STATE_NAMES.items()}
+FOLLOW_EVERY = 0.5   # seconds between looks at a followed job's log
 
 
 # -- commands -------------------------------------------------------------------------
@@ -158,11 +164,39 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 console.print(Text.assemble(f"{clock(event.time)}  #{event.seq:<6} ",
                                             (f"{event.kind:<10}", STATE_STYLES.get(event.kind, "")),
                                             f" {describe(event)}"))
+                if event.kind == "failed" and event.detail.get("traceback"):
+                    console.print(Text(event.detail["traceback"].rstrip(), style="dim"))
         final = events[-1].kind if events else "unknown"
         if args.json:
             print_json({"job": job.id, "reference": reference(job), "url": job.url, "state": final,
                          "events": [_event_json(e) for e in events]})
-    return FAILURE if args.exit_status and final != "completed" else 0
+    return 0 if final == "completed" else FAILURE
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with open_job(args.job, args.service) as job, Progress(TextColumn("{task.description}"), BarColumn(),
+                                                           DownloadColumn(), TransferSpeedColumn(),
+                                                           console=new_console(), transient=True) as bar:
+        task = bar.add_task(f"{args.name or 'outputs'} of {job.id}", total=None)
+        path = job.download(args.output, args.name, progress=lambda done, size: bar.update(task, completed=done,
+                                                                                           total=size))
+    print(path)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    stream = "stderr" if args.stderr else "stdout"
+    with open_job(args.job, args.service) as job:
+        shown = 0
+        while True:
+            finished = job.state in ("completed", "failed", "cancelled")
+            text = job.logs(stream)
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+            if not args.follow or finished:
+                return 0
+            time.sleep(FOLLOW_EVERY)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -230,18 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--why", metavar="JOB", help="say why JOB was or was not reused (memoization)")
     jobs.set_defaults(run=cmd_jobs)
 
-    for name, run, text in (("watch", cmd_watch, "print a job's events as they happen, until it ends"),
+    for name, run, text in (("watch", cmd_watch, "print a job's events as they happen, until it ends "
+                                             "(exit 1 unless it completed)"),
                             ("cancel", cmd_cancel, "cancel a job that has not finished")):
         command = sub.add_parser(name, help=text)
         command.add_argument("job", metavar="JOB", help="a job id or park://SITE/jobs/ID")
         command.add_argument("--service", help="the service holding the job")
         command.add_argument("--json", action="store_true", help="print one JSON document (watch: at the end)")
         command.set_defaults(run=run)
-        if name == "watch":
-            command.add_argument("--exit-status", action="store_true",
-                                 help="exit 1 unless the job completed (default: 0 once it ends)")
-        else:
+        if name == "cancel":
             command.add_argument("--reason", default="", help="recorded in the job's cancellation cause")
+
+    get = sub.add_parser("get", help="download a job's outputs (all, or NAME), verified, resuming")
+    get.add_argument("job", metavar="JOB", help="a job id or park://SITE/jobs/ID")
+    get.add_argument("name", nargs="?", metavar="NAME", help="just this output")
+    get.add_argument("-o", "--output", metavar="DEST", help="the directory to put them in (default ./JOB_ID)")
+    get.add_argument("--service", help="the service holding the job")
+    get.set_defaults(run=cmd_get)
+
+    logs = sub.add_parser("logs", help="print what a job wrote to its standard output (or error)")
+    logs.add_argument("job", metavar="JOB", help="a job id or park://SITE/jobs/ID")
+    logs.add_argument("--stderr", action="store_true", help="its standard error instead")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--service", help="the service holding the job")
+    logs.set_defaults(run=cmd_logs)
 
     renew = sub.add_parser("renew", help="renew the delegated tokens your waiting jobs hold (for cron)")
     renew.add_argument("--service", help="only this service (default: every configured one)")

@@ -6,6 +6,7 @@ asking the configured services (the one named like the site first);
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import re
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import Any
 from park._proto import jobs_pb2 as jpb
 from park.cli.output import USAGE, die
 from park.config import ServiceEntry, config_path, load_services
-from park.errors import ParkError
+from park.errors import ParkError, ServiceError
 from park.job import Job
 from park.service import Service
 from park.wire import InvalidInput, check_job_id
@@ -54,8 +55,9 @@ def open_job(ref: str, name: str | None) -> Iterator[Job]:
     site, job_id = parse_job(ref)
     entries = configured_services(name)
     if site is None and name is None and len(entries) > 1:
-        die(f"several services are configured ({', '.join(e.name for e in entries)}); "
-             "pass --service NAME or a reference park://SITE/jobs/ID", USAGE)
+        with _holder_of(job_id, entries) as service:
+            yield service.job(job_id)
+        return
     # A service named like the site is the likely holder: ask it first.
     entries.sort(key=lambda e: e.name != site)
     unreachable = []
@@ -97,6 +99,35 @@ def probe(entry: ServiceEntry) -> dict[str, Any]:
         row.update(reachable=True, site=info.site, version=info.version, caller=info.caller,
                    isolation=info.isolation, max_delegation_seconds=info.max_delegation_seconds or None)
     return row
+
+
+@contextlib.contextmanager
+def _holder_of(job_id: str, entries: list[ServiceEntry]) -> Iterator[Service]:
+    """The one configured service that holds `job_id`, asked all at once (an id is 128 random bits: at
+    most one site has it); the others are closed."""
+    def ask(entry: ServiceEntry) -> tuple[ServiceEntry, Service | None, str]:
+        service = Service(entry.address, entry.cert)
+        try:
+            service.call(service.jobs_stub.Get, jpb.GetRequest(job_id=job_id), f"looking for job {job_id}",
+                         timeout=15)
+            return entry, service, ""
+        except ServiceError as exc:
+            service.close()
+            return entry, None, "" if exc.code == "NOT_FOUND" else f"{entry.name}: {exc}"
+        except ParkError as exc:
+            service.close()
+            return entry, None, f"{entry.name}: {exc}"
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
+        answers = list(pool.map(ask, entries))
+    found = [service for _, service, _ in answers if service is not None]
+    if not found:
+        trouble = "; ".join(why for _, _, why in answers if why)
+        die(f"no configured service has job {job_id}" + (f" (could not ask {trouble})" if trouble else ""))
+    try:
+        yield found[0]
+    finally:
+        for service in found:
+            service.close()
 
 
 class RecordsBySite:
