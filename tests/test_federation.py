@@ -192,3 +192,31 @@ def test_the_seed_workflow_runs_end_to_end_and_reruns_for_free(new_broker) -> No
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("memo hit: True") == 5, again.stdout
+
+
+def test_the_root_cause_of_a_chain_across_sites_reaches_the_script_and_park_watch(sites, tmp_path, monkeypatch,
+                                                                                  capsys) -> None:  # type: ignore[no-untyped-def]
+    """sns's reduction fails; cluster's fetch of it and the fit after the fetch are cancelled. The fit's
+    JobCancelled, and `park watch` of it, name the failure at the bottom, with its traceback."""
+    from park.cli.app import main
+    from park.config import add_service
+
+    sns, cluster = sites
+    monkeypatch.setenv("PARK_CONFIG", str(tmp_path / "client.toml"))
+    add_service("sns", sns.address, sns.cert)
+    add_service("cluster", cluster.address, cluster.cert)
+    s, c = sns.service(), cluster.service()
+    with s:
+        reduction = park.submit("park_test_tasks:fail", "no module named seed_workflow", label="reduction")
+    with c:
+        fetch = park.fetch_url(reduction.url, auth=park.credentials(service=s), when=reduction.iscompleted)
+        fit = park.submit("park_test_tasks:noop", when=fetch.isfetched, label="fit")
+    with pytest.raises(park.JobCancelled) as cancelled:
+        fit.result(timeout=60)
+    root = cancelled.value.root_cause
+    assert (root.site, root.job_id, root.label, root.state) == ("sns", reduction.id, "reduction", "failed")
+    assert "no module named seed_workflow" in root.error and "Traceback" in root.traceback
+    assert "cancelled because sns/reduction failed: ValueError: no module named seed_workflow" in str(cancelled.value)
+    assert main(["watch", fit.id]) == 1
+    out = capsys.readouterr().out
+    assert "root cause: sns/reduction failed: ValueError: no module named seed_workflow" in out

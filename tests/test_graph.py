@@ -15,7 +15,7 @@ from park.cli import main
 from park.conditions import Atom, AtomKey
 from park.config import add_service
 from park.cli.graph import build_graph, to_dot, to_mermaid
-from park.cli.targets import RecordsBySite
+from park.sites import RecordsBySite
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -53,9 +53,14 @@ class JobFailed(ParkError):
 
 
 class JobCancelled(ParkError):
-    def __init__(self, job: Any, cause: str):
-        super().__init__(f"job {job.id} was cancelled: {cause}")
-        self.job, self.cause = job, cause
+    """A job was cancelled: `cause` is why, as its site says; `root_cause` (a park.causes.RootCause, or
+    None) is where a chain of cancellations began, across sites: the failure at the bottom of it."""
+
+    def __init__(self, job: Any, cause: str, root_cause: Any = None):
+        because = f"because {root_cause} (directly: {cause})" if root_cause is not None else cause
+        super().__init__(f"job {job.id} was cancelled {because}" if root_cause is not None else
+                         f"job {job.id} was cancelled: {cause}")
+        self.job, self.cause, self.root_cause = job, cause, root_cause
 
 
 class NoServiceError(ParkError):

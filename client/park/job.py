@@ -27,7 +27,10 @@ from park.wire import STATE_NAMES, TERMINAL_STATES
 from park.conditions import Atom, AtomKey, State
 from park.connection import Connection
 from park.downloads import Progress, fetch, file_path
-from park.errors import JobCancelled, JobFailed, ServiceError, SubmitError
+from park.causes import RootCause, root_cause
+from park.config import load_services
+from park.errors import ConfigError, JobCancelled, JobFailed, ServiceError, SubmitError
+from park.sites import RecordsBySite
 from park.expressions import Expression, improved_state
 
 
@@ -183,6 +186,20 @@ class Job:
         self.acknowledged()
         return self.service.call(self.service.jobs_stub.Get, jpb.GetRequest(job_id=self.id), f"reading job {self.id}")
 
+    def root_cause(self, record: jpb.Job | None = None) -> RootCause | None:
+        """Where this job's cancellation began (following its cause across sites, through the configured
+        services), or None unless it was cancelled for its condition."""
+        record = record or self.record()
+        try:
+            entries = list(load_services().values())
+        except ConfigError:
+            entries = []
+        records = RecordsBySite(self.service, record.site, entries)
+        try:
+            return root_cause(record, records)
+        finally:
+            records.close()
+
     # -- files ----------------------------------------------------------------------
 
     def download(self, dest: str | os.PathLike[str] | None = None, name: str | None = None,
@@ -314,7 +331,7 @@ class Job:
         if job.state == jpb.JOB_STATE_FAILED:
             raise JobFailed(self, job.error, job.traceback)
         if job.state == jpb.JOB_STATE_CANCELLED:
-            raise JobCancelled(self, job.cause.message)
+            raise JobCancelled(self, job.cause.message, self.root_cause(job))
         assert job.state in TERMINAL_STATES
         if job.HasField("result_file"):
             return ResultFile(job.result_file.path, job.result_file.format)

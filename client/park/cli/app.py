@@ -167,9 +167,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 if event.kind == "failed" and event.detail.get("traceback"):
                     console.print(Text(event.detail["traceback"].rstrip(), style="dim"))
         final = events[-1].kind if events else "unknown"
+        root = job.root_cause() if final == "cancelled" else None
+        if root is not None and not args.json:
+            console.print(Text(f"root cause: {root}", style="bold red"))
+            if root.traceback:
+                console.print(Text(root.traceback.rstrip(), style="dim"))
         if args.json:
             print_json({"job": job.id, "reference": reference(job), "url": job.url, "state": final,
-                         "events": [_event_json(e) for e in events]})
+                         "events": [_event_json(e) for e in events],
+                         "root_cause": None if root is None else {
+                             "site": root.site, "job": root.job_id, "label": root.label, "state": root.state,
+                             "error": root.error, "traceback": root.traceback}})
     return 0 if final == "completed" else FAILURE
 
 

@@ -34,7 +34,8 @@ from park._proto import jobs_pb2 as jpb
 from park.wire import STATE_NAMES, InvalidInput, condition_from_proto
 from park.conditions import And, Atom, AtomKey, Condition, Not, Or
 from park.cli.output import USAGE, CliError
-from park.cli.targets import RecordsBySite, configured_services, open_job
+from park.cli.targets import configured_services, open_job
+from park.sites import RecordsBySite
 from park.errors import ParkError
 
 __all__ = ["Graph", "JobNode", "OpNode", "Edge", "build_graph", "to_dot", "to_mermaid", "add_graph_command",

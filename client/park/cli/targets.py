@@ -1,8 +1,7 @@
 """Which configured service holds a job: the client configuration, job references, probes.
 
 `open_job` finds the job a bare id or a `park://SITE/jobs/ID` reference names,
-asking the configured services (the one named like the site first);
-`RecordsBySite` reads job records across sites for `park graph`.
+asking the configured services (the one named like the site first).
 """
 from __future__ import annotations
 
@@ -127,55 +126,4 @@ def _holder_of(job_id: str, entries: list[ServiceEntry]) -> Iterator[Service]:
         yield found[0]
     finally:
         for service in found:
-            service.close()
-
-
-class RecordsBySite:
-    """Job records by site: the JOB's own service, and a configured service for each other site, opened once."""
-
-    def __init__(self, home: Service, home_site: str, entries: list[ServiceEntry]):
-        self._services: dict[str, Service | None] = {home_site: home}
-        self._entries = entries
-        self._entry_sites: dict[str, str | None] = {}
-        self._opened: list[Service] = []
-
-    def _service(self, site: str) -> Service | None:
-        if site not in self._services:
-            self._services[site] = None
-            for entry in sorted(self._entries, key=lambda e: e.name != site):   # one named like the site first
-                if entry.name not in self._entry_sites and self._probe(entry) == site:
-                    break
-        return self._services[site]
-
-    def _probe(self, entry: ServiceEntry) -> str | None:
-        """Connect to `entry` once and remember which site it is; None when it cannot be reached."""
-        try:
-            service = Service(entry.address, entry.cert)
-        except ParkError:
-            self._entry_sites[entry.name] = None
-            return None
-        try:
-            site: str | None = service.site
-        except ParkError:
-            site = None
-        self._entry_sites[entry.name] = site
-        if site is None or self._services.get(site) is not None:
-            service.close()
-        else:
-            self._opened.append(service)
-            self._services[site] = service
-        return site
-
-    def record(self, site: str, job_id: str) -> tuple[jpb.Job | None, str]:
-        service = self._service(site)
-        if service is None:
-            return None, f"no configured service for site {site}"
-        try:
-            return service.call(service.jobs_stub.Get, jpb.GetRequest(job_id=job_id), f"reading job {job_id}",
-                                timeout=30), ""
-        except ParkError as exc:
-            return None, str(exc).split("\n")[0][:120]
-
-    def close(self) -> None:
-        for service in self._opened:
             service.close()
