@@ -350,3 +350,11 @@ def test_a_download_resumes_what_an_earlier_one_left_and_refuses_a_corrupt_part(
         job.download(tmp_path / "b", "output")
     assert refused.value.code == "DATA_LOSS" and not (tmp_path / "b" / "output.part").exists()
     assert job.download(tmp_path / "b", "output").read_bytes() == whole, "and the next try starts afresh"
+
+
+def test_services_remove(configured, capsys):
+    status, out, _ = run(capsys, "services", "remove", "sns")
+    assert status == 0 and "service sns removed" in out
+    assert load_services() == {}
+    status, _, err = run(capsys, "services", "remove", "sns")
+    assert status == 1 and "no service named 'sns'" in err

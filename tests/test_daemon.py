@@ -95,3 +95,24 @@ def test_a_port_in_use_is_refused_not_shared(broker, new_broker) -> None:  # typ
     taken = broker_cli("serve", str(other.directory), "--listen", broker.address, *JOB_ACCOUNT_OPTION)
     assert taken.returncode == 2 and "address already in use" in taken.stderr, taken.stderr
     assert broker.service().info.site == "sns"
+
+
+def test_grpc_core_log_lines_reach_neither_the_broker_log_nor_the_terminal(broker) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    with broker.service():
+        assert park.submit("park_test_tasks:add", 1, 2).result(timeout=30) == 3   # workers start: forks
+    assert not re.search(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\]", broker.log(), re.M), broker.log()
+
+
+def test_peers_are_listed_and_removed(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = new_broker("sns"), new_broker("cluster")
+    added = broker_cli("peers", "add", str(sns.directory), "cluster", "--address", "127.0.0.1:7712",
+                       "--cert", str(cluster.cert))
+    assert added.returncode == 0, added.stderr
+    listed = broker_cli("peers", "list", str(sns.directory))
+    assert listed.returncode == 0 and listed.stdout.startswith("cluster\t127.0.0.1:7712\tidentity=")
+    assert broker_cli("peers", "remove", str(sns.directory), "cluster").returncode == 0
+    assert broker_cli("peers", "list", str(sns.directory)).stdout == ""
+    again = broker_cli("peers", "remove", str(sns.directory), "cluster")
+    assert again.returncode == 2 and "site has no peer 'cluster'" in again.stderr

@@ -2,12 +2,15 @@
 
     park-broker init DIR --site NAME [--listen HOST:PORT]
     park-broker [--log-level LEVEL] [--log-format text|json] serve DIR [--listen HOST:PORT] [--workers N]
-        [--python-path DIR ...] [--local-only] [--metrics-listen HOST:PORT]
+        [--python-path DIR ...] [--local-only] [--metrics-listen HOST:PORT] [--default-unix-user ACCOUNT]
+        [--max-delegation SECONDS]
     park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin] [--unix-user ACCOUNT]
     park-broker users set DIR USER [--allow ...] [--unix-user ACCOUNT]
     park-broker users list DIR
     park-broker users remove DIR USER
     park-broker tokens revoke DIR LINK_ID
+    park-broker peers list DIR
+    park-broker peers remove DIR NAME
     park-broker peers add DIR NAME --address HOST:PORT --cert FILE
 
 Exit status: 0 on a clean stop, 1 when the broker stopped on an error, 2 for
@@ -23,7 +26,7 @@ from pathlib import Path
 from park import tokens
 from park_broker.execution.choice import executor_spec
 from park_broker.ops import logs
-from park_broker.federation.peers import add_peer
+from park_broker.federation.peers import PeerTable, add_peer, remove_peer
 from park_broker.server import ServeOptions, serve
 from park_broker.site import DEFAULT_LISTEN, SiteError, init_site, load_site
 from park_broker.auth.users import ALLOWED, UsersError, add_user, load_users, remove_user, revoke, set_user
@@ -90,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     padd.add_argument("name")
     padd.add_argument("--address", required=True, help="HOST:PORT of the peer broker's peer port")
     padd.add_argument("--cert", required=True, type=Path, help="the peer's tls.crt")
+    plist = peers.add_parser("list", help="show the pinned peers")
+    plist.add_argument("directory", type=Path)
+    prm = peers.add_parser("remove", help="forget a peer (takes effect at the next start)")
+    prm.add_argument("directory", type=Path)
+    prm.add_argument("name")
     return parser
 
 
@@ -122,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             for name, user in sorted(load_users(site.directory / "users.toml").items()):
                 print(f"{name}\tallow={','.join(sorted(user.allow)) or '-'}\tkeys={len(user.keys)}"
                       f"\tunix_user={user.unix_user or '-'}")
+            return 0
+        if args.command == "peers" and args.action == "list":
+            for peer in sorted(PeerTable.load(site.directory).peers.values(), key=lambda p: p.name):
+                print(f"{peer.name}\t{peer.address}\tidentity={peer.key_id[:16]}")
+            return 0
+        if args.command == "peers" and args.action == "remove":
+            remove_peer(site.directory, args.name)
+            print(f"site {site.name} no longer knows peer {args.name}; restart the broker to drop it")
             return 0
         if args.command == "peers":
             peer = add_peer(site.directory, args.name, args.address, args.cert)

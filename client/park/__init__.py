@@ -9,6 +9,12 @@
 
 The public surface is exactly `__all__` (pinned by tests/test_exports.py).
 """
+import os
+
+# gRPC's C core writes its own log lines (INFO and up) to stderr; Park reports what went wrong itself,
+# in words. Set before grpc is first imported; a user's own GRPC_VERBOSITY wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from park.delegation import Credentials, credentials
 from park.api import CurrentJob, current_job, fetch_url, job, race, renew, run, submit
 from park.conditions import Condition, State

@@ -64,6 +64,19 @@ def add_service(name: str, address: str, cert: Path, path: Path | None = None) -
     path = path or config_path()
     services = load_services(path)
     services[name] = ServiceEntry(name, address, cert.resolve())
+    return _write_services(path, services)
+
+
+def remove_service(name: str, path: Path | None = None) -> Path:
+    """Forget [services.NAME]; ConfigError if there is none."""
+    path = path or config_path()
+    services = load_services(path)
+    if services.pop(name, None) is None:
+        raise ConfigError(f"no service named {name!r} in {path} (known: {', '.join(sorted(services)) or 'none'})")
+    return _write_services(path, services)
+
+
+def _write_services(path: Path, services: dict[str, ServiceEntry]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_file(path, tomli_w.dumps({"services": {
         s.name: {"address": s.address, "cert": str(s.cert)} for s in services.values()}}))

@@ -85,6 +85,18 @@ class PeerTable:
         return None
 
 
+def remove_peer(directory: Path, name: str) -> None:
+    """Forget peer `name` (its pinned certificate too); takes effect at the broker's next start."""
+    path = directory / "peers.toml"
+    table = PeerTable.load(directory)
+    if name not in table.peers:
+        raise SiteError(f"site has no peer {name!r} (peers: {', '.join(sorted(table.peers)) or 'none'})")
+    data = tomllib.loads(path.read_text())
+    del data["peers"][name]
+    replace_file(path, tomli_w.dumps(data))
+    (directory / "peers" / f"{name}.crt").unlink(missing_ok=True)
+
+
 def add_peer(directory: Path, name: str, address: str, cert: Path) -> Peer:
     check_name_and_address(name, address, "peer address")
     pem = cert.read_bytes()

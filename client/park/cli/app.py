@@ -1,6 +1,7 @@
 """`park`: the command line for people and for scripts.
 
     park services add NAME --address HOST:PORT --cert FILE
+    park services remove NAME
     park status [--json]
     park jobs [--service NAME] [--state STATE ...] [--json]
     park watch JOB [--service NAME] [--json]
@@ -41,7 +42,7 @@ from rich.text import Text
 
 from park._proto import jobs_pb2 as jpb
 from park.wire import STATE_NAMES
-from park.config import add_service
+from park.config import add_service, remove_service
 from park.errors import ParkError
 from park.cli.graph import add_graph_command
 from park.cli.output import (FAILURE, STATE_STYLES, USAGE, CliError, clock, new_console, describe, die, iso,
@@ -64,6 +65,12 @@ def cmd_services_add(args: argparse.Namespace) -> int:
         die(f"--address {args.address!r} must be HOST:PORT", USAGE)
     path = add_service(args.name, args.address, Path(args.cert))
     print(f"service {args.name} ({args.address}) saved in {path}; check it with `park status`")
+    return 0
+
+
+def cmd_services_remove(args: argparse.Namespace) -> int:
+    path = remove_service(args.name)
+    print(f"service {args.name} removed from {path}")
     return 0
 
 
@@ -260,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--address", required=True, help="the broker's HOST:PORT")
     add.add_argument("--cert", required=True, help="the broker's certificate (its tls.crt)")
     add.set_defaults(run=cmd_services_add)
+    remove = services_sub.add_parser("remove", help="forget a named service")
+    remove.add_argument("name")
+    remove.set_defaults(run=cmd_services_remove)
 
     status = sub.add_parser("status", help="is every configured service reachable?")
     status.add_argument("--json", action="store_true", help="print one JSON document")
