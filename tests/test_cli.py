@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 import park
-from harness import alive  # type: ignore[import-not-found]
+from harness import alive, federate  # type: ignore[import-not-found]
 from park.cli import main
-from park.config import add_service, load_services
+from park.agent_client import default_subject
+from park.config import add_service, load_services, remove_service
 from park.cli.demo.run import EXAMPLE, expectations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +70,10 @@ def test_status_of_a_reachable_service(configured, capsys):
     status, out, err = run(capsys, "status", "--json")
     assert status == 0, err
     [row] = json.loads(out)["services"]
-    assert row["reachable"] and row["site"] == "sns" and row["version"] == park.__version__ and row["caller"]
+    assert row["status"] == "ok" and row["site"] == "sns" and row["version"] == park.__version__ and row["caller"]
     status, out, _ = run(capsys, "status")
-    assert status == 0 and re.search(r"sns .* yes .* sns .* " + re.escape(park.__version__), out)
+    assert status == 0 and re.search(r"sns .* ok .* sns .* " + re.escape(park.__version__), out)
+    assert f"your tokens name you {default_subject()!r}" in out
 
 
 def test_status_fails_when_a_service_is_unreachable(configured, broker, capsys):
@@ -79,9 +81,33 @@ def test_status_fails_when_a_service_is_unreachable(configured, broker, capsys):
     status, out, err = run(capsys, "status", "--json")
     assert status == 1
     rows = {r["name"]: r for r in json.loads(out)["services"]}
-    assert rows["sns"]["reachable"] and not rows["down"]["reachable"]
-    assert "UNAVAILABLE" in rows["down"]["error"]
-    assert "park: service down is unreachable: UNAVAILABLE" in err
+    assert rows["sns"]["status"] == "ok" and rows["down"]["status"] == "unreachable"
+    assert "park: service down: nothing answers at 127.0.0.1:" in err and "client port" in err
+
+
+def test_status_tells_a_wrong_certificate_refused_credentials_and_no_credentials_apart(
+        new_broker, config, capsys, monkeypatch):
+    sns, cluster = new_broker("sns"), new_broker("cluster")
+    federate(sns, cluster)
+    add_service("wrongcert", sns.address, cluster.cert)          # cluster's certificate for sns's address
+    add_service("peerport", cluster.peer_address, cluster.cert)  # the port peers use, not clients
+    status, out, err = run(capsys, "status", "--json")
+    rows = {r["name"]: r for r in json.loads(out)["services"]}
+    assert status == 1
+    assert rows["wrongcert"]["status"] == "tls" and "pinned" in rows["wrongcert"]["error"]
+    assert rows["peerport"]["status"] == "tls" and "peer port" in rows["peerport"]["error"]
+    remove_service("wrongcert")
+    remove_service("peerport")
+    add_service("sns", sns.address, sns.cert)
+    monkeypatch.setenv("PARK_USER", "nobody-registered")
+    status, out, err = run(capsys, "status")
+    assert status == 1 and "refused" in out
+    assert "it refused your credentials" in err and "'nobody-registered'" in err
+    assert "your tokens name you 'nobody-registered' (from $PARK_USER)" in out
+    monkeypatch.delenv("PARK_USER")
+    monkeypatch.delenv("PARK_KEY_FILE")
+    status, out, err = run(capsys, "status")
+    assert status == 1 and "no credentials" in out and "start park-agent" in err
 
 
 def test_status_without_services(config, capsys):
@@ -358,3 +384,8 @@ def test_services_remove(configured, capsys):
     assert load_services() == {}
     status, _, err = run(capsys, "services", "remove", "sns")
     assert status == 1 and "no service named 'sns'" in err
+
+
+def test_fetch_url_without_credentials_says_what_to_pass(service):
+    with pytest.raises(TypeError, match=r"auth=park.credentials\(service="):
+        park.fetch_url("park://sns/files/x/y/z", auth=None, service=service)  # type: ignore[arg-type]

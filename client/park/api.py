@@ -143,6 +143,9 @@ def fetch_url(url: str, *, auth: Credentials, when: Condition | None = None, ser
     `service` (default: the enclosing `with`) once `when` holds; the file lands at the returned
     job's `filename`, checked by size and sha256. `auth` is `park.credentials(service=<the source>)`."""
     service = default_service(service)
+    if not isinstance(auth, Credentials):
+        raise TypeError("fetch_url needs auth=park.credentials(service=<the site the file is at>): that site "
+                        "must be told you let this one read the file")
     if not url.startswith("park://") or "/files/" not in url:
         raise ValueError(f"{url!r} is not a park:// file url; use a job's .url")
     path = "/files".join(url[len("park://"):].split("/files")[1:])

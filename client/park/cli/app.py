@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from rich.text import Text
 
 from park._proto import jobs_pb2 as jpb
 from park.wire import STATE_NAMES
+from park.agent_client import default_subject
 from park.config import add_service, remove_service
 from park.errors import ParkError
 from park.cli.graph import add_graph_command
@@ -78,16 +80,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     entries = configured_services()
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
         rows = list(pool.map(probe, entries))
-    down = [r["name"] for r in rows if not r["reachable"]]
+    down = [r["name"] for r in rows if r["status"] != "ok"]
+    subject = default_subject()
+    chosen = "from $PARK_USER" if os.environ.get("PARK_USER") else "your login name; set PARK_USER to change it"
     if args.json:
-        print_json({"services": rows})
+        print_json({"services": rows, "user": subject})
     else:
-        table = Table("service", "address", "reachable", "site", "version", "caller")
+        table = Table("service", "address", "status", "site", "version", "caller")
         for r in rows:
             table.add_row(Text(r["name"]), Text(r["address"]),
-                          Text("yes", style="green") if r["reachable"] else Text("no", style="red"),
+                          Text(r["status"], style="green" if r["status"] == "ok" else "red"),
                           Text(r["site"] or ""), Text(r["version"] or ""), Text(r["caller"] or ""))
         new_console().print(table)
+        print(f"your tokens name you {subject!r} ({chosen})")
         for r in rows:
             if r["isolation"]:
                 print(f"{r['name']}: {r['isolation']}")
@@ -95,8 +100,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"{r['name']}: accepts delegated tokens of up to {r['max_delegation_seconds']} s "
                       "(`park renew` keeps longer waits going)")
     for r in rows:
-        if not r["reachable"]:
-            print(f"park: service {r['name']} is unreachable: {r['error']}", file=sys.stderr)
+        if r["status"] != "ok":
+            print(f"park: service {r['name']}: {r['error']}", file=sys.stderr)
     return FAILURE if down else 0
 
 

@@ -85,18 +85,38 @@ def reference(job: Job) -> str:
     return f"park://{job.site}/jobs/{job.id}"
 
 
+_TLS_TROUBLE = ("certificate_verify_failed", "ssl", "tls", "handshake", "socket closed")
+
+
 def probe(entry: ServiceEntry) -> dict[str, Any]:
-    row: dict[str, Any] = {"name": entry.name, "address": entry.address, "reachable": False, "site": None,
-                           "version": None, "caller": None, "isolation": None, "max_delegation_seconds": None,
-                           "error": None}
+    """What `park status` says of one service: `status` is "ok", "no credentials" (it answers, but does not
+    know you), "refused" (it refused your token, for the reason in `error`), "tls" (its certificate is not
+    the pinned one, or the address is a peer port) or "unreachable"; `reachable`: it answered at all."""
+    row: dict[str, Any] = {"name": entry.name, "address": entry.address, "reachable": False, "status": "unreachable",
+                           "site": None, "version": None, "caller": None, "isolation": None,
+                           "max_delegation_seconds": None, "error": None}
     try:
         with contextlib.closing(Service(entry.address, entry.cert)) as service:
             info = service.info
+    except ServiceError as exc:
+        detail = exc.message.lower()
+        if exc.code == "UNAUTHENTICATED":
+            row.update(reachable=True, status="refused", error=f"it refused your credentials: {exc.message}")
+        elif exc.code == "UNAVAILABLE" and any(word in detail for word in _TLS_TROUBLE):
+            row.update(status="tls", error=f"the TLS handshake with {entry.address} failed: it is not the broker "
+                                           f"whose certificate is pinned ({entry.cert}), or it is a site's peer "
+                                           "port (clients use the client port)")
+        else:
+            row["error"] = (f"nothing answers at {entry.address}: is the broker running, and is this its client "
+                            f"port? ({exc.code})")
     except ParkError as exc:
         row["error"] = str(exc)
     else:
-        row.update(reachable=True, site=info.site, version=info.version, caller=info.caller,
-                   isolation=info.isolation, max_delegation_seconds=info.max_delegation_seconds or None)
+        row.update(reachable=True, status="ok" if info.caller else "no credentials", site=info.site,
+                   version=info.version, caller=info.caller, isolation=info.isolation,
+                   max_delegation_seconds=info.max_delegation_seconds or None)
+        if not info.caller:
+            row["error"] = "it does not know you: start park-agent and add your key, or set PARK_KEY_FILE"
     return row
 
 
