@@ -295,3 +295,31 @@ def test_metrics_show_the_stream_from_each_peer(new_broker) -> None:  # type: ig
     samples = _scrape(address)[0]
     assert samples['park_peer_pending_atoms{peer="sns"}'] == 0
     assert samples['park_peer_last_seq{peer="sns"}'] >= gate.record().last_seq
+
+
+def test_the_broker_logs_refused_calls_and_peer_streams_never_a_token(new_broker) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+
+    from park import tokens
+    from park._proto import jobs_pb2 as jpb
+    from park._proto import jobs_pb2_grpc
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from harness import federate, site_audience, wait_for  # type: ignore[import-not-found]
+
+    sns, cluster = new_broker("sns"), new_broker("cluster")
+    federate(sns, cluster)
+    stranger = tokens.encode(tokens.issue(Ed25519PrivateKey.generate(), subject="mallory",
+                                          audience=site_audience(sns)))
+    with grpc.secure_channel(sns.address, grpc.ssl_channel_credentials(sns.cert.read_bytes())) as channel:
+        with pytest.raises(grpc.RpcError):
+            jobs_pb2_grpc.JobsStub(channel).List(jpb.ListRequest(), metadata=[("authorization", f"Bearer {stranger}")],
+                                                  timeout=10)
+    wait_for(lambda: "refused a call from ipv4:127.0.0.1:" in sns.log())
+    line = next(x for x in sns.log().splitlines() if "refused a call" in x)
+    assert "'mallory'" in line and "not signed by a key registered" in line and stranger not in sns.log()
+    s, c = sns.service(), cluster.service()
+    with s:
+        upstream = park.submit("park_test_tasks:noop")
+    with c:
+        assert park.submit("park_test_tasks:noop", when=upstream.iscompleted).wait(timeout=60) == "completed"
+    wait_for(lambda: "subscribed to peer sns" in cluster.log() and "peer cluster subscribed" in sns.log())

@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import getpass
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,8 @@ MAX_TOKEN_METADATA = tokens.MAX_TOKEN_CHARS + 16
 
 
 RECHECK = 1.0   # seconds between re-checks of a long stream's caller
+LOG_REFUSALS_PER_SECOND = 10
+log = logging.getLogger(__name__)
 
 
 def local_identity() -> Identity:
@@ -90,8 +93,32 @@ class Gate:
         self.authority = authority
         self.local = local
         self.peers = peers or PeerTable({})
+        self._logged = (0.0, 0)   # (second, refusals logged in it): a flood of bad calls is not a flood of lines
 
     def identify(self, rule: str, context: grpc.aio.ServicerContext) -> Identity:
+        try:
+            return self._identify(rule, context)
+        except _Refused as refused:
+            self._log_refusal(context, refused)
+            raise
+
+    def _log_refusal(self, context: grpc.aio.ServicerContext, refused: _Refused) -> None:
+        """One line per refused call (the caller's address, who its token claims to be, why; never the
+        token), at most LOG_REFUSALS_PER_SECOND of them."""
+        second, count = self._logged
+        now = int(time.monotonic())
+        count = count + 1 if now == second else 1
+        self._logged = (now, count)
+        if count > LOG_REFUSALS_PER_SECOND:
+            return
+        bearer = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+        claimed = tokens.subject_of(bearer[0][len("Bearer "):]) if bearer and isinstance(bearer[0], str) else None
+        claimed = claimed[:64] if claimed else None   # unverified, so never more than a short, quoted name
+        log.warning("refused a call from %s (its token speaks for %s): %s", context.peer(),
+                    repr(claimed) if claimed else "nobody", refused.message,
+                    extra={"peer_address": context.peer(), "subject": claimed or "", "code": refused.code.name})
+
+    def _identify(self, rule: str, context: grpc.aio.ServicerContext) -> Identity:
         peer = self.peers.caller(context)
         if rule == PEER:
             if peer is None:

@@ -118,6 +118,8 @@ class PeerLinks:
                     await call.write(fpb.SubscribeRequest(after_seq=link.last_seq, atoms=[
                         fpb.WatchAtom(atom=atom_to_proto(k), token=t) for k, t in link.atoms.items()]))
                     writer = asyncio.create_task(self._write(call, link.sending))
+                    log.info("subscribed to peer %s at %s (%d atoms, after seq %d)", link.peer.name,
+                             link.peer.address, len(link.atoms), link.last_seq)
                     async for response in call:
                         delay = BACKOFF[0]
                         link.connected.set()

@@ -72,8 +72,13 @@ class Publisher:
     async def serve(self, peer: Peer, requests: AsyncIterator[fpb.SubscribeRequest]
                     ) -> AsyncIterator[fpb.SubscribeResponse]:
         stream = _Stream(self, peer)
-        async for response in stream.run(requests):
-            yield response
+        log.info("peer %s subscribed", peer.name)
+        try:
+            async for response in stream.run(requests):
+                yield response
+        finally:
+            log.info("peer %s's subscription ended (%d atoms still watched)", peer.name,
+                     sum(len(keys) for keys in stream.watched.values()))
 
     def check(self, item: fpb.WatchAtom, peer: Peer) -> tuple[AtomKey, str]:
         """The atom asked for and the subject its token speaks for; BrokerError to refuse it."""
