@@ -11,27 +11,19 @@ nothing is redone (memo hits).
     python examples/seed_workflow.py --sns-address HOST:PORT --sns-cert FILE \\
                                      --cluster-address HOST:PORT --cluster-cert FILE
 
-The sns broker must be able to import this file as module `seed_workflow`
-(`park-broker serve ... --python-path examples`); the two brokers must be peers
-(`park-broker peers add`), and the user registered at both (README).
+The reduction's code ships to sns the way the model's ships to the cluster:
+the `mymodel` package is installed at both with `park.install_service`, so the
+brokers need nothing but to be peers (`park-broker peers add`) with the user
+registered at both (README).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import park
 
 HERE = Path(__file__).resolve().parent
-
-
-def reduce(raw_bytes: int) -> dict[str, object]:
-    """The facility's reduction (a stand-in for SnsReduce): writes the reduced file as the job's output."""
-    job = park.current_job()
-    data = hashlib.sha256(b"raw neutron events").digest() * (raw_bytes // 32)
-    Path(job.filename).write_bytes(data)
-    return {"bytes": len(data)}
 
 
 def _service(name: str | None, address: str | None, cert: str | None) -> park.Service:
@@ -53,7 +45,9 @@ def main() -> int:
 
     # Start reduction on the SNS cluster.
     with sns:
-        reduction = park.submit(reduce, args.raw_bytes, output="bigfile.refl", label="reduction")
+        sns_upload = park.install_service(HERE / "mymodel")
+        reduction = park.submit("mymodel:reduce_events", args.raw_bytes, output="bigfile.refl", label="reduction",
+                                requires=["mymodel==1.0"], when=sns_upload.iscompleted)
 
     with compufans:
         upload = park.install_service(HERE / "mymodel")
@@ -65,8 +59,8 @@ def main() -> int:
                           when=model.iscompleted & fetch.isfetched, label="fit")
 
     result = fit.result(timeout=600)
-    for name, job in (("reduction", reduction), ("upload", upload), ("fetch", fetch), ("model", model),
-                      ("fit", fit)):
+    for name, job in (("sns upload", sns_upload), ("reduction", reduction), ("upload", upload), ("fetch", fetch),
+                      ("model", model), ("fit", fit)):
         print(f"{name:10} {job.site:8} {job.state:10} memo hit: {job.memo_hit}")
     print(f"fit: chisq={result['chisq']:.3f} after {result['steps']} steps")
     return 0

@@ -1,6 +1,7 @@
 """A toy reflectometry model: what a scientist would upload with park.install_service."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -10,6 +11,13 @@ from pathlib import Path
 import park
 
 __version__ = "1.0"
+
+
+def reduce_events(raw_bytes: int) -> dict[str, object]:
+    """The facility's reduction (a stand-in for SnsReduce): writes the reduced file as the job's output."""
+    data = hashlib.sha256(b"raw neutron events").digest() * (raw_bytes // 32)
+    Path(park.current_job().filename).write_bytes(data)
+    return {"bytes": len(data)}
 
 
 def prefit_simulation(points: int = 200) -> dict[str, float]:
