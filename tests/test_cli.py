@@ -356,8 +356,29 @@ def test_jobs_why_names_what_changed(configured, service, capsys):
     code, out, err = run(capsys, "jobs", "--why", other.id)
     assert code == 0, err
     assert "ran anew" in out and "args[1]: 2 -> 5" in out
+    assert f"sns/{other.id} (park_test_tasks:add) ran anew; compared with sns/" in out
     code, out, _ = run(capsys, "jobs", "--why", again.id)
-    assert code == 0 and "a memo hit" in out
+    assert code == 0 and "a memo hit" in out and f"sns/{again.id} reused sns/" in out
+
+
+def test_jobs_why_of_a_rerun_after_a_failure_says_the_earlier_one_failed(configured, service, capsys):
+    with service:
+        first = park.submit("park_test_tasks:fail", "flaky")
+    assert first.wait(timeout=30) == "failed"
+    with service:
+        second = park.submit("park_test_tasks:fail", "flaky")
+    second.wait(timeout=30)
+    code, out, _ = run(capsys, "jobs", "--why", second.id)
+    assert code == 0 and f"job {first.id}" in out and "had the same inputs but failed (ValueError: flaky)" in out
+
+
+def test_why_shows_where_two_long_values_differ_not_two_identical_prefixes() -> None:
+    from park_broker.core.memo import differences
+
+    a, b = "x" * 200 + "tail-a", "x" * 200 + "tail-b"
+    [line] = differences({"work": a}, {"work": b})
+    shown_a, shown_b = line.removeprefix("work: ").split(" -> ")
+    assert shown_a != shown_b and "tail-a" in shown_a and "tail-b" in shown_b
 
 
 def test_a_download_resumes_what_an_earlier_one_left_and_refuses_a_corrupt_part(service, tmp_path):

@@ -101,7 +101,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         elif component in ("args", "kwargs"):
             out += [f"{component}{where}: {x} -> {y}" for where, x, y in _walk_diff(a, b, "")]
         else:
-            out.append(f"{component}: {_short(a)} -> {_short(b)}")
+            x, y = _contrast(a, b)
+            out.append(f"{component}: {x} -> {y}")
     return out
 
 
@@ -112,7 +113,9 @@ def _walk_diff(a: Any, b: Any, where: str) -> list[tuple[str, str, str]]:
         return [d for k in sorted(set(a) | set(b)) for d in _walk_diff(a.get(k), b.get(k), f"{where}[{k!r}]")]
     if a == b:
         return []
-    return [(where, _describe(a), _describe(b))]
+    if any(isinstance(v, dict) and _is_input(v) for v in (a, b)):
+        return [(where, _describe(a), _describe(b))]
+    return [(where, *_contrast(a, b))]
 
 
 def _is_input(value: dict[str, Any]) -> bool:
@@ -125,9 +128,23 @@ def _describe(value: Any) -> str:
         return f"the output {value.get('name')!r} of a job with key {str(value['output'])[:12]}"
     if isinstance(value, dict) and "file" in value:
         return f"a file with content {str(value['file'])[:12]}"
-    return _short(value)
+    return _contrast(value, value)[0]
 
 
-def _short(value: Any) -> str:
-    text = canonical(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _text(value: Any) -> str:
+    return canonical(value) if not isinstance(value, str) else repr(value)
+
+
+def _contrast(a: Any, b: Any, width: int = 80) -> tuple[str, str]:
+    """Two values as text, each cut to about `width` characters around where they first differ, so
+    that what is shown of them differs (two long values never look the same)."""
+    x, y = _text(a), _text(b)
+    if len(x) <= width and len(y) <= width:
+        return x, y
+    common = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    start = max(0, common - width // 3)
+
+    def window(text: str) -> str:
+        part = text[start:start + width]
+        return ("..." if start else "") + part + ("..." if start + width < len(text) else "")
+    return window(x), window(y)

@@ -57,6 +57,13 @@ class Queries:
         if not job.memo_key:
             report.differences.append("memoization was off for this job (memo=False, or a race)")
             return report
+        same = await self.store.same_key_before(job)
+        if same is not None:   # the same inputs ran before, and it was not reused: it did not complete
+            report.nearest_id = same.id
+            how = f"failed ({same.error})" if same.state == jpb.JOB_STATE_FAILED else STATE_NAMES[same.state]
+            report.differences.append(f"job {same.id} ({same.spec.label or 'the same work'}) had the same inputs "
+                                      f"but {how}: only completed jobs are reused")
+            return report
         nearest = await self.store.nearest(job)
         if nearest is None:
             report.differences.append("no earlier job of yours ran the same callable at this site")

@@ -249,6 +249,16 @@ class Store:
                           f"{jpb.JOB_STATE_COMPLETED} ORDER BY rowid DESC", keys)
         return {key: jpb.Job.FromString(record) for key, record in rows}
 
+    async def same_key_before(self, job: jpb.Job) -> jpb.Job | None:
+        """The latest job before `job` of the same owner and memo key (one that did not complete)."""
+        return await self._read(self._same_key_before, job)
+
+    def _same_key_before(self, job: jpb.Job) -> jpb.Job | None:
+        row = self._reader().execute(
+            "SELECT record FROM jobs WHERE owner = ? AND memo_key = ? AND rowid < (SELECT rowid FROM jobs WHERE id = ?) "
+            "ORDER BY rowid DESC LIMIT 1", (job.owner, job.memo_key, job.id)).fetchone()
+        return jpb.Job.FromString(row[0]) if row else None
+
     async def nearest(self, job: jpb.Job) -> jpb.Job | None:
         """The latest job before `job` of the same owner and callable, with another memo key."""
         return await self._read(self._nearest, job)

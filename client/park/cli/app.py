@@ -116,14 +116,20 @@ def cmd_why(args: argparse.Namespace) -> int:
     """`park jobs --why JOB`: was the job reused, and if not, what differs from the last run."""
     with open_job(args.why, args.service) as job:
         report = job.memo_report()
+        record = job.record()
+        other = job.service.job(report.nearest_id or report.job_id).record() \
+            if (report.nearest_id or report.hit) else None
     if args.json:
         print_json({"hit": report.hit, "job": report.job_id, "nearest": report.nearest_id or None,
                      "differences": list(report.differences)})
         return 0
-    if report.hit:
-        print(f"{args.why} reused job {report.job_id} (a memo hit)")
+
+    def named(job: jpb.Job) -> str:
+        return f"{job.site}/{job.id} ({_job_row('', job)['label']})"
+    if report.hit:   # the record is the job it reused
+        print(f"{record.site}/{job.id} reused {named(other) if other else report.job_id} (a memo hit)")
         return 0
-    print(f"{args.why} ran anew" + (f"; compared with job {report.nearest_id}:" if report.nearest_id else ":"))
+    print(f"{named(record)} ran anew" + (f"; compared with {named(other)}:" if other else ":"))
     for difference in report.differences:
         print(f"  {difference}")
     return 0
