@@ -86,8 +86,8 @@ def _name_remote_jobs(service: Service, when: Condition, spec: jpb.JobSpec) -> N
 def queue_spec(service: Service, spec: jpb.JobSpec, contestants: list[Job] | None = None) -> Job:
     info = service.info
     if not info.caller:
-        raise ServiceError("UNAUTHENTICATED", f"{service} does not know you: start park-agent and add your key "
-                                              "(PARK_AUTH_SOCK), or set PARK_KEY_FILE")
+        raise ServiceError("UNAUTHENTICATED", f"site {info.site} ({service.address}) does not know you: start "
+                                              "park-agent and add your key (PARK_AUTH_SOCK), or set PARK_KEY_FILE")
     directory = f"{info.files_root}/{info.caller}/{spec.id}"
     names = dict(url=f"park://{info.site}/files/{info.caller}/{spec.id}/{spec.output_name}",
                  filename=f"{directory}/{spec.output_name}", pending=service.enqueue(spec))
