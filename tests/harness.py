@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -108,15 +109,8 @@ def as_user(broker: Broker, name: str, key_dir: Path, *extra: str) -> Iterator[N
         result = broker_cli("users", "add", str(broker.directory), name, "--key", public_key_of(key_file), *extra)
         assert result.returncode == 0, result.stderr
         time.sleep(1.1)   # a running broker re-reads users.toml at most once a second
-    saved = {k: os.environ.get(k) for k in ("PARK_KEY_FILE", "PARK_USER")}
-    os.environ.update(PARK_KEY_FILE=str(key_file), PARK_USER=name)
-    try:
+    with mock.patch.dict(os.environ, PARK_KEY_FILE=str(key_file), PARK_USER=name):
         yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None)
-            if v is not None:
-                os.environ[k] = v
 
 
 def site_audience(broker: Broker) -> str:

@@ -56,13 +56,21 @@ def test_a_waiting_fetch_outlives_the_delegation_cap_through_park_renew(new_brok
     assert kinds.count("renewed") == 2 and "cancelled" not in kinds and "failed" not in kinds
 
 
-def test_a_site_refuses_a_delegated_token_longer_than_it_accepts(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def capped(new_broker):  # type: ignore[no-untyped-def]
+    """Federated sns (which accepts delegated tokens of CAP seconds at most) and cluster, and a
+    completed job at sns with an output to fetch."""
     sns, cluster = new_broker("sns", extra=["--max-delegation", str(CAP)]), new_broker("cluster")
     federate(sns, cluster)
     s, c = sns.service(), cluster.service()
     with s:
         reduction = park.run(["sh", "-c", "echo data > output"])
     assert reduction.wait(timeout=30) == "completed"
+    return s, c, reduction
+
+
+def test_a_site_refuses_a_delegated_token_longer_than_it_accepts(capped) -> None:  # type: ignore[no-untyped-def]
+    s, c, reduction = capped
     with c:
         long = park.fetch_url(reduction.url, auth=park.credentials(service=s, lifetime=CAP * 10))
     assert long.wait(timeout=30) == "failed"
@@ -105,13 +113,8 @@ def test_renewing_needs_a_like_token_of_the_jobs_owner(new_broker, tmp_path: Pat
     s.job(reduction.id).cancel()
 
 
-def test_a_fetch_whose_token_expired_while_it_waited_holds_until_renewed(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    sns, cluster = new_broker("sns", extra=["--max-delegation", str(CAP)]), new_broker("cluster")
-    federate(sns, cluster)
-    s, c = sns.service(), cluster.service()
-    with s:
-        reduction = park.run(["sh", "-c", "echo data > output"])
-    assert reduction.wait(timeout=30) == "completed"
+def test_a_fetch_whose_token_expired_while_it_waited_holds_until_renewed(capped, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s, c, reduction = capped
     gate = tmp_path / "gate"
     with c:   # waits on a job of its own site: only the fetch's token is at stake
         local = park.run(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.1; done"])
