@@ -83,8 +83,9 @@ def _write_services(path: Path, services: dict[str, ServiceEntry]) -> Path:
     return path
 
 
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def sync_directory(directory: Path) -> None:
+    """fsync a directory: what a rename or a new file in it did survives a crash only after this."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -114,7 +115,7 @@ def replace_file(path: Path, text: str, mode: int | None = None) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _sync_directory(path.parent)   # the rename itself survives a crash only once its directory is synced
+        sync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -67,6 +67,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, canonicalize_version, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from park.config import sync_directory
 from park_broker.errors import BrokerError, Code
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class PackageStore:
             if winner is None:
                 raise
             return _same_or_conflict(winner, actual)
-        _fsync_dir(final.parent)
+        sync_directory(final.parent)
         log.info("installed package %s %s for %s", name, version, owner or "the whole site",
                  extra={"package": name, "version": version, "sha256": actual, "source": source, "owner": owner})
         return PackageRef(name, version, actual, final, owner)
@@ -467,12 +468,4 @@ def _fsync_tree(top: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_directory(Path(dirpath))

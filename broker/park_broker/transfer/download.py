@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from park.config import sync_directory
 from park_broker.errors import BrokerError, Code
 from park_broker.transfer.source import CHUNK_SIZE
 
@@ -169,11 +170,7 @@ class Downloader:
                                  f"to {digest}; nothing was kept")
         os.replace(self.part, self.final)
         for directory in {self.part.parent, self.final.parent}:
-            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            sync_directory(directory)
 
     def _close(self) -> None:
         if self._fd >= 0:
