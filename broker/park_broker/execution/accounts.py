@@ -22,7 +22,6 @@ never with the broker's.
 """
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import shutil
@@ -57,7 +56,7 @@ def lookup(name: str) -> Account:
         raise AccountError(f"there is no Unix account {name!r} on this host") from None
     if entry.pw_uid == 0:
         raise AccountError(f"Unix account {name!r} is root's: jobs never run as root; name an unprivileged account")
-    groups = tuple(sorted({g.gr_gid for g in grp.getgrall() if name in g.gr_mem} - {entry.pw_gid}))
+    groups = tuple(sorted(set(os.getgrouplist(name, entry.pw_gid)) - {entry.pw_gid}))   # as initgroups(3) would
     return Account(name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
 
 
