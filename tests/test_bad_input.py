@@ -56,6 +56,11 @@ def _atom(job_id: str, site: str = "sns") -> cpb.ConditionNode:
     (_call({"when": cpb.Condition(postfix=[cpb.ConditionNode(atom=cpb.Atom(site="sns", job_id="c" * 26, kind=cpb.ATOM_KIND_IMPROVED, expr="__import__('os')"))])}),
      grpc.StatusCode.INVALID_ARGUMENT, "is not allowed"),
     (jpb.JobSpec(id=GOOD_ID, race=jpb.Race()), grpc.StatusCode.INVALID_ARGUMENT, "1 to 64 contestants"),
+    (_call({"retries": 2**32 - 1}), grpc.StatusCode.INVALID_ARGUMENT, "at most 100"),
+    (_call({"retry_delay": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "retry_delay must be"),
+    (_call({"retry_delay": -1.0}), grpc.StatusCode.INVALID_ARGUMENT, "retry_delay must be"),
+    (_call({"timeout": float("inf")}), grpc.StatusCode.INVALID_ARGUMENT, "timeout must be"),
+    (_call({"timeout": -5.0}), grpc.StatusCode.INVALID_ARGUMENT, "timeout must be"),
     (jpb.JobSpec(id=GOOD_ID, race=jpb.Race(contestants=["c" * 26], until="x.y > 1")), grpc.StatusCode.INVALID_ARGUMENT,
      "is not allowed"),
 ])

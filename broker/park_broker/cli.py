@@ -3,7 +3,7 @@
     park-broker init DIR --site NAME [--listen HOST:PORT]
     park-broker [--log-level LEVEL] [--log-format text|json] serve DIR [--listen HOST:PORT] [--workers N]
         [--python-path DIR ...] [--local-only] [--metrics-listen HOST:PORT] [--default-unix-user ACCOUNT]
-        [--max-delegation SECONDS]
+        [--max-delegation SECONDS] [--max-walltime SECONDS]
     park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin] [--unix-user ACCOUNT]
     park-broker users set DIR USER [--allow ...] [--unix-user ACCOUNT]
     park-broker users list DIR
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between SIGTERM and SIGKILL for a cancelled job, and for shutdown")
     srv.add_argument("--package-index", metavar="DIR_OR_URL",
                      help="wheelhouse directory or package index for implicit installs of requires=")
+    srv.add_argument("--max-walltime", type=float, default=0.0, metavar="SECONDS",
+                     help="the longest an attempt may run (jobs asking for more are refused; 0: no limit)")
     srv.add_argument("--max-delegation", type=int, default=7 * 24 * 3600, metavar="SECONDS",
                      help="the longest-lived delegated token (scoped to one job or file) this site accepts "
                           "(default 7 days; clients renew waiting jobs' tokens with `park renew`)")
@@ -149,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.workers is not None and args.workers < 1:
             raise SiteError("--workers must be at least 1")
+        if not (math.isfinite(args.max_walltime) and args.max_walltime >= 0):
+            raise SiteError("--max-walltime must be a number of seconds, 0 (no limit) or more")
         if not 0 < args.max_delegation <= tokens.MAX_NARROW_LIFETIME:
             raise SiteError(f"--max-delegation must be between 1 and {tokens.MAX_NARROW_LIFETIME} seconds")
         options = ServeOptions(listen=args.listen, peer_listen=args.peer_listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
                                package_index=args.package_index, executor=args.executor,
                                metrics_listen=args.metrics_listen, default_unix_user=args.default_unix_user,
-                               max_delegation=args.max_delegation,
+                               max_delegation=args.max_delegation, max_walltime=args.max_walltime,
                                python_path=[str(Path(p).resolve()) for p in args.python_path])
         return asyncio.run(serve(site, options))
     except (SiteError, UsersError) as exc:

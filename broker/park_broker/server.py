@@ -71,6 +71,7 @@ class ServeOptions:
     executor: str = "local"      # "local" or "dask://HOST:PORT" (park_broker.execution.choice)
     default_unix_user: str = ""  # the account of users without one (execution.accounts)
     max_delegation: int = 7 * 24 * 3600   # seconds: the longest delegated token accepted (tokens.narrow ones)
+    max_walltime: float = 0.0    # seconds an attempt may run at most; 0: no limit
 
 
 def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate:
@@ -141,7 +142,7 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     log.info("site %s: %s", site.name, accounts.description)
     executor = make_executor(options.executor, state=site.directory, workers=options.workers, python_path=options.python_path,
                              grace=options.grace)
-    info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path))
+    info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path), max_walltime=options.max_walltime)
     packages = PackageStore(site.directory / "packages", options.package_index)
     core = Lifecycle(info, store, executor, hub, packages, frozenset(peers.peers), accounts)
     tls_key, certificate = site.tls_key(), site.certificate()

@@ -46,6 +46,7 @@ class SiteInfo:
     files_root: Path
     address: str = ""        # where jobs reach the broker to report progress; set once bound
     cert_path: str = ""
+    max_walltime: float = 0.0   # seconds an attempt may run at most (serve --max-walltime); 0: no limit
 
 
 class SiteError(RuntimeError):

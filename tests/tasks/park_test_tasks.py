@@ -144,3 +144,11 @@ def chaos_step(directory: str, key: str, fail: bool, seconds: float) -> dict[str
     if fail:
         raise RuntimeError(f"planned failure of {key}")
     return {"key": key}
+
+
+def fail_times(directory: str, name: str, failures: int) -> int:
+    """Fails its first `failures` runs (counted in directory/name), then returns how many runs it took."""
+    runs = count_run(directory, name)
+    if runs <= failures:
+        raise RuntimeError(f"planned failure {runs} of {failures}")
+    return runs

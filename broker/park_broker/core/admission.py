@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import operator
 import os
 from collections.abc import Callable
@@ -35,9 +36,11 @@ DEFAULT_OUTPUT = "output"
 
 
 class Admission:
-    def __init__(self, site: str, files_root: Path, packages: PackageStore, peers: frozenset[str] = frozenset()):
+    def __init__(self, site: str, files_root: Path, packages: PackageStore, peers: frozenset[str] = frozenset(),
+                 max_walltime: float = 0.0):
         self.site = site
         self.peers = peers
+        self.max_walltime = max_walltime   # seconds; 0: the site sets no limit
         self.files_root = files_root
         self.packages = packages
         self.digests = memo.FileDigests()
@@ -76,8 +79,12 @@ class Admission:
             for atom in cond.depends if cond is not None else ():
                 if atom.key.kind == "improved":
                     self.expression(atom.key.expr)
+            _check_controls(spec)
         except (InvalidInput, ExpressionError) as exc:
             raise BrokerError(Code.INVALID_ARGUMENT, f"job {spec.id[:40]!r}: {exc}") from None
+        if self.max_walltime and spec.timeout > self.max_walltime:
+            fail(Code.FAILED_PRECONDITION, f"job {spec.id}: asks for a time limit of {spec.timeout:g} s; site "
+                                           f"{self.site!r} lets an attempt run {self.max_walltime:g} s at most")
         for site in {a.key.site for a in cond.depends} - {self.site} if cond is not None else ():
             if site not in self.peers:
                 fail(Code.FAILED_PRECONDITION, f"job {spec.id}: condition names a job at site {site!r}, which is "
@@ -250,3 +257,19 @@ def _check_install(spec: jpb.JobSpec) -> None:
         raise InvalidInput(f"{install.filename!r} is not a wheel of {install.name} {install.version}")
     if spec.when.postfix:
         raise InvalidInput("an install has no when=; it completes when its upload is installed")
+
+
+MAX_RETRIES = 100
+MAX_DELAY = 24 * 3600.0
+
+
+def _check_controls(spec: jpb.JobSpec) -> None:
+    """Retries, their delay and the time limit must be numbers a scheduler can keep."""
+    if spec.retries > MAX_RETRIES:
+        raise InvalidInput(f"retries={spec.retries}: at most {MAX_RETRIES}")
+    if not (math.isfinite(spec.retry_delay) and 0 <= spec.retry_delay <= MAX_DELAY):
+        raise InvalidInput(f"retry_delay must be between 0 and {MAX_DELAY:g} seconds")
+    if not (math.isfinite(spec.timeout) and spec.timeout >= 0):
+        raise InvalidInput("timeout must be a number of seconds, 0 or more")
+    if spec.WhichOneof("work") in ("race", "install") and (spec.retries or spec.timeout):
+        raise InvalidInput("races and installs take no retries or time limit (their contestants and uploads do)")

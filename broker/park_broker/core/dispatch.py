@@ -119,7 +119,8 @@ class Dispatcher:
                "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}
         python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires), job.owner))
         common = dict(job_id=job.id, attempt=attempt, owner=job.owner, account=account, work_dir=work,
-                      output_name=output, env=env, python_path=python_path)
+                      output_name=output, env=env, python_path=python_path,
+                      timeout=spec.timeout or self.site.max_walltime)
         if spec.WhichOneof("work") == "call":
             return Task(kind="call", target=spec.call.target, args_json=spec.call.args_json,
                         kwargs_json=spec.call.kwargs_json, **common)  # type: ignore[arg-type]

@@ -43,10 +43,12 @@ Pin = tuple[str, str, str]     # (owner or "" for site-wide, package, version) a
 
 @dataclass(slots=True)
 class Batch:
-    """What one decision writes (`changes`, in order) and releases after its commit (`queued`)."""
+    """What one decision writes (`changes`, in order) and releases after its commit (`queued`), at once or
+    `release_after` seconds later (a retry's backoff)."""
 
     changes: list[Change] = field(default_factory=list)
     queued: list[str] = field(default_factory=list)
+    release_after: float = 0.0
 
 
 class Ledger:
@@ -177,7 +179,7 @@ class Ledger:
 
     async def _committed(self, batch: Batch, written: asyncio.Future[None] | None) -> None:
         if written is None:
-            self.release(batch.queued)
+            self._release(batch)
             return
         try:
             await written
@@ -190,12 +192,18 @@ class Ledger:
             active = self._active.get(change.job.id)
             if active is not None:
                 active.last_seq = max(active.last_seq, change.event.seq)
-        self.release(batch.queued)
+        self._release(batch)
         for change in batch.changes:
             job = self._active.get(change.job.id)
             if job is not None and job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
                 self._retiring.append(job.id)
         self._retire()
+
+    def _release(self, batch: Batch) -> None:
+        if batch.release_after > 0 and batch.queued:
+            asyncio.get_running_loop().call_later(batch.release_after, self.release, batch.queued)
+        else:
+            self.release(batch.queued)
 
     def _retire(self) -> None:
         """Forget committed terminal jobs, unless a submission is between its reads and its decisions."""

@@ -57,7 +57,7 @@ class Lifecycle:
         self.packages = packages
         self.ledger = Ledger(site.name, store)
         self.scheduler = Scheduler()
-        self.admission = Admission(site.name, site.files_root, packages, peers)
+        self.admission = Admission(site.name, site.files_root, packages, peers, site.max_walltime)
         self.failed = self.ledger.failed
         self.tokens = ReportTokens()
         self.dispatch = Dispatcher(site, self.ledger, executor, packages, self.tokens.issue, accounts)

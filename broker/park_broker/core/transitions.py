@@ -143,9 +143,19 @@ class Transitions:
         self.ledger.commit_soon(Batch([self.ledger.change(job, jpb.Event(started=jpb.Started(attempt=attempt)))]))
 
     def on_finished(self, job_id: str, attempt: int, outcome: Outcome) -> None:
-        """An executor's outcome of attempt `attempt`; ignored unless it is the job's current attempt."""
+        """An executor's outcome of attempt `attempt`; ignored unless it is the job's current attempt. A
+        failed attempt of a job with retries left runs again, after its backoff; its dependents see only
+        the job's final outcome."""
         job = self.ledger.record(job_id)
         if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
+            return
+        if not outcome.ok and attempt <= job.spec.retries:
+            delay = job.spec.retry_delay * 2 ** (attempt - 1)
+            job.state = jpb.JOB_STATE_QUEUED
+            reason = (f"attempt {attempt} failed: {outcome.error}; attempt {attempt + 1} of {job.spec.retries + 1} "
+                      f"in {delay:g} s")
+            self.ledger.commit_soon(Batch([self.ledger.change(job, jpb.Event(queued=jpb.Queued(reason=reason)))],
+                                          [job.id], release_after=delay))
             return
         self.settle(job_id, outcome)
 

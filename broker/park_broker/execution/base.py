@@ -29,6 +29,7 @@ class Task:
     output_name: str
     env: dict[str, str] = field(default_factory=dict)
     python_path: tuple[str, ...] = ()   # package directories the job requires, first on sys.path
+    timeout: float = 0.0           # seconds the attempt may run before it is terminated and fails; 0: no limit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

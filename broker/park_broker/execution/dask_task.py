@@ -201,6 +201,9 @@ def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str,
         _release(process, getattr(worker, "nthreads", 1))
         return {"ok": False, "error": "cancelled before it started"}
     reply = None
+    limit = float(payload["task"].get("timeout") or 0)
+    deadline = time.monotonic() + limit if limit > 0 else float("inf")
+    timed_out = False
     try:
         send(process.sock, payload["task"])
         with selectors.DefaultSelector() as selector:
@@ -208,6 +211,9 @@ def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str,
             while not selector.select(POLL):
                 if _released(worker, key):
                     log.info("task %s released by the scheduler: terminating its job", key)
+                    child.terminate(grace)
+                elif not timed_out and time.monotonic() > deadline:
+                    timed_out = True
                     child.terminate(grace)
         reply = recv(process.sock)
     except OSError:
@@ -217,6 +223,8 @@ def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str,
         return reply
     process.sock.close()
     code = process.proc.wait()
+    if timed_out:
+        return {"ok": False, "error": f"timed out after {limit:g} s"}
     if child.cancelled:
         return {"ok": False, "error": "cancelled"}
     how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"

@@ -46,6 +46,7 @@ class _Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.task: Task | None = None
         self.cancelled = False
+        self.timed_out = False
         self.packages: tuple[str, ...] = ()   # the package directories this process was started with
         self.owner = ""                       # the user whose jobs it runs; none yet
         self.account: Account | None = None   # the Unix account it runs as; None: the broker's
@@ -85,8 +86,9 @@ class _Worker:
                 return Outcome(ok=False, error=f"the site could not start a process for the job{who}: {exc}")
         self.owner = task.owner
         assert self.writer is not None and self.reader is not None and self.proc is not None
-        self.task, self.cancelled = task, False
+        self.task, self.cancelled, self.timed_out = task, False, False
         body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir)}).encode()
+        limit = asyncio.get_running_loop().call_later(task.timeout, self._time_out) if task.timeout > 0 else None
         try:
             self.writer.write(_HEADER.pack(len(body)) + body)
             await self.writer.drain()
@@ -99,10 +101,14 @@ class _Worker:
             if self.cancelled:
                 shutil.rmtree(task.work_dir, ignore_errors=True)
                 return None
+            if self.timed_out:
+                return Outcome(ok=False, error=f"timed out after {task.timeout:g} s")
             how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
             return Outcome(ok=False, error=f"the worker process running the job {how}")
         finally:
             self.task = None
+            if limit is not None:
+                limit.cancel()
         if self.cancelled:
             return None
         reply["outputs"] = tuple(tuple(o) for o in reply.get("outputs", ()))
@@ -118,9 +124,17 @@ class _Worker:
             self.proc = None
             log.error("cannot start a worker process: %s", exc)
 
+    def _time_out(self) -> None:
+        """The running attempt reached its time limit: it ends as a failure (then maybe a retry)."""
+        self.timed_out = True
+        self._stop_group(self.executor.grace)
+
     def terminate(self, grace: float) -> None:
-        """SIGTERM the worker's process group now and SIGKILL it after `grace` seconds."""
+        """Cancel the running attempt: SIGTERM its process group now, SIGKILL after `grace` seconds."""
         self.cancelled = True
+        self._stop_group(grace)
+
+    def _stop_group(self, grace: float) -> None:
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return

@@ -65,12 +65,15 @@ class Fetches:
             work.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
             work.mkdir(mode=0o700, exist_ok=True)
             meter = self._meter() if self._meter is not None else None
-            size, sha = await download.fetch(open_stream, work / f".{name}.part", work / name, on_progress=meter)
+            transfer = download.fetch(open_stream, work / f".{name}.part", work / name, on_progress=meter)
+            size, sha = await asyncio.wait_for(transfer, job.spec.timeout or None)
             await asyncio.to_thread(_replace_dir, work, final_dir)
             await asyncio.to_thread(self._hand_over, job.owner, final_dir)
             outcome = Outcome(ok=True, outputs=((name, str(final_dir / name), size, sha),))
         except BrokerError as exc:
             outcome = Outcome(ok=False, error=f"fetching {job.spec.fetch.url}: {exc.message}")
+        except TimeoutError:   # what it had received stays in its part file: a retry resumes from there
+            outcome = Outcome(ok=False, error=f"timed out after {job.spec.timeout:g} s")
         finally:
             self._running.pop(job.id, None)
         self._on_finished(job.id, attempt, outcome)

@@ -246,6 +246,9 @@ class JobSpec(_message.Message):
     NO_MEMO_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     GRANTS_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Chosen by the client (26 lowercase base32 characters) so that the job's
     id, filename and url are known before the broker answers, and so that a
@@ -257,6 +260,14 @@ class JobSpec(_message.Message):
     """a human name for listings"""
     no_memo: _builtins.bool
     """always run anew, never reuse or be reused"""
+    retries: _builtins.int
+    """Everyday controls; none is part of the memo key (they say how to run the work, not what it is).
+    run a failed attempt again, up to this many more times
+    """
+    retry_delay: _builtins.float
+    """seconds before the first retry, doubling for each further one"""
+    timeout: _builtins.float
+    """seconds an attempt may run (0: the site's --max-walltime, if any)"""
     @_builtins.property
     def call(self) -> Global___PythonCall: ...
     @_builtins.property
@@ -301,10 +312,13 @@ class JobSpec(_message.Message):
         no_memo: _builtins.bool = ...,
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         grants: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        retries: _builtins.int = ...,
+        retry_delay: _builtins.float = ...,
+        timeout: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "install", b"install", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "race", b"race", "requires", b"requires", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "race", b"race", "requires", b"requires", "retries", b"retries", "retry_delay", b"retry_delay", "timeout", b"timeout", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install", "fetch"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015

@@ -1,0 +1,85 @@
+"""Everyday job controls against a real broker: retries with backoff, time limits, the site's limit."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import park
+from harness import alive, wait_for  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    directory = tmp_path / "runs"
+    directory.mkdir()
+    directory.chmod(0o777)   # the jobs count their runs here, as whichever account they run as
+    return directory
+
+
+def test_a_failed_attempt_runs_again_and_dependents_see_only_the_final_outcome(service, runs) -> None:  # type: ignore[no-untyped-def]
+    with service:
+        flaky = park.submit("park_test_tasks:fail_times", str(runs), "flaky", 2, retries=2, retry_delay=0.2)
+        after = park.submit("park_test_tasks:count_run", str(runs), "after", when=flaky.iscompleted)
+    assert flaky.result(timeout=60) == 3
+    assert after.result(timeout=30) == 1, "the dependent ran once, after the final attempt"
+    events = flaky.history()
+    assert [e.detail.get("attempt") for e in events if e.kind == "started"] == [1, 2, 3]
+    retried = [e.detail["reason"] for e in events if e.kind == "queued" and "attempt" in e.detail.get("reason", "")]
+    assert retried == ["attempt 1 failed: RuntimeError: planned failure 1 of 2; attempt 2 of 3 in 0.2 s",
+                       "attempt 2 failed: RuntimeError: planned failure 2 of 2; attempt 3 of 3 in 0.4 s"]
+    started = [e.time for e in events if e.kind == "started"]
+    assert started[2] - started[1] >= 0.35, "the delay doubles"
+
+
+def test_a_job_out_of_retries_fails_and_its_dependents_are_cancelled(service, runs) -> None:  # type: ignore[no-untyped-def]
+    with service:
+        doomed = park.submit("park_test_tasks:fail_times", str(runs), "doomed", 5, retries=1, retry_delay=0)
+        after = park.submit("park_test_tasks:noop", when=doomed.iscompleted)
+    assert doomed.wait(timeout=60) == "failed"
+    assert doomed.record().attempts == 2 and "planned failure 2 of 5" in doomed.record().error
+    assert after.wait(timeout=30) == "cancelled"
+
+
+def test_an_attempt_over_its_time_limit_is_terminated_and_fails(service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    marker = tmp_path / "slow.pid"
+    with service:
+        slow = park.submit("park_test_tasks:sleep", 60, str(marker), timeout=1.5, retries=1, retry_delay=0)
+    begun = time.monotonic()
+    assert slow.wait(timeout=60) == "failed"
+    assert time.monotonic() - begun < 30
+    record = slow.record()
+    assert record.error == "timed out after 1.5 s" and record.attempts == 2, "timed out, retried, timed out"
+    wait_for(lambda: not alive(int(marker.read_text())), timeout=10)
+
+
+def test_a_cancelled_job_is_never_retried(service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    marker = tmp_path / "c.pid"
+    with service:
+        job = park.submit("park_test_tasks:sleep", 60, str(marker), retries=3, retry_delay=0)
+    wait_for(lambda: marker.exists() and marker.read_text().strip() != "")
+    assert job.cancel() == "cancelled"
+    time.sleep(1.0)
+    assert job.state == "cancelled" and job.record().attempts == 1
+
+
+def test_the_sites_walltime_limit_refuses_more_and_bounds_the_rest(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(extra=["--max-walltime", "2"]).start()
+    service = broker.service()
+    with pytest.raises(park.SubmitError) as refused:
+        with service:
+            park.submit("park_test_tasks:sleep", 1, timeout=10)
+    assert refused.value.code == "FAILED_PRECONDITION" and "lets an attempt run 2 s at most" in str(refused.value)
+    with service:
+        unbounded = park.submit("park_test_tasks:sleep", 60)
+    assert unbounded.wait(timeout=60) == "failed" and unbounded.record().error == "timed out after 2 s"
+
+
+@pytest.mark.parametrize("controls", [dict(retries=-1), dict(retries=1000), dict(retry_delay=-1.0),
+                                      dict(timeout=0), dict(timeout=float("nan"))])
+def test_controls_that_cannot_be_kept_are_refused_before_they_are_sent(service, controls) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError):
+        park.submit("park_test_tasks:noop", service=service, **controls)
