@@ -25,6 +25,9 @@ class RecordingExecutor:
     def cancel(self, job_id: str) -> None:
         pass
 
+    def capacity(self) -> int | None:
+        return None
+
     async def close(self) -> None:
         pass
 

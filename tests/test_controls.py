@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import park
-from harness import alive, wait_for  # type: ignore[import-not-found]
+from harness import alive, as_user, broker_cli, wait_for  # type: ignore[import-not-found]
+from park.agent_client import default_subject
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,3 +84,63 @@ def test_the_sites_walltime_limit_refuses_more_and_bounds_the_rest(new_broker) -
 def test_controls_that_cannot_be_kept_are_refused_before_they_are_sent(service, controls) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError):
         park.submit("park_test_tasks:noop", service=service, **controls)
+
+
+def _order(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_a_users_queued_jobs_run_highest_priority_first(new_broker, runs) -> None:  # type: ignore[no-untyped-def]
+    service = new_broker(workers=1).start().service()
+    gate, order = runs / "gate", runs / "order"
+    with service:
+        blocker = park.run(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done"])
+        jobs = [park.submit("park_test_tasks:append_line", str(order), name, priority=p, memo=False)
+                for name, p in (("low", 0), ("high", 10), ("middle", 5))]
+    wait_for(lambda: blocker.state == "running")
+    gate.touch()
+    for job in jobs:
+        job.wait(timeout=30)
+    assert _order(order) == ["high", "middle", "low"]
+
+
+def test_the_queue_takes_turns_between_users(new_broker, runs) -> None:  # type: ignore[no-untyped-def]
+    """Twenty queued jobs of one user delay another user's one job by a single turn, not twenty."""
+    broker = new_broker(workers=1).start()
+    gate, order = runs / "gate", runs / "order"
+    with broker.service():
+        blocker = park.run(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done"])
+        mine = [park.submit("park_test_tasks:append_line", str(order), f"mine{i}", memo=False) for i in range(20)]
+    wait_for(lambda: blocker.state == "running")
+    with as_user(broker, "bob", runs.parent, "--allow", "submit"):
+        with broker.service():
+            theirs = park.submit("park_test_tasks:append_line", str(order), "bob", memo=False)
+            theirs.acknowledged()
+    gate.touch()
+    for job in [theirs, *mine]:
+        job.wait(timeout=60)
+    assert _order(order).index("bob") <= 1, _order(order)
+
+
+def test_a_running_quota_holds_further_jobs_and_a_waiting_quota_refuses_them(new_broker, runs) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker(workers=2)
+    me = default_subject()
+    assert broker_cli("users", "set", str(broker.directory), me, "--max-running", "1", "--max-waiting",
+                      "2").returncode == 0
+    service = broker.start().service()
+    gate, second = runs / "gate", runs / "second"
+    with service:
+        first = park.run(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done"])
+        held = park.submit("park_test_tasks:touch", str(second))
+    wait_for(lambda: first.state == "running")
+    time.sleep(1.0)
+    assert not second.exists() and held.state == "queued", "a free worker, but the user is at their quota"
+    with service:
+        waiting = [park.submit("park_test_tasks:noop", when=first.iscompleted, memo=False)]
+    with pytest.raises(park.SubmitError) as refused:
+        with service:
+            park.submit("park_test_tasks:noop", when=first.iscompleted, memo=False)
+    assert refused.value.code == "RESOURCE_EXHAUSTED"
+    assert f"user {me!r} may have 2 jobs waiting or queued at site 'sns' and has 2" in str(refused.value)
+    gate.touch()
+    assert held.wait(timeout=30) == "completed" and waiting[0].wait(timeout=30) == "completed"

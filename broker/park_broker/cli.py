@@ -5,7 +5,7 @@
         [--python-path DIR ...] [--local-only] [--metrics-listen HOST:PORT] [--default-unix-user ACCOUNT]
         [--max-delegation SECONDS] [--max-walltime SECONDS]
     park-broker users add DIR USER --key PUBKEY [--allow submit,upload,admin] [--unix-user ACCOUNT]
-    park-broker users set DIR USER [--allow ...] [--unix-user ACCOUNT]
+    park-broker users set DIR USER [--allow ...] [--unix-user ACCOUNT] [--max-running N] [--max-waiting M]
     park-broker users list DIR
     park-broker users remove DIR USER
     park-broker tokens revoke DIR LINK_ID
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     chg.add_argument("user")
     chg.add_argument("--allow", help=f"comma-separated, from {','.join(ALLOWED)}")
     chg.add_argument("--unix-user", metavar="ACCOUNT", help="the Unix account their jobs run as ('' for none)")
+    chg.add_argument("--max-running", type=int, metavar="N", help="at most N of their jobs run at once (0: no limit)")
+    chg.add_argument("--max-waiting", type=int, metavar="M",
+                     help="at most M of their jobs wait or queue; more are refused at submission (0: no limit)")
     lst = users.add_parser("list", help="show registered users")
     lst.add_argument("directory", type=Path)
     rm = users.add_parser("remove", help="forget a user (their calls and open streams are refused at once)")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "users" and args.action == "set":
             set_user(site.directory, args.user, None if args.allow is None else _permissions(args.allow),
-                     args.unix_user)
+                     args.unix_user, args.max_running, args.max_waiting)
             print(f"user {args.user} of site {site.name} changed")
             return 0
         if args.command == "users" and args.action == "remove":
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "users":
             for name, user in sorted(load_users(site.directory / "users.toml").items()):
                 print(f"{name}\tallow={','.join(sorted(user.allow)) or '-'}\tkeys={len(user.keys)}"
-                      f"\tunix_user={user.unix_user or '-'}")
+                      f"\tunix_user={user.unix_user or '-'}\tmax_running={user.limits.max_running or '-'}"
+                      f"\tmax_waiting={user.limits.max_waiting or '-'}")
             return 0
         if args.command == "peers" and args.action == "list":
             for peer in sorted(PeerTable.load(site.directory).peers.values(), key=lambda p: p.name):

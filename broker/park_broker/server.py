@@ -27,6 +27,7 @@ from park_broker.core.events import EventHub
 from park_broker.core.lifecycle import Lifecycle
 from park_broker.ops.metrics import Metrics
 from park_broker.ops.reflection import broker_services, enable_reflection
+from park_broker.core.fairness import NO_LIMITS
 from park_broker.execution.accounts import AccountError, Accounts
 from park_broker.execution.accounts import choose as accounts_for
 from park_broker.execution.choice import executor_kind, make_executor
@@ -144,7 +145,8 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
                              grace=options.grace)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path), max_walltime=options.max_walltime)
     packages = PackageStore(site.directory / "packages", options.package_index)
-    core = Lifecycle(info, store, executor, hub, packages, frozenset(peers.peers), accounts)
+    core = Lifecycle(info, store, executor, hub, packages, frozenset(peers.peers), accounts,
+                     gate.authority.limits if gate.authority is not None else (lambda owner: NO_LIMITS))
     tls_key, certificate = site.tls_key(), site.certificate()
     links: PeerLinks | None = None
     if peers.peers:

@@ -49,11 +49,13 @@ def _target_of(fn: Callable[..., Any]) -> str:
 class Controls:
     """How to run a job's attempts (none of it is part of the memo key): `retries` more attempts after a
     failed one, the first `retry_delay` seconds later and each further one twice as late; `timeout`
-    seconds an attempt may run (None: the site's limit, if it has one)."""
+    seconds an attempt may run (None: the site's limit, if it has one); `priority`: higher first among your
+    queued jobs at the site (between users the site takes turns)."""
 
     retries: int = 0
     retry_delay: float = 1.0
     timeout: float | None = None
+    priority: int = 0
 
     def apply(self, spec: jpb.JobSpec) -> None:
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or not 0 <= self.retries <= 100:
@@ -62,7 +64,10 @@ class Controls:
             raise ValueError(f"retry_delay={self.retry_delay!r}: seconds, from 0 to 86400")
         if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < 1e9):
             raise ValueError(f"timeout={self.timeout!r}: seconds, more than 0 (or None for the site's limit)")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool) or abs(self.priority) > 2**31 - 1:
+            raise ValueError(f"priority={self.priority!r}: a whole number (higher runs first)")
         spec.retries, spec.retry_delay, spec.timeout = self.retries, float(self.retry_delay), float(self.timeout or 0)
+        spec.priority = self.priority
 
 
 def spec_for(service: Service, when: Condition | None, output: str, label: str | None,
@@ -121,7 +126,7 @@ def queue_spec(service: Service, spec: jpb.JobSpec, contestants: list[Job] | Non
 def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None = None,
            service: Service | None = None, requires: Sequence[str] = (), output: str = "output",
            label: str | None = None, memo: bool = True, retries: int = 0, retry_delay: float = 1.0,
-           timeout: float | None = None, **kwargs: Any) -> Job:
+           timeout: float | None = None, priority: int = 0, **kwargs: Any) -> Job:
     """Submit a Python call `target(*args, **kwargs)` to run at `service` once `when` holds.
 
     `target` is "package.module:function" or a function the broker can import.
@@ -129,12 +134,13 @@ def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None 
     job — same call, arguments, input files, upstream jobs and package versions —
     is returned instead of running again (`job.memo_hit`). A failed attempt runs
     again up to `retries` times (after `retry_delay` seconds, doubling), and an
-    attempt running longer than `timeout` seconds fails as timed out (see `Controls`).
+    attempt running longer than `timeout` seconds fails as timed out; `priority` orders your queued
+    jobs (see `Controls`).
     Returns at once; see park.Job.
     """
     service = default_service(service)
     name = target if isinstance(target, str) else _target_of(target)
-    spec = spec_for(service, when, output, label or name, Controls(retries, retry_delay, timeout))
+    spec = spec_for(service, when, output, label or name, Controls(retries, retry_delay, timeout, priority))
     try:
         check_target(name)
         spec.call.target = name
@@ -153,13 +159,13 @@ def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None 
 
 def run(argv: Sequence[str], *, when: Condition | None = None, service: Service | None = None,
         output: str = "output", label: str | None = None, memo: bool = True, retries: int = 0,
-        retry_delay: float = 1.0, timeout: float | None = None) -> Job:
+        retry_delay: float = 1.0, timeout: float | None = None, priority: int = 0) -> Job:
     """Submit a command line (no shell) to run in the job's directory once `when` holds; a non-zero exit
-    is a failed attempt. `retries`, `retry_delay` and `timeout` as for `submit`."""
+    is a failed attempt. `retries`, `retry_delay`, `timeout` and `priority` as for `submit`."""
     if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
         raise TypeError("run() takes a list of strings, e.g. ['reduce', '--in', 'x.nxs']")
     service = default_service(service)
-    spec = spec_for(service, when, output, label or argv[0], Controls(retries, retry_delay, timeout))
+    spec = spec_for(service, when, output, label or argv[0], Controls(retries, retry_delay, timeout, priority))
     spec.command.argv.extend(argv)
     spec.no_memo = not memo
     return queue_spec(service, spec)
@@ -167,7 +173,7 @@ def run(argv: Sequence[str], *, when: Condition | None = None, service: Service 
 
 def fetch_url(url: str, *, auth: Credentials, when: Condition | None = None, service: Service | None = None,
               output: str | None = None, label: str | None = None, retries: int = 0, retry_delay: float = 1.0,
-              timeout: float | None = None) -> Job:
+              timeout: float | None = None, priority: int = 0) -> Job:
     """Pull `url` (another site's job output, `park://site/files/owner/job/name`, e.g. `job.url`) to
     `service` (default: the enclosing `with`) once `when` holds; the file lands at the returned
     job's `filename`, checked by size and sha256. `auth` is `park.credentials(service=<the source>)`."""
@@ -186,7 +192,7 @@ def fetch_url(url: str, *, auth: Credentials, when: Condition | None = None, ser
         path = "/".join(parts)
         url = f"park://{auth.service.site}/files{path}"
     name = output or path.rsplit("/", 1)[-1]
-    spec = spec_for(service, when, name, label or f"fetch {url}", Controls(retries, retry_delay, timeout))
+    spec = spec_for(service, when, name, label or f"fetch {url}", Controls(retries, retry_delay, timeout, priority))
     spec.fetch.CopyFrom(jpb.Fetch(url=url, token=auth.token([f"files.read:{path}"])))
     return queue_spec(service, spec)
 

@@ -1,7 +1,8 @@
 """Who may use a site: the users file, the revocation list, and token checking.
 
     DIR/users.toml       [users.NAME] keys = ["ed25519:..."], allow = ["submit", "upload", "admin"],
-                         unix_user = "ACCOUNT" (the account NAME's jobs run as; execution.accounts)
+                         unix_user = "ACCOUNT" (the account NAME's jobs run as; execution.accounts),
+                         max_running = N, max_waiting = M (quotas; core.fairness)
     DIR/revoked.txt      one revoked link id (sha256 hex) per line
 
 `Authority.authenticate` turns the bearer token of a call into an `Identity`:
@@ -33,6 +34,7 @@ import tomli_w
 from park import tokens
 from park.config import replace_file
 from park.wire import InvalidInput, check_name
+from park_broker.core.fairness import NO_LIMITS, Limits
 from park_broker.execution.accounts import AccountError, default_account_name, lookup
 
 ALLOWED = ("submit", "upload", "admin")
@@ -65,6 +67,7 @@ class _User:
     keys: list[bytes]
     allow: frozenset[str]
     unix_user: str = ""
+    limits: Limits = NO_LIMITS
 
 
 @dataclass
@@ -123,6 +126,12 @@ class Authority:
         user = self._users.get(name)
         return user.unix_user if user else ""
 
+    def limits(self, name: str) -> Limits:
+        """User `name`'s quotas at this site (none for an unknown user)."""
+        self._reload()
+        user = self._users.get(name)
+        return user.limits if user else NO_LIMITS
+
     def names(self) -> list[str]:
         self._reload()
         return sorted(self._users)
@@ -165,9 +174,10 @@ def load_users(path: Path) -> dict[str, _User]:
     try:
         data = tomllib.loads(path.read_text())
         return {name: _User([tokens.parse_public_key(k) for k in entry["keys"]],
-                            frozenset(entry.get("allow", ())), str(entry.get("unix_user", "")))
+                            frozenset(entry.get("allow", ())), str(entry.get("unix_user", "")),
+                            Limits(int(entry.get("max_running", 0)), int(entry.get("max_waiting", 0))))
                 for name, entry in data.get("users", {}).items()}
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError, tokens.TokenError) as exc:
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, AttributeError, tokens.TokenError) as exc:
         raise UsersError(f"{path} is not a valid users file: {exc}") from None
 
 
@@ -202,12 +212,21 @@ def add_user(directory: Path, name: str, key: str, allow: Iterable[str], unix_us
     _write_users(directory, users)
 
 
-def set_user(directory: Path, name: str, allow: Iterable[str] | None, unix_user: str | None) -> None:
-    """Change what `name` may do, or the account their jobs run as ("" for none); None leaves it."""
+def set_user(directory: Path, name: str, allow: Iterable[str] | None, unix_user: str | None,
+             max_running: int | None = None, max_waiting: int | None = None) -> None:
+    """Change what `name` may do, the account their jobs run as ("" for none), or their quotas (0 for
+    none); None leaves each as it is."""
     users = _entries(directory)
     if name not in users:
         raise UsersError(f"site has no user {name!r}; add them with `park-broker users add DIR {name} --key ...`")
     _update(users[name], allow, unix_user)
+    for key, value in (("max_running", max_running), ("max_waiting", max_waiting)):
+        if value is not None and value < 0:
+            raise UsersError(f"--{key.replace('_', '-')} must be 0 (no limit) or more")
+        if value:
+            users[name][key] = value
+        elif value == 0:
+            users[name].pop(key, None)
     _write_users(directory, users)
 
 
@@ -239,7 +258,9 @@ def remove_user(directory: Path, name: str) -> None:
 
 def _entries(directory: Path) -> dict[str, dict[str, Any]]:
     return {n: {"keys": [tokens.format_public_key(k) for k in u.keys], "allow": sorted(u.allow),
-                **({"unix_user": u.unix_user} if u.unix_user else {})}
+                **({"unix_user": u.unix_user} if u.unix_user else {}),
+                **({"max_running": u.limits.max_running} if u.limits.max_running else {}),
+                **({"max_waiting": u.limits.max_waiting} if u.limits.max_waiting else {})}
             for n, u in load_users(directory / "users.toml").items()}
 
 

@@ -28,6 +28,7 @@ from typing import Protocol
 from park._proto import jobs_pb2 as jpb
 from park.wire import TERMINAL_STATES
 from park_broker.core.admission import DEFAULT_OUTPUT
+from park_broker.core.fairness import NO_LIMITS, FairQueue, Limits
 from park_broker.core.ledger import Ledger
 from park_broker.errors import BrokerError
 from park_broker.execution.accounts import AccountError, Accounts
@@ -43,14 +44,16 @@ class Fetcher(Protocol):
 
 class Dispatcher:
     def __init__(self, site: SiteInfo, ledger: Ledger, executor: Executor, packages: PackageStore,
-                 report_token: Callable[[str, int], str], accounts: Accounts):
+                 report_token: Callable[[str, int], str], accounts: Accounts,
+                 limits: Callable[[str], Limits] = lambda owner: NO_LIMITS):
         self.site = site
         self.accounts = accounts
+        self.queue = FairQueue(executor.submit, executor.capacity(), limits)
         self.ledger = ledger
         self.executor = executor
         self.packages = packages
         self.fetcher: Fetcher | None = None   # set when the site has peers to fetch from
-        self._attempts: dict[tuple[str, int], Path] = {}   # attempts handed to the executor, not yet ended
+        self._attempts: dict[str, Task] = {}   # job id -> its attempt queued or running, not yet ended
         self._run = secrets.token_hex(4)
         self._report_token = report_token
         # Set by the lifecycle to the state machine's: failing a job that cannot start after all, and
@@ -79,14 +82,17 @@ class Dispatcher:
             except (AccountError, OSError) as exc:   # its user has no account (any more) to run as
                 self.refuse(job.id, Outcome(ok=False, error=f"the job cannot start at site {self.site.name}: {exc}"))
                 continue
-            self._attempts[(task.job_id, task.attempt)] = task.work_dir
-            self.executor.submit(task)
+            self._attempts[task.job_id] = task
+            self.queue.add(task, job.spec.priority)
 
     def finished(self, job_id: str, attempt: int, outcome: Outcome) -> None:
         """An executor's outcome: adopted for the job's current attempt, discarded for any other."""
-        work = self._attempts.pop((job_id, attempt), None)
-        if work is None:   # not an attempt this broker started, or one it already heard the end of
+        task = self._attempts.get(job_id)
+        if task is None or task.attempt != attempt:   # not one this broker started, or one already ended
             return
+        del self._attempts[job_id]
+        self.queue.ended(task.owner)
+        work = task.work_dir
         job = self.ledger.record(job_id)
         if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
             _discard(work)
@@ -96,8 +102,9 @@ class Dispatcher:
     def stop(self, job_id: str) -> None:
         """End a queued or running job's attempt, wherever it runs; the executor removes what it left,
         and nothing it reports later is adopted."""
-        for key in [k for k in self._attempts if k[0] == job_id]:
-            del self._attempts[key]
+        task = self._attempts.pop(job_id, None)
+        if task is not None and not self.queue.drop(job_id):   # it had been handed over: its slot is free now
+            self.queue.ended(task.owner)
         self.executor.cancel(job_id)
         if self.fetcher is not None:
             self.fetcher.cancel(job_id)

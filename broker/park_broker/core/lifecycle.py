@@ -27,6 +27,7 @@ from park_broker.core.admission import Admission
 from park_broker.core.credentials import Credentials
 from park_broker.core.dispatch import Dispatcher
 from park_broker.core.events import EventHub
+from park_broker.core.fairness import NO_LIMITS, Limits
 from park_broker.core.ledger import Ledger
 from park_broker.core.progress import ProgressReports, ReportTokens
 from park_broker.core.queries import Queries
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 
 class Lifecycle:
     def __init__(self, site: SiteInfo, store: Store, executor: Executor, hub: EventHub, packages: PackageStore,
-                 peers: frozenset[str] = frozenset(), accounts: Accounts = Accounts(False, lambda user: "")):
+                 peers: frozenset[str] = frozenset(), accounts: Accounts = Accounts(False, lambda user: ""),
+                 limits: Callable[[str], Limits] = lambda owner: NO_LIMITS):
         self.site = site
         self.store = store
         self.executor = executor
@@ -60,7 +62,7 @@ class Lifecycle:
         self.admission = Admission(site.name, site.files_root, packages, peers, site.max_walltime)
         self.failed = self.ledger.failed
         self.tokens = ReportTokens()
-        self.dispatch = Dispatcher(site, self.ledger, executor, packages, self.tokens.issue, accounts)
+        self.dispatch = Dispatcher(site, self.ledger, executor, packages, self.tokens.issue, accounts, limits)
         self.ledger.release = self.dispatch.release
         self.transitions = Transitions(site.name, self.ledger, self.scheduler, self.admission, self.dispatch.stop)
         self.dispatch.refuse = self.transitions.settle
@@ -68,7 +70,7 @@ class Lifecycle:
         self.progress = ProgressReports(self.ledger, self.scheduler, self.admission, self.transitions)
         self.remote = RemoteAtoms(site.name, store, self.ledger, self.admission, self.transitions)
         self.submissions = Submissions(site, store, self.ledger, self.scheduler, self.admission, self.transitions,
-                                       self.remote)
+                                       self.remote, limits)
         self.queries = Queries(store, self.ledger, hub)
         self.installs = Installs(self.ledger, self.transitions, packages)
         self.credentials = Credentials(self.ledger, self.admission)

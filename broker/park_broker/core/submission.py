@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from park._proto import jobs_pb2 as jpb
 from park.conditions import Condition
 from park_broker.core import memo
 from park_broker.core.admission import DEFAULT_OUTPUT, Admission
+from park_broker.core.fairness import NO_LIMITS, Limits
 from park_broker.core.ledger import Batch, Ledger
 from park_broker.core.remote import RemoteAtoms
 from park_broker.core.scheduler import Scheduler
@@ -31,6 +33,7 @@ from park_broker.site import SiteInfo
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000
+_NOT_STARTED = (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED)
 
 
 @dataclass(slots=True)
@@ -57,8 +60,10 @@ class _Prepared:
 
 class Submissions:
     def __init__(self, site: SiteInfo, store: Store, ledger: Ledger, scheduler: Scheduler, admission: Admission,
-                 transitions: Transitions, remote: RemoteAtoms):
+                 transitions: Transitions, remote: RemoteAtoms,
+                 limits: Callable[[str], Limits] = lambda owner: NO_LIMITS):
         self.site = site
+        self.limits = limits
         self.store = store
         self.ledger = ledger
         self.scheduler = scheduler
@@ -125,6 +130,8 @@ class Submissions:
         links: list[tuple[Path, str]] = []
         batch = Batch()
         now = time.time()
+        quota = self.limits(owner).max_waiting
+        waiting = sum(1 for j in self.ledger.active() if j.owner == owner and j.state in _NOT_STARTED) if quota else 0
         for p in prepared:
             if isinstance(p, BrokerError) or p.error is not None:
                 results.append(Submission(error=p if isinstance(p, BrokerError) else p.error))
@@ -154,6 +161,12 @@ class Submissions:
             except BrokerError as exc:
                 results.append(Submission(error=exc))
                 continue
+            if quota and waiting >= quota:
+                results.append(Submission(error=BrokerError(Code.RESOURCE_EXHAUSTED, (
+                    f"job {spec.id}: user {owner!r} may have {quota} jobs waiting or queued at site "
+                    f"{self.site.name!r} and has {waiting}: submit it once some have started"))))
+                continue
+            waiting += 1
             job = self._new_job(owner, spec, now)
             if p.key:
                 job.memo_key, job.memo_inputs = p.key, memo.canonical(p.inputs)

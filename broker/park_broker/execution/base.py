@@ -58,4 +58,8 @@ class Executor(Protocol):
 
         A cancelled task is not reported as finished."""
 
+    def capacity(self) -> int | None:
+        """How many tasks it runs at once (the broker holds the rest, core.fairness); None: give it every
+        task, it queues them itself."""
+
     async def close(self) -> None: ...

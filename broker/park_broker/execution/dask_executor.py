@@ -122,6 +122,9 @@ class DaskExecutor:
         self._keys[task.job_id] = key
         run.waiter = asyncio.get_running_loop().create_task(self._wait(key, run), name=f"park-dask-{key}")
 
+    def capacity(self) -> int | None:
+        return None   # the scheduler queues (and an adaptive cluster scales on what it sees queued)
+
     def cancel(self, job_id: str) -> None:
         key = self._keys.pop(job_id, None)
         run = self._runs.pop(key, None) if key is not None else None

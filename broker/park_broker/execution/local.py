@@ -200,6 +200,9 @@ class LocalExecutor:
         self._queue.append(task)
         self._ready.set()
 
+    def capacity(self) -> int | None:
+        return self.size
+
     def cancel(self, job_id: str) -> None:
         for task in self._queue:
             if task.job_id == job_id:

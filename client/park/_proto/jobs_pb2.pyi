@@ -249,6 +249,7 @@ class JobSpec(_message.Message):
     RETRIES_FIELD_NUMBER: _builtins.int
     RETRY_DELAY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Chosen by the client (26 lowercase base32 characters) so that the job's
     id, filename and url are known before the broker answers, and so that a
@@ -268,6 +269,8 @@ class JobSpec(_message.Message):
     """seconds before the first retry, doubling for each further one"""
     timeout: _builtins.float
     """seconds an attempt may run (0: the site's --max-walltime, if any)"""
+    priority: _builtins.int
+    """higher first, among the same user's queued jobs at the site"""
     @_builtins.property
     def call(self) -> Global___PythonCall: ...
     @_builtins.property
@@ -315,10 +318,11 @@ class JobSpec(_message.Message):
         retries: _builtins.int = ...,
         retry_delay: _builtins.float = ...,
         timeout: _builtins.float = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "install", b"install", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "race", b"race", "requires", b"requires", "retries", b"retries", "retry_delay", b"retry_delay", "timeout", b"timeout", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "priority", b"priority", "race", b"race", "requires", b"requires", "retries", b"retries", "retry_delay", b"retry_delay", "timeout", b"timeout", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install", "fetch"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015
