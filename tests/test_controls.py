@@ -144,3 +144,50 @@ def test_a_running_quota_holds_further_jobs_and_a_waiting_quota_refuses_them(new
     assert f"user {me!r} may have 2 jobs waiting or queued at site 'sns' and has 2" in str(refused.value)
     gate.touch()
     assert held.wait(timeout=30) == "completed" and waiting[0].wait(timeout=30) == "completed"
+
+
+def test_jobs_start_only_when_the_resources_they_ask_for_are_free(new_broker, runs) -> None:  # type: ignore[no-untyped-def]
+    """On a 2-cpu site (3 workers): two 1-cpu jobs run together; a 2-cpu job runs alone; GPUs are given
+    to one job each."""
+    service = new_broker(workers=3, extra=["--cpus", "2", "--gpus", "2"]).start().service()
+    gate = runs / "gate"
+    marker = [runs / f"m{i}" for i in range(4)]
+    with service:
+        ones = [park.submit("park_test_tasks:wait_with_marker", str(marker[i]), str(gate), resources={"gpus": 1},
+                            memo=False) for i in (0, 1)]
+    wait_for(lambda: marker[0].exists() and marker[1].exists())
+    assert sorted(m.read_text() for m in marker[:2]) == ["0", "1"], "one GPU each"
+    gate.touch()
+    assert sorted(j.result(timeout=30) for j in ones) == ["0", "1"]
+    gate.unlink()
+    with service:
+        big = park.submit("park_test_tasks:wait_with_marker", str(marker[2]), str(gate), resources={"cpus": 2},
+                          memo=False)
+        small = park.submit("park_test_tasks:wait_with_marker", str(marker[3]), str(gate), memo=False)
+    wait_for(marker[2].exists)
+    time.sleep(1.0)
+    assert not marker[3].exists() and small.state == "queued", "the 2-cpu job has the site's cpus"
+    gate.touch()
+    assert big.wait(timeout=30) == "completed" and small.wait(timeout=30) == "completed"
+
+
+def test_a_job_over_its_memory_limit_fails_saying_so(service) -> None:  # type: ignore[no-untyped-def]
+    with service:
+        greedy = park.submit("park_test_tasks:allocate", 800 << 20, resources={"memory": "100MiB"})
+        modest = park.submit("park_test_tasks:allocate", 10 << 20, resources={"memory": "100MiB"})
+    assert greedy.wait(timeout=30) == "failed"
+    assert greedy.record().error == "MemoryError: the job went over its memory limit of 0.10 GiB"
+    assert modest.result(timeout=30) == 10 << 20
+
+
+def test_a_request_no_site_resource_could_meet_is_refused_saying_what_the_site_has(new_broker) -> None:  # type: ignore[no-untyped-def]
+    service = new_broker(extra=["--cpus", "2", "--memory", "4GiB"]).start().service()
+    with pytest.raises(park.SubmitError) as refused:
+        with service:
+            park.submit("park_test_tasks:noop", resources={"cpus": 64})
+    assert refused.value.code == "FAILED_PRECONDITION"
+    assert "site 'sns' has 2 cpus, 4.0 GiB of memory and 0 gpus for jobs" in str(refused.value)
+    assert service.info.resources.cpus == 2 and service.info.resources.memory_bytes == 4 << 30
+    for bad in ({"cpus": -1}, {"memory": "lots"}, {"disks": 2}, {"gpus": 0.5}):
+        with pytest.raises(ValueError):
+            park.submit("park_test_tasks:noop", service=service, resources=bad)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from park_broker.execution.choice import executor_spec
 from park_broker.ops import logs
 from park_broker.federation.peers import PeerTable, add_peer, remove_peer
 from park_broker.server import ServeOptions, serve
-from park_broker.site import DEFAULT_LISTEN, SiteError, init_site, load_site
+from park.wire import parse_size
+from park_broker.site import DEFAULT_LISTEN, Resources, SiteError, init_site, load_site, physical_memory
 from park_broker.auth.users import ALLOWED, UsersError, add_user, load_users, remove_user, revoke, set_user
 
 
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between SIGTERM and SIGKILL for a cancelled job, and for shutdown")
     srv.add_argument("--package-index", metavar="DIR_OR_URL",
                      help="wheelhouse directory or package index for implicit installs of requires=")
+    srv.add_argument("--cpus", type=float, metavar="N", help="cpus the site has for jobs (default: this machine's)")
+    srv.add_argument("--memory", metavar="SIZE", help="memory the site has for jobs, e.g. 64GiB (default: this "
+                                                       "machine's)")
+    srv.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs the site has for jobs (default 0)")
     srv.add_argument("--max-walltime", type=float, default=0.0, metavar="SECONDS",
                      help="the longest an attempt may run (jobs asking for more are refused; 0: no limit)")
     srv.add_argument("--max-delegation", type=int, default=7 * 24 * 3600, metavar="SECONDS",
@@ -164,11 +170,23 @@ def main(argv: list[str] | None = None) -> int:
                                package_index=args.package_index, executor=args.executor,
                                metrics_listen=args.metrics_listen, default_unix_user=args.default_unix_user,
                                max_delegation=args.max_delegation, max_walltime=args.max_walltime,
+                               resources=_resources(args),
                                python_path=[str(Path(p).resolve()) for p in args.python_path])
         return asyncio.run(serve(site, options))
     except (SiteError, UsersError) as exc:
         print(f"park-broker: {exc}", file=sys.stderr)
         return 2
+
+
+def _resources(args: argparse.Namespace) -> Resources:
+    cpus = float(os.cpu_count() or 1) if args.cpus is None else args.cpus
+    try:
+        memory = physical_memory() if args.memory is None else parse_size(args.memory)
+    except ValueError as exc:
+        raise SiteError(f"--memory: {exc}") from None
+    if not (math.isfinite(cpus) and cpus > 0) or args.gpus < 0:
+        raise SiteError("--cpus must be more than 0 and --gpus 0 or more")
+    return Resources(cpus, memory, args.gpus)
 
 
 def _permissions(text: str) -> list[str]:

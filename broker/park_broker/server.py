@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1.health import aio as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from park._proto import jobs_pb2 as jpb
 from park._proto import federation_pb2_grpc, files_pb2_grpc, jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
 from park_broker.transfer.tuning import tune_allocator
 from park_broker.core.events import EventHub
@@ -41,7 +42,7 @@ from park_broker.servicers.files import FilesServicer
 from park_broker.servicers.jobs import JobsServicer
 from park_broker.servicers.packages import PackagesServicer
 from park_broker.servicers.site import SiteServicer
-from park_broker.site import SiteConfig, SiteError, SiteInfo, lock_site, protect_state
+from park_broker.site import Resources, SiteConfig, SiteError, SiteInfo, lock_site, protect_state
 from park_broker.core.store import Store
 from park_broker.auth.users import Authority
 
@@ -73,6 +74,7 @@ class ServeOptions:
     default_unix_user: str = ""  # the account of users without one (execution.accounts)
     max_delegation: int = 7 * 24 * 3600   # seconds: the longest delegated token accepted (tokens.narrow ones)
     max_walltime: float = 0.0    # seconds an attempt may run at most; 0: no limit
+    resources: Resources | None = None   # what the site has for jobs; None: what the machine has
 
 
 def make_gate(site: SiteConfig, options: ServeOptions, peers: PeerTable) -> Gate:
@@ -144,6 +146,8 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     executor = make_executor(options.executor, state=site.directory, workers=options.workers, python_path=options.python_path,
                              grace=options.grace)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path), max_walltime=options.max_walltime)
+    if options.resources is not None:
+        info.resources = options.resources
     packages = PackageStore(site.directory / "packages", options.package_index)
     core = Lifecycle(info, store, executor, hub, packages, frozenset(peers.peers), accounts,
                      gate.authority.limits if gate.authority is not None else (lambda owner: NO_LIMITS))
@@ -174,7 +178,8 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     site_info = site_pb2.InfoResponse(
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
         certificate_pem=site.certificate().decode(), executor=executor_kind(options.executor), isolation=accounts.description,
-        max_delegation_seconds=options.max_delegation, capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
+        max_delegation_seconds=options.max_delegation, resources=jpb.Resources(
+            cpus=info.resources.cpus, memory_bytes=info.resources.memory, gpus=info.resources.gpus), capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
     files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root, store), server)
     if gate.authority is not None:

@@ -21,7 +21,7 @@ import ipaddress
 import os
 import socket
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
@@ -47,6 +47,24 @@ class SiteInfo:
     address: str = ""        # where jobs reach the broker to report progress; set once bound
     cert_path: str = ""
     max_walltime: float = 0.0   # seconds an attempt may run at most (serve --max-walltime); 0: no limit
+    resources: Resources = field(default_factory=lambda: Resources(float(os.cpu_count() or 1), physical_memory()))
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What a site has for jobs (`serve --cpus --memory --gpus`), or what a job asks for."""
+
+    cpus: float
+    memory: int = 0        # bytes; a task asking 0 is not counted against the site's memory
+    gpus: int = 0
+
+    def describe(self) -> str:
+        return f"{self.cpus:g} cpus, {self.memory / 2**30:.1f} GiB of memory and {self.gpus} gpus"
+
+
+def physical_memory() -> int:
+    """This host's memory in bytes (what `serve --memory` defaults to)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class SiteError(RuntimeError):

@@ -10,13 +10,14 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from park._proto import jobs_pb2 as jpb
-from park.wire import InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto
+from park.wire import (InvalidInput, check_json, check_name, check_target, condition_from_proto, condition_to_proto,
+                       parse_size)
 from park.delegation import Credentials, credentials
 from park.conditions import Condition
 from park.errors import ParkError, ServiceError
@@ -50,12 +51,14 @@ class Controls:
     """How to run a job's attempts (none of it is part of the memo key): `retries` more attempts after a
     failed one, the first `retry_delay` seconds later and each further one twice as late; `timeout`
     seconds an attempt may run (None: the site's limit, if it has one); `priority`: higher first among your
-    queued jobs at the site (between users the site takes turns)."""
+    queued jobs at the site (between users the site takes turns); `resources`: {"cpus": 4, "memory": "8GiB",
+    "gpus": 1}, what an attempt needs (it waits until the site has them free; over its memory it fails)."""
 
     retries: int = 0
     retry_delay: float = 1.0
     timeout: float | None = None
     priority: int = 0
+    resources: Mapping[str, Any] | None = None
 
     def apply(self, spec: jpb.JobSpec) -> None:
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or not 0 <= self.retries <= 100:
@@ -68,6 +71,17 @@ class Controls:
             raise ValueError(f"priority={self.priority!r}: a whole number (higher runs first)")
         spec.retries, spec.retry_delay, spec.timeout = self.retries, float(self.retry_delay), float(self.timeout or 0)
         spec.priority = self.priority
+        unknown = set(self.resources or {}) - {"cpus", "memory", "gpus"}
+        if unknown:
+            raise ValueError(f"resources: unknown {sorted(unknown)[0]!r}; ask for cpus, memory and gpus")
+        asked = dict(self.resources or {})
+        cpus, gpus = asked.get("cpus", 0), asked.get("gpus", 0)
+        if not (isinstance(cpus, (int, float)) and not isinstance(cpus, bool) and 0 <= cpus <= 1e6):
+            raise ValueError(f"resources: cpus={cpus!r} must be a number of cpus, 0 or more")
+        if not (isinstance(gpus, int) and not isinstance(gpus, bool) and 0 <= gpus <= 1024):
+            raise ValueError(f"resources: gpus={gpus!r} must be a whole number, 0 or more")
+        spec.resources.CopyFrom(jpb.Resources(cpus=float(cpus), memory_bytes=parse_size(asked.get("memory", 0)),
+                                              gpus=gpus))
 
 
 def spec_for(service: Service, when: Condition | None, output: str, label: str | None,
@@ -126,7 +140,8 @@ def queue_spec(service: Service, spec: jpb.JobSpec, contestants: list[Job] | Non
 def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None = None,
            service: Service | None = None, requires: Sequence[str] = (), output: str = "output",
            label: str | None = None, memo: bool = True, retries: int = 0, retry_delay: float = 1.0,
-           timeout: float | None = None, priority: int = 0, **kwargs: Any) -> Job:
+           timeout: float | None = None, priority: int = 0, resources: Mapping[str, Any] | None = None,
+           **kwargs: Any) -> Job:
     """Submit a Python call `target(*args, **kwargs)` to run at `service` once `when` holds.
 
     `target` is "package.module:function" or a function the broker can import.
@@ -135,12 +150,13 @@ def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None 
     is returned instead of running again (`job.memo_hit`). A failed attempt runs
     again up to `retries` times (after `retry_delay` seconds, doubling), and an
     attempt running longer than `timeout` seconds fails as timed out; `priority` orders your queued
-    jobs (see `Controls`).
+    jobs, and `resources` says what an attempt needs (see `Controls`).
     Returns at once; see park.Job.
     """
     service = default_service(service)
     name = target if isinstance(target, str) else _target_of(target)
-    spec = spec_for(service, when, output, label or name, Controls(retries, retry_delay, timeout, priority))
+    spec = spec_for(service, when, output, label or name, Controls(retries, retry_delay, timeout, priority,
+                                                                   resources))
     try:
         check_target(name)
         spec.call.target = name
@@ -159,13 +175,15 @@ def submit(target: str | Callable[..., Any], *args: Any, when: Condition | None 
 
 def run(argv: Sequence[str], *, when: Condition | None = None, service: Service | None = None,
         output: str = "output", label: str | None = None, memo: bool = True, retries: int = 0,
-        retry_delay: float = 1.0, timeout: float | None = None, priority: int = 0) -> Job:
+        retry_delay: float = 1.0, timeout: float | None = None, priority: int = 0,
+        resources: Mapping[str, Any] | None = None) -> Job:
     """Submit a command line (no shell) to run in the job's directory once `when` holds; a non-zero exit
-    is a failed attempt. `retries`, `retry_delay`, `timeout` and `priority` as for `submit`."""
+    is a failed attempt. `retries`, `retry_delay`, `timeout`, `priority` and `resources` as for `submit`."""
     if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
         raise TypeError("run() takes a list of strings, e.g. ['reduce', '--in', 'x.nxs']")
     service = default_service(service)
-    spec = spec_for(service, when, output, label or argv[0], Controls(retries, retry_delay, timeout, priority))
+    spec = spec_for(service, when, output, label or argv[0], Controls(retries, retry_delay, timeout, priority,
+                                                                      resources))
     spec.command.argv.extend(argv)
     spec.no_memo = not memo
     return queue_spec(service, spec)

@@ -215,3 +215,23 @@ def condition_from_proto(msg: cpb.Condition) -> Condition | None:
         raise InvalidInput(f"condition leaves {len(stack)} expressions instead of one; "
                            "the postfix form is malformed")
     return stack[0][0]
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]i?B?|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
+          "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40, "P": 10**15, "PB": 10**15,
+          "PIB": 2**50}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "8GiB", "512MB", "1.5G" or a plain number of bytes; ValueError saying what is accepted."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"a size of {text} bytes: it must be 0 or more")
+        return text
+    match = _SIZE.fullmatch(str(text))
+    unit = (match.group(2) or "").upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{str(text)[:40]!r} is not a size: write bytes, or a number with KiB, MiB, GiB, TiB "
+                         "(or KB, MB, GB, TB)")
+    return int(float(match.group(1)) * _UNITS[unit])

@@ -152,3 +152,17 @@ def fail_times(directory: str, name: str, failures: int) -> int:
     if runs <= failures:
         raise RuntimeError(f"planned failure {runs} of {failures}")
     return runs
+
+
+def allocate(n_bytes: int) -> int:
+    """Holds `n_bytes` of memory for a moment (a job that needs more than it asked for)."""
+    block = bytearray(n_bytes)
+    return len(block)
+
+
+def wait_with_marker(marker: str, gate: str) -> str:
+    """Says it started (marker), then waits for `gate` to exist; returns CUDA_VISIBLE_DEVICES."""
+    Path(marker).write_text(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    while not Path(gate).exists():
+        time.sleep(0.05)
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")

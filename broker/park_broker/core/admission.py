@@ -27,6 +27,7 @@ from park.conditions import Atom, AtomKey, Condition
 from park.expressions import Expression, ExpressionError
 from park_broker.core import memo
 from park_broker.errors import BrokerError, Code, fail
+from park_broker.site import Resources
 from park_broker.packages.store import PackageError, PackageStore, installed_versions, parse_pins, parse_wheel_name
 from park_broker.execution.worker import RESERVED_NAMES
 
@@ -37,10 +38,11 @@ DEFAULT_OUTPUT = "output"
 
 class Admission:
     def __init__(self, site: str, files_root: Path, packages: PackageStore, peers: frozenset[str] = frozenset(),
-                 max_walltime: float = 0.0):
+                 max_walltime: float = 0.0, resources: Resources | None = None):
         self.site = site
         self.peers = peers
         self.max_walltime = max_walltime   # seconds; 0: the site sets no limit
+        self.resources = resources         # what the site has for jobs; None: not counted (Dask)
         self.files_root = files_root
         self.packages = packages
         self.digests = memo.FileDigests()
@@ -82,6 +84,12 @@ class Admission:
             _check_controls(spec)
         except (InvalidInput, ExpressionError) as exc:
             raise BrokerError(Code.INVALID_ARGUMENT, f"job {spec.id[:40]!r}: {exc}") from None
+        asks = spec.resources
+        has = self.resources
+        if has is not None and (asks.cpus > has.cpus or asks.memory_bytes > has.memory or asks.gpus > has.gpus):
+            fail(Code.FAILED_PRECONDITION, f"job {spec.id}: asks for {asks.cpus or 1:g} cpus, "
+                                           f"{asks.memory_bytes / 2**30:.1f} GiB of memory and {asks.gpus} gpus; "
+                                           f"site {self.site!r} has {has.describe()} for jobs")
         if self.max_walltime and spec.timeout > self.max_walltime:
             fail(Code.FAILED_PRECONDITION, f"job {spec.id}: asks for a time limit of {spec.timeout:g} s; site "
                                            f"{self.site!r} lets an attempt run {self.max_walltime:g} s at most")
@@ -271,5 +279,8 @@ def _check_controls(spec: jpb.JobSpec) -> None:
         raise InvalidInput(f"retry_delay must be between 0 and {MAX_DELAY:g} seconds")
     if not (math.isfinite(spec.timeout) and spec.timeout >= 0):
         raise InvalidInput("timeout must be a number of seconds, 0 or more")
+    r = spec.resources
+    if not (math.isfinite(r.cpus) and 0 <= r.cpus <= 1e6) or r.memory_bytes < 0 or r.gpus < 0:
+        raise InvalidInput("resources: cpus, memory and gpus must be numbers of 0 or more")
     if spec.WhichOneof("work") in ("race", "install") and (spec.retries or spec.timeout):
         raise InvalidInput("races and installs take no retries or time limit (their contestants and uploads do)")

@@ -48,7 +48,9 @@ class Dispatcher:
                  limits: Callable[[str], Limits] = lambda owner: NO_LIMITS):
         self.site = site
         self.accounts = accounts
-        self.queue = FairQueue(executor.submit, executor.capacity(), limits)
+        # The site's resources count for the executor that has slots of its own (the local one).
+        capacity = executor.capacity()
+        self.queue = FairQueue(executor.submit, capacity, site.resources if capacity is not None else None, limits)
         self.ledger = ledger
         self.executor = executor
         self.packages = packages
@@ -91,7 +93,7 @@ class Dispatcher:
         if task is None or task.attempt != attempt:   # not one this broker started, or one already ended
             return
         del self._attempts[job_id]
-        self.queue.ended(task.owner)
+        self.queue.ended(job_id)
         work = task.work_dir
         job = self.ledger.record(job_id)
         if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
@@ -104,7 +106,7 @@ class Dispatcher:
         and nothing it reports later is adopted."""
         task = self._attempts.pop(job_id, None)
         if task is not None and not self.queue.drop(job_id):   # it had been handed over: its slot is free now
-            self.queue.ended(task.owner)
+            self.queue.ended(job_id)
         self.executor.cancel(job_id)
         if self.fetcher is not None:
             self.fetcher.cancel(job_id)
@@ -127,7 +129,8 @@ class Dispatcher:
         python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires), job.owner))
         common = dict(job_id=job.id, attempt=attempt, owner=job.owner, account=account, work_dir=work,
                       output_name=output, env=env, python_path=python_path,
-                      timeout=spec.timeout or self.site.max_walltime)
+                      timeout=spec.timeout or self.site.max_walltime, cpus=spec.resources.cpus or 1.0,
+                      memory_limit=spec.resources.memory_bytes, gpus=spec.resources.gpus)
         if spec.WhichOneof("work") == "call":
             return Task(kind="call", target=spec.call.target, args_json=spec.call.args_json,
                         kwargs_json=spec.call.kwargs_json, **common)  # type: ignore[arg-type]

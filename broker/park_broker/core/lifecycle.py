@@ -59,7 +59,9 @@ class Lifecycle:
         self.packages = packages
         self.ledger = Ledger(site.name, store)
         self.scheduler = Scheduler()
-        self.admission = Admission(site.name, site.files_root, packages, peers, site.max_walltime)
+        # The site's resources are counted for an executor with slots of its own (the local one).
+        self.admission = Admission(site.name, site.files_root, packages, peers, site.max_walltime,
+                                   site.resources if executor.capacity() is not None else None)
         self.failed = self.ledger.failed
         self.tokens = ReportTokens()
         self.dispatch = Dispatcher(site, self.ledger, executor, packages, self.tokens.issue, accounts, limits)

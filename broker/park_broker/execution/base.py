@@ -30,6 +30,9 @@ class Task:
     env: dict[str, str] = field(default_factory=dict)
     python_path: tuple[str, ...] = ()   # package directories the job requires, first on sys.path
     timeout: float = 0.0           # seconds the attempt may run before it is terminated and fails; 0: no limit
+    cpus: float = 1.0              # what it asked of the site (core.fairness); its GPUs are in env
+    memory_limit: int = 0          # bytes it may allocate; 0: no limit
+    gpus: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

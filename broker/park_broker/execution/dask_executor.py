@@ -117,7 +117,11 @@ class DaskExecutor:
         key = f"park-{self.site}-{task.job_id}-{task.attempt}-{self.session}"
         payload = {"key": key, "topic": self.topic, "grace": self.grace, "python_path": self.python_path,
                    "task": {**dataclasses.asdict(task), "work_dir": str(task.work_dir)}}
-        future = self._client.submit(dask_task.run, payload, key=key, pure=False)
+        # A job that asks for resources runs on a worker that declares them (`dask worker --resources
+        # "cpus=8,gpus=1,memory=32e9"`); one that asks nothing, anywhere.
+        asked = {name: amount for name, amount in (("cpus", task.cpus if task.cpus != 1.0 else 0),
+                                                    ("memory", task.memory_limit), ("gpus", task.gpus)) if amount}
+        future = self._client.submit(dask_task.run, payload, key=key, pure=False, resources=asked or None)
         run = self._runs[key] = _Run(task, future)
         self._keys[task.job_id] = key
         run.waiter = asyncio.get_running_loop().create_task(self._wait(key, run), name=f"park-dask-{key}")

@@ -21,11 +21,13 @@ This module must import nothing heavy: it is what every worker starts with.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import pickle
+import resource
 import shutil
 import signal
 import socket
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +133,20 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             os.dup2(err.fileno(), 2)
             os.environ.update(task["env"])
             os.chdir(work_dir)
+            limit = int(task.get("memory_limit") or 0)
             try:
-                outcome = _run(task, work_dir)
+                with _memory_limited(limit):
+                    outcome = _run(task, work_dir)
+            except MemoryError:
+                traceback.print_exc()
+                outcome = {"ok": False, "error": f"MemoryError: the job went over its memory limit of "
+                                                 f"{limit / 2**30:.2f} GiB", "traceback": traceback.format_exc()[-20000:]}
             except BaseException as exc:  # noqa: BLE001 - the job's failure, reported, not ours
                 traceback.print_exc()
                 outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000],
                            "traceback": traceback.format_exc()[-20000:]}
+            if limit and not outcome.get("ok") and outcome.get("error", "").startswith("command exited"):
+                outcome["error"] += f" (its memory was limited to {limit / 2**30:.2f} GiB)"
             reporting = sys.modules.get("park.progress")
             if reporting is not None:   # the job reported progress: deliver it before the outcome
                 reporting.flush()
@@ -159,6 +170,24 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     if outcome.get("result_file"):
         outcome["result_file"] = str(work_dir / outcome["result_file"])
     return outcome
+
+
+@contextlib.contextmanager
+def _memory_limited(limit: int) -> Iterator[None]:
+    """While inside, this process (and what it starts) may allocate `limit` bytes more than it has now:
+    the soft address-space limit, restored afterwards (a soft limit may go back up to the hard one)."""
+    if not limit:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        now = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    wanted = now + limit if hard == resource.RLIM_INFINITY else min(now + limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (wanted, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def die_with_broker(watch_fd: int) -> None:

@@ -250,6 +250,7 @@ class JobSpec(_message.Message):
     RETRY_DELAY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Chosen by the client (26 lowercase base32 characters) so that the job's
     id, filename and url are known before the broker answers, and so that a
@@ -299,6 +300,10 @@ class JobSpec(_message.Message):
         site, scopes jobs.read:/<id> of its jobs, confirm this broker's key).
         """
 
+    @_builtins.property
+    def resources(self) -> Global___Resources:
+        """what an attempt needs of the site; unset: one cpu"""
+
     def __init__(
         self,
         *,
@@ -319,16 +324,47 @@ class JobSpec(_message.Message):
         retry_delay: _builtins.float = ...,
         timeout: _builtins.float = ...,
         priority: _builtins.int = ...,
+        resources: Global___Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "install", b"install", "race", b"race", "when", b"when", "work", b"work"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "install", b"install", "race", b"race", "resources", b"resources", "when", b"when", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "priority", b"priority", "race", b"race", "requires", b"requires", "retries", b"retries", "retry_delay", b"retry_delay", "timeout", b"timeout", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "priority", b"priority", "race", b"race", "requires", b"requires", "resources", b"resources", "retries", b"retries", "retry_delay", b"retry_delay", "timeout", b"timeout", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install", "fetch"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_work) -> _WhichOneofReturnType_work | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class Resources(_message.Message):
+    """What a job asks of its site, and what a site has (Site.Info). A job waits until they are free."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPUS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    cpus: _builtins.float
+    """0: one"""
+    memory_bytes: _builtins.int
+    """what it may allocate; over it, the attempt fails (0: no limit)"""
+    gpus: _builtins.int
+    """given to it alone, through CUDA_VISIBLE_DEVICES"""
+    def __init__(
+        self,
+        *,
+        cpus: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        gpus: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "gpus", b"gpus", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resources: _TypeAlias = Resources  # noqa: Y015
 
 @_typing.final
 class ResultFile(_message.Message):

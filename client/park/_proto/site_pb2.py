@@ -22,19 +22,20 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from park._proto import jobs_pb2 as park_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12park/v1/site.proto\x12\x07park.v1\"\r\n\x0bInfoRequest\"\xe2\x01\n\x0cInfoResponse\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfiles_root\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x05 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x10\n\x08\x65xecutor\x18\x08 \x01(\t\x12\x1e\n\x16max_delegation_seconds\x18\n \x01(\x03\x12\x11\n\tisolation\x18\t \x01(\t2;\n\x04Site\x12\x33\n\x04Info\x12\x14.park.v1.InfoRequest\x1a\x15.park.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12park/v1/site.proto\x12\x07park.v1\x1a\x12park/v1/jobs.proto\"\r\n\x0bInfoRequest\"\x89\x02\n\x0cInfoResponse\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfiles_root\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x05 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x10\n\x08\x65xecutor\x18\x08 \x01(\t\x12\x1e\n\x16max_delegation_seconds\x18\n \x01(\x03\x12\x11\n\tisolation\x18\t \x01(\t\x12%\n\tresources\x18\x0b \x01(\x0b\x32\x12.park.v1.Resources2;\n\x04Site\x12\x33\n\x04Info\x12\x14.park.v1.InfoRequest\x1a\x15.park.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'park.v1.site_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INFOREQUEST']._serialized_start=31
-  _globals['_INFOREQUEST']._serialized_end=44
-  _globals['_INFORESPONSE']._serialized_start=47
-  _globals['_INFORESPONSE']._serialized_end=273
-  _globals['_SITE']._serialized_start=275
-  _globals['_SITE']._serialized_end=334
+  _globals['_INFOREQUEST']._serialized_start=51
+  _globals['_INFOREQUEST']._serialized_end=64
+  _globals['_INFORESPONSE']._serialized_start=67
+  _globals['_INFORESPONSE']._serialized_end=332
+  _globals['_SITE']._serialized_start=334
+  _globals['_SITE']._serialized_end=393
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from park._proto import jobs_pb2 as _jobs_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -47,6 +48,7 @@ class InfoResponse(_message.Message):
     EXECUTOR_FIELD_NUMBER: _builtins.int
     MAX_DELEGATION_SECONDS_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     site: _builtins.str
     """the site's name, as in park://<site>/..."""
     version: _builtins.str
@@ -64,9 +66,12 @@ class InfoResponse(_message.Message):
     max_delegation_seconds: _builtins.int
     """the longest delegated token (scoped to a job or a file) it accepts"""
     isolation: _builtins.str
-    """which Unix account jobs run as, in words ("jobs run as each user's own ...")"""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def resources(self) -> _jobs_pb2.Resources:
+        """what the site has for jobs (serve --cpus --memory --gpus)            // which Unix account jobs run as, in words ("jobs run as each user's own ...")"""
+
     def __init__(
         self,
         *,
@@ -80,10 +85,11 @@ class InfoResponse(_message.Message):
         executor: _builtins.str = ...,
         max_delegation_seconds: _builtins.int = ...,
         isolation: _builtins.str = ...,
+        resources: _jobs_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "capabilities", b"capabilities", "certificate_pem", b"certificate_pem", "executor", b"executor", "files_root", b"files_root", "identity_public_key", b"identity_public_key", "isolation", b"isolation", "max_delegation_seconds", b"max_delegation_seconds", "site", b"site", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "capabilities", b"capabilities", "certificate_pem", b"certificate_pem", "executor", b"executor", "files_root", b"files_root", "identity_public_key", b"identity_public_key", "isolation", b"isolation", "max_delegation_seconds", b"max_delegation_seconds", "resources", b"resources", "site", b"site", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
