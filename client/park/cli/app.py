@@ -109,7 +109,8 @@ def _job_row(service_name: str, job: jpb.Job) -> dict[str, Any]:
     return {"service": service_name, "site": job.site, "id": job.id,
             "label": job.spec.label or job.spec.call.target or " ".join(job.spec.command.argv),
             "state": STATE_NAMES.get(job.state, "unknown"), "submitted": iso(job.submitted_at),
-            "finished": iso(job.finished_at), "url": job.url, "attention": job.attention or None}
+            "finished": iso(job.finished_at), "url": job.url, "attention": job.attention or None,
+            "attempts": job.attempts, "retries": job.spec.retries, "priority": job.spec.priority}
 
 
 def cmd_why(args: argparse.Namespace) -> int:
@@ -152,11 +153,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"jobs": [_job_row(name, job) for name, job in found]})
         return status
-    table = Table("site", "id", "label", "state", "submitted", "finished")
+    table = Table("site", "id", "label", "state", "attempts", "submitted", "finished")
     for name, job in found:
         row = _job_row(name, job)
+        tries = f"{job.attempts}/{job.spec.retries + 1}" if job.spec.retries else str(job.attempts or "")
         table.add_row(Text(row["site"]), Text(row["id"]), Text(row["label"]),
-                      Text(row["state"], style=STATE_STYLES.get(row["state"], "")),
+                      Text(row["state"], style=STATE_STYLES.get(row["state"], "")), Text(tries),
                       when(job.submitted_at), when(job.finished_at))
     new_console().print(table if found else "no jobs")
     for name, job in found:
