@@ -144,7 +144,7 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     protect_state(site, shared=accounts.switching)
     log.info("site %s: %s", site.name, accounts.description)
     executor = make_executor(options.executor, state=site.directory, workers=options.workers, python_path=options.python_path,
-                             grace=options.grace)
+                             grace=options.grace, warm=not accounts.switching)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path), max_walltime=options.max_walltime)
     if options.resources is not None:
         info.resources = options.resources

@@ -72,6 +72,8 @@ class _Worker:
 
     async def run(self, task: Task) -> Outcome | None:
         """Run `task`; None if it was cancelled or the worker could not be reached."""
+        # Set first: a cancel that comes while a fresh process starts for the task must find it.
+        self.task, self.cancelled, self.timed_out = task, False, False
         if (self.proc is None or task.python_path != self.packages or task.account != self.account
                 or (self.owner and task.owner != self.owner)):
             # Modules (and whatever a job left behind) stay in a worker: another set of package versions,
@@ -80,13 +82,15 @@ class _Worker:
             try:
                 await self.spawn(task.python_path, task.account)
             except OSError as exc:
-                self.proc = None
+                self.proc, self.task = None, None
                 who = f" as Unix account {task.account.name}" if task.account else ""
                 log.error("cannot start a worker process%s: %s", who, exc)
                 return Outcome(ok=False, error=f"the site could not start a process for the job{who}: {exc}")
+        if self.cancelled:   # while its process started
+            self.task = None
+            return None
         self.owner = task.owner
         assert self.writer is not None and self.reader is not None and self.proc is not None
-        self.task, self.cancelled, self.timed_out = task, False, False
         body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir)}).encode()
         limit = asyncio.get_running_loop().call_later(task.timeout, self._time_out) if task.timeout > 0 else None
         try:
@@ -173,8 +177,9 @@ class LocalExecutor:
     """Runs tasks on `workers` local processes; see the module docstring."""
 
     def __init__(self, groups: ProcessGroups, *, workers: int | None = None, python_path: list[str] | None = None,
-                 grace: float = 5.0):
+                 grace: float = 5.0, warm: bool = True):
         self.groups = groups
+        self.warm = warm   # start the workers at once (no use when each job's account needs a process of its own)
         self.size = workers or os.cpu_count() or 1
         self.python_path = list(python_path or [])
         self.grace = grace
@@ -193,7 +198,8 @@ class LocalExecutor:
         if killed := await asyncio.to_thread(self.groups.reap):
             log.warning("killed %d process groups left by the broker that served this site before", killed)
         self._workers = [_Worker(self, i) for i in range(self.size)]
-        await asyncio.gather(*(w.spawn() for w in self._workers))
+        if self.warm:
+            await asyncio.gather(*(w.spawn() for w in self._workers))
         self._loops = [asyncio.create_task(self._serve(w), name=f"park-worker-{w.index}") for w in self._workers]
 
     def submit(self, task: Task) -> None:
