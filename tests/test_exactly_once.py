@@ -146,3 +146,23 @@ def test_process_group_records_never_signal_a_pid_used_again(tmp_path: Path) -> 
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_task_cancelled_while_its_worker_process_starts_never_runs(tmp_path: Path) -> None:
+    from park_broker.execution.local import LocalExecutor
+
+    async def main() -> None:
+        finished: list[str] = []
+        executor = LocalExecutor(ProcessGroups(tmp_path / "groups"), workers=1, warm=False)
+        await executor.start(lambda job, attempt: None, lambda job, attempt, outcome: finished.append(job))
+        work = tmp_path / ".job.attempt-1"
+        work.mkdir()
+        marker = tmp_path / "ran"
+        executor.submit(Task(job_id="j" * 26, attempt=1, owner="alice", kind="command",
+                             argv=("sh", "-c", f"touch {marker}"), work_dir=work, output_name="output"))
+        await asyncio.sleep(0)        # the worker takes it and begins to start its process
+        executor.cancel("j" * 26)
+        await asyncio.sleep(2.0)
+        assert not marker.exists() and finished == [], "cancelled before it could run: it never runs"
+        await executor.close()
+    asyncio.run(main())
