@@ -51,6 +51,16 @@ Slurm (PBSCluster is the same on PBS)::
 
 Use one thread per worker process (`processes == cores`): each Park job takes
 one worker thread while it runs.
+
+Isolation. Every job runs as the account the Dask workers run as, whoever
+submitted it: the broker cannot switch accounts on another host, so the users
+file's `unix_user` mappings are not applied (`serve` and `park status` say so).
+A warm child process still serves one user's jobs only, and a job's directory
+is its own, but users of one cluster can reach each other's files through the
+workers' account. For a site shared by users who must not, run a Dask cluster
+per account (one broker each), or use the local executor on a root broker.
+Resources a job asks for map onto Dask worker resources; start workers with
+`--resources "cpus=8,gpus=1,memory=32e9"` for jobs that ask for them.
 """
 from __future__ import annotations
 
