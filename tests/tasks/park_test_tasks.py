@@ -90,11 +90,16 @@ def result_only(chisq: float) -> dict[str, float]:
 
 def count_run(directory: str, name: str) -> int:
     """Appends a line to directory/name and returns how many runs it records; the file
-    is named by its directory, so its growing content is not an input of the job."""
-    path = Path(directory) / name
-    with open(path, "a") as f:
+    is named by its directory, so its growing content is not an input of the job. Under a lock:
+    two runs at once must not both count the other's line as well as their own."""
+    import fcntl
+
+    with open(Path(directory) / name, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         f.write("run\n")
-    return len(path.read_text().splitlines())
+        f.flush()
+        f.seek(0)
+        return len(f.read().splitlines())
 
 
 def read_length(path: str) -> int:
