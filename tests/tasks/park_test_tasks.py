@@ -50,10 +50,16 @@ def not_json() -> set[int]:
 
 
 def append_line(path: str, line: str) -> int:
-    """Appends to a shared file, so a test can count how often a job ran."""
-    with open(path, "a") as f:
+    """Appends to a shared file, so a test can count how often a job ran; returns how many lines it has.
+    Under a lock: two runs at once must not both count the other's line as well as their own."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         f.write(line + "\n")
-    return len(Path(path).read_text().splitlines())
+        f.flush()
+        f.seek(0)
+        return len(f.read().splitlines())
 
 
 def crash() -> None:
@@ -90,16 +96,8 @@ def result_only(chisq: float) -> dict[str, float]:
 
 def count_run(directory: str, name: str) -> int:
     """Appends a line to directory/name and returns how many runs it records; the file
-    is named by its directory, so its growing content is not an input of the job. Under a lock:
-    two runs at once must not both count the other's line as well as their own."""
-    import fcntl
-
-    with open(Path(directory) / name, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write("run\n")
-        f.flush()
-        f.seek(0)
-        return len(f.read().splitlines())
+    is named by its directory, so its growing content is not an input of the job."""
+    return append_line(str(Path(directory) / name), "run")
 
 
 def read_length(path: str) -> int:
