@@ -3,6 +3,7 @@ run their jobs on the cluster's worker processes, with the local executor's beha
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_cancel_running_job_terminates_its_process(service: park.Service, tmp_pa
     pid = int(marker.read_text())
     assert job.state == "running"
     assert job.cancel() == "cancelled"
-    wait_for(lambda: not alive(pid), timeout=5)
+    wait_for(lambda: not alive(pid), timeout=20)
     with service:   # the Dask worker's thread is free again
         assert [park.submit("park_test_tasks:add", i, 1).result(timeout=30) for i in range(3)] == [1, 2, 3]
 
@@ -118,7 +119,7 @@ def test_kill_9_broker_reruns_the_dask_job_after_restart(dask_broker: Broker, tm
     dask_broker.kill()
     # The scheduler drops the dead broker's client, and the released task terminates its job's
     # process: an orphaned attempt does not race the re-run.
-    wait_for(lambda: not alive(first), timeout=5)
+    wait_for(lambda: not alive(first), timeout=20)
     dask_broker.start()
     s = dask_broker.service()
     again = s.job(slow.id)
@@ -128,7 +129,7 @@ def test_kill_9_broker_reruns_the_dask_job_after_restart(dask_broker: Broker, tm
     assert again.record().attempts == 2
     assert s.job(after.id).state == "waiting"
     again.cancel()
-    wait_for(lambda: not alive(second), timeout=5)
+    wait_for(lambda: not alive(second), timeout=20)
     assert s.job(after.id).wait(timeout=30) == "cancelled"
     assert [e.kind for e in again.events()].count("started") == 2
 
@@ -167,3 +168,29 @@ def test_a_starting_broker_kills_attempts_its_sites_previous_broker_left_on_the_
         client.run(dask_task.kill_stale, "park-", "no-run-of-this-name")
         for future in futures:
             future.result(timeout=10)
+
+
+def test_resources_map_onto_the_workers_declared_resources(new_broker: Callable[..., Broker],
+                                                           tmp_path: Path) -> None:
+    """One worker declaring 2 cpus, with two threads: two 1-cpu jobs run together, a 2-cpu job runs alone."""
+    with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=2, resources={"cpus": 2},
+                                  host="127.0.0.1", scheduler_port=0, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address.removeprefix("tcp://")
+        service = new_broker(extra=["--executor", f"dask://{address}"]).start().service()
+        gate, marker = tmp_path / "gate", [tmp_path / f"m{i}" for i in range(4)]
+        with service:
+            ones = [park.submit("park_test_tasks:wait_with_marker", str(marker[i]), str(gate), memo=False)
+                    for i in (0, 1)]
+        wait_for(lambda: marker[0].exists() and marker[1].exists())
+        gate.touch()
+        assert [j.wait(timeout=30) for j in ones] == ["completed", "completed"]
+        gate.unlink()
+        with service:
+            big = park.submit("park_test_tasks:wait_with_marker", str(marker[2]), str(gate), resources={"cpus": 2},
+                              memo=False)
+            small = park.submit("park_test_tasks:wait_with_marker", str(marker[3]), str(gate), memo=False)
+        wait_for(marker[2].exists)
+        time.sleep(1.0)
+        assert not marker[3].exists(), "the 2-cpu job holds the worker's cpus"
+        gate.touch()
+        assert big.wait(timeout=30) == "completed" and small.wait(timeout=30) == "completed"

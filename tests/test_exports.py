@@ -8,9 +8,9 @@ from park_broker.auth.policy import POLICY
 
 def test_park_exports_exactly_the_documented_names() -> None:
     assert sorted(park.__all__) == sorted([
-        "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed", "MemoReport", "PackageInfo",
+        "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed", "JobGroup", "MemoReport", "PackageInfo",
         "NoServiceError", "ParkError", "Race", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
-        "credentials", "current_job", "fetch_url", "install_service", "job", "race", "remote_service", "renew", "report", "run", "submit",
+        "credentials", "current_job", "fetch_url", "install_service", "job", "map", "race", "remote_service", "renew", "report", "run", "submit",
     ])
     for name in park.__all__:
         assert hasattr(park, name), name

@@ -16,11 +16,12 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from park.delegation import Credentials, credentials
-from park.api import CurrentJob, current_job, fetch_url, job, race, renew, run, submit
+from park.api import CurrentJob, current_job, fetch_url, job, map, race, renew, run, submit
 from park.conditions import Condition, State
 from park.errors import (ConfigError, JobCancelled, JobFailed, NoServiceError, ParkError, ServiceError,
                          SubmitError)
 from park.expressions import ExpressionError
+from park.groups import JobGroup
 from park.job import Job, JobEvent, MemoReport, Race, ResultFile
 from park.packages import install_service
 from park.progress import report
@@ -30,7 +31,7 @@ from park.service import Service, remote_service
 __version__ = "0.1.0"
 
 __all__ = [
-    "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed", "MemoReport", "PackageInfo",
+    "Condition", "ConfigError", "Credentials", "CurrentJob", "ExpressionError", "Job", "JobCancelled", "JobEvent", "JobFailed", "JobGroup", "MemoReport", "PackageInfo",
     "NoServiceError", "ParkError", "Race", "ResultFile", "Service", "ServiceError", "State", "SubmitError",
-    "credentials", "current_job", "fetch_url", "install_service", "job", "race", "remote_service", "renew", "report", "run", "submit",
+    "credentials", "current_job", "fetch_url", "install_service", "job", "map", "race", "remote_service", "renew", "report", "run", "submit",
 ]

@@ -2,7 +2,9 @@
 
 A job cancelled because its condition was cancelled names the atoms that
 decided it (`Cause.atoms`); each names a job, here or at another site, which
-may itself have been cancelled for the same reason. `root_cause` follows that
+may itself have been cancelled for the same reason (a group's counting atom
+names the group, whose record names its first member that did not complete).
+`root_cause` follows that
 chain across sites (park.sites) to the job where it began: one that failed
 (its error and traceback), one a user cancelled, or one that lost a race.
 """
@@ -55,6 +57,9 @@ def root_cause(job: jpb.Job, records: RecordsBySite) -> RootCause | None:
             return RootCause(current.site, current.id, _label(current), STATE_NAMES[current.state], cause.message)
         atom = cause.atoms[0]
         upstream, trouble = records.record(atom.site, atom.job_id)
+        if upstream is not None and upstream.spec.HasField("group") and upstream.group.first_unfinished:
+            # A group's counting atom is decided by its members: the first one that did not complete.
+            upstream, trouble = records.record(upstream.site, upstream.group.first_unfinished)
         if upstream is None:
             return RootCause(atom.site, atom.job_id, "", "unknown", trouble)
         if upstream.state == jpb.JOB_STATE_FAILED:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Hashable
 
-__all__ = ["State", "AtomKey", "Condition", "Atom", "And", "Or", "Not", "ATOM_KINDS"]
+__all__ = ["State", "AtomKey", "Condition", "Atom", "And", "Or", "Not", "ATOM_KINDS", "EXPR_KINDS"]
 
 
 class State(enum.IntEnum):
@@ -30,8 +30,11 @@ class State(enum.IntEnum):
     CANCELLED = 2
 
 
-#: The kinds of job atom, as in DESIGN §2 (`isfetched` is `completed` on a fetch job).
-ATOM_KINDS = ("completed", "cancelled", "finished", "improved")
+#: The kinds of job atom, as in DESIGN §2 (`isfetched` is `completed` on a fetch job; `count` is a
+#: group's counting atom, park.counting).
+ATOM_KINDS = ("completed", "cancelled", "finished", "improved", "count")
+#: The kinds whose atoms carry an expression (`AtomKey.expr`).
+EXPR_KINDS = ("improved", "count")
 
 
 @dataclass(frozen=True, order=True)
@@ -44,7 +47,7 @@ class AtomKey:
     expr: str = ""
 
     def __str__(self) -> str:
-        suffix = f"({self.expr!r})" if self.kind == "improved" else ""
+        suffix = f"({self.expr!r})" if self.kind == "improved" else f"({self.expr})" if self.kind == "count" else ""
         return f"{self.site}/{self.job_id}.{self.kind}{suffix}"
 
 

@@ -31,6 +31,7 @@ from park.causes import RootCause, root_cause
 from park.config import load_services
 from park.errors import ConfigError, JobCancelled, JobFailed, ServiceError, SubmitError
 from park.sites import RecordsBySite
+from park.counting import count_state
 from park.expressions import Expression, improved_state
 
 
@@ -140,6 +141,9 @@ class Job:
         return self._atom("improved", expr)
 
     def _atom_state(self, key: AtomKey) -> State:
+        if key.kind == "count":
+            record = self.record()
+            return count_state(key.expr, record.group, ended=record.state in TERMINAL_STATES)
         if key.kind == "improved":
             events = self.history()
             record = self.record()
@@ -327,7 +331,10 @@ class Job:
     def result(self, timeout: float | None = None) -> Any:
         """The job's return value; raises JobFailed or JobCancelled."""
         self.wait(timeout)
-        job = self.record()
+        return self.outcome(self.record())
+
+    def outcome(self, job: jpb.Job) -> Any:
+        """The return value a terminal record of this job holds; raises JobFailed or JobCancelled."""
         if job.state == jpb.JOB_STATE_FAILED:
             raise JobFailed(self, job.error, job.traceback)
         if job.state == jpb.JOB_STATE_CANCELLED:

@@ -13,6 +13,7 @@ import re
 
 from park._proto import conditions_pb2 as cpb
 from park._proto import jobs_pb2 as jpb
+from park.counting import Count
 from park.conditions import ATOM_KINDS, And, Atom, AtomKey, Condition, Not, Or
 
 __all__ = [
@@ -50,6 +51,7 @@ _KIND_TO_PROTO = {
     "cancelled": cpb.ATOM_KIND_CANCELLED,
     "finished": cpb.ATOM_KIND_FINISHED,
     "improved": cpb.ATOM_KIND_IMPROVED,
+    "count": cpb.ATOM_KIND_COUNT,
 }
 _KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
 _OPS = {And: cpb.OP_AND, Or: cpb.OP_OR}
@@ -174,8 +176,13 @@ def atom_from_proto(msg: cpb.Atom) -> AtomKey:
     if kind == "improved":
         if not msg.expr or len(msg.expr) > MAX_EXPR_LENGTH:
             raise InvalidInput(f"an improved(...) atom needs an expression of 1-{MAX_EXPR_LENGTH} characters")
+    elif kind == "count":
+        try:
+            Count.parse(msg.expr)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
     elif msg.expr:
-        raise InvalidInput(f"only improved(...) atoms take an expression, not {kind}")
+        raise InvalidInput(f"only improved(...) and counting atoms take an expression, not {kind}")
     return AtomKey(msg.site, msg.job_id, kind, msg.expr)
 
 

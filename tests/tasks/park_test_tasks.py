@@ -19,6 +19,19 @@ def add(a: float, b: float) -> float:
     return a + b
 
 
+def square(x: float) -> float:
+    return x * x
+
+
+def fail_on(x: float, bad: float, gate: str = "") -> float:
+    """`x`, unless it is `bad` (then a failure at once); with `gate`, the others wait for that file first."""
+    if x == bad:
+        raise ValueError(f"item {x} is bad")
+    while gate and not os.path.exists(gate):
+        time.sleep(0.02)
+    return x
+
+
 def noop() -> None:
     return None
 

@@ -24,6 +24,7 @@ from park._proto import jobs_pb2 as jpb
 from park.wire import (InvalidInput, check_job_id, check_json, check_name, check_site, check_target,
                         condition_from_proto)
 from park.conditions import Atom, AtomKey, Condition
+from park.counting import MAX_GROUP
 from park.expressions import Expression, ExpressionError
 from park_broker.core import memo
 from park_broker.errors import BrokerError, Code, fail
@@ -71,8 +72,13 @@ class Admission:
                 _check_install(spec)
             elif which == "fetch":
                 self.fetch_source(spec)
+            elif which == "group":
+                _check_group(spec)
             else:
-                raise InvalidInput("a job needs a Python call, a command line, a race, an install or a fetch")
+                raise InvalidInput("a job needs a Python call, a command line, a race, an install, a fetch or "
+                                   "a group")
+            if spec.member_of:
+                check_job_id(spec.member_of, "member_of (a group's id)")
             name = spec.output_name or DEFAULT_OUTPUT
             check_name(name)
             if name in RESERVED_NAMES:
@@ -196,7 +202,7 @@ class Admission:
                     digests: dict[str, str], key_of_job: Callable[[str], str | None]) -> dict[str, Any] | None:
         """The document a job's memo key hashes; None when the job is never memoized."""
         which = spec.WhichOneof("work")
-        if spec.no_memo or which == "race":
+        if spec.no_memo or which in ("race", "group"):
             return None
         packages = dict(spec.versions)
         for name, version in {**installed_versions(dirs), **coming}.items():
@@ -252,6 +258,13 @@ def _check_race(spec: jpb.JobSpec) -> None:
         raise InvalidInput("a race has no when=; it starts judging at once")
 
 
+def _check_group(spec: jpb.JobSpec) -> None:
+    if not 1 <= spec.group.size <= MAX_GROUP:
+        raise InvalidInput(f"a group has 1 to {MAX_GROUP} members, not {spec.group.size}")
+    if spec.when.postfix or spec.member_of or spec.requires:
+        raise InvalidInput("a group has no when=, member_of or requires=; its members do")
+
+
 def _check_install(spec: jpb.JobSpec) -> None:
     install = spec.install
     if len(install.sha256) != 64 or any(c not in "0123456789abcdef" for c in install.sha256):
@@ -282,5 +295,6 @@ def _check_controls(spec: jpb.JobSpec) -> None:
     r = spec.resources
     if not (math.isfinite(r.cpus) and 0 <= r.cpus <= 1e6) or r.memory_bytes < 0 or r.gpus < 0:
         raise InvalidInput("resources: cpus, memory and gpus must be numbers of 0 or more")
-    if spec.WhichOneof("work") in ("race", "install") and (spec.retries or spec.timeout):
-        raise InvalidInput("races and installs take no retries or time limit (their contestants and uploads do)")
+    if spec.WhichOneof("work") in ("race", "install", "group") and (spec.retries or spec.timeout):
+        raise InvalidInput("races, installs and groups take no retries or time limit (their contestants, uploads "
+                           "and members do)")

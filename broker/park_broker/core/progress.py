@@ -72,6 +72,7 @@ class ProgressReports:
             # The job's row is rewritten once per batch, with the last report's values.
             batch.changes.append(self.ledger.change(job, jpb.Event(improved=jpb.Improved(values=values)),
                                                     record=i == len(reports) - 1))
-            self.transitions.resolve_all({key: State.READY for key in self.scheduler.improved_atoms(job_id)
-                                          if self.admission.expression(key.expr).evaluate(values)}, batch)
+            self.transitions.resolve_all({key: State.READY for key in self.scheduler.expr_atoms(job_id)
+                                          if key.kind == "improved"
+                                          and self.admission.expression(key.expr).evaluate(values)}, batch)
         await self.ledger.commit(batch)

@@ -2,8 +2,10 @@
 
 Every decision is re-derived from committed state: jobs that were RUNNING are
 queued again (their half-run attempt left no trace under the final name),
-QUEUED jobs are handed to their runner, and WAITING jobs are re-evaluated
-against what their atoms are now and re-subscribe to their peers.
+QUEUED jobs are handed to their runner, WAITING jobs are re-evaluated
+against what their atoms are now and re-subscribe to their peers, and the
+active members of active groups are indexed again (their counts are in the
+groups' records, written with the changes that moved them).
 """
 from __future__ import annotations
 
@@ -29,7 +31,15 @@ async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler,
     jobs = await store.active()
     ledger.add_recovered(jobs, await store.reports(j.id for j in jobs))
     active = {j.id for j in jobs}
-    conditions = {j.id: admission.condition_of(j.spec) for j in jobs if j.state == jpb.JOB_STATE_WAITING}
+    groups = {j.id for j in jobs if j.spec.HasField("group")}
+    for job in jobs:
+        if job.spec.member_of in groups:
+            transitions.groups.join(job.id, job.spec.member_of)
+    for member, group in await store.memberships(active):
+        if group in groups:
+            transitions.groups.join(member, group)
+    conditions = {j.id: admission.condition_of(j.spec) for j in jobs
+                  if j.state == jpb.JOB_STATE_WAITING and j.id not in groups}
     keys = {a.key for c in conditions.values() if c is not None for a in c.depends}
     stored = await store.get_many({k.job_id for k in keys if k.site == site} - active)
     histories = await store.reports({k.job_id for k in keys if k.kind == "improved" and k.job_id in stored})

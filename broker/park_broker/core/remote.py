@@ -14,6 +14,7 @@ from typing import Protocol
 
 from park._proto import jobs_pb2 as jpb
 from park.conditions import AtomKey, Condition, State
+from park.counting import count_state
 from park.wire import STATE_NAMES, TERMINAL_STATES
 from park_broker.core.admission import Admission
 from park_broker.core.ledger import Batch, Ledger
@@ -80,6 +81,8 @@ class RemoteAtoms:
                 continue
             if key.kind == "improved":
                 state = self.transitions.improved_state(job, key, reports.get(job.id, []))
+            elif key.kind == "count":
+                state = count_state(key.expr, job.group, ended=job.state in TERMINAL_STATES)
             else:
                 state = job_atom_states(STATE_NAMES[job.state])[key.kind]
             found[key] = (state, job.last_seq if state is not State.PENDING else 0, job.owner)
@@ -98,6 +101,9 @@ class RemoteAtoms:
                 # Every report was judged as it came: only the final result can still satisfy it.
                 return self.transitions.improved_state(change.job, key, [dict(change.job.progress)])
             return State.PENDING
+        if key.kind == "count":   # the group's record, as the change left it, holds the counts
+            return count_state(key.expr, change.job.group, ended=change.job.state in TERMINAL_STATES) \
+                if change.record else State.PENDING
         if change.record and change.job.state in TERMINAL_STATES:
             return job_atom_states(STATE_NAMES[change.job.state])[key.kind]
         return State.PENDING

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from park.conditions import Atom, AtomKey, Condition, State
+from park.conditions import EXPR_KINDS, Atom, AtomKey, Condition, State
 
 
 class Verdict(enum.Enum):
@@ -56,7 +56,7 @@ class Scheduler:
     def __init__(self) -> None:
         self._waiting: dict[str, _Waiting] = {}
         self._index: dict[AtomKey, set[str]] = {}
-        self._improved: dict[str, set[AtomKey]] = {}   # job id -> its pending improved(...) atoms
+        self._with_expr: dict[str, set[AtomKey]] = {}   # job id -> its pending improved(...) and counting atoms
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -75,8 +75,8 @@ class Scheduler:
             for atom in known:
                 if known[atom] is State.PENDING:
                     self._index.setdefault(atom.key, set()).add(job_id)
-                    if atom.key.kind == "improved":
-                        self._improved.setdefault(atom.key.job_id, set()).add(atom.key)
+                    if atom.key.kind in EXPR_KINDS:
+                        self._with_expr.setdefault(atom.key.job_id, set()).add(atom.key)
         return decision
 
     def remove(self, job_id: str) -> bool:
@@ -113,9 +113,9 @@ class Scheduler:
     def pending_atoms(self) -> set[AtomKey]:
         return set(self._index)
 
-    def improved_atoms(self, job_id: str) -> set[AtomKey]:
-        """The improved(...) atoms of `job_id` that some waiting job still needs."""
-        return set(self._improved.get(job_id, ()))
+    def expr_atoms(self, job_id: str) -> set[AtomKey]:
+        """The improved(...) and counting atoms of `job_id` that some waiting job still needs."""
+        return set(self._with_expr.get(job_id, ()))
 
     def _unindex(self, key: AtomKey, job_id: str) -> None:
         jobs = self._index.get(key)
@@ -126,12 +126,12 @@ class Scheduler:
 
     def _drop(self, key: AtomKey) -> None:
         self._index.pop(key, None)
-        if key.kind == "improved":
-            keys = self._improved.get(key.job_id)
+        if key.kind in EXPR_KINDS:
+            keys = self._with_expr.get(key.job_id)
             if keys is not None:
                 keys.discard(key)
                 if not keys:
-                    del self._improved[key.job_id]
+                    del self._with_expr[key.job_id]
 
     @staticmethod
     def _decide(job_id: str, condition: Condition, states: Mapping[Atom, State]) -> Decision | None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from park._proto import jobs_pb2 as jpb
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE jobs (
@@ -60,6 +60,11 @@ _MIGRATIONS = [
         target  TEXT NOT NULL,
         owner   TEXT NOT NULL
     );
+    """,
+    # A memo hit submitted as a member of a group (park.map): the job it names counts for that group.
+    """
+    ALTER TABLE aliases ADD COLUMN member_of TEXT;
+    CREATE INDEX aliases_members ON aliases(target) WHERE member_of IS NOT NULL;
     """,
 ]
 
@@ -178,8 +183,8 @@ class Store:
             for change in changes:
                 job, event = change.job, change.event
                 if change.alias_of:
-                    conn.execute("INSERT INTO aliases (id, target, owner) VALUES (?, ?, ?)",
-                                 (job.id, change.alias_of, job.owner))
+                    conn.execute("INSERT INTO aliases (id, target, owner, member_of) VALUES (?, ?, ?, ?)",
+                                 (job.id, change.alias_of, job.owner, job.spec.member_of or None))
                     continue
                 event.ClearField("seq")
                 cur = conn.execute("INSERT INTO events (job_id, owner, body) VALUES (?, ?, ?)",
@@ -295,6 +300,12 @@ class Store:
     def _active(self) -> list[jpb.Job]:
         rows = self._reader().execute("SELECT record FROM jobs WHERE state IN (1, 2, 3) ORDER BY rowid")
         return [jpb.Job.FromString(r[0]) for r in rows]
+
+    async def memberships(self, job_ids: Iterable[str]) -> list[tuple[str, str]]:
+        """(job, group) for each time one of the jobs joined a group as a memo hit."""
+        return await self._read(lambda ids: self._rows(
+            "SELECT target, member_of FROM aliases WHERE member_of IS NOT NULL AND target IN ({}) ORDER BY rowid",
+            ids), list(job_ids))
 
     async def events(self, after_seq: int, *, job_id: str | None, owner: str | None,
                      limit: int = 1000) -> list[jpb.Event]:

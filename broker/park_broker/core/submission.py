@@ -22,6 +22,7 @@ from park.conditions import Condition
 from park_broker.core import memo
 from park_broker.core.admission import DEFAULT_OUTPUT, Admission
 from park_broker.core.fairness import NO_LIMITS, Limits
+from park_broker.core.jobgroups import check_joinable
 from park_broker.core.ledger import Batch, Ledger
 from park_broker.core.remote import RemoteAtoms
 from park_broker.core.scheduler import Scheduler
@@ -117,7 +118,8 @@ class Submissions:
             if pin is not None and p.error is None:
                 installing.add(pin)    # later jobs of the batch may require what it installs
         wanted = {p.spec.id for p in ok} | {a.key.job_id for p in ok if p.cond is not None for a in p.cond.depends} | {
-            j for p in ok for j in (*p.spec.race.contestants, *self.admission.referenced(p.spec))}
+            j for p in ok for j in (*p.spec.race.contestants, *self.admission.referenced(p.spec))} | {
+            p.spec.member_of for p in ok if p.spec.member_of}
         stored = await self.ledger.lookup(wanted)
         digests = await self.admission.file_digests([p.spec for p in ok])
         self._memo_keys(owner, ok, stored, digests)
@@ -131,7 +133,8 @@ class Submissions:
         batch = Batch()
         now = time.time()
         quota = self.limits(owner).max_waiting
-        waiting = sum(1 for j in self.ledger.active() if j.owner == owner and j.state in _NOT_STARTED) if quota else 0
+        waiting = sum(1 for j in self.ledger.active() if j.owner == owner and j.state in _NOT_STARTED
+                      and not j.spec.HasField("group")) if quota else 0
         for p in prepared:
             if isinstance(p, BrokerError) or p.error is not None:
                 results.append(Submission(error=p if isinstance(p, BrokerError) else p.error))
@@ -149,17 +152,29 @@ class Submissions:
                     results.append(Submission(error=BrokerError(
                         Code.ALREADY_EXISTS, f"job id {spec.id} is already taken; submit with a fresh id")))
                 continue
+            try:
+                group = self._group_of(owner, spec, stored)
+            except BrokerError as exc:
+                results.append(Submission(error=exc))
+                continue
             twin = self.ledger.memo_twin(p.key) or hits.get(p.key or "")
             if twin is not None:
-                self.ledger.alias(spec.id, owner, twin, batch)
+                self.ledger.alias(spec.id, owner, twin, batch, member_of=spec.member_of)
                 links.append((self.site.files_root / owner / spec.id, twin.id))
                 stored[twin.id] = stored[spec.id] = twin   # later jobs of the batch may name either
+                if group is not None:
+                    for decision in self.transitions.join(twin, group, batch):
+                        self.transitions.apply(decision, batch, stored)
                 results.append(Submission(job=twin, memo_hit=True))
                 continue
             try:
                 states = self.transitions.states_now(owner, cond, stored, histories)
             except BrokerError as exc:
                 results.append(Submission(error=exc))
+                continue
+            if spec.HasField("group"):
+                self._add_group(owner, spec, now, batch)
+                results.append(Submission(job=self.ledger.record(spec.id)))
                 continue
             if quota and waiting >= quota:
                 results.append(Submission(error=BrokerError(Code.RESOURCE_EXHAUSTED, (
@@ -173,6 +188,9 @@ class Submissions:
             self.ledger.add(job, self.admission.installs(owner, spec))
             batch.changes.append(self.ledger.change(
                 job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
+            if group is not None:   # before its condition is judged: a job cancelled at once still counts
+                for decision in self.transitions.join(job, group, batch):
+                    self.transitions.apply(decision, batch, stored)
             decision = self.scheduler.add(job.id, cond, states)
             if decision is not None:
                 self.transitions.apply(decision, batch, stored)
@@ -188,6 +206,21 @@ class Submissions:
         await asyncio.to_thread(_make_links, links)
         self.ledger.release(batch.queued)
         return results
+
+    def _group_of(self, owner: str, spec: jpb.JobSpec, stored: dict[str, jpb.Job]) -> jpb.Job | None:
+        """The active group a new member joins (None for a job of no group); BrokerError if it may not."""
+        if not spec.member_of:
+            return None
+        return check_joinable(self.ledger.record(spec.member_of) or stored.get(spec.member_of), owner, spec.id,
+                              self.site.name)
+
+    def _add_group(self, owner: str, spec: jpb.JobSpec, now: float, batch: Batch) -> None:
+        """A group job: it waits for its members, counting them (core.jobgroups); the scheduler never holds it."""
+        job = self._new_job(owner, spec, now)
+        job.group.size = spec.group.size
+        self.ledger.add(job)
+        batch.changes.append(self.ledger.change(
+            job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
 
     def _canonical(self, spec: jpb.JobSpec, cond: Condition | None, stored: dict[str, jpb.Job]
                    ) -> tuple[jpb.JobSpec, Condition | None]:

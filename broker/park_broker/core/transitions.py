@@ -11,15 +11,18 @@ outcome of an attempt other than the current one is ignored too.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 
 from park._proto import jobs_pb2 as jpb
 from park.conditions import AtomKey, Condition, State
+from park.counting import count_state
 from park.expressions import improved_state
 from park.wire import STATE_NAMES, TERMINAL_STATES, atom_to_proto
 from park_broker.core import races
 from park_broker.core.admission import Admission
+from park_broker.core.jobgroups import Groups, count_member, note_joined
 from park_broker.core.ledger import Batch, Ledger
 from park_broker.core.scheduler import Decision, Scheduler, Verdict, job_atom_states
 from park_broker.errors import Code, fail
@@ -30,10 +33,11 @@ Histories = dict[str, list[dict[str, float]]]
 
 class Transitions:
     def __init__(self, site: str, ledger: Ledger, scheduler: Scheduler, admission: Admission,
-                 stop: Callable[[str], None]):
+                 stop: Callable[[str], None], groups: Groups | None = None):
         self.site = site
         self.ledger = ledger
         self.scheduler = scheduler
+        self.groups = groups or Groups()
         self.admission = admission
         self._stop = stop      # ends a queued or running job's attempt, wherever it runs
 
@@ -58,6 +62,11 @@ class Transitions:
                                      "does not have; submit it first (earlier in the same batch is fine)")
             if key.kind == "improved":
                 states[key] = self.improved_state(job, key, self.ledger.history(job.id) or histories.get(job.id, []))
+            elif key.kind == "count":
+                if job.spec.WhichOneof("work") != "group":
+                    fail(Code.INVALID_ARGUMENT, f"condition counts the members of job {key.job_id}, which is not "
+                                                "a group (park.map makes one)")
+                states[key] = count_state(key.expr, job.group, ended=job.state in TERMINAL_STATES)
             else:
                 states[key] = job_atom_states(STATE_NAMES[job.state])[key.kind]
         return states
@@ -109,26 +118,78 @@ class Transitions:
             completed=jpb.Completed(result_json=race.result_json)), batch)
 
     def cancel_job(self, job: jpb.Job, cause: jpb.Cause, batch: Batch) -> list[Decision]:
-        """Cancel a job that is not terminal: unindex it, stop its attempt, record the cause."""
+        """Cancel a job that is not terminal: unindex it, stop its attempt, record the cause. A group's
+        members that have not ended are cancelled with it."""
         self.scheduler.remove(job.id)
         if job.state in (jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING):
             self._stop(job.id)
-        return self._finish(job, jpb.JOB_STATE_CANCELLED, jpb.Event(cancelled=jpb.Cancelled(cause=cause)), batch)
+        members = self.groups.members(job.id)
+        decisions = self._finish(job, jpb.JOB_STATE_CANCELLED, jpb.Event(cancelled=jpb.Cancelled(cause=cause)), batch)
+        with_group = jpb.Cause(kind=cause.kind, by=cause.by, message=f"its group {job.id} was {cause.message}")
+        for member_id in sorted(members):
+            member = self.ledger.record(member_id)
+            if member is not None and member.state not in TERMINAL_STATES:
+                decisions += self.cancel_job(member, with_group, batch)
+        return decisions
+
+    def join(self, member: jpb.Job, group: jpb.Job, batch: Batch) -> list[Decision]:
+        """`member` (a new job, or the job a memo hit names) joins active `group`; returns the verdicts."""
+        note_joined(group, member)
+        if member.state in TERMINAL_STATES:
+            count_member(group, member)
+        else:
+            self.groups.join(member.id, group.id)
+        return self.scheduler.resolve_all(self._group_moved(group, member.id, batch))
 
     def _finish(self, job: jpb.Job, state: int, event: jpb.Event, batch: Batch) -> list[Decision]:
         """Make a job terminal; returns the verdicts its resolved atoms imply."""
+        # All the atoms the transition resolves (the job's own, and those of the groups it ends in) resolve
+        # together (DESIGN §2), then the conditions that read them are judged.
+        return self.scheduler.resolve_all(self._end(job, state, event, batch))
+
+    def _end(self, job: jpb.Job, state: int, event: jpb.Event, batch: Batch) -> dict[AtomKey, State]:
         job.state = state
         job.finished_at = time.time()
         if event.HasField("cancelled"):
             job.cause.CopyFrom(event.cancelled.cause)
         batch.changes.append(self.ledger.change(job, event))
-        # All of the job's atoms resolve together (DESIGN §2), then the conditions that read them are judged.
         updates = {AtomKey(self.site, job.id, kind): atom_state
                    for kind, atom_state in job_atom_states(STATE_NAMES[state]).items() if kind != "improved"}
-        # Pending improved(...) atoms were not satisfied by any report: only the final result can still do it.
-        for key in self.scheduler.improved_atoms(job.id):
-            updates[key] = self.improved_state(job, key, [dict(job.progress)])
-        return self.scheduler.resolve_all(updates)
+        # Pending improved(...) atoms were not satisfied by any report: only the final result can still do it;
+        # counting atoms still pending are decided by the final counts.
+        for key in self.scheduler.expr_atoms(job.id):
+            updates[key] = (count_state(key.expr, job.group, ended=True) if key.kind == "count"
+                            else self.improved_state(job, key, [dict(job.progress)]))
+        self.groups.drop(job.id)
+        for group_id in self.groups.leave(job.id):
+            group = self.ledger.record(group_id)
+            if group is not None and group.state not in TERMINAL_STATES:
+                count_member(group, job)
+                updates.update(self._group_moved(group, job.id, batch))
+        return updates
+
+    def _group_moved(self, group: jpb.Job, member_id: str, batch: Batch) -> dict[AtomKey, State]:
+        """A member joined or ended: the group's change, and the counting atoms it resolves (all of them,
+        and the group's own, once its last member has ended)."""
+        counts = group.group
+        ended = counts.completed + counts.failed + counts.cancelled
+        if counts.joined == counts.size == ended:
+            summary = {"completed": counts.completed, "failed": counts.failed, "cancelled": counts.cancelled}
+            if counts.completed == counts.size:
+                group.result_json = json.dumps(summary)
+                return self._end(group, jpb.JOB_STATE_COMPLETED, jpb.Event(completed=jpb.Completed(
+                    result_json=group.result_json)), batch)
+            group.error = (f"{counts.size - counts.completed} of {counts.size} members did not complete "
+                           f"({counts.failed} failed, {counts.cancelled} cancelled); the first was "
+                           f"{counts.first_unfinished}")
+            return self._end(group, jpb.JOB_STATE_FAILED, jpb.Event(failed=jpb.Failed(error=group.error)), batch)
+        batch.changes.append(self.ledger.change(group, jpb.Event(group_progress=jpb.GroupProgress(
+            counts=counts, member=member_id))))
+        moved = {}
+        for key in self.scheduler.expr_atoms(group.id):
+            if key.kind == "count" and (state := count_state(key.expr, counts)) is not State.PENDING:
+                moved[key] = state
+        return moved
 
     # -- attempts --------------------------------------------------------------------------
 

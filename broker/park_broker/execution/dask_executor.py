@@ -92,6 +92,9 @@ class _Run:
     worker: str = ""                 # set by the started event
 
 
+_DEFAULT_NEEDS = {"cpus": 1.0, "memory": 0, "gpus": 0}
+
+
 class DaskExecutor:
     """Runs tasks on the Dask scheduler at `address`; see the module docstring."""
 
@@ -108,6 +111,7 @@ class DaskExecutor:
         self._background: set[asyncio.Task[Any]] = set()
         self._on_started: StartedCallback | None = None
         self._on_finished: FinishedCallback | None = None
+        self._declared: frozenset[str] = frozenset()   # the resources some worker of the cluster declares
 
     async def start(self, on_started: StartedCallback, on_finished: FinishedCallback) -> None:
         self._on_started, self._on_finished = on_started, on_finished
@@ -118,6 +122,7 @@ class DaskExecutor:
             raise SiteError(f"cannot reach the Dask scheduler at {self.address}: {exc}") from exc
         self._client.subscribe_topic(self.topic, self._on_event)
         self._client.subscribe_topic("all", self._on_cluster_event)
+        await self._learn_resources()
         stale = await self._client.run(dask_task.kill_stale, f"park-{self.site}-", self.session, on_error="ignore")
         if killed := sum(n for n in stale.values() if isinstance(n, int)):
             log.warning("killed %d attempts left running on the Dask cluster by this site's previous broker", killed)
@@ -128,9 +133,12 @@ class DaskExecutor:
         payload = {"key": key, "topic": self.topic, "grace": self.grace, "python_path": self.python_path,
                    "task": {**dataclasses.asdict(task), "work_dir": str(task.work_dir)}}
         # A job that asks for resources runs on a worker that declares them (`dask worker --resources
-        # "cpus=8,gpus=1,memory=32e9"`); one that asks nothing, anywhere.
-        asked = {name: amount for name, amount in (("cpus", task.cpus if task.cpus != 1.0 else 0),
-                                                    ("memory", task.memory_limit), ("gpus", task.gpus)) if amount}
+        # "cpus=8,gpus=1,memory=32e9"`), and holds them while it runs. Where workers count a resource
+        # every job asks for its share (a job that says nothing takes one cpu); where none does, a job
+        # that needs no more than the default asks nothing, and runs anywhere.
+        wants = {"cpus": task.cpus, "memory": task.memory_limit, "gpus": task.gpus}
+        asked = {name: amount for name, amount in wants.items()
+                 if amount and (name in self._declared or amount != _DEFAULT_NEEDS[name])}
         future = self._client.submit(dask_task.run, payload, key=key, pure=False, resources=asked or None)
         run = self._runs[key] = _Run(task, future)
         self._keys[task.job_id] = key
@@ -190,9 +198,17 @@ class DaskExecutor:
         assert self._on_started is not None
         self._on_started(run.task.job_id, run.task.attempt)
 
+    async def _learn_resources(self) -> None:
+        identity = await self._client.scheduler.identity(n_workers=-1)
+        self._declared = frozenset(name for worker in identity.get("workers", {}).values()
+                                   for name in (worker.get("resources") or {}))
+
     def _on_cluster_event(self, event: tuple[float, dict[str, Any]]) -> None:
-        """Scheduler events; a removed worker fails the jobs that had started on it."""
+        """Scheduler events; a removed worker fails the jobs that had started on it; a new one may
+        declare resources."""
         _, message = event
+        if isinstance(message, dict) and message.get("action") == "add-worker":
+            self._spawn(self._learn_resources())
         if not isinstance(message, dict) or message.get("action") != "remove-worker":
             return
         gone = message.get("worker", "")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18park/v1/conditions.proto\x12\x07park.v1\"S\n\x04\x41tom\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x1f\n\x04kind\x18\x03 \x01(\x0e\x32\x11.park.v1.AtomKind\x12\x0c\n\x04\x65xpr\x18\x04 \x01(\t\"Q\n\rConditionNode\x12\x1d\n\x04\x61tom\x18\x01 \x01(\x0b\x32\r.park.v1.AtomH\x00\x12\x19\n\x02op\x18\x02 \x01(\x0e\x32\x0b.park.v1.OpH\x00\x42\x06\n\x04node\"4\n\tCondition\x12\'\n\x07postfix\x18\x01 \x03(\x0b\x32\x16.park.v1.ConditionNode*\x87\x01\n\x08\x41tomKind\x12\x19\n\x15\x41TOM_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41TOM_KIND_COMPLETED\x10\x01\x12\x17\n\x13\x41TOM_KIND_CANCELLED\x10\x02\x12\x16\n\x12\x41TOM_KIND_FINISHED\x10\x03\x12\x16\n\x12\x41TOM_KIND_IMPROVED\x10\x04*;\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\n\n\x06OP_AND\x10\x01\x12\t\n\x05OP_OR\x10\x02\x12\n\n\x06OP_NOT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18park/v1/conditions.proto\x12\x07park.v1\"S\n\x04\x41tom\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x1f\n\x04kind\x18\x03 \x01(\x0e\x32\x11.park.v1.AtomKind\x12\x0c\n\x04\x65xpr\x18\x04 \x01(\t\"Q\n\rConditionNode\x12\x1d\n\x04\x61tom\x18\x01 \x01(\x0b\x32\r.park.v1.AtomH\x00\x12\x19\n\x02op\x18\x02 \x01(\x0e\x32\x0b.park.v1.OpH\x00\x42\x06\n\x04node\"4\n\tCondition\x12\'\n\x07postfix\x18\x01 \x03(\x0b\x32\x16.park.v1.ConditionNode*\x9c\x01\n\x08\x41tomKind\x12\x19\n\x15\x41TOM_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41TOM_KIND_COMPLETED\x10\x01\x12\x17\n\x13\x41TOM_KIND_CANCELLED\x10\x02\x12\x16\n\x12\x41TOM_KIND_FINISHED\x10\x03\x12\x16\n\x12\x41TOM_KIND_IMPROVED\x10\x04\x12\x13\n\x0f\x41TOM_KIND_COUNT\x10\x05*;\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\n\n\x06OP_AND\x10\x01\x12\t\n\x05OP_OR\x10\x02\x12\n\n\x06OP_NOT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'park.v1.conditions_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ATOMKIND']._serialized_start=260
-  _globals['_ATOMKIND']._serialized_end=395
-  _globals['_OP']._serialized_start=397
-  _globals['_OP']._serialized_end=456
+  _globals['_ATOMKIND']._serialized_end=416
+  _globals['_OP']._serialized_start=418
+  _globals['_OP']._serialized_end=477
   _globals['_ATOM']._serialized_start=37
   _globals['_ATOM']._serialized_end=120
   _globals['_CONDITIONNODE']._serialized_start=122

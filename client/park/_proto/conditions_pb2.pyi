@@ -38,6 +38,10 @@ class _AtomKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AtomKind.Val
     """job.isfinished"""
     ATOM_KIND_IMPROVED: _AtomKind.ValueType  # 4
     """job.improved(expr)"""
+    ATOM_KIND_COUNT: _AtomKind.ValueType  # 5
+    """A group's members (park.map's JobGroup), counted: expr is "completed>=K" (K members
+    completed; cancelled once too few can still complete) or "finished>=K" (K members ended).
+    """
 
 class AtomKind(_AtomKind, metaclass=_AtomKindEnumTypeWrapper): ...
 
@@ -50,6 +54,10 @@ ATOM_KIND_FINISHED: AtomKind.ValueType  # 3
 """job.isfinished"""
 ATOM_KIND_IMPROVED: AtomKind.ValueType  # 4
 """job.improved(expr)"""
+ATOM_KIND_COUNT: AtomKind.ValueType  # 5
+"""A group's members (park.map's JobGroup), counted: expr is "completed>=K" (K members
+completed; cancelled once too few can still complete) or "finished>=K" (K members ended).
+"""
 Global___AtomKind: _TypeAlias = AtomKind  # noqa: Y015
 
 class _Op:
@@ -86,7 +94,7 @@ class Atom(_message.Message):
     job_id: _builtins.str
     kind: Global___AtomKind.ValueType
     expr: _builtins.str
-    """ATOM_KIND_IMPROVED only"""
+    """ATOM_KIND_IMPROVED and ATOM_KIND_COUNT only"""
     def __init__(
         self,
         *,

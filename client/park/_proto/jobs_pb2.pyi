@@ -128,6 +128,68 @@ class Race(_message.Message):
 Global___Race: _TypeAlias = Race  # noqa: Y015
 
 @_typing.final
+class Group(_message.Message):
+    """A group of jobs (park.map): it runs nothing; it counts its members as they end, and its
+    ATOM_KIND_COUNT atoms are conditions on them. `size` members join it (by JobSpec.member_of);
+    it ends when all of them have: COMPLETED if every member completed, else FAILED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Group: _TypeAlias = Group  # noqa: Y015
+
+@_typing.final
+class GroupCounts(_message.Message):
+    """How far a group's members are (Job.group, and the GroupProgress event)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    JOINED_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    FIRST_UNFINISHED_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    joined: _builtins.int
+    """members submitted so far"""
+    completed: _builtins.int
+    failed: _builtins.int
+    cancelled: _builtins.int
+    first_unfinished: _builtins.str
+    """the first member that ended without completing: the root of a cause"""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        joined: _builtins.int = ...,
+        completed: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        first_unfinished: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "first_unfinished", b"first_unfinished", "joined", b"joined", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupCounts: _TypeAlias = GroupCounts  # noqa: Y015
+
+@_typing.final
 class Install(_message.Message):
     """A package the client uploads (install_service): the job completes when the
     wheel with this digest has arrived and is installed.
@@ -239,6 +301,7 @@ class JobSpec(_message.Message):
     RACE_FIELD_NUMBER: _builtins.int
     INSTALL_FIELD_NUMBER: _builtins.int
     FETCH_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     WHEN_FIELD_NUMBER: _builtins.int
     OUTPUT_NAME_FIELD_NUMBER: _builtins.int
     REQUIRES_FIELD_NUMBER: _builtins.int
@@ -251,6 +314,7 @@ class JobSpec(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    MEMBER_OF_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Chosen by the client (26 lowercase base32 characters) so that the job's
     id, filename and url are known before the broker answers, and so that a
@@ -272,6 +336,10 @@ class JobSpec(_message.Message):
     """seconds an attempt may run (0: the site's --max-walltime, if any)"""
     priority: _builtins.int
     """higher first, among the same user's queued jobs at the site"""
+    member_of: _builtins.str
+    """The group job (at this site, the submitter's, submitted earlier or earlier in the batch) this job
+    is a member of; not part of the memo key, so a member of a rerun map is a memo hit of the last run's.
+    """
     @_builtins.property
     def call(self) -> Global___PythonCall: ...
     @_builtins.property
@@ -282,6 +350,8 @@ class JobSpec(_message.Message):
     def install(self) -> Global___Install: ...
     @_builtins.property
     def fetch(self) -> Global___Fetch: ...
+    @_builtins.property
+    def group(self) -> Global___Group: ...
     @_builtins.property
     def when(self) -> _conditions_pb2.Condition: ...
     @_builtins.property
@@ -313,6 +383,7 @@ class JobSpec(_message.Message):
         race: Global___Race | None = ...,
         install: Global___Install | None = ...,
         fetch: Global___Fetch | None = ...,
+        group: Global___Group | None = ...,
         when: _conditions_pb2.Condition | None = ...,
         output_name: _builtins.str = ...,
         requires: _abc.Iterable[_builtins.str] | None = ...,
@@ -325,12 +396,13 @@ class JobSpec(_message.Message):
         timeout: _builtins.float = ...,
         priority: _builtins.int = ...,
         resources: Global___Resources | None = ...,
+        member_of: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "install", b"install", "race", b"race", "resources", b"resources", "when", b"when", "work", b"work"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "group", b"group", "install", b"install", "race", b"race", "resources", b"resources", "when", b"when", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "id", b"id", "install", b"install", "label", b"label", "no_memo", b"no_memo", "output_name", b"output_name", "priority", b"priority", "race", b"race", "requires", b"requires", "resources", b"resources", "retries", b"retries", "retry_delay", b"retry_delay", "timeout", b"timeout", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "command", b"command", "fetch", b"fetch", "grants", b"grants", "group", b"group", "id", b"id", "install", b"install", "label", b"label", "member_of", b"member_of", "no_memo", b"no_memo", "output_name", b"output_name", "priority", b"priority", "race", b"race", "requires", b"requires", "resources", b"resources", "retries", b"retries", "retry_delay", b"retry_delay", "timeout", b"timeout", "versions", b"versions", "when", b"when", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install", "fetch"]  # noqa: Y015
+    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["call", "command", "race", "install", "fetch", "group"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_work) -> _WhichOneofReturnType_work | None: ...
 
@@ -710,6 +782,31 @@ class Renewed(_message.Message):
 Global___Renewed: _TypeAlias = Renewed  # noqa: Y015
 
 @_typing.final
+class GroupProgress(_message.Message):
+    """A member of a group joined it or ended (`member`); `counts` are the group's after it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    member: _builtins.str
+    @_builtins.property
+    def counts(self) -> Global___GroupCounts: ...
+    def __init__(
+        self,
+        *,
+        counts: Global___GroupCounts | None = ...,
+        member: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupProgress: _TypeAlias = GroupProgress  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -725,6 +822,7 @@ class Event(_message.Message):
     CANCELLED_FIELD_NUMBER: _builtins.int
     NEEDS_CREDENTIALS_FIELD_NUMBER: _builtins.int
     RENEWED_FIELD_NUMBER: _builtins.int
+    GROUP_PROGRESS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """per broker, strictly increasing"""
     job_id: _builtins.str
@@ -748,6 +846,8 @@ class Event(_message.Message):
     def needs_credentials(self) -> Global___NeedsCredentials: ...
     @_builtins.property
     def renewed(self) -> Global___Renewed: ...
+    @_builtins.property
+    def group_progress(self) -> Global___GroupProgress: ...
     def __init__(
         self,
         *,
@@ -763,12 +863,13 @@ class Event(_message.Message):
         cancelled: Global___Cancelled | None = ...,
         needs_credentials: Global___NeedsCredentials | None = ...,
         renewed: Global___Renewed | None = ...,
+        group_progress: Global___GroupProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "improved", b"improved", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "started", b"started", "submitted", b"submitted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "group_progress", b"group_progress", "improved", b"improved", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "started", b"started", "submitted", b"submitted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "improved", b"improved", "job_id", b"job_id", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "seq", b"seq", "started", b"started", "submitted", b"submitted", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "group_progress", b"group_progress", "improved", b"improved", "job_id", b"job_id", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "seq", b"seq", "started", b"started", "submitted", b"submitted", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["submitted", "queued", "started", "improved", "completed", "failed", "cancelled", "needs_credentials", "renewed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["submitted", "queued", "started", "improved", "completed", "failed", "cancelled", "needs_credentials", "renewed", "group_progress"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -822,6 +923,7 @@ class Job(_message.Message):
     MEMO_KEY_FIELD_NUMBER: _builtins.int
     MEMO_INPUTS_FIELD_NUMBER: _builtins.int
     ATTENTION_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     site: _builtins.str
     owner: _builtins.str
@@ -857,6 +959,10 @@ class Job(_message.Message):
     def progress(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """the values of the latest progress report"""
 
+    @_builtins.property
+    def group(self) -> Global___GroupCounts:
+        """a group job's members, counted"""
+
     def __init__(
         self,
         *,
@@ -884,10 +990,11 @@ class Job(_message.Message):
         memo_key: _builtins.str = ...,
         memo_inputs: _builtins.str = ...,
         attention: _builtins.str = ...,
+        group: Global___GroupCounts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "result_file", b"result_file", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "group", b"group", "result_file", b"result_file", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "attention", b"attention", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "memo_inputs", b"memo_inputs", "memo_key", b"memo_key", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "attention", b"attention", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "group", b"group", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "memo_inputs", b"memo_inputs", "memo_key", b"memo_key", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

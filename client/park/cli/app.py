@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 from rich.text import Text
@@ -50,6 +51,7 @@ from park.cli.graph import add_graph_command
 from park.cli.output import (FAILURE, STATE_STYLES, USAGE, CliError, clock, new_console, describe, die, iso,
                              print_json, when)
 from park.cli.targets import configured_services, open_job, probe, reference
+from park.groups import counts_line
 from park.job import JobEvent
 from park.renewal import DEFAULT_WITHIN, renew_at
 from park.service import Service
@@ -110,7 +112,9 @@ def _job_row(service_name: str, job: jpb.Job) -> dict[str, Any]:
             "label": job.spec.label or job.spec.call.target or " ".join(job.spec.command.argv),
             "state": STATE_NAMES.get(job.state, "unknown"), "submitted": iso(job.submitted_at),
             "finished": iso(job.finished_at), "url": job.url, "attention": job.attention or None,
-            "attempts": job.attempts, "retries": job.spec.retries, "priority": job.spec.priority}
+            "attempts": job.attempts, "retries": job.spec.retries, "priority": job.spec.priority,
+            "group": json_format.MessageToDict(job.group) if job.spec.HasField("group") else None,
+            "member_of": job.spec.member_of or None}
 
 
 def cmd_why(args: argparse.Namespace) -> int:
@@ -157,8 +161,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for name, job in found:
         row = _job_row(name, job)
         tries = f"{job.attempts}/{job.spec.retries + 1}" if job.spec.retries else str(job.attempts or "")
+        state = f"{row['state']} ({counts_line(job.group)})" if row["group"] is not None else row["state"]
         table.add_row(Text(row["site"]), Text(row["id"]), Text(row["label"]),
-                      Text(row["state"], style=STATE_STYLES.get(row["state"], "")), Text(tries),
+                      Text(state, style=STATE_STYLES.get(row["state"], "")), Text(tries),
                       when(job.submitted_at), when(job.finished_at))
     new_console().print(table if found else "no jobs")
     for name, job in found:

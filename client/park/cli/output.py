@@ -11,9 +11,12 @@ import json
 import sys
 from typing import Any, NoReturn
 
+from google.protobuf import json_format
 from rich.console import Console
 
+from park._proto import jobs_pb2 as jpb
 from park.errors import ParkError
+from park.groups import counts_line
 from park.job import JobEvent
 
 STATE_STYLES = {"waiting": "dim", "queued": "cyan", "running": "yellow", "completed": "green",
@@ -70,6 +73,9 @@ def describe(event: JobEvent) -> str:
         return ", ".join(f"{k}={v:g}" for k, v in d.get("values", {}).items())
     if event.kind == "needs_credentials":
         return f"needs fresh credentials for {d.get('site', '?')}: {d.get('message', '')}; run `park renew`"
+    if event.kind == "group_progress":
+        counts = json_format.ParseDict(d.get("counts", {}), jpb.GroupCounts(), ignore_unknown_fields=True)
+        return f"member {d.get('member', '?')}: {counts_line(counts)}"
     if event.kind == "renewed":
         return f"{d.get('use', '')} credential for {d.get('site', '?')} renewed"
     return ""
