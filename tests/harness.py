@@ -170,3 +170,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def check_cpus_are_held(service: park.Service, directory: Path) -> None:
+    """On a site with 2 cpus: two 1-cpu jobs run together, and a 2-cpu job runs alone (`directory`: where
+    the jobs mark that they started, writable by them)."""
+    gate, marker = directory / "cpu-gate", [directory / f"cpu-{i}" for i in range(4)]
+    with service:
+        ones = [park.submit("park_test_tasks:wait_with_marker", str(marker[i]), str(gate), memo=False)
+                for i in (0, 1)]
+    wait_for(lambda: marker[0].exists() and marker[1].exists())
+    gate.touch()
+    assert [j.wait(timeout=30) for j in ones] == ["completed", "completed"]
+    gate.unlink()
+    with service:
+        big = park.submit("park_test_tasks:wait_with_marker", str(marker[2]), str(gate), resources={"cpus": 2},
+                          memo=False)
+        small = park.submit("park_test_tasks:wait_with_marker", str(marker[3]), str(gate), memo=False)
+    wait_for(marker[2].exists)
+    time.sleep(1.0)
+    assert not marker[3].exists(), "the 2-cpu job holds the site's cpus"
+    gate.touch()
+    assert big.wait(timeout=30) == "completed" and small.wait(timeout=30) == "completed"

@@ -3,14 +3,13 @@ run their jobs on the cluster's worker processes, with the local executor's beha
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import park
-from harness import Broker, alive, broker_cli, wait_for  # type: ignore[import-not-found]
+from harness import Broker, alive, broker_cli, check_cpus_are_held, wait_for  # type: ignore[import-not-found]
 
 distributed = pytest.importorskip("distributed")
 
@@ -176,21 +175,4 @@ def test_resources_map_onto_the_workers_declared_resources(new_broker: Callable[
     with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=2, resources={"cpus": 2},
                                   host="127.0.0.1", scheduler_port=0, dashboard_address=None) as cluster:
         address = cluster.scheduler_address.removeprefix("tcp://")
-        service = new_broker(extra=["--executor", f"dask://{address}"]).start().service()
-        gate, marker = tmp_path / "gate", [tmp_path / f"m{i}" for i in range(4)]
-        with service:
-            ones = [park.submit("park_test_tasks:wait_with_marker", str(marker[i]), str(gate), memo=False)
-                    for i in (0, 1)]
-        wait_for(lambda: marker[0].exists() and marker[1].exists())
-        gate.touch()
-        assert [j.wait(timeout=30) for j in ones] == ["completed", "completed"]
-        gate.unlink()
-        with service:
-            big = park.submit("park_test_tasks:wait_with_marker", str(marker[2]), str(gate), resources={"cpus": 2},
-                              memo=False)
-            small = park.submit("park_test_tasks:wait_with_marker", str(marker[3]), str(gate), memo=False)
-        wait_for(marker[2].exists)
-        time.sleep(1.0)
-        assert not marker[3].exists(), "the 2-cpu job holds the worker's cpus"
-        gate.touch()
-        assert big.wait(timeout=30) == "completed" and small.wait(timeout=30) == "completed"
+        check_cpus_are_held(new_broker(extra=["--executor", f"dask://{address}"]).start().service(), tmp_path)
