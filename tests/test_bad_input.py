@@ -8,6 +8,7 @@ import pytest
 import park
 from park._proto import conditions_pb2 as cpb
 from park._proto import jobs_pb2 as jpb
+from harness import free_port  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -160,3 +161,22 @@ def test_refused_submission_surfaces_on_flush_and_on_the_job(service: park.Servi
     assert info.value.code == "FAILED_PRECONDITION"
     with pytest.raises(park.SubmitError, match="numpy"):
         job.wait(timeout=10)
+
+
+def test_connection_mistakes_say_what_to_check(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker, stranger = new_broker("sns").start(), new_broker("other")
+    wrong_cert = park.Service(broker.address, stranger.cert)
+    with pytest.raises(park.ServiceError) as tls:
+        wrong_cert.info
+    assert tls.value.code == "UNAVAILABLE"
+    assert (f"the TLS handshake with site other at {broker.address} failed: it is not the broker whose "
+            f"certificate is pinned ({stranger.cert})") in tls.value.message
+    peer_port = park.Service(broker.peer_address, broker.cert)
+    with pytest.raises(park.ServiceError, match="or it is a site's peer port"):
+        with peer_port:
+            park.submit("park_test_tasks:noop")
+    nobody = park.Service(f"127.0.0.1:{free_port()}", broker.cert)
+    with pytest.raises(park.ServiceError, match="nothing answers at site sns at 127.0.0.1:.*client port"):
+        nobody.info
+    for service in (wrong_cert, peer_port, nobody):
+        service.close()

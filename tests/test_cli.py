@@ -82,7 +82,7 @@ def test_status_fails_when_a_service_is_unreachable(configured, broker, capsys):
     assert status == 1
     rows = {r["name"]: r for r in json.loads(out)["services"]}
     assert rows["sns"]["status"] == "ok" and rows["down"]["status"] == "unreachable"
-    assert "park: service down: nothing answers at 127.0.0.1:" in err and "client port" in err
+    assert "park: service down: connecting: nothing answers at site sns at 127.0.0.1:" in err and "client port" in err
 
 
 def test_status_tells_a_wrong_certificate_refused_credentials_and_no_credentials_apart(

@@ -2,6 +2,7 @@
 cross-site cancellation, peers that die and come back."""
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 import park
 from park._proto import jobs_pb2 as jpb
-from harness import federate  # type: ignore[import-not-found]
+from harness import broker_cli, federate, wait_for  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -219,3 +220,35 @@ def test_the_root_cause_of_a_chain_across_sites_reaches_the_script_and_park_watc
     assert main(["watch", fit.id]) == 1
     out = capsys.readouterr().out
     assert "root cause: sns/reduction failed: ValueError: no module named seed_workflow" in out
+
+
+def test_peers_added_and_removed_on_running_brokers_take_effect_without_a_restart(new_broker) -> None:  # type: ignore[no-untyped-def]
+    sns, cluster = new_broker("sns").start(), new_broker("cluster").start()
+    pid = cluster.proc.pid
+
+    def pin(at, other) -> None:  # type: ignore[no-untyped-def]
+        result = broker_cli("peers", "add", str(at.directory), other.site, "--address", other.peer_address,
+                            "--cert", str(other.cert))
+        assert result.returncode == 0, result.stderr
+
+    s, c = sns.service(), cluster.service()
+    with s:
+        reduction = park.submit("park_test_tasks:write_output", "reduced at sns")
+    with pytest.raises(park.SubmitError, match="not a peer of 'cluster'"):
+        with c:
+            park.submit("park_test_tasks:add", 1, 1, when=reduction.iscompleted)
+    pin(sns, cluster)
+    pin(cluster, sns)
+    wait_for(lambda: cluster.log().count("peers changed: sns added") == 1 and "cluster added" in sns.log())
+    with c:
+        fit = park.submit("park_test_tasks:add", 20, 22, when=reduction.iscompleted)
+    assert fit.result(timeout=60) == 42
+
+    result = broker_cli("peers", "remove", str(cluster.directory), "sns")
+    assert result.returncode == 0, result.stderr
+    cluster.proc.send_signal(signal.SIGHUP)   # at once, rather than at the next look at the file
+    wait_for(lambda: "sns removed" in cluster.log())
+    with pytest.raises(park.SubmitError, match="not a peer of 'cluster'"):
+        with c:
+            park.submit("park_test_tasks:add", 1, 2, when=reduction.iscompleted)
+    assert cluster.proc.pid == pid and cluster.proc.poll() is None, "the same broker, never restarted"

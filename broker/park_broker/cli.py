@@ -100,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("link_id", help="the link's sha256 (64 hex characters)")
     peers = sub.add_parser("peers", help="the sites this one federates with").add_subparsers(dest="action",
                                                                                            required=True)
-    padd = peers.add_parser("add", help="pin a peer site's certificate (takes effect at the next start)")
+    padd = peers.add_parser("add", help="pin a peer site's certificate (a running broker takes it up at once)")
     padd.add_argument("directory", type=Path)
     padd.add_argument("name")
     padd.add_argument("--address", required=True, help="HOST:PORT of the peer broker's peer port")
     padd.add_argument("--cert", required=True, type=Path, help="the peer's tls.crt")
     plist = peers.add_parser("list", help="show the pinned peers")
     plist.add_argument("directory", type=Path)
-    prm = peers.add_parser("remove", help="forget a peer (takes effect at the next start)")
+    prm = peers.add_parser("remove", help="forget a peer (a running broker takes it up at once)")
     prm.add_argument("directory", type=Path)
     prm.add_argument("name")
     return parser
@@ -150,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "peers" and args.action == "remove":
             remove_peer(site.directory, args.name)
-            print(f"site {site.name} no longer knows peer {args.name}; restart the broker to drop it")
+            print(f"site {site.name} no longer knows peer {args.name} (a running broker drops it within a second)")
             return 0
         if args.command == "peers":
             peer = add_peer(site.directory, args.name, args.address, args.cert)
-            print(f"site {site.name} now knows peer {peer.name} at {peer.address}; restart the broker to use it")
+            print(f"site {site.name} now knows peer {peer.name} at {peer.address} (a running broker uses it within a "
+                  "second)")
             return 0
         if args.command == "tokens":
             revoke(site.directory, args.link_id)

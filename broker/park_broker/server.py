@@ -37,6 +37,7 @@ from park_broker.packages.store import PackageStore
 from park_broker.federation.links import PeerLinks
 from park_broker.federation.publisher import Publisher
 from park_broker.federation.peers import PeerTable
+from park_broker.federation.peers import follow as follow_peers
 from park_broker.servicers.federation import FederationServicer
 from park_broker.servicers.files import FilesServicer
 from park_broker.servicers.jobs import JobsServicer
@@ -153,11 +154,9 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
                      gate.authority.limits if gate.authority is not None else (lambda owner: NO_LIMITS))
     tls_key, certificate = site.tls_key(), site.certificate()
     links: PeerLinks | None = None
-    if peers.peers:
-        # Outgoing: our certificate is our identity; the peers' pinned certificates are the only roots.
-        links = PeerLinks(peers.peers, grpc.ssl_channel_credentials(
-            root_certificates=peers.bundle(), private_key=tls_key, certificate_chain=certificate),
-            [("grpc.max_receive_message_length", MAX_MESSAGE), *KEEPALIVE], core.remote.on_resolved)
+    if gate.authority is not None:   # a site with users may federate; peers come and go while it runs
+        links = PeerLinks(peers.peers, tls_key, certificate,
+                          [("grpc.max_receive_message_length", MAX_MESSAGE), *KEEPALIVE], core.remote.on_resolved)
     hub.head = await store.head_seq()
     metrics = Metrics(store=store, hub=hub, federation=links, site=site.name)
     if links is not None:
@@ -195,10 +194,9 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     host = listen.rpartition(":")[0]
     address = info.address = f"{host}:{port}"
     peer_address = ""
-    if peers.peers:
+    if links is not None:
         peer_listen = options.peer_listen or f"{host}:{port + 1 if options.listen != f'{host}:0' else 0}"
-        peer_port = _bind(server, peer_listen, grpc.ssl_server_credentials(
-            [(tls_key, certificate)], root_certificates=peers.bundle(), require_client_auth=True), "peers")
+        peer_port = _bind(server, peer_listen, peers.server_credentials(tls_key, certificate), "peers")
         peer_address = f"{peer_listen.rpartition(':')[0]}:{peer_port}"
     await core.start()
     await server.start()
@@ -212,8 +210,17 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
 
     failed = asyncio.create_task(core.failed.wait())
     stopping = asyncio.create_task(stop.wait())
+    background = [failed, stopping]
+    if links is not None:
+        def peers_changed(table: PeerTable = peers, federation: PeerLinks = links) -> None:
+            federation.update(table.peers)
+            core.admission.peers = frozenset(table.peers)
+
+        reread = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, reread.set)
+        background.append(asyncio.create_task(follow_peers(site.directory, peers, peers_changed, reread)))
     await asyncio.wait([failed, stopping], return_when=asyncio.FIRST_COMPLETED)
-    for task in (failed, stopping):
+    for task in background:
         task.cancel()
     why = "the store refused a commit" if core.failed.is_set() else "asked to stop"
     log.info("site %s stopping (%s): calls get %.1f s to finish; running jobs run again at the next start",

@@ -47,10 +47,13 @@ class Connection:
         except OSError as exc:
             raise ConfigError(f"cannot read the certificate of {address}: {exc}") from None
         self.address = address
+        self.cert = cert
         try:
             self.audience = certificates.audience(pem)   # what our tokens for this site name (park.tokens)
         except certificates.CertificateError as exc:
             raise ConfigError(f"{cert} is not a Park site certificate: {exc}") from None
+        # Named by its pinned certificate before it ever answers: errors say which site they are about.
+        self.where = f"site {self.audience.partition(':')[0]} at {address}"
         self.tokens = SessionTokens(self.audience, token_source())
         channel_credentials = grpc.composite_channel_credentials(
             grpc.ssl_channel_credentials(root_certificates=pem), grpc.metadata_call_credentials(self.tokens))
@@ -65,7 +68,7 @@ class Connection:
     def info(self) -> site_pb2.InfoResponse:
         """What the broker says about itself; fetched once."""
         if self._info is None:
-            info = self.call(self._site_stub.Info, site_pb2.InfoRequest(), f"reaching {self.address}", timeout=30)
+            info = self.call(self._site_stub.Info, site_pb2.InfoRequest(), "connecting", timeout=30)
             self._info = info
         return self._info
 
@@ -83,7 +86,11 @@ class Connection:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise ServiceError.from_rpc(exc, doing) from None
+            raise self.error(exc, doing) from None
+
+    def error(self, exc: grpc.RpcError, doing: str) -> ServiceError:
+        """A failed call to this broker, in words that say which site and what to check."""
+        return ServiceError.from_rpc(exc, doing, self.where, str(self.cert))
 
     def close(self) -> None:
         self._channel.close()

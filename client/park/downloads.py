@@ -66,7 +66,7 @@ def fetch(service: Connection, path: str, dest: Path, *, sha256: str = "", size:
             out.flush()
             os.fsync(out.fileno())
     except grpc.RpcError as exc:
-        raise ServiceError.from_rpc(exc, f"reading {path}") from None
+        raise service.error(exc, f"reading {path}") from None
     got = digest.hexdigest()
     wanted = [(whole_sha, whole_size, "the site says")] + ([(sha256, size, "the job recorded")] if sha256 else [])
     for sha, length, who in wanted:

@@ -19,6 +19,10 @@ import grpc
 __all__ = ["ParkError", "ServiceError", "SubmitError", "JobFailed", "JobCancelled", "NoServiceError", "ConfigError"]
 
 
+# What gRPC says of a TLS handshake that failed (a certificate other than the pinned one, a peer port).
+_TLS_TROUBLE = ("certificate_verify_failed", "ssl", "tls", "handshake", "socket closed")
+
+
 class ParkError(Exception):
     """Base of every error Park raises on purpose."""
 
@@ -30,9 +34,18 @@ class ServiceError(ParkError):
         self.message = message
 
     @classmethod
-    def from_rpc(cls, error: grpc.RpcError, doing: str) -> ServiceError:
+    def from_rpc(cls, error: grpc.RpcError, doing: str, where: str = "", cert: str = "") -> ServiceError:
+        """The error of a failed call, in words; `where` names the broker ("site sns at HOST:PORT") and
+        `cert` the certificate pinned for it, so that a connection that failed says what to check."""
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        details = error.details() if hasattr(error, "details") else str(error)
+        details = (error.details() if hasattr(error, "details") else str(error)) or ""
+        if code is grpc.StatusCode.UNAVAILABLE and where:
+            if any(word in details.lower() for word in _TLS_TROUBLE):
+                details = (f"the TLS handshake with {where} failed: it is not the broker whose certificate is "
+                           f"pinned ({cert}), or it is a site's peer port (clients use the client port)")
+            else:
+                details = f"nothing answers at {where}: is the broker running, and is this its client port? " \
+                          f"({details})"
         return cls(code.name, f"{doing}: {details}")
 
 

@@ -293,10 +293,10 @@ class Job:
                     refused = True
                     continue
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise ServiceError.from_rpc(exc, f"watching job {self.id}") from None
+                    raise self.service.error(exc, f"watching job {self.id}") from None
                 broken_since = broken_since or time.monotonic()
                 if time.monotonic() - broken_since > _RECONNECT_FOR:
-                    raise ServiceError.from_rpc(exc, f"watching job {self.id}") from None
+                    raise self.service.error(exc, f"watching job {self.id}") from None
                 time.sleep(0.2)
             finally:
                 stream.cancel()
@@ -312,7 +312,7 @@ class Job:
                     break
                 events.append(JobEvent.from_proto(item.event))
         except grpc.RpcError as exc:
-            raise ServiceError.from_rpc(exc, f"reading the events of job {self.id}") from None
+            raise self.service.error(exc, f"reading the events of job {self.id}") from None
         finally:
             stream.cancel()
         return events

@@ -22,7 +22,6 @@ from park._proto import jobs_pb2 as jpb
 from park._proto import packages_pb2 as ppb
 from park._proto import packages_pb2_grpc
 from park.api import queue_spec, spec_for
-from park.errors import ServiceError
 from park.job import Job
 from park.service import Service, default_service
 from park.wheels import build_wheel, sha256_file
@@ -65,7 +64,7 @@ def _upload(service: Service, job: Job, wheel: Path, digest: str) -> None:
                 return
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise ServiceError.from_rpc(exc, f"uploading {wheel.name}") from None
+                    raise service.error(exc, f"uploading {wheel.name}") from None
                 time.sleep(1.0)
     finally:
         wheel.unlink(missing_ok=True)

@@ -190,7 +190,7 @@ class Service(Connection):
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                error = ServiceError.from_rpc(exc, "submitting jobs")
+                error = self.error(exc, "submitting jobs")
                 for p in batch:
                     p.error = SubmitError(p.spec.id, error.code, error.message)
                     self._finish(p)

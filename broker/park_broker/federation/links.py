@@ -1,7 +1,8 @@
 """The subscribing end of `Federation.Subscribe`: remote atoms this site's waiting jobs need.
 
 `PeerLinks` keeps one stream per peer, carrying every remote atom some waiting
-job needs. It reconnects with backoff after any failure and sends every
+job needs. Peers come and go while the broker runs (`update`): a removed peer's
+atoms stay asked for, unsent, until it is added again. It reconnects with backoff after any failure and sends every
 still-pending atom again with the last sequence number it saw; atoms resolve
 once and for ever, so what it receives after a reconnect is exactly what it
 missed. A peer that is down delays its dependents; it never cancels them.
@@ -26,6 +27,7 @@ from park._proto import federation_pb2 as fpb
 from park._proto import federation_pb2_grpc
 from park.wire import InvalidInput, atom_from_proto, atom_to_proto
 from park.conditions import AtomKey, State
+from park_broker.errors import BrokerError, Code
 from park_broker.federation.peers import Peer
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ class PeerStatus:
 
 @dataclass
 class _Link:
-    peer: Peer
+    name: str
+    peer: Peer | None             # None: not (or no longer) a peer; its atoms wait for it to be added
     atoms: dict[AtomKey, str] = field(default_factory=dict)        # pending atom -> its token
     sending: asyncio.Queue[fpb.WatchAtom] | None = None
     last_seq: int = 0
@@ -58,43 +61,73 @@ class _Link:
 class PeerLinks:
     """The subscriber side: one stream per peer; see the module docstring."""
 
-    def __init__(self, peers: dict[str, Peer], credentials: grpc.ChannelCredentials, options: list[tuple[str, int]],
+    def __init__(self, peers: dict[str, Peer], tls_key: bytes, certificate: bytes, options: list[tuple[str, int]],
                  on_resolved: Callable[[dict[AtomKey, State], str], None]):
-        self._links = {name: _Link(peer) for name, peer in peers.items()}
-        self._credentials = credentials
+        self._links = {name: _Link(name, peer) for name, peer in peers.items()}
+        self._identity = (tls_key, certificate)
         self._options = options
         self._on_resolved = on_resolved
         # (atom, why): its grant expired; set by the lifecycle, whose waiting jobs then ask for renewal
         self.on_expired: Callable[[AtomKey, str], None] = lambda key, why: None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
+    def _secure_channel(self, peer: Peer) -> grpc.aio.Channel:
+        # Our certificate is our identity; the peer's pinned certificate is the only root we trust for it.
+        tls_key, certificate = self._identity
+        credentials = grpc.ssl_channel_credentials(root_certificates=peer.certificate, private_key=tls_key,
+                                                   certificate_chain=certificate)
+        return grpc.aio.secure_channel(peer.address, credentials, options=self._options)
+
     def channel(self, site: str) -> grpc.aio.Channel:
         """A mutual-TLS channel to a peer, for calls other than the subscription (file reads)."""
+        link = self._links.get(site)
+        if link is None or link.peer is None:
+            raise BrokerError(Code.FAILED_PRECONDITION, f"site {site!r} is not a peer of this site (any more)")
         if site not in self._channels:
-            self._channels[site] = grpc.aio.secure_channel(self._links[site].peer.address, self._credentials,
-                                                           options=self._options)
+            self._channels[site] = self._secure_channel(link.peer)
         return self._channels[site]
+
+    def update(self, peers: dict[str, Peer]) -> None:
+        """The peers are now `peers`: streams to removed or changed peers close; atoms still asked of a
+        changed or new peer are asked on a new stream; a removed peer's wait until it is back."""
+        for name in self._links.keys() | peers.keys():
+            link = self._links.setdefault(name, _Link(name, None))
+            peer = peers.get(name)
+            if link.peer == peer:
+                continue
+            if link.task is not None:
+                link.task.cancel()
+                link.task = None
+            channel = self._channels.pop(name, None)
+            if channel is not None:
+                asyncio.get_running_loop().create_task(channel.close())
+            link.peer, link.sending, link.last_seq = peer, None, 0
+            link.connected.clear()
+            if peer is None and link.atoms:
+                log.warning("site %s is no longer a peer: %d atoms its jobs wait on wait until it is added again",
+                            name, len(link.atoms))
+            elif peer is not None and link.atoms:
+                link.task = asyncio.get_running_loop().create_task(self._run(link), name=f"park-peer-{name}")
 
     def peer_status(self) -> list[PeerStatus]:
         """Each peer's stream as metrics see it: last sequence number, connected, atoms pending, silence."""
         now = time.monotonic()
-        return [PeerStatus(link.peer.name, link.last_seq, link.connected.is_set(), len(link.atoms),
+        return [PeerStatus(name, link.last_seq, link.connected.is_set(), len(link.atoms),
                            now - link.last_message if link.last_message else None)
-                for link in self._links.values()]
-
-    def knows(self, site: str) -> bool:
-        return site in self._links
+                for name, link in self._links.items() if link.peer is not None]
 
     def watch(self, key: AtomKey, token: str) -> None:
         """Ask the peer holding `key` for its resolution (once; re-asked after reconnects). Asked again for
         an atom still asked for, the token replaces the one it is re-asked with (a renewed grant)."""
-        link = self._links[key.site]
+        link = self._links.setdefault(key.site, _Link(key.site, None))
         if key in link.atoms:
             link.atoms[key] = token
             return
         link.atoms[key] = token
+        if link.peer is None:
+            return
         if link.task is None:
-            link.task = asyncio.get_running_loop().create_task(self._run(link), name=f"park-peer-{link.peer.name}")
+            link.task = asyncio.get_running_loop().create_task(self._run(link), name=f"park-peer-{link.name}")
         elif link.sending is not None:
             link.sending.put_nowait(fpb.WatchAtom(atom=atom_to_proto(key), token=token))
 
@@ -108,25 +141,27 @@ class PeerLinks:
 
     async def _run(self, link: _Link) -> None:
         """Keep the peer's stream open, idle or not (atoms come and go); back off only after failures."""
+        peer = link.peer
+        assert peer is not None
         delay = BACKOFF[0]
         while True:
             writer: asyncio.Task[None] | None = None
             try:
-                async with grpc.aio.secure_channel(link.peer.address, self._credentials, options=self._options) as ch:
+                async with self._secure_channel(peer) as ch:
                     call = federation_pb2_grpc.FederationStub(ch).Subscribe()
                     link.sending = asyncio.Queue()
                     await call.write(fpb.SubscribeRequest(after_seq=link.last_seq, atoms=[
                         fpb.WatchAtom(atom=atom_to_proto(k), token=t) for k, t in link.atoms.items()]))
                     writer = asyncio.create_task(self._write(call, link.sending))
-                    log.info("subscribed to peer %s at %s (%d atoms, after seq %d)", link.peer.name,
-                             link.peer.address, len(link.atoms), link.last_seq)
+                    log.info("subscribed to peer %s at %s (%d atoms, after seq %d)", peer.name,
+                             peer.address, len(link.atoms), link.last_seq)
                     async for response in call:
                         delay = BACKOFF[0]
                         link.connected.set()
                         link.last_message = time.monotonic()
                         self._receive(link, response)
             except grpc.aio.AioRpcError as exc:
-                log.info("stream to peer %s broke (%s); retrying in %.1f s", link.peer.name, exc.code().name, delay)
+                log.info("stream to peer %s broke (%s); retrying in %.1f s", peer.name, exc.code().name, delay)
             finally:
                 if writer is not None:
                     writer.cancel()
@@ -154,11 +189,11 @@ class PeerLinks:
             if key is None:
                 return
             if response.refused.expired:
-                log.warning("peer %s: the grant for atom %s expired; its jobs wait for a renewed one", link.peer.name,
+                log.warning("peer %s: the grant for atom %s expired; its jobs wait for a renewed one", link.name,
                             key)
                 self.on_expired(key, response.refused.message)
                 return
-            log.warning("peer %s refused atom %s: %s", link.peer.name, key, response.refused.message)
+            log.warning("peer %s refused atom %s: %s", link.name, key, response.refused.message)
             self._on_resolved({key: State.CANCELLED}, f"site {key.site} refused to report {key}: "
                                                       f"{response.refused.message}")
             return
@@ -177,6 +212,6 @@ class PeerLinks:
         try:
             key = atom_from_proto(atom)
         except InvalidInput:
-            log.warning("peer %s sent a malformed atom; ignored", link.peer.name)
+            log.warning("peer %s sent a malformed atom; ignored", link.name)
             return None
         return key if link.atoms.pop(key, None) is not None else None

@@ -53,13 +53,13 @@ class Fetches:
         final_dir = Path(job.directory)
         work = final_dir.parent / f".{job.id}.attempt-fetch"
         name = job.spec.output_name
-        channel = self._channel(site)
         metadata = (("authorization", f"Bearer {job.spec.fetch.token}"),)
 
         def open_stream(offset: int) -> AsyncIterator[fipb.Chunk]:
             return files_pb2_grpc.FilesStub(channel).Read(fipb.ReadRequest(path=path, offset=offset),
                                                         metadata=metadata)
         try:
+            channel = self._channel(site)   # BrokerError if the site is no longer a peer
             # The broker writes here itself, so no job may have had a hand in this directory: it is the
             # broker's until complete, and only then handed over to the account the owner's jobs run as.
             work.parent.mkdir(mode=0o711, parents=True, exist_ok=True)

@@ -85,9 +85,6 @@ def reference(job: Job) -> str:
     return f"park://{job.site}/jobs/{job.id}"
 
 
-_TLS_TROUBLE = ("certificate_verify_failed", "ssl", "tls", "handshake", "socket closed")
-
-
 def probe(entry: ServiceEntry) -> dict[str, Any]:
     """What `park status` says of one service: `status` is "ok", "no credentials" (it answers, but does not
     know you), "refused" (it refused your token, for the reason in `error`), "tls" (its certificate is not
@@ -99,16 +96,12 @@ def probe(entry: ServiceEntry) -> dict[str, Any]:
         with contextlib.closing(Service(entry.address, entry.cert)) as service:
             info = service.info
     except ServiceError as exc:
-        detail = exc.message.lower()
         if exc.code == "UNAUTHENTICATED":
             row.update(reachable=True, status="refused", error=f"it refused your credentials: {exc.message}")
-        elif exc.code == "UNAVAILABLE" and any(word in detail for word in _TLS_TROUBLE):
-            row.update(status="tls", error=f"the TLS handshake with {entry.address} failed: it is not the broker "
-                                           f"whose certificate is pinned ({entry.cert}), or it is a site's peer "
-                                           "port (clients use the client port)")
+        elif exc.code == "UNAVAILABLE" and "the TLS handshake" in exc.message:
+            row.update(status="tls", error=exc.message)
         else:
-            row["error"] = (f"nothing answers at {entry.address}: is the broker running, and is this its client "
-                            f"port? ({exc.code})")
+            row["error"] = exc.message
     except ParkError as exc:
         row["error"] = str(exc)
     else:

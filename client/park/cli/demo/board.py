@@ -66,13 +66,16 @@ def _values(values: dict[str, float]) -> str:
 
 
 def compact(value: Any) -> str:
-    """A job's result on one line: dicts as key=value, floats to four digits, digests shortened."""
+    """A job's result on one line: dicts as key=value, floats to four digits, whole numbers with thousands
+    separators, digests shortened."""
     if isinstance(value, dict):
         return " ".join(f"{k}={compact(v)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, str) and len(value) > 16:
-        return value[:12] + "…"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, str):
+        return value[:12] + "…" if len(value) > 16 and " " not in value else value
     return json.dumps(value)
 
 
@@ -231,7 +234,9 @@ class View:
         self.started = time.monotonic()
         self._printed: dict[tuple[str, str], float] = {}
         self._transfer_said = ""
-        self.live = None if plain else Live(self._renderable(), console=console, refresh_per_second=8)
+        # Transient: once the run ends, its summary (demo.run) takes the board's place, so it shows once.
+        self.live = None if plain else Live(self._renderable(), console=console, refresh_per_second=8,
+                                            transient=True)
 
     def _table(self) -> Table:
         table = Table(title=f"{self.title} · {time.monotonic() - self.started:.1f} s", title_justify="left")
@@ -255,8 +260,7 @@ class View:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.live is not None:      # the final table stays on screen
-            self.live.update(self._renderable())
+        if self.live is not None:
             self.live.__exit__(None, None, None)
 
     def event(self, event: JobEvent, row: Row) -> None:

@@ -217,7 +217,7 @@ def _what_ran_where(console: Console, run: int, document: dict[str, Any], plain:
         hit = f"yes (job {job['id'][:10]}…)" if job["memo_hit"] else "no"
         table.add_row(Text(job["label"]), Text(job["site"]),
                       Text(job["state"], style=STATE_STYLES.get(job["state"], "")),
-                      Text(hit, style="green" if job["memo_hit"] else ""), Text(_readable(job["detail"])[:100]))
+                      Text(hit, style="green" if job["memo_hit"] else ""), Text(_readable(job["detail"])))
     console.print(table)
 
 
@@ -259,7 +259,7 @@ class _Demo:
         console, sites = self.console, self.sites
         summary = self.root / f"run-{run}.json"
         self.board.run = run
-        title = f"park demo · run {run} of {self.runs} · sns {sites.sns.address} · cluster {sites.cluster.address}"
+        title = f"park demo · run {run} of {self.runs}"   # the sites' addresses were printed above it
         console.print(Text(f"park demo: run {run} of {self.runs}: examples/{EXAMPLE}", style="bold"))
         workflow: subprocess.Popen[str] | None = None
         started = time.monotonic()
@@ -269,7 +269,7 @@ class _Demo:
                 status = _follow(view, self.board, self.out, summary)
         finally:
             stop_process(workflow, signal.SIGTERM, 5.0)
-        if not self.plain and status != 0:
+        if not self.plain:
             for line in view.lines:           # the workflow's own output, kept out of the live table
                 console.print(Text(f"  | {line}", style="dim"))
         document = _read_summary(summary)
