@@ -289,6 +289,7 @@ def main() -> int:
     # creating files slow for a minute afterwards on some file systems (ext4 skips recently
     # deleted inodes), which would slow the next run's workers.
     with tempfile.TemporaryDirectory(prefix="park-bench-", dir=args.site_root) as root:
+        os.chmod(root, 0o711)   # the jobs' account (when run as root) reaches its job directories through it
         return _measure(args, Path(root))
 
 

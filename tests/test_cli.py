@@ -410,3 +410,19 @@ def test_services_remove(configured, capsys):
 def test_fetch_url_without_credentials_says_what_to_pass(service):
     with pytest.raises(TypeError, match=r"auth=park.credentials\(service="):
         park.fetch_url("park://sns/files/x/y/z", auth=None, service=service)  # type: ignore[arg-type]
+
+
+def test_jobs_and_watch_show_a_groups_counts(configured, broker, capsys):
+    service = broker.service()
+    with service:
+        items = park.map("park_test_tasks:fail_on", [1, 2, 3], bad=2)
+    assert items.wait(timeout=60) == "failed"
+    status, out, _ = run(capsys, "jobs")
+    assert status == 0 and re.search(r"failed \(2/3 completed, 1\s+failed\)", out), out
+    status, out, _ = run(capsys, "jobs", "--json")
+    [group] = [j for j in json.loads(out)["jobs"] if j["group"] is not None]
+    assert group["group"] == {"size": 3, "joined": 3, "completed": 2, "failed": 1, "firstUnfinished": items[1].id}
+    assert all(j["member_of"] == items.id for j in json.loads(out)["jobs"] if j["group"] is None)
+    status, out, _ = run(capsys, "watch", items.id)
+    assert status == 1 and "group_progress member" in out and "/3 completed" in out
+    assert "failed     1 of 3 members did not complete (1 failed, 0 cancelled)" in out
