@@ -54,6 +54,9 @@ class Row:
     work: str = ""          # call, command, fetch, install or race
     state: str = "waiting"
     progress: str = ""
+    values: dict[str, float] = field(default_factory=dict)   # the latest progress report
+    attempt: int = 0
+    submitted: float = 0.0
     detail: str = ""
     owner: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
@@ -91,10 +94,14 @@ class Board:
             row.work = next((w for w in ("call", "command", "fetch", "install", "race") if w in row.spec), "")
             row.label = row.spec.get("label") or event.job_id
             row.detail = self._submitted(row)
+            row.submitted = event.time
         elif event.kind == "improved":
-            row.progress = _values(d.get("values", {}))
+            row.values = d.get("values", {})
+            row.progress = _values(row.values)
         else:
             row.detail = self._finished(row, event) if event.terminal else describe(event)
+        if event.kind == "started":
+            row.attempt = int(d.get("attempt", 1))
         if event.kind == "completed":
             row.output_size = max((int(o.get("size", 0)) for o in d.get("outputs", [])), default=-1)
         row.state = _STATE_OF.get(event.kind, row.state)
