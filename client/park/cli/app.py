@@ -264,17 +264,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
     """`park ui`: serve the dashboard over every configured service until interrupted."""
     import webbrowser
 
-    from park.cli.ui.server import Dashboard   # the web framework only when asked for
+    from park.cli.ui.server import Dashboard, parse_listen   # the web framework only when asked for
 
     try:
-        dashboard = Dashboard.open(configured_services(), args.listen)
+        parse_listen(args.listen)
     except ValueError as exc:
         die(str(exc), USAGE)
+    dashboard = Dashboard.open(configured_services(), args.listen)
     print(f"park ui: the dashboard is at {dashboard.url}", flush=True)
     print("park ui: that URL holds this run's secret; do not share it. Ctrl-C stops the dashboard.", flush=True)
     if not args.no_browser:
         webbrowser.open(dashboard.url)
-    dashboard.serve()
+    try:
+        dashboard.serve()
+    except KeyboardInterrupt:   # Ctrl-C is how a dashboard is meant to end
+        pass
+    print("park ui: stopped", flush=True)
     return 0
 
 

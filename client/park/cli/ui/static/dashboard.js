@@ -16,7 +16,9 @@ let drawPending = false;
 function el(tag, attrs = {}, ...children) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") node.textContent = v; else node.setAttribute(k, v);
+    if (k === "text") node.textContent = v;
+    else if (k === "bg") node.style.background = v;      // through the CSSOM: the CSP forbids style attributes
+    else node.setAttribute(k, v);
   }
   for (const child of children) node.append(child);
   return node;
@@ -27,7 +29,7 @@ const when = (t) => t ? new Date(t * 1000).toLocaleTimeString() : "";
 const values = (v) => Object.entries(v || {}).map(([k, x]) => `${k}=${Number(x).toPrecision(4)}`).join(" ");
 
 function stateCell(state) {
-  return el("td", {class: "state", text: state, style: `background:${colours[state] || "#fff"}`});
+  return el("td", {class: "state", text: state, bg: colours[state] || "#fff"});
 }
 
 // -- the job list ------------------------------------------------------------------------
@@ -57,7 +59,6 @@ function drawList() {
       el("td", {text: row.label}), stateCell(row.state), el("td", {text: row.attempt || ""}),
       el("td", {class: "mono", text: values(row.values)}), el("td", {class: "detail", text: row.detail}));
     if (selected && key(selected.site, selected.id) === key(row.site, row.id)) tr.classList.add("selected");
-    tr.addEventListener("click", () => select(row.site, row.id));
     return tr;
   }));
   $("count").textContent = `${rows.length} of ${jobs.size} jobs`;
@@ -144,7 +145,7 @@ async function loadDetail() {
 
 function drawDetail(d) {
   $("detail-title").replaceChildren(`${d.label} `, el("span", {class: "state", id: "detail-state", text: d.state,
-    style: `background:${colours[d.state] || "#fff"}`}));
+    bg: colours[d.state] || "#fff"}));
   $("detail-meta").textContent = `${d.site}/${d.id} · ${d.work} · owner ${d.owner} · attempts ${d.attempts}` +
     ` · submitted ${when(d.submitted)}` + (d.finished ? ` · finished ${when(d.finished)}` : "");
   $("cancel").disabled = ["completed", "failed", "cancelled"].includes(d.state);
@@ -299,6 +300,11 @@ function drawGraph(g) {
 window.addEventListener("DOMContentLoaded", () => {
   history.replaceState(null, "", "/");          // the secret is in the cookie now; keep it off screen
   for (const id of ["site-filter", "state-filter", "text-filter"]) $(id).addEventListener("input", () => { page = 0; redraw(); });
+  document.querySelector("#jobs tbody").addEventListener("click", (e) => {   // rows are redrawn: delegate
+    const tr = e.target.closest("tr");
+    const row = tr && jobs.get(tr.dataset.key);
+    if (row) select(row.site, row.id);
+  });
   $("prev").addEventListener("click", () => { page--; redraw(); });
   $("next").addEventListener("click", () => { page++; redraw(); });
   $("cancel").addEventListener("click", cancelSelected);
