@@ -225,15 +225,17 @@ function drawPlot() {
   const ys = pts.map((p) => p.values[metric]).concat(limits.map((t) => t.value));
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (y1 === y0) { y0 -= 1; y1 += 1; }
+  const log = y0 > 0 && y1 / y0 > 50;               // a fit's chi-squared falls by orders of magnitude
+  const f = log ? Math.log10 : (v) => v;
   const x = (t) => L + (t - t0) / (t1 - t0) * (W - L - R);
-  const y = (v) => T + (y1 - v) / (y1 - y0) * (H - T - B);
+  const y = (v) => T + (f(y1) - f(v)) / (f(y1) - f(y0)) * (H - T - B);
   const svg = el("svg:svg", {id: "plot", width: W, height: H, viewBox: `0 0 ${W} ${H}`});
   svg.append(el("svg:line", {class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B}),
     el("svg:line", {class: "axis", x1: L, y1: T, x2: L, y2: H - B}),
     el("svg:text", {x: L - 4, y: y(y1) + 4, "text-anchor": "end", text: y1.toPrecision(3)}),
     el("svg:text", {x: L - 4, y: y(y0), "text-anchor": "end", text: y0.toPrecision(3)}),
     el("svg:text", {x: W - R, y: H - 8, "text-anchor": "end", text: `${(t1 - t0).toFixed(1)} s`}),
-    el("svg:text", {x: L, y: H - 8, text: `${metric} over time`}));
+    el("svg:text", {x: L, y: H - 8, text: `${metric} over time${log ? " (log scale)" : ""}`}));
   for (const t of limits) {
     svg.append(el("svg:line", {class: "threshold", x1: L, x2: W - R, y1: y(t.value), y2: y(t.value)}),
       el("svg:text", {x: W - R - 2, y: y(t.value) - 3, "text-anchor": "end", fill: "#c62828",
@@ -244,7 +246,7 @@ function drawPlot() {
     const own = line.points.filter((p) => metric in p.values);
     const d = own.map((p, j) => `${j ? "L" : "M"}${x(p.time).toFixed(1)},${y(p.values[metric]).toFixed(1)}`).join("");
     svg.append(el("svg:path", {class: "line", d, stroke: colour, "data-id": line.id}),
-      el("svg:text", {x: L + 6, y: T + 12 + 12 * i, fill: colour, text: line.label}));
+      el("svg:text", {x: W - R - 4, y: T + 12 + 12 * i, "text-anchor": "end", fill: colour, text: line.label}));
   });
   box.replaceChildren(svg);
 }
