@@ -55,7 +55,7 @@ def main() -> int:
     try:
         driver.get(url)
         wait = WebDriverWait(driver, WAIT, poll_frequency=0.1)
-        race = 'tr[data-key] td:nth-child(3)'
+        race = 'tr[data-key] td:nth-child(4)'
         wait.until(lambda d: d.execute_script(
             f"const c = [...document.querySelectorAll('{race}')].find(c => c.textContent === 'race');"
             "if (c) c.closest('tr').click(); return c"))

@@ -6,6 +6,7 @@ submits its own jobs and waits on what the page shows with explicit waits.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -15,15 +16,18 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import park
-from harness import Broker, federate, make_broker
+from harness import Broker, as_user, broker_cli, federate, make_broker, public_key_of
+from park.signer import write_private_key
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
@@ -59,13 +63,11 @@ def sites(module_dir: Path, user_key: Path) -> Iterator[tuple[Broker, Broker]]:
         broker.stop()
 
 
-@pytest.fixture(scope="module")
-def ui(sites: tuple[Broker, Broker], module_dir: Path) -> Iterator[str]:
-    """A `park ui` over both sites; its printed URL (with the secret)."""
-    config = module_dir / "config.toml"
-    config.write_text("".join(f'[services.{b.site}]\naddress = "{b.address}"\ncert = "{b.cert}"\n' for b in sites))
+@contextlib.contextmanager
+def park_ui(config: Path, **env: str) -> Iterator[str]:
+    """A `park ui` process over the services of `config`; its printed URL (with the secret)."""
     proc = subprocess.Popen([sys.executable, "-m", "park.cli", "ui", "--no-browser"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PARK_CONFIG": str(config)})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PARK_CONFIG": str(config), **env})
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
     try:
@@ -75,9 +77,24 @@ def ui(sites: tuple[Broker, Broker], module_dir: Path) -> Iterator[str]:
         raise AssertionError("park ui printed nothing") from None
     match = re.search(r"(http://127\.0\.0\.1:\d+/\?secret=\S+)", first)
     assert match, first
-    yield match[1]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(20) == 0
+    try:
+        yield match[1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+
+
+@pytest.fixture(scope="module")
+def config(sites: tuple[Broker, Broker], module_dir: Path) -> Path:
+    path = module_dir / "config.toml"
+    path.write_text("".join(f'[services.{b.site}]\naddress = "{b.address}"\ncert = "{b.cert}"\n' for b in sites))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ui(config: Path) -> Iterator[str]:
+    with park_ui(config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +221,55 @@ def test_the_cancel_button_cancels_after_confirmation(browser: webdriver.Chrome,
     wait(browser, ec.alert_is_present()).accept()
     wait(browser, state_is("cluster", sleeper.id, "cancelled"))
     assert sleeper.record().cause.message.endswith(": cancelled from park ui")
+
+
+def test_an_admin_sees_every_users_jobs_and_never_their_tokens(browser: webdriver.Chrome, sites, config: Path,  # type: ignore[no-untyped-def]
+                                                               module_dir: Path) -> None:
+    sns, cluster = sites
+    keys = module_dir / "keys"
+    keys.mkdir()
+    with as_user(sns, "alice", keys):
+        with park.Service(sns.address, sns.cert):
+            alices = park.submit("park_test_tasks:sleep", 30, label="alice's sleep")
+        alices.acknowledged()
+    with sns.service():
+        upstream = park.submit("park_test_tasks:sleep", 30, label="upstream")
+    with cluster.service():
+        granted = park.submit("park_test_tasks:noop", when=upstream.iscompleted, label="holds a grant")
+    # The user's own dashboard lists their jobs, not alice's (upstream came after hers: she would be shown by now).
+    row(browser, "sns", upstream.id)
+    row(browser, "cluster", granted.id)
+    browser.find_element(By.ID, "text-filter").clear()
+    browser.find_element(By.ID, "text-filter").send_keys(alices.id)
+    wait(browser, ec.text_to_be_present_in_element((By.ID, "count"), "0 of "))
+
+    operator = keys / "operator.key"
+    write_private_key(operator, Ed25519PrivateKey.generate(), None)
+    for broker in sites:
+        done = broker_cli("users", "add", str(broker.directory), "operator", "--key", public_key_of(operator),
+                          "--allow", "admin")
+        assert done.returncode == 0, done.stderr
+    time.sleep(1.1)   # a running broker re-reads users.toml at most once a second
+    mine = browser.current_window_handle
+    with park_ui(config, PARK_KEY_FILE=str(operator), PARK_USER="operator") as url:
+        browser.switch_to.new_window("tab")
+        try:
+            browser.get(url)
+            theirs = row(browser, "sns", alices.id)
+            assert "alice" in theirs.text
+            wait(browser, lambda d: "sns · alice: 0 queued, 1 running" in d.find_element(By.ID, "queues").text)
+            row(browser, "cluster", granted.id)
+            spec = browser.execute_async_script(
+                "const done = arguments[1]; fetch(arguments[0]).then(r => r.json()).then(d => done(d.spec), e => done({e: String(e)}))",
+                f"/api/jobs/cluster/{granted.id}")
+            assert set(spec["grants"]) == {"sns"} and spec["grants"]["sns"] == "", "a token reached the page"
+        finally:
+            browser.close()
+            browser.switch_to.window(mine)
+    alices.cancel()
+    upstream.cancel()
+    select(browser, "cluster", granted.id)    # the user's dashboard still answers: the cookies did not collide
+    wait(browser, ec.text_to_be_present_in_element((By.ID, "detail-state"), "cancelled"))
 
 
 def _get(url: str, **headers: str) -> tuple[int, str, dict[str, str]]:

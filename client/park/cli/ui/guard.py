@@ -25,9 +25,8 @@ from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs
 
-__all__ = ["COOKIE", "Guard", "Refusal"]
+__all__ = ["Guard", "Refusal"]
 
-COOKIE = "park_ui_secret"
 _SAFE_METHODS = ("GET", "HEAD")
 _HEADERS = [(b"cache-control", b"no-store"), (b"referrer-policy", b"no-referrer"),
             (b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
@@ -50,6 +49,9 @@ class Guard:
         self.secret = secret
         self.origins = frozenset(origins)       # e.g. http://127.0.0.1:8123
         self.hosts = frozenset(o.split("://", 1)[1] for o in origins)
+        # Cookies are not kept per port: two dashboards on one machine (park ui beside park demo --ui)
+        # must not overwrite each other's.
+        self.cookie = f"park_ui_{origins[0].rsplit(':', 1)[1]}"
 
     def check(self, scope: Scope) -> Refusal | bool:
         """A refusal, or whether the request presented the secret in its URL (the cookie is then set)."""
@@ -67,7 +69,7 @@ class Guard:
             return Refusal("refused: cross-site requests may not use this dashboard")
         cookie = SimpleCookie()
         cookie.load(headers.get("cookie", ""))
-        if COOKIE in cookie and hmac.compare_digest(cookie[COOKIE].value, self.secret):
+        if self.cookie in cookie and hmac.compare_digest(cookie[self.cookie].value, self.secret):
             return False
         given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("secret", [""])[0]
         if scope["path"] == "/" and hmac.compare_digest(given, self.secret):
@@ -89,7 +91,7 @@ class Guard:
             return
         extra = list(_HEADERS)
         if verdict:
-            extra.append((b"set-cookie", f"{COOKIE}={self.secret}; HttpOnly; SameSite=Strict; Path=/".encode()))
+            extra.append((b"set-cookie", f"{self.cookie}={self.secret}; HttpOnly; SameSite=Strict; Path=/".encode()))
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":

@@ -21,6 +21,7 @@ from park.causes import root_cause
 from park.cli.graph import JobNode, OpNode, build_graph
 from park.cli.output import describe
 from park.config import ServiceEntry
+from park.errors import ServiceError
 from park.job import Job
 from park.service import Service
 from park.sites import RecordsBySite
@@ -47,7 +48,12 @@ def job_detail(service: Service, entries: list[ServiceEntry], job_id: str) -> di
     with contextlib.closing(RecordsBySite(service, record.site, entries)) as records:
         root = root_cause(record, records)
     events = [e for e in job.history() if e.kind != "improved"][-MAX_EVENTS:]
-    memo = job.memo_report()
+    try:
+        report = job.memo_report()
+        memo: dict[str, Any] = {"hit": report.hit, "job": report.job_id, "nearest": report.nearest_id,
+                                "differences": list(report.differences)}
+    except ServiceError as exc:     # an admin asking of another user's job: Why answers its owner only
+        memo = {"hit": False, "differences": [f"not known: {exc}"]}
     work = record.spec.WhichOneof("work") or ""
     return {
         "site": record.site, "id": record.id, "asked": job_id, "url": record.url, "owner": record.owner,
@@ -63,8 +69,7 @@ def job_detail(service: Service, entries: list[ServiceEntry], job_id: str) -> di
             "site": root.site, "id": root.job_id, "label": root.label, "state": root.state, "error": root.error,
             "traceback": root.traceback, "text": str(root)},
         "outputs": [{"name": o.name, "size": o.size, "sha256": o.sha256} for o in record.outputs],
-        "memo": {"hit": memo.hit, "job": memo.job_id, "nearest": memo.nearest_id,
-                 "differences": list(memo.differences)},
+        "memo": memo,
         "race": {"contestants": list(record.spec.race.contestants), "until": record.spec.race.until}
         if work == "race" else None,
         "spec": _spec_json(record.spec),

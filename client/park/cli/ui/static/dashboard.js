@@ -41,7 +41,7 @@ function filtered() {
   for (const row of jobs.values()) {
     if (site && row.site !== site) continue;
     if (state && row.state !== state) continue;
-    if (text && !`${row.label} ${row.id} ${row.detail}`.toLowerCase().includes(text)) continue;
+    if (text && !`${row.label} ${row.id} ${row.owner} ${row.detail}`.toLowerCase().includes(text)) continue;
     out.push(row);
   }
   return out.sort((a, b) => b.submitted - a.submitted || (a.id < b.id ? -1 : 1));
@@ -55,16 +55,32 @@ function drawList() {
   const body = document.querySelector("#jobs tbody");
   body.replaceChildren(...rows.slice(page * PAGE, (page + 1) * PAGE).map((row) => {
     const tr = el("tr", {"data-key": key(row.site, row.id), "data-state": row.state},
-      el("td", {text: row.site}), el("td", {class: "mono", text: row.id.slice(0, 10)}),
+      el("td", {text: row.site}), el("td", {class: "mono", text: row.id.slice(0, 10)}), el("td", {text: row.owner}),
       el("td", {text: row.label}), stateCell(row.state), el("td", {text: row.attempt || ""}),
       el("td", {class: "mono", text: values(row.values)}), el("td", {class: "detail", text: row.detail}));
     if (selected && key(selected.site, selected.id) === key(row.site, row.id)) tr.classList.add("selected");
     return tr;
   }));
   $("count").textContent = `${rows.length} of ${jobs.size} jobs`;
+  drawQueues();
   $("page").textContent = `page ${page + 1} of ${pages}`;
   $("prev").disabled = page === 0;
   $("next").disabled = page >= pages - 1;
+}
+
+// An admin's token shows every user's jobs at a site: then say how much each user has waiting and running.
+function drawQueues() {
+  const counts = new Map();
+  for (const row of jobs.values()) {
+    if (!["waiting", "queued", "running"].includes(row.state)) continue;
+    const k = `${row.site} · ${row.owner}`;
+    const c = counts.get(k) || {waiting: 0, queued: 0, running: 0};
+    c[row.state]++;
+    counts.set(k, c);
+  }
+  const owners = new Set([...jobs.values()].map((r) => r.owner));
+  $("queues").replaceChildren(...(owners.size < 2 ? [] : [...counts].sort().map(([k, c]) =>
+    el("span", {class: "queue", "data-queue": k, text: `${k}: ${c.queued} queued, ${c.running} running, ${c.waiting} waiting`}))));
 }
 
 function redraw() {
