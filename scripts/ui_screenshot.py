@@ -4,8 +4,8 @@
 
 Runs `park demo --ui --no-browser --plain` from the checkout, opens the URL it
 prints in Debian's chromium (through chromium-driver and Selenium, as the tests
-do), selects the race as soon as the page lists it, and saves the page once its
-plot shows the contestants and the race has been decided. The demo then runs to
+do), selects the race as soon as the page lists it, and saves the page as soon as
+its plot has a line of two or more reports for two contestants. The demo then runs to
 its end; its exit status is this script's.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as ChromeService
-from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +58,10 @@ def main() -> int:
         wait.until(lambda d: d.execute_script(
             f"const c = [...document.querySelectorAll('{race}')].find(c => c.textContent === 'race');"
             "if (c) c.closest('tr').click(); return c"))
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#plot path.line")) >= 2
-                   and "completed" in d.find_element(By.ID, "detail-title").text)
+        # As soon as two contestants have reported twice: the race is usually still on (it lasts about a second).
+        wait.until(lambda d: d.execute_script(   # in the page: the plot is redrawn as reports arrive
+            "return [...document.querySelectorAll('#plot path.line')].filter(p => p.getAttribute('d').includes('L'))"
+            ".length >= 2"))
         args.output.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(args.output))
         print(f"ui_screenshot: saved {args.output}", flush=True)

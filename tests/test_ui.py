@@ -152,9 +152,13 @@ def test_jobs_of_both_sites_are_listed_and_change_state_live(browser: webdriver.
     wait(browser, state_is("cluster", quick.id, "completed"))
     row(browser, "sns", waiting.id)
     wait(browser, state_is("sns", waiting.id, "running"))
+    select(browser, "sns", waiting.id)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#graph g.node[data-state="running"]'))
     browser.execute_script("window.parkUiMarker = 'no reload'")
     gate.write_text("go")
     wait(browser, state_is("sns", waiting.id, "completed"))
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#graph g.node[data-state="completed"]'))
+    wait(browser, ec.text_to_be_present_in_element((By.ID, "detail-state"), "completed"))
     assert browser.execute_script("return window.parkUiMarker") == "no reload", "the page was reloaded"
     sites_shown = browser.find_element(By.ID, "sites").text
     assert "sns: live" in sites_shown and "cluster: live" in sites_shown

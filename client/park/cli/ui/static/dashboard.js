@@ -11,6 +11,7 @@ let colours = {};
 let page = 0;
 let selected = null;                    // {site, id}
 let series = null;                      // the plot's data: {lines, thresholds, until}
+let graph = null;                       // the condition graph drawn: {root, nodes, edges}
 let drawPending = false;
 
 function el(tag, attrs = {}, ...children) {
@@ -118,6 +119,11 @@ function connect() {
       if (selected && key(selected.site, selected.id) === key(row.site, row.id) && (!old || old.state !== row.state))
         reselect = true;
     }
+    if (graph && data.jobs.some((row) => graph.nodes.some((n) => n.job === row.id && n.site === row.site &&
+                                                                n.state !== row.state))) {
+      for (const row of data.jobs) for (const n of graph.nodes) if (n.job === row.id && n.site === row.site) n.state = row.state;
+      drawGraph(graph);                          // the graph's jobs are coloured by their live states
+    }
     for (const point of data.points) addPoint(point);
     if (data.jobs.length) redraw();
     if (reselect) loadDetail();
@@ -148,12 +154,13 @@ function select(site, id) {
 
 async function loadDetail() {
   const asked = selected;
-  const [detail, graph, plot] = await Promise.allSettled(
+  const [detail, drawn, plot] = await Promise.allSettled(
     [getJSON(jobPath()), getJSON(jobPath("/graph")), getJSON(jobPath("/series"))]);
   if (asked !== selected) return;                  // another job was selected meanwhile
   if (detail.status === "fulfilled") drawDetail(detail.value);
   else $("detail-meta").textContent = detail.reason.message;
-  if (graph.status === "fulfilled") drawGraph(graph.value);
+  graph = drawn.status === "fulfilled" ? drawn.value : null;
+  if (graph) drawGraph(graph);
   series = plot.status === "fulfilled" ? plot.value : null;
   drawPlotControls();
   drawPlot();
@@ -291,8 +298,10 @@ function drawGraph(g) {
     const x1 = s.x + BW - mid(sn) + (sn.op ? 14 : 0), y1 = s.y + BH / 2, x2 = t.x + mid(tn) - (tn.op ? 14 : 0), y2 = t.y + BH / 2;
     svg.append(el("svg:path", {d: `M${x1},${y1} C${x1 + 40},${y1} ${x2 - 40},${y2} ${x2},${y2}`, fill: "none",
       stroke: "#777", "stroke-dasharray": e.dashed ? "4 3" : ""}));
-    if (e.label) svg.append(el("svg:text", {x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 3, "text-anchor": "middle",
-      fill: "#555", text: e.label}));
+    // A race's contestants all carry its `until`: the title says it, the plot draws it.
+    const label = e.dashed ? "contestant" : e.label;
+    if (label) svg.append(el("svg:text", {x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 3, "text-anchor": "middle",
+      fill: "#555", text: label}, el("svg:title", {text: e.label})));
   }
   for (const n of g.nodes) {
     const p = at.get(n.id);
@@ -301,16 +310,18 @@ function drawGraph(g) {
         el("svg:text", {x: p.x + BW / 2, y: p.y + BH / 2 + 3, "text-anchor": "middle", text: n.op}));
       continue;
     }
-    const box = el("svg:g", {class: "node", "data-state": n.state, "data-job": n.job},
+    const node = el("svg:g", {class: "node", "data-state": n.state, "data-job": n.job},
       el("svg:rect", {x: p.x, y: p.y, width: BW, height: BH, rx: 6, fill: colours[n.state] || "#fff",
         stroke: n.root ? "#1565c0" : "#777", "stroke-width": n.root ? 2.5 : 1}),
       el("svg:text", {x: p.x + 6, y: p.y + 15, text: n.label.slice(0, 30)}),
       el("svg:text", {x: p.x + 6, y: p.y + 30, fill: "#555", text: `${n.state} · ${n.site}/${n.job.slice(0, 8)}`}),
       el("svg:title", {text: n.note || n.label}));
-    box.addEventListener("click", () => { if (n.state !== "unknown") select(n.site, n.job); });
-    svg.append(box);
+    node.addEventListener("click", () => { if (n.state !== "unknown") select(n.site, n.job); });
+    svg.append(node);
   }
-  $("graph-box").replaceChildren(svg);
+  const box = $("graph-box"), root = at.get(g.root);
+  box.replaceChildren(svg);
+  if (root) box.scrollLeft = root.x + BW - box.clientWidth + 10;   // a wide graph shows its job, at the right
 }
 
 // -- wiring ------------------------------------------------------------------------------
