@@ -78,8 +78,11 @@ class Guard:
                        "(open that URL; it is different every run)")
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":            # lifespan
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":            # the dashboard has no WebSocket: nothing else gets through
+            await send({"type": "websocket.close", "code": 1008})
             return
         verdict = self.check(scope)
         if isinstance(verdict, Refusal):
