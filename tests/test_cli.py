@@ -279,7 +279,11 @@ def _run_demo(*args: str) -> str:
 
 @pytest.mark.timeout(180)
 def test_demo_plain_runs_the_seed_workflow_on_two_sites():
-    out = _run_demo()
+    out = _run_demo("--ui", "--no-browser")
+    dashboard = re.search(r"the dashboard is at http://127\.0\.0\.1:(\d+)/\?secret=\S+", out)
+    assert dashboard, out
+    with pytest.raises(ConnectionRefusedError):   # stopped with the demo
+        socket.create_connection(("127.0.0.1", int(dashboard[1])), timeout=5).close()
     expect = expectations(ROOT / "examples" / EXAMPLE)
     table = _what_ran_where(out, 1)
     for label, state in expect.states.items():
@@ -298,6 +302,7 @@ def test_demo_plain_runs_the_seed_workflow_on_two_sites():
 @pytest.mark.timeout(180)
 def test_demo_again_shows_the_rerun_as_memo_hits():
     out = _run_demo("--again")
+    assert "to watch it in a browser as well, run `park demo --ui`" in out
     expect = expectations(ROOT / "examples" / EXAMPLE)
     first, second = _what_ran_where(out, 1), _what_ran_where(out, 2)
     for label in expect.memoized:

@@ -10,7 +10,8 @@
     park logs JOB [--stderr] [--follow] [--service NAME]
     park renew [--service NAME] [--within SECONDS]
     park graph JOB [--service NAME] [--format dot|mermaid|svg|png] [--depth N] [--output FILE]
-    park demo [--again] [--keep] [--workers N] [--plain]
+    park ui [--listen 127.0.0.1:PORT] [--no-browser]
+    park demo [--again] [--keep] [--workers N] [--plain] [--ui] [--no-browser]
 
 JOB is a job id or a reference `park://SITE/jobs/ID`; the service that holds
 it is found among the configured ones (`--service NAME` says which).
@@ -24,7 +25,7 @@ when interrupted.
 This module owns the command line: parsing, output and exit statuses. It holds
 no broker logic; everything it does goes through `park.Service` and `park.Job`.
 Formatting lives in park.cli.output, finding jobs in park.cli.targets, `park graph`
-in park.cli.graph and `park demo` in park.cli.demo.
+in park.cli.graph, `park ui` in park.cli.ui and `park demo` in park.cli.demo.
 """
 from __future__ import annotations
 
@@ -264,12 +265,36 @@ def cmd_renew(args: argparse.Namespace) -> int:
     return FAILURE if failed else 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """`park ui`: serve the dashboard over every configured service until interrupted."""
+    import webbrowser
+
+    from park.cli.ui.server import Dashboard, parse_listen   # the web framework only when asked for
+
+    try:
+        parse_listen(args.listen)
+    except ValueError as exc:
+        die(str(exc), USAGE)
+    dashboard = Dashboard.open(configured_services(), args.listen)
+    print(f"park ui: the dashboard is at {dashboard.url}", flush=True)
+    print("park ui: that URL holds this run's secret; do not share it. Ctrl-C stops the dashboard.", flush=True)
+    if not args.no_browser:
+        webbrowser.open(dashboard.url)
+    try:
+        dashboard.serve()
+    except KeyboardInterrupt:   # Ctrl-C is how a dashboard is meant to end
+        pass
+    print("park ui: stopped", flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from park.cli.demo.run import run_demo   # rich's live view and subprocess handling only when asked for
 
     if args.workers < 1:
         die("--workers must be at least 1", USAGE)
-    return run_demo(keep=args.keep, workers=args.workers, plain=args.plain, again=args.again, console=new_console())
+    return run_demo(keep=args.keep, workers=args.workers, plain=args.plain, again=args.again, console=new_console(),
+                    ui=args.ui, browser=not args.no_browser)
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -333,11 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_graph_command(sub)      # park.cli.graph
 
+    ui = sub.add_parser("ui", help="a live web dashboard of your jobs at every configured service")
+    ui.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                    help="a loopback address to serve on (default 127.0.0.1:0, any free port)")
+    ui.add_argument("--no-browser", action="store_true", help="print the URL only; do not open a browser")
+    ui.set_defaults(run=cmd_ui)
+
     demo = sub.add_parser("demo", help="run the seed workflow on two temporary brokers and an agent")
     demo.add_argument("--again", action="store_true", help="run the workflow a second time: memo hits")
     demo.add_argument("--keep", action="store_true", help="keep the temporary directory (state and logs)")
     demo.add_argument("--workers", type=int, default=4, help="worker processes of each demo broker (default 4)")
     demo.add_argument("--plain", action="store_true", help="plain lines instead of a live table (default off a tty)")
+    demo.add_argument("--ui", action="store_true", help="also serve the web dashboard (`park ui`) over the demo's sites")
+    demo.add_argument("--no-browser", action="store_true", help="with --ui: print its URL, do not open a browser")
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from rich.text import Text
 from park._proto import jobs_pb2 as jpb
 from park.cli.output import STATE_STYLES, clock, describe
 from park.job import JobEvent
+from park.wire import JOB_ID_LENGTH
 from park.service import Service
 
 __all__ = ["Board", "Row", "Transfer", "View", "compact", "watch_all"]
@@ -54,6 +56,9 @@ class Row:
     work: str = ""          # call, command, fetch, install or race
     state: str = "waiting"
     progress: str = ""
+    values: dict[str, float] = field(default_factory=dict)   # the latest progress report
+    attempt: int = 0
+    submitted: float = 0.0
     detail: str = ""
     owner: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
@@ -84,20 +89,25 @@ class Board:
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], Row] = {}
+        self._by_id: dict[str, list[Row]] = {}     # the same rows by job id (at any site)
         self.run = 1
 
     def apply(self, site: str, event: JobEvent) -> Row:
-        row = self.rows.setdefault((site, event.job_id), Row(site, event.job_id, self.run))
+        row = self._row(site, event.job_id, self.run)
         d = event.detail
         if event.kind == "submitted":
             row.spec, row.owner = d.get("spec", {}), d.get("owner", "")
             row.work = next((w for w in ("call", "command", "fetch", "install", "race") if w in row.spec), "")
             row.label = row.spec.get("label") or event.job_id
             row.detail = self._submitted(row)
+            row.submitted = event.time
         elif event.kind == "improved":
-            row.progress = _values(d.get("values", {}))
+            row.values = d.get("values", {})
+            row.progress = _values(row.values)
         else:
             row.detail = self._finished(row, event) if event.terminal else describe(event)
+        if event.kind == "started":
+            row.attempt = int(d.get("attempt", 1))
         if event.kind == "completed":
             row.output_size = max((int(o.get("size", 0)) for o in d.get("outputs", [])), default=-1)
         row.state = _STATE_OF.get(event.kind, row.state)
@@ -129,18 +139,28 @@ class Board:
                                  for o in event.detail.get("outputs", []))
             return f"result {compact(result)}"
         text = describe(event)
-        for (site, job_id), other in self.rows.items():     # "sns/<id>.completed" reads better as a label
-            text = text.replace(f"race {job_id}", "the race").replace(f"{site}/{job_id}", other.label)
-            text = text.replace(job_id, other.label)
+        # "sns/<id>.completed" reads better as a label. Only the ids the text names are looked up: with
+        # 10,000 rows (park ui), trying every row for every event made a cascade quadratic.
+        for job_id in set(re.findall(r"\b[a-z2-7]{%d}\b" % JOB_ID_LENGTH, text)):
+            for other in self._by_id.get(job_id, ()):
+                text = text.replace(f"race {job_id}", "the race").replace(f"{other.site}/{job_id}", other.label)
+                text = text.replace(job_id, other.label)
         return text
 
     def name(self, site: str, job_id: str) -> str:
         row = self.rows.get((site, job_id))
         return row.label if row is not None and row.label else job_id
 
+    def _row(self, site: str, job_id: str, run: int) -> Row:
+        row = self.rows.get((site, job_id))
+        if row is None:
+            row = self.rows[(site, job_id)] = Row(site, job_id, run)
+            self._by_id.setdefault(job_id, []).append(row)
+        return row
+
     def mark_reused(self, site: str, job_id: str, run: int) -> Row:
         """Note that `run` reused the job (a memo hit); a job not seen yet gets a row of its own."""
-        row = self.rows.setdefault((site, job_id), Row(site, job_id, run))
+        row = self._row(site, job_id, run)
         row.reused_in.add(run)
         return row
 

@@ -11,6 +11,10 @@ otherwise (or with `--plain`). It ends by printing what ran where; with
 `again` it runs the workflow a second time against the same brokers and shows
 that everything but the race (and what waits on it) is a memo hit.
 
+With `ui` it also serves the web dashboard (park.cli.ui) over both sites, prints
+its URL beside the board (and in the board's title) and opens a browser unless
+`browser` is false; without, it says how to get one.
+
 The demo process and the workflow use the agent (PARK_AUTH_SOCK), never a key
 file: PARK_KEY_FILE is unset for both.
 
@@ -54,6 +58,7 @@ import park
 from park.cli.output import STATE_STYLES, CliError
 from park.cli.demo.board import Board, Transfer, View, compact, watch_all
 from park.cli.demo.sites import Sites, demo_sites, interruptible, stop_process
+from park.config import ServiceEntry
 from park.job import JobEvent
 from park.service import Service
 
@@ -253,6 +258,7 @@ class _Demo:
     runs: int
     board: Board
     out: queue.Queue[tuple[str, Any]]
+    dashboard: str = ""      # the web dashboard's URL, with --ui
 
     def run_once(self, run: int) -> list[str]:
         """Run the workflow once with the live view; what went wrong (nothing: all as expected)."""
@@ -260,6 +266,8 @@ class _Demo:
         summary = self.root / f"run-{run}.json"
         self.board.run = run
         title = f"park demo · run {run} of {self.runs}"   # the sites' addresses were printed above it
+        if self.dashboard:
+            title += f" · dashboard {self.dashboard}"
         console.print(Text(f"park demo: run {run} of {self.runs}: examples/{EXAMPLE}", style="bold"))
         workflow: subprocess.Popen[str] | None = None
         started = time.monotonic()
@@ -283,7 +291,31 @@ class _Demo:
         return _check(run, status, document, self.board, self.expect)
 
 
-def run_demo(*, keep: bool, workers: int, plain: bool, again: bool, console: Console) -> int:
+@contextlib.contextmanager
+def _dashboard(sites: Sites, console: Console, ui: bool, browser: bool) -> Iterator[str]:
+    """With `ui`, the web dashboard over the demo's sites while inside (its URL); else a hint and ""."""
+    if not ui:
+        console.print(Text("park demo: to watch it in a browser as well, run `park demo --ui`"))
+        yield ""
+        return
+    import webbrowser
+
+    from park.cli.ui.server import Dashboard   # the web framework only when asked for
+
+    dashboard = Dashboard.open([ServiceEntry(b.site, b.address, b.cert) for b in sites.brokers])
+    thread = dashboard.start()
+    console.print(Text(f"park demo: the dashboard is at {dashboard.url}", style="bold"))
+    if browser:
+        webbrowser.open(dashboard.url)
+    try:
+        yield dashboard.url
+    finally:
+        dashboard.stop()
+        thread.join(10)
+
+
+def run_demo(*, keep: bool, workers: int, plain: bool, again: bool, console: Console, ui: bool = False,
+             browser: bool = True) -> int:
     """Run the demo; 0 when every job ended as expected, 1 otherwise (see the module docstring)."""
     examples = find_examples()
     expect = expectations(examples / EXAMPLE)
@@ -301,6 +333,7 @@ def run_demo(*, keep: bool, workers: int, plain: bool, again: bool, console: Con
             demo = _Demo(root, examples, sites, expect, console, plain or not console.is_terminal, runs, Board(),
                          queue.Queue())
             with _agent_environment(sites.agent.socket), contextlib.ExitStack() as streams:
+                demo.dashboard = streams.enter_context(_dashboard(sites, console, ui, browser))
                 for broker in sites.brokers:
                     service = streams.enter_context(contextlib.closing(Service(broker.address, broker.cert)))
                     stream: grpc.Call = watch_all(service, broker.site, demo.out)
