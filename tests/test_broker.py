@@ -16,14 +16,15 @@ from park._proto import jobs_pb2_grpc as jpb_grpc
 pytestmark = pytest.mark.timeout(90)
 
 
-def test_names_are_known_at_submission_and_output_lands_there(service: park.Service) -> None:
+def test_names_are_known_at_submission_and_output_lands_there(service: park.Service, tmp_path: Path) -> None:
     with service:
-        gate = park.submit("park_test_tasks:sleep", 0.5)
+        gate = park.submit("park_test_tasks:wait_with_marker", str(tmp_path / "started"), str(tmp_path / "gate"))
         job = park.submit("park_test_tasks:write_output", "hello", when=gate.iscompleted, output="data.txt")
         # Known before the broker has answered, and before the job can run.
         assert job.filename.endswith(f"/{job.id}/data.txt")
         assert job.url == f"park://sns/files/{service.info.caller}/{job.id}/data.txt"
         assert job.state == "waiting"
+    (tmp_path / "gate").touch()
     assert job.result(timeout=30) == job.id
     assert Path(job.filename).read_text() == "hello"
     record = job.record()
