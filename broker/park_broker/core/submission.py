@@ -132,6 +132,7 @@ class Submissions:
         links: list[tuple[Path, str]] = []
         batch = Batch()
         now = time.time()
+        joined: dict[str, tuple[jpb.Job, str]] = {}   # group -> (its record, the last member to join it)
         quota = self.limits(owner).max_waiting
         waiting = sum(1 for j in self.ledger.active() if j.owner == owner and j.state in _NOT_STARTED
                       and not j.spec.HasField("group")) if quota else 0
@@ -163,6 +164,7 @@ class Submissions:
                 links.append((self.site.files_root / owner / spec.id, twin.id))
                 stored[twin.id] = stored[spec.id] = twin   # later jobs of the batch may name either
                 if group is not None:
+                    joined[group.id] = (group, twin.id)
                     for decision in self.transitions.join(twin, group, batch):
                         self.transitions.apply(decision, batch, stored)
                 results.append(Submission(job=twin, memo_hit=True))
@@ -189,6 +191,7 @@ class Submissions:
             batch.changes.append(self.ledger.change(
                 job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
             if group is not None:   # before its condition is judged: a job cancelled at once still counts
+                joined[group.id] = (group, job.id)
                 for decision in self.transitions.join(job, group, batch):
                     self.transitions.apply(decision, batch, stored)
             decision = self.scheduler.add(job.id, cond, states)
@@ -197,6 +200,8 @@ class Submissions:
             else:
                 self.remote.watch(job.spec, cond)
             results.append(Submission(job=job))
+        for group, last in joined.values():   # one change of each group for the batch's joins
+            self.transitions.announce(group, last, batch)
         if not links:
             await self.ledger.commit(batch)
             return results

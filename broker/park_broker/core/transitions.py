@@ -133,13 +133,20 @@ class Transitions:
         return decisions
 
     def join(self, member: jpb.Job, group: jpb.Job, batch: Batch) -> list[Decision]:
-        """`member` (a new job, or the job a memo hit names) joins active `group`; returns the verdicts."""
+        """`member` (a new job, or the job a memo hit names) joins active `group`; returns the verdicts.
+        The group's change is left to the caller (`announce`), once for a whole batch of joins."""
         note_joined(group, member)
         if member.state in TERMINAL_STATES:
             count_member(group, member)
         else:
             self.groups.join(member.id, group.id)
-        return self.scheduler.resolve_all(self._group_moved(group, member.id, batch))
+        return self.scheduler.resolve_all(self._group_moved(group, member.id, batch, announce=False))
+
+    def announce(self, group: jpb.Job, member_id: str, batch: Batch) -> None:
+        """Record the group's counts as a batch of joins left them (unless the last one ended it)."""
+        if group.state not in TERMINAL_STATES:
+            batch.changes.append(self.ledger.change(group, jpb.Event(group_progress=jpb.GroupProgress(
+                counts=group.group, member=member_id))))
 
     def _finish(self, job: jpb.Job, state: int, event: jpb.Event, batch: Batch) -> list[Decision]:
         """Make a job terminal; returns the verdicts its resolved atoms imply."""
@@ -168,9 +175,10 @@ class Transitions:
                 updates.update(self._group_moved(group, job.id, batch))
         return updates
 
-    def _group_moved(self, group: jpb.Job, member_id: str, batch: Batch) -> dict[AtomKey, State]:
-        """A member joined or ended: the group's change, and the counting atoms it resolves (all of them,
-        and the group's own, once its last member has ended)."""
+    def _group_moved(self, group: jpb.Job, member_id: str, batch: Batch, announce: bool = True
+                     ) -> dict[AtomKey, State]:
+        """A member joined or ended: the group's change (unless not to `announce` it yet), and the counting
+        atoms it resolves (all of them, and the group's own, once its last member has ended)."""
         counts = group.group
         ended = counts.completed + counts.failed + counts.cancelled
         if counts.joined == counts.size == ended:
@@ -183,8 +191,8 @@ class Transitions:
                            f"({counts.failed} failed, {counts.cancelled} cancelled); the first was "
                            f"{counts.first_unfinished}")
             return self._end(group, jpb.JOB_STATE_FAILED, jpb.Event(failed=jpb.Failed(error=group.error)), batch)
-        batch.changes.append(self.ledger.change(group, jpb.Event(group_progress=jpb.GroupProgress(
-            counts=counts, member=member_id))))
+        if announce:
+            self.announce(group, member_id, batch)
         moved = {}
         for key in self.scheduler.expr_atoms(group.id):
             if key.kind == "count" and (state := count_state(key.expr, counts)) is not State.PENDING:

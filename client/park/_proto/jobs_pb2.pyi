@@ -783,7 +783,9 @@ Global___Renewed: _TypeAlias = Renewed  # noqa: Y015
 
 @_typing.final
 class GroupProgress(_message.Message):
-    """A member of a group joined it or ended (`member`); `counts` are the group's after it."""
+    """Members of a group joined it (once for a batch of submissions; `member` is the last) or one ended
+    (`member`); `counts` are the group's after it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
