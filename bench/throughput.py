@@ -92,7 +92,7 @@ def dag_edges(jobs: int, width: int) -> list[tuple[int, int] | None]:
 class Broker:
     """A `park-broker serve` subprocess in a new site directory under `root`."""
 
-    def __init__(self, workers: int, root: Path, executor: str = "local"):
+    def __init__(self, workers: int, root: Path, executor: str = "local", extra: tuple[str, ...] = ()):
         self.directory = Path(tempfile.mkdtemp(dir=root)) / "bench"
         subprocess.run([sys.executable, "-m", "park_broker.cli", "init", str(self.directory), "--site", "bench"],
                        check=True, capture_output=True)
@@ -100,7 +100,7 @@ class Broker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "park_broker.cli", "--log-level", "WARNING", "serve", str(self.directory),
              "--listen", "127.0.0.1:0", "--local-only", "--workers", str(workers),
-             "--python-path", str(BENCH_DIR), "--executor", executor],
+             "--python-path", str(BENCH_DIR), "--executor", executor, *extra],
             stdout=self._log, stderr=subprocess.STDOUT)
         serve_file = self.directory / "serve.json"
         deadline = time.monotonic() + 60
