@@ -9,6 +9,16 @@ its very end, when the worker (or the interpreter's exit, for a command-line
 job) flushes what is left so that every report is recorded before the job's
 outcome.
 
+Inside a local worker process (the broker's local executor runs the call in
+it), reports take a shorter way: the worker names its socket to the broker in
+`PARK_REPORT_FD` ("PID:FD", so that a child process, which has no such fd,
+never takes it for its own), and `report` writes each report to it from the
+calling thread, without waiting for a background thread to win the GIL from a
+busy job (bench/progress.py: that wait was most of a race's decision time).
+The broker reads them between the worker's messages and credits them to the
+attempt the worker runs; no token is needed on a socket only it and the worker
+hold.
+
 Every report is kept and evaluated on the broker, so an `improved(...)`
 condition that holds for one report is seen even if the next report undoes
 it. Only if a job outpaces the network by `MAX_QUEUED` reports are the oldest
@@ -21,9 +31,12 @@ once.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import os
+import socket
+import struct
 import threading
 import warnings
 from collections import deque
@@ -92,7 +105,41 @@ class _Reporter:
         self._channel.close()
 
 
-_reporter: _Reporter | None = None
+class _LocalReporter:
+    """Reports written straight to the local worker's socket (see the module docstring)."""
+
+    _HEADER = struct.Struct(">I")   # the worker protocol's framing (park_broker.execution.worker)
+
+    def __init__(self, fd: int, token: str):
+        self.token = token
+        self._sock = socket.socket(fileno=os.dup(fd))
+        self._lock = threading.Lock()   # one message at a time, and none after close
+
+    def put(self, values: dict[str, float]) -> None:
+        body = json.dumps({"report": values}).encode()
+        message = self._HEADER.pack(len(body)) + body
+        with self._lock:
+            if self._sock.fileno() < 0:
+                return   # closed: the job's outcome is on its way
+            try:
+                sent = self._sock.send(message, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(message):   # the broker is behind: wait for it rather than drop a report
+                self._sock.sendall(message[sent:])
+
+    def close(self, timeout: float) -> None:
+        with self._lock:
+            self._sock.close()
+
+
+def _local_fd() -> int | None:
+    """The worker's socket, if this process is the local worker that runs the job."""
+    pid, _, fd = os.environ.get("PARK_REPORT_FD", "").partition(":")
+    return int(fd) if pid.isdigit() and fd.isdigit() and int(pid) == os.getpid() else None
+
+
+_reporter: _Reporter | _LocalReporter | None = None
 _warned_outside = False
 
 
@@ -113,7 +160,9 @@ def report(**values: float) -> None:
         clean[name] = number
     if _reporter is None or _reporter.token != token:
         flush()
-        _reporter = _Reporter(os.environ["PARK_BROKER_ADDRESS"], os.environ["PARK_BROKER_CERT"], token)
+        fd = _local_fd()
+        _reporter = (_LocalReporter(fd, token) if fd is not None else
+                     _Reporter(os.environ["PARK_BROKER_ADDRESS"], os.environ["PARK_BROKER_CERT"], token))
         atexit.unregister(flush)
         atexit.register(flush)
     _reporter.put(clean)

@@ -48,6 +48,9 @@ class Outcome:
 
 StartedCallback = Callable[[str, int], None]             # (job_id, attempt)
 FinishedCallback = Callable[[str, int, Outcome], None]   # (job_id, attempt, outcome)
+# (job_id, attempt, reports): progress an executor received from the attempt itself (the local one does);
+# raises BrokerError for reports it cannot take, which the executor logs and drops.
+ReportsCallback = Callable[[str, int, list[dict[str, float]]], None]
 
 
 class Executor(Protocol):
