@@ -11,7 +11,8 @@ each ordered pair of brokers carries about atoms / (brokers * (brokers - 1)) ato
 
 Checked: every dependent is queued exactly once and completes, every source completes once (each
 broker's own event log, read with one Watch from the start); and each broker's peer port has at
-most one TCP connection from each other broker (/proc/net/tcp: one stream per peer pair).
+most one TCP connection from each other broker while the atoms are waited for (/proc/net/tcp:
+one stream per peer pair).
 Printed: propagation per atom, from the source's Completed event at its broker to the dependent's
 Queued event at its broker (both stamped by the brokers when they decide, one clock), p50/p99/max;
 the same from the source job's last statement to the dependent job's first (worker queueing
@@ -84,14 +85,15 @@ class Log:
 
 
 def peer_connections(ports: dict[str, int]) -> dict[str, int]:
-    """Established TCP connections into each broker's peer port (IPv4 loopback)."""
+    """Established TCP connections into each broker's peer port (loopback, IPv4 or IPv6)."""
     by_port = {port: name for name, port in ports.items()}
     out = dict.fromkeys(ports, 0)
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        port = int(local.split(":")[1], 16)
-        if state == "01" and port in by_port:
-            out[by_port[port]] += 1
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            port = int(local.rsplit(":", 1)[1], 16)
+            if state == "01" and port in by_port:
+                out[by_port[port]] += 1
     return out
 
 
@@ -110,6 +112,7 @@ def main() -> int:
     print(facts(args.site_root), flush=True)
     with tempfile.TemporaryDirectory(prefix="park-bench-width-", dir=args.site_root) as tmp:
         root = Path(tmp)
+        root.chmod(0o755)   # the jobs, as whichever account they run as, look for the flag file here
         write_private_key(root / "user.key", Ed25519PrivateKey.generate(), None)
         os.environ["PARK_KEY_FILE"] = str(root / "user.key")
         os.environ.pop("PARK_AUTH_SOCK", None), os.environ.pop("PARK_KEY_PASSPHRASE", None)
@@ -144,6 +147,7 @@ def main() -> int:
             for src, dep in pairs:
                 expected[src.site].add(src.id)
                 expected[dep.site].add(dep.id)
+            conns = peer_connections({s.name: s.port for s in sites})   # while every atom is waited for
             cpu0 = {s.name: cpu_seconds(s.proc.pid) for s in sites}
             t1 = time.monotonic()
             flag.touch()
@@ -153,7 +157,6 @@ def main() -> int:
             seconds = time.monotonic() - t1
             cpu = {s.name: cpu_seconds(s.proc.pid) - cpu0[s.name] for s in sites}
             total = {s.name: cpu_seconds(s.proc.pid) for s in sites}
-            conns = peer_connections({s.name: s.port for s in sites})
             queued_counts, broker_lat, job_lat = Counter[int](), [], []
             for src, dep in pairs:
                 a, b = logs[src.site], logs[dep.site]
