@@ -145,6 +145,12 @@ def spin(park, args: argparse.Namespace, every: int, inner: int, run: int) -> di
     out = job.result(timeout=600)   # the job is over, but Job.wait() replays its whole event stream
     out.update(broker_cpu=broker_cpu, replay=time.perf_counter() - start)
     history = job.history()
+    deadline = time.monotonic() + 30
+    while not any(e.kind == "completed" for e in history):   # the record is ahead of the committed log
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job.id} is {job.state} but its log has no Completed event after 30 s")
+        time.sleep(0.05)
+        history = job.history()
     completed = next(e for e in history if e.kind == "completed")
     out["received"] = sum(1 for e in history if e.kind == "improved")
     out["flush_tail"] = completed.time - out["loop_end"]

@@ -38,6 +38,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -106,31 +107,71 @@ class _Reporter:
 
 
 class _LocalReporter:
-    """Reports written straight to the local worker's socket (see the module docstring)."""
+    """Reports written straight to the local worker's socket (see the module docstring).
+
+    A report goes out at once from the calling thread unless one went out less than GAP seconds ago;
+    then it waits for the next report after the gap, or for a helper thread at the gap's end (only
+    the last report of a burst ever waits on that thread and its GIL). A job reporting every few
+    microseconds so costs the broker one message per GAP, not one per report."""
 
     _HEADER = struct.Struct(">I")   # the worker protocol's framing (park_broker.execution.worker)
+    GAP = 0.001
 
     def __init__(self, fd: int, token: str):
         self.token = token
         self._sock = socket.socket(fileno=os.dup(fd))
-        self._lock = threading.Lock()   # one message at a time, and none after close
+        self._cond = threading.Condition()   # one send at a time, and none after close
+        self._pending = bytearray()
+        self._last = float("-inf")
+        self._helper: threading.Thread | None = None
 
     def put(self, values: dict[str, float]) -> None:
         body = json.dumps({"report": values}).encode()
-        message = self._HEADER.pack(len(body)) + body
-        with self._lock:
+        with self._cond:
             if self._sock.fileno() < 0:
                 return   # closed: the job's outcome is on its way
-            try:
-                sent = self._sock.send(message, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            if sent < len(message):   # the broker is behind: wait for it rather than drop a report
-                self._sock.sendall(message[sent:])
+            first = not self._pending
+            self._pending += self._HEADER.pack(len(body)) + body
+            if time.monotonic() - self._last >= self.GAP:
+                self._send()
+                return
+            if self._helper is None:
+                self._helper = threading.Thread(target=self._send_late, name="park-report-local", daemon=True)
+                self._helper.start()
+            if first:   # only then: waking the helper for every report would take the GIL from the job each time
+                self._cond.notify()
+
+    def _send(self) -> None:
+        """Send what is pending (the condition held)."""
+        data, self._last = bytes(self._pending), time.monotonic()
+        self._pending.clear()
+        try:
+            sent = self._sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):   # the broker is behind: wait for it rather than drop a report
+            self._sock.sendall(data[sent:])
+
+    def _send_late(self) -> None:
+        with self._cond:
+            while self._sock.fileno() >= 0:
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                left = self._last + self.GAP - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._send()
 
     def close(self, timeout: float) -> None:
-        with self._lock:
+        with self._cond:
+            if self._pending and self._sock.fileno() >= 0:
+                self._send()
             self._sock.close()
+            self._cond.notify()
+        if self._helper is not None:
+            self._helper.join(timeout)
 
 
 def _local_fd() -> int | None:

@@ -35,6 +35,7 @@ from park_broker.execution.groups import ProcessGroups
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
 REPORT_WINDOW = 0.005   # seconds: progress reports of one worker reach the broker at most this often, together
+MAX_REPORTS = 1000      # reports per delivery, as park.progress batches them over gRPC
 
 
 class _Worker:
@@ -149,7 +150,8 @@ class _Worker:
         reports, self._reports = self._reports, []
         if reports and self._reporting is not None:
             self._delivered_at = asyncio.get_running_loop().time()
-            self.executor.take_reports(self._reporting, reports)
+            for start in range(0, len(reports), MAX_REPORTS):   # one broker batch (and commit) each
+                self.executor.take_reports(self._reporting, reports[start:start + MAX_REPORTS])
 
     async def _receive(self) -> dict[str, object]:
         assert self.reader is not None
