@@ -12,9 +12,10 @@ outcome.
 Inside a local worker process (the broker's local executor runs the call in
 it), reports take a shorter way: the worker names its socket to the broker in
 `PARK_REPORT_FD` ("PID:FD", so that a child process, which has no such fd,
-never takes it for its own), and `report` writes each report to it from the
-calling thread, without waiting for a background thread to win the GIL from a
-busy job (bench/progress.py: that wait was most of a race's decision time).
+never takes it for its own), and `report` writes to it from the calling
+thread, without waiting for a background thread to win the GIL from a busy job
+(bench/progress.py: that wait was most of a race's decision time); reports
+less than a millisecond apart go together.
 The broker reads them between the worker's messages and credits them to the
 attempt the worker runs; no token is needed on a socket only it and the worker
 hold.
