@@ -78,9 +78,7 @@ def main() -> int:
     for key, value in machine_facts(args.site_root):
         print(f"{key}: {value}")
     print(f"load average at the start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    # Root never runs jobs as itself: the jobs run as nobody then.
-    broker = Broker(2, args.site_root, extra=("--default-unix-user", "nobody") if os.geteuid() == 0 else ())
-    broker.directory.parent.chmod(0o755)   # mkdtemp's 0700 would keep the jobs' account out
+    broker = Broker(2, args.site_root)   # as root, its jobs run as nobody
     gate_file = Path(tempfile.mkdtemp(prefix="park-scale-gate-")) / "open"
     gate_file.parent.chmod(0o755)
     spy = None

@@ -92,15 +92,18 @@ def dag_edges(jobs: int, width: int) -> list[tuple[int, int] | None]:
 class Broker:
     """A `park-broker serve` subprocess in a new site directory under `root`."""
 
-    def __init__(self, workers: int, root: Path, executor: str = "local", extra: tuple[str, ...] = ()):
+    def __init__(self, workers: int, root: Path, executor: str = "local"):
         self.directory = Path(tempfile.mkdtemp(dir=root)) / "bench"
+        self.directory.parent.chmod(0o711)   # the jobs' account reaches its job directories through it
         subprocess.run([sys.executable, "-m", "park_broker.cli", "init", str(self.directory), "--site", "bench"],
                        check=True, capture_output=True)
         self._log = open(self.directory / "broker.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "park_broker.cli", "--log-level", "WARNING", "serve", str(self.directory),
              "--listen", "127.0.0.1:0", "--local-only", "--workers", str(workers),
-             "--python-path", str(BENCH_DIR), "--executor", executor, *extra],
+             "--python-path", str(BENCH_DIR), "--executor", executor,
+             # A broker run as root never runs jobs as root.
+             *(["--default-unix-user", "nobody"] if os.geteuid() == 0 else [])],
             stdout=self._log, stderr=subprocess.STDOUT)
         serve_file = self.directory / "serve.json"
         deadline = time.monotonic() + 60
@@ -123,7 +126,7 @@ class Broker:
         self._log.close()
 
 
-def _watch_until_done(service: park.Service, expected: int, done: threading.Event,
+def watch_until_done(service: park.Service, expected: int, done: threading.Event,
                       outcome: dict[str, int]) -> None:
     """Count terminal events on one Watch stream over all the caller's jobs; set `done` at `expected`."""
     stream = service.jobs_stub.Watch(jobs_pb2.WatchRequest(from_seq=0))
@@ -158,7 +161,7 @@ def _run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, b
         try:
             service.info  # connect and fetch the site's identity before the clock starts
             done, outcome = threading.Event(), dict[str, int]()
-            watcher = threading.Thread(target=_watch_until_done, args=(service, jobs, done, outcome), daemon=True)
+            watcher = threading.Thread(target=watch_until_done, args=(service, jobs, done, outcome), daemon=True)
             watcher.start()
             edges = dag_edges(jobs, width) if shape == "dag" else [None] * jobs
             start = time.perf_counter()
@@ -286,6 +289,7 @@ def main() -> int:
     # creating files slow for a minute afterwards on some file systems (ext4 skips recently
     # deleted inodes), which would slow the next run's workers.
     with tempfile.TemporaryDirectory(prefix="park-bench-", dir=args.site_root) as root:
+        os.chmod(root, 0o711)   # the jobs' account (when run as root) reaches its job directories through it
         return _measure(args, Path(root))
 
 
