@@ -54,13 +54,6 @@ class ProgressReports:
 
     async def report(self, job_id: str, attempt: int, reports: list[dict[str, float]]) -> None:
         """Record progress reports of a running attempt and resolve the improved(...) atoms they satisfy."""
-        await self.ledger.commit(self._batch(job_id, attempt, reports))
-
-    def report_soon(self, job_id: str, attempt: int, reports: list[dict[str, float]]) -> None:
-        """`report` from a synchronous callback (the local executor's): decided now, committed in line."""
-        self.ledger.commit_soon(self._batch(job_id, attempt, reports))
-
-    def _batch(self, job_id: str, attempt: int, reports: list[dict[str, float]]) -> Batch:
         job = self.ledger.record(job_id)
         if job is None or job.state != jpb.JOB_STATE_RUNNING or job.attempts != attempt:
             fail(Code.FAILED_PRECONDITION, f"job {job_id} attempt {attempt} is not running; its reports are ignored")
@@ -81,4 +74,4 @@ class ProgressReports:
                                                     record=i == len(reports) - 1))
             self.transitions.resolve_all({key: State.READY for key in self.scheduler.improved_atoms(job_id)
                                           if self.admission.expression(key.expr).evaluate(values)}, batch)
-        return batch
+        await self.ledger.commit(batch)

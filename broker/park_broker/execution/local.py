@@ -57,6 +57,7 @@ class _Worker:
         self._reporting: Task | None = None
         self._delivery: asyncio.Handle | None = None   # the next delivery of `_reports`, when one is due
         self._delivered_at = float("-inf")               # loop time of the last delivery
+        self._committing: list[asyncio.Task[None]] = []  # deliveries not yet recorded, in order
 
     async def spawn(self, packages: tuple[str, ...] = (), account: Account | None = None) -> None:
         parent, child = socket.socketpair()
@@ -117,7 +118,10 @@ class _Worker:
             how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
             return Outcome(ok=False, error=f"the worker process running the job {how}")
         finally:
-            self._deliver_reports()   # before the outcome: no report may follow it
+            self._deliver_reports()
+            if self._committing:   # every report recorded before the outcome: none may follow it
+                await asyncio.gather(*self._committing)
+                self._committing.clear()
             self.task = None
             if limit is not None:
                 limit.cancel()
@@ -151,7 +155,8 @@ class _Worker:
         if reports and self._reporting is not None:
             self._delivered_at = asyncio.get_running_loop().time()
             for start in range(0, len(reports), MAX_REPORTS):   # one broker batch (and commit) each
-                self.executor.take_reports(self._reporting, reports[start:start + MAX_REPORTS])
+                self._committing.append(self.executor.take_reports(self._reporting,
+                                                                   reports[start:start + MAX_REPORTS]))
 
     async def _receive(self) -> dict[str, object]:
         assert self.reader is not None
@@ -250,14 +255,20 @@ class LocalExecutor:
         """Take progress reports from the workers' Python calls (park.progress writes them to the socket)."""
         self._on_reports = on_reports
 
-    def take_reports(self, task: Task, reports: list[dict[str, float]]) -> None:
-        """Reports a worker sent while running `task`: credited to that attempt, whatever they say."""
+    def take_reports(self, task: Task, reports: list[dict[str, float]]) -> asyncio.Task[None]:
+        """Reports a worker sent while running `task`, credited to that attempt whatever they say; the task
+        records them. Tasks start in the order they are made, so reports are decided in order."""
+        return asyncio.get_running_loop().create_task(self._record_reports(task, reports))
+
+    async def _record_reports(self, task: Task, reports: list[dict[str, float]]) -> None:
         if self._on_reports is None:
             return
         try:
-            self._on_reports(task.job_id, task.attempt, reports)
+            await self._on_reports(task.job_id, task.attempt, reports)
         except BrokerError as exc:   # not running any more, or values the broker refuses: the job goes on
             log.info("dropped a progress report: %s", exc.message, extra={"job_id": task.job_id})
+        except Exception:  # noqa: BLE001 - the broker's own failure: logged, and the worker goes on serving
+            log.exception("recording progress reports failed", extra={"job_id": task.job_id})
 
     def submit(self, task: Task) -> None:
         self._queue.append(task)
