@@ -36,14 +36,18 @@ def spin(iterations: int, inner: int, every: int, run: int = 0) -> dict[str, flo
     return {"elapsed": elapsed, "cpu": time.process_time() - cpu, "reports": reports, "loop_end": time.time()}
 
 
-def contestant(role: str, directory: str, losers: int = 2, cpu: bool = True, lead: float = 0.3) -> str:
+def contestant(role: str, directory: str, losers: int = 2, cpu: bool = True, lead: float = 0.3,
+               grpc: bool = False) -> str:
     """A race contestant that reports a falling chisq about every 10 ms (`sent`: when, by its clock).
 
     role "winner": waits until `losers` pid files exist in `directory` (every loser is
     running), then `lead` seconds more, writes time.time() to `winner.time` just
     before its winning report (chisq=0.5), and finishes 0.2 s later.
     role "loser<N>": writes its pid to `<role>.pid` and never gets below chisq=2,
-    running until cancelled (at most 60 s). `cpu`: busy-loop between reports, else sleep."""
+    running until cancelled (at most 60 s). `cpu`: busy-loop between reports, else sleep.
+    `grpc`: send the reports through gRPC, as a job outside a local worker does, not the worker's socket."""
+    if grpc:
+        os.environ.pop("PARK_REPORT_FD", None)
     out = Path(directory)
     if role != "winner":
         (out / f"{role}.tmp").write_text(str(os.getpid()))

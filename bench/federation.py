@@ -91,7 +91,10 @@ class Site:
         self.log = open(self.dir / "broker.log", "ab")  # noqa: SIM115 - open for the broker's life
         self.proc = subprocess.Popen([*launcher, "--log-level", "WARNING", "serve", str(self.dir), "--listen",
                                       "127.0.0.1:0", "--peer-listen", f"127.0.0.1:{self.port}", "--workers",
-                                      str(workers), "--python-path", str(BENCH_DIR), "--grace", "1"],
+                                      str(workers), "--python-path", str(BENCH_DIR), "--grace", "1",
+                                      "--cpus", str(workers),   # as many running jobs as workers
+                                      # root never runs jobs as itself: they run as nobody then
+                                      *(["--default-unix-user", "nobody"] if os.geteuid() == 0 else [])],
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def service(self) -> park.Service:

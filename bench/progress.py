@@ -1,7 +1,7 @@
 """Progress reports and races (issue 5): what park.report costs a job, and how fast a race kills its losers.
 
     python bench/progress.py [--workers 3] [--iterations 20000] [--inner 2500] [--every 1 10 100]
-                             [--repeat 3] [--races 20] [--losers cpu|sleep] [--watch]
+                             [--repeat 3] [--races 20] [--losers cpu|sleep] [--via local|grpc|both] [--watch]
 
 Starts one real broker (`park-broker serve` in a temporary site directory, with a
 fresh ed25519 user key in a key file and `users add`, workers importing
@@ -30,7 +30,10 @@ bench/bench_progress_tasks.py), then measures:
     /proc/PID/stat every 1 ms; a loser is dead when its pid is gone or a zombie.
     Latency = last loser's death - winning report stamp. The broker's event times (the
     winner's Improved event, the losers' Cancelled events, stamped when the broker makes
-    the change, before its commit) split it into transit, decision and kill.
+    the change, before its commit) split it into transit, decision and kill. `--via`: the
+    contestants' reports go over the local worker's socket (the default path for a Python
+    call), or through the gRPC sender thread (what a command-line job uses); `both`
+    alternates the two, race by race, and prints a table for each.
 
 Goals (issue 5): a reporting job slows itself by no more than 5 %; < 100 ms from a
 winning report to the losers' termination. Every process started is killed by pid at exit.
@@ -51,6 +54,8 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+VIA = {"local": "written to the local worker's socket by the reporting thread (the default path)",
+       "grpc": "sent by park.progress's gRPC sender thread (as from a command-line job)"}
 
 
 class Broker:
@@ -64,6 +69,7 @@ class Broker:
 
         self._tmp = tempfile.TemporaryDirectory(prefix="park-bench-progress-")
         root = Path(self._tmp.name)
+        root.chmod(0o777)   # the jobs write their pids here, as whichever account they run as
         self.directory = root / "site"
         key = Ed25519PrivateKey.generate()
         write_private_key(root / "user.key", key, None)
@@ -78,7 +84,10 @@ class Broker:
         self._log = open(root / "broker.log", "wb")  # noqa: SIM115 - open for the broker's life
         self.proc = subprocess.Popen([*cli, "--log-level", "WARNING", "serve", str(self.directory), "--listen",
                                       "127.0.0.1:0", "--workers", str(workers), "--python-path", str(BENCH_DIR),
-                                      "--grace", "1"], stdout=self._log, stderr=subprocess.STDOUT)
+                                      "--grace", "1", "--cpus", str(workers),   # as many running jobs as workers
+                                      # root never runs jobs as itself: they run as nobody then
+                                      *(["--default-unix-user", "nobody"] if os.geteuid() == 0 else [])],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while not (self.directory / "serve.json").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -136,6 +145,12 @@ def spin(park, args: argparse.Namespace, every: int, inner: int, run: int) -> di
     out = job.result(timeout=600)   # the job is over, but Job.wait() replays its whole event stream
     out.update(broker_cpu=broker_cpu, replay=time.perf_counter() - start)
     history = job.history()
+    deadline = time.monotonic() + 30
+    while not any(e.kind == "completed" for e in history):   # the record is ahead of the committed log
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job.id} is {job.state} but its log has no Completed event after 30 s")
+        time.sleep(0.05)
+        history = job.history()
     completed = next(e for e in history if e.kind == "completed")
     out["received"] = sum(1 for e in history if e.kind == "improved")
     out["flush_tail"] = completed.time - out["loop_end"]
@@ -199,8 +214,10 @@ def _poll_deaths(directory: Path, names: list[str], deaths: dict[str, float], pi
         time.sleep(0.001)
 
 
-def race_once(park, args: argparse.Namespace, directory: Path) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    directory.mkdir()
+def race_once(park, args: argparse.Namespace, directory: Path,  # type: ignore[no-untyped-def]
+              via: str) -> dict[str, float]:
+    directory.mkdir(mode=0o777)
+    directory.chmod(0o777)   # past the umask: the contestants write here as their own account
     names = ["loser0", "loser2"]
     deaths: dict[str, float] = {}
     pids: dict[str, int] = {}
@@ -208,7 +225,7 @@ def race_once(park, args: argparse.Namespace, directory: Path) -> dict[str, floa
     poller = threading.Thread(target=_poll_deaths, args=(directory, names, deaths, pids, stop), daemon=True)
     poller.start()
     cpu = args.losers == "cpu"
-    jobs = [park.submit("bench_progress_tasks:contestant", role, str(directory), cpu=cpu)
+    jobs = [park.submit("bench_progress_tasks:contestant", role, str(directory), cpu=cpu, grpc=via == "grpc")
             for role in ("loser0", "winner", "loser2")]
     race = park.race(jobs, until="chisq < 1")
     values = race.result(timeout=120)
@@ -220,7 +237,10 @@ def race_once(park, args: argparse.Namespace, directory: Path) -> dict[str, floa
     for job in jobs:
         job.wait(timeout=60)
     report = float((directory / "winner.time").read_text())
-    cancelled = max(next(e.time for e in j.history() if e.kind == "cancelled") for j in (jobs[0], jobs[2]))
+    ends = {j.id: [e.kind for e in j.history()][-3:] for j in (jobs[0], jobs[2])}
+    cancelled = max((e.time for j in (jobs[0], jobs[2]) for e in j.history() if e.kind == "cancelled"), default=None)
+    if cancelled is None:
+        raise RuntimeError(f"no loser was cancelled: {ends}")
     arrived = next(e.time for e in jobs[1].history() if e.kind == "improved" and e.detail["values"]["chisq"] == 0.5)
     transits = [e.time - e.detail["values"]["sent"] for j in jobs for e in j.history() if e.kind == "improved"]
     dead = max(deaths.values())
@@ -229,17 +249,25 @@ def race_once(park, args: argparse.Namespace, directory: Path) -> dict[str, floa
 
 
 def races(park, args: argparse.Namespace, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
-    results = [race_once(park, args, root / f"race{i}") for i in range(args.races)]
-    lines = [(f"{args.races} races, losers {'busy-looping' if args.losers == 'cpu' else 'sleeping'} between "
-              "reports every 10 ms; milliseconds"), "", "| | p50 | p95 | max |", "|---|---|---|---|"]
-    for key, label in (("latency", "**winning report -> last loser dead**"),
-                       ("transit", "winning report -> its Improved event on the broker"),
-                       ("decision", "Improved event -> losers' Cancelled events"),
-                       ("kill", "Cancelled events -> last loser dead"),
-                       ("every", "slowest report of the race, any contestant: park.report -> Improved event")):
-        xs = sorted(r[key] * 1000 for r in results)
-        p95 = xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
-        lines.append(f"| {label} | {statistics.median(xs):.1f} | {p95:.1f} | {xs[-1]:.1f} |")
+    ways = ["local", "grpc"] if args.via == "both" else [args.via]
+    results: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+    for i in range(args.races):   # the ways alternate, so that both see the same machine
+        for way in ways:
+            results[way].append(race_once(park, args, root / f"race{i}-{way}", way))
+    lines = []
+    for way in ways:
+        lines += [(f"{args.races} races, losers {'busy-looping' if args.losers == 'cpu' else 'sleeping'} between "
+                   f"reports every 10 ms, reports {VIA[way]}; milliseconds"), "",
+                  "| | p50 | p95 | p99 | max |", "|---|---|---|---|---|"]
+        for key, label in (("latency", "**winning report -> last loser dead**"),
+                           ("transit", "winning report -> its Improved event on the broker"),
+                           ("decision", "Improved event -> losers' Cancelled events"),
+                           ("kill", "Cancelled events -> last loser dead"),
+                           ("every", "slowest report of the race, any contestant: park.report -> Improved event")):
+            xs = sorted(r[key] * 1000 for r in results[way])
+            p95, p99 = (xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] for q in (0.95, 0.99))
+            lines.append(f"| {label} | {statistics.median(xs):.1f} | {p95:.1f} | {p99:.1f} | {xs[-1]:.1f} |")
+        lines.append("")
     return lines
 
 
@@ -252,6 +280,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--races", type=int, default=20)
     parser.add_argument("--losers", choices=("cpu", "sleep"), default="cpu")
+    parser.add_argument("--via", choices=("local", "grpc", "both"), default="both",
+                        help="races: how reports travel (see VIA); both: alternating, a table each")
     parser.add_argument("--watch", action="store_true",
                         help="wait for each throughput job with job.result() (a live Watch of its events) "
                              "instead of polling its state")

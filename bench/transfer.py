@@ -1,21 +1,25 @@
-"""Site-to-site transfer (issue 4): fetch a large file over TLS gRPC, against `cp` of the same file.
+"""Site-to-site transfer (issue 15): fetch a large file over TLS gRPC, against `scp` over a loopback sshd.
 
-    python bench/transfer.py [--size-mib 1024] [--repeat 3] [--chunk 1048576] [--dir DIR] [--hash-at-source]
-                             [--no-tune]
+    python bench/transfer.py [--size-mib 1024] [--repeat 3] [--chunk 1048576] [--streams N] [--dir DIR]
+                             [--hash-at-source] [--no-tune]
 
 Makes a temporary site (park_broker.site.init_site: P-256 TLS key and
 certificate) with one file of `--size-mib` MiB of os.urandom bytes, and serves
 it from a separate process (`--serve`, the test-only Files servicer of
-tests/transfer_harness.py, built from park_broker.transfer.download) on 127.0.0.1:0 over
+tests/transfer_harness.py, built from park_broker.transfer.source) on 127.0.0.1:0 over
 TLS, so that source and destination each have their own process and event loop,
-as two brokers would. Then, alternating, `--repeat` times:
+as two brokers would. It also starts its own `sshd` (Debian's openssh-server)
+on a free loopback port, with a throwaway host key and user key and its own
+config in the temporary directory; without /usr/sbin/sshd the scp rows are
+skipped with a message. Then, alternating, `--repeat` times:
 
 - park: `park_broker.transfer.fetch` through a TLS channel into a part file in
-  the destination directory: sha256 on both sides, fsync, rename. The source
-  knows the digest from the job's record (as a broker does), unless
+  the destination directory: sha256 verified, fsync, rename. The source knows
+  the digest from the job's record (as a broker does), unless
   `--hash-at-source`, which makes it hash the file on every read.
-- cp: `cp SRC DST` of the same file into the same directory, and the same
-  followed by an fsync of the copy (`cp+fsync`), since fetch fsyncs.
+- scp: `scp` of the same file into the same directory through the sshd (its
+  default cipher), and `scp+`: the same followed by an fsync of the copy and a
+  sha256 of it, which is what park's fetch guarantees.
 - sha256: hashing the file once in this process (hashlib), a bound for any
   transfer that checks a digest on one core.
 
@@ -23,12 +27,13 @@ Both processes call `park_broker.transfer.tune_allocator()` unless `--no-tune`.
 
 Both read the source from the page cache (it is read once beforehand; dropping
 caches needs root and is not done). Prints MB/s (10^6 bytes/s) per run, the
-medians, and park/cp.
+medians, and park/scp.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import platform
@@ -44,12 +49,15 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from park._proto import files_pb2, files_pb2_grpc
 from park_broker.site import init_site, load_site
 from park_broker.transfer.download import fetch
 from park_broker.transfer.source import CHUNK_SIZE
 from park_broker.transfer.tuning import tune_allocator
+import loopback_sshd
+from loopback_sshd import LoopbackSshd
 from transfer_harness import CLIENT_OPTIONS, SERVER_OPTIONS, FilesServicer
 
 JOB = "a" * 26
@@ -80,13 +88,14 @@ async def park_fetch(port: int, cert: bytes, part: Path, final: Path) -> tuple[f
         return time.perf_counter() - t0, size, digest
 
 
-def timed_cp(src: Path, dst: Path, sync: bool) -> float:
+def timed_scp(sshd: LoopbackSshd, src: Path, dst: Path, verify: bool) -> float:
+    """scp, and with `verify` an fsync and a sha256 of the copy: what a fetch guarantees."""
     t0 = time.perf_counter()
-    subprocess.run(["cp", str(src), str(dst)], check=True)
-    if sync:
-        fd = os.open(dst, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+    sshd.scp(src, dst)
+    if verify:
+        with open(dst, "rb") as f:
+            os.fsync(f.fileno())
+            hashlib.file_digest(f, "sha256")
     return time.perf_counter() - t0
 
 
@@ -113,7 +122,12 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"grpcio {grpc.__version__}, load average {os.getloadavg()[0]:.1f}")
+            f"grpcio {grpc.__version__}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def commit() -> str:
+    run = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return run.stdout.strip() or "not a git checkout"
 
 
 def main() -> int:
@@ -134,8 +148,13 @@ def main() -> int:
         return 0
 
     size = args.size_mib << 20
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="park-bench-transfer-") as tmp:
+    no_sshd = loopback_sshd.missing()
+    if no_sshd:
+        print(f"scp rows skipped: {no_sshd}")
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="park-bench-transfer-") as tmp, \
+            contextlib.ExitStack() as stack:
         work = Path(tmp)
+        sshd = None if no_sshd else stack.enter_context(LoopbackSshd(work / "sshd"))
         site = init_site(work / "sns", "sns")
         src = site.files_root / PATH.lstrip("/")
         src.parent.mkdir(parents=True)
@@ -144,22 +163,23 @@ def main() -> int:
         out = work / "cluster" / "files" / "alice" / ("b" * 26)
         out.mkdir(parents=True)
         fs = subprocess.run(["stat", "-f", "-c", "%T", str(out)], check=False, capture_output=True, text=True).stdout.strip()
-        print(f"machine: {machine()}\nfile: {size} bytes in {work} ({fs}), chunk {args.chunk} bytes, "
+        print(f"machine: {machine()}\ncommit: {commit()}\nfile: {size} bytes in {work} ({fs}), chunk {args.chunk} bytes, "
               f"{'hashed at the source on every read' if args.hash_at_source else 'digest known at the source'}, "
               f"allocator {'default' if args.no_tune else 'tuned'}")
         server = subprocess.Popen([sys.executable, __file__, "--serve", str(site.directory), "--chunk",
                                    str(args.chunk), "--digest", "" if args.hash_at_source else digest,
                                    *(["--no-tune"] if args.no_tune else [])],
                                   stdout=subprocess.PIPE, text=True)
-        rates: dict[str, list[float]] = {"park": [], "cp": [], "cp+fsync": [], "sha256": []}
+        rates: dict[str, list[float]] = {"park": [], "sha256": [], **({"scp": [], "scp+": []} if sshd else {})}
         try:
             assert server.stdout is not None
             port = int(server.stdout.readline())
             for i in range(args.repeat):
-                for sync in (False, True):
-                    seconds = timed_cp(src, out / "copy.bin", sync)
-                    rates["cp+fsync" if sync else "cp"].append(size / seconds / 1e6)
-                    (out / "copy.bin").unlink()
+                if sshd is not None:
+                    for verify in (False, True):
+                        seconds = timed_scp(sshd, src, out / "copy.bin", verify)
+                        rates["scp+" if verify else "scp"].append(size / seconds / 1e6)
+                        (out / "copy.bin").unlink()
                 rates["sha256"].append(size / timed_sha256(src) / 1e6)
                 seconds, got_size, got = asyncio.run(
                     park_fetch(port, site.certificate(), out / ".big.bin.part", out / "big.bin"))
@@ -167,17 +187,16 @@ def main() -> int:
                     raise SystemExit(f"run {i}: fetched {got_size} bytes with sha256 {got}, expected {digest}")
                 (out / "big.bin").unlink()
                 rates["park"].append(size / seconds / 1e6)
-                print(f"run {i + 1}: park {rates['park'][-1]:.0f} MB/s, cp {rates['cp'][-1]:.0f} MB/s, "
-                      f"cp+fsync {rates['cp+fsync'][-1]:.0f} MB/s, sha256 {rates['sha256'][-1]:.0f} MB/s", flush=True)
+                print(f"run {i + 1}: " + ", ".join(f"{k} {v[-1]:.0f} MB/s" for k, v in rates.items()), flush=True)
         finally:
             server.terminate()
             server.wait(10)
         med = {k: statistics.median(v) for k, v in rates.items()}
-        print(f"\nmedian of {args.repeat}: park {med['park']:.0f} MB/s, cp {med['cp']:.0f} MB/s, "
-              f"cp+fsync {med['cp+fsync']:.0f} MB/s, sha256 {med['sha256']:.0f} MB/s")
-        print(f"park/cp = {med['park'] / med['cp']:.2f}, park/(cp+fsync) = {med['park'] / med['cp+fsync']:.2f} "
-              f"(goal: park/cp >= 0.5)")
-        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+        print(f"\nmedian of {args.repeat}: " + ", ".join(f"{k} {v:.0f} MB/s" for k, v in med.items()))
+        if sshd is not None:
+            print(f"park/scp = {med['park'] / med['scp']:.2f} (goal >= 1, aim 1.5), "
+                  f"park/(scp+fsync+sha256) = {med['park'] / med['scp+']:.2f}")
+        print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
         shutil.rmtree(work / "cluster", ignore_errors=True)
     return 0
 

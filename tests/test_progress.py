@@ -217,6 +217,14 @@ def test_reports_of_a_job_that_is_then_cancelled(service: park.Service, tmp_path
     assert fit.history()[-1].kind == "cancelled"
 
 
+def test_a_local_python_call_reports_over_its_workers_socket(service: park.Service) -> None:
+    with service:
+        job = park.submit("park_test_tasks:report_without_network", 0.5)
+        after = park.submit("park_test_tasks:noop", when=job.improved("chisq < 1"))
+    assert after.wait(timeout=30) == "completed"
+    assert [e.detail["values"] for e in job.history() if e.kind == "improved"] == [{"chisq": 0.5}]
+
+
 def test_command_line_jobs_report_too(service: park.Service) -> None:
     with service:
         cmd = park.run([sys.executable, "-c", "import park; park.report(loss=0.25)"])

@@ -22,6 +22,7 @@ from park._proto import files_pb2
 from park_broker.errors import BrokerError, Code
 from park_broker.site import SiteConfig, init_site
 from park_broker.transfer.download import Downloader, RetryPolicy, TransferFailed, fetch
+from park_broker.transfer.part_file import STAGE, PartFile
 from park_broker.transfer.source import authorize_read, read_chunks, resolve_path
 from transfer_harness import FilesServicer, serving
 
@@ -170,6 +171,30 @@ def test_stale_part_files_are_handled(site: SiteConfig, tmp_path: Path) -> None:
             assert_nothing_left(part, final)
 
     run(body())
+
+
+def test_part_file_keeps_every_byte_whichever_way_it_is_written(tmp_path: Path) -> None:
+    """Direct (staged) writes, page-cache tails and a flush at an unaligned offset all land in order."""
+    data = os.urandom(3 * STAGE + 5000)
+    pieces = [STAGE // 2, STAGE // 2, 700, STAGE, 1, STAGE - 1]   # then the rest after a reopen
+    f = PartFile(tmp_path / ".x.part")
+    at = 0
+    for n in pieces:
+        f.append(data[at:at + n])
+        f.hash_update(data[at:at + n])
+        at += n
+        if n == 700:
+            f.flush()   # a broken stream: the stage goes through the page cache
+            assert (tmp_path / ".x.part").stat().st_size == at
+    f.flush()
+    f.close()
+    again = PartFile(tmp_path / ".x.part")   # a resumed fetch re-hashes what is there
+    assert again.length == at and again.hash.hexdigest() == hashlib.sha256(data[:at]).hexdigest()
+    again.append(data[at:])
+    again.hash_update(data[at:])
+    again.sync()
+    assert (tmp_path / ".x.part").read_bytes() == data
+    assert again.hash.hexdigest() == hashlib.sha256(data).hexdigest() and again.length == len(data)
 
 
 # --- refusals --------------------------------------------------------------------------------

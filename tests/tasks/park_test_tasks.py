@@ -98,6 +98,13 @@ def fit(chisqs: list[float], delay: float, marker: str = "", wait_for: str = "")
     return {"chisq": chisqs[-1], "steps": len(chisqs)}
 
 
+def report_without_network(chisq: float) -> int:
+    """Report with the broker's network address made useless: only the local worker's socket can carry it."""
+    os.environ["PARK_BROKER_ADDRESS"] = "127.0.0.1:9"
+    park.report(chisq=chisq)
+    return 0
+
+
 def touch(path: str) -> str:
     Path(path).write_text("started")
     return path

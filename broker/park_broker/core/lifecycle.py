@@ -90,6 +90,8 @@ class Lifecycle:
 
     async def start(self) -> None:
         """Start the executor with the state machine's callbacks, then recover from the store."""
+        if callable(accept := getattr(self.executor, "accept_reports", None)):   # the local executor
+            accept(self.progress.report)
         await self.executor.start(self.transitions.on_started, self.dispatch.finished)
         await recover(self.site.name, self.store, self.ledger, self.scheduler, self.admission, self.transitions,
                       self.remote)

@@ -6,7 +6,7 @@ the store or the network; the job manager does not know which executor runs.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -48,6 +48,9 @@ class Outcome:
 
 StartedCallback = Callable[[str, int], None]             # (job_id, attempt)
 FinishedCallback = Callable[[str, int, Outcome], None]   # (job_id, attempt, outcome)
+# (job_id, attempt, reports): progress an executor received from the attempt itself (the local one does);
+# raises BrokerError for reports it cannot take, which the executor logs and drops.
+ReportsCallback = Callable[[str, int, list[dict[str, float]]], Awaitable[None]]
 
 
 class Executor(Protocol):

@@ -28,11 +28,14 @@ import sys
 from collections import deque
 
 from park_broker.execution.accounts import Account, job_environment
-from park_broker.execution.base import FinishedCallback, Outcome, StartedCallback, Task
+from park_broker.errors import BrokerError
+from park_broker.execution.base import FinishedCallback, Outcome, ReportsCallback, StartedCallback, Task
 from park_broker.execution.groups import ProcessGroups
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
+REPORT_WINDOW = 0.005   # seconds: progress reports of one worker reach the broker at most this often, together
+MAX_REPORTS = 1000      # reports per delivery, as park.progress batches them over gRPC
 
 
 class _Worker:
@@ -50,6 +53,11 @@ class _Worker:
         self.packages: tuple[str, ...] = ()   # the package directories this process was started with
         self.owner = ""                       # the user whose jobs it runs; none yet
         self.account: Account | None = None   # the Unix account it runs as; None: the broker's
+        self._reports: list[dict[str, float]] = []   # read from `_reporting`'s worker, not yet delivered
+        self._reporting: Task | None = None
+        self._delivery: asyncio.Handle | None = None   # the next delivery of `_reports`, when one is due
+        self._delivered_at = float("-inf")               # loop time of the last delivery
+        self._committing: list[asyncio.Task[None]] = []  # deliveries not yet recorded, in order
 
     async def spawn(self, packages: tuple[str, ...] = (), account: Account | None = None) -> None:
         parent, child = socket.socketpair()
@@ -96,8 +104,8 @@ class _Worker:
         try:
             self.writer.write(_HEADER.pack(len(body)) + body)
             await self.writer.drain()
-            header = await self.reader.readexactly(_HEADER.size)
-            reply = json.loads(await self.reader.readexactly(_HEADER.unpack(header)[0]))
+            while "report" in (reply := await self._receive()):   # a Python call's park.report, then the outcome
+                self._take_report(task, reply["report"])
         except (asyncio.IncompleteReadError, ConnectionError):
             code = await self.proc.wait()
             self._end_group()
@@ -110,6 +118,10 @@ class _Worker:
             how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
             return Outcome(ok=False, error=f"the worker process running the job {how}")
         finally:
+            self._deliver_reports()
+            if self._committing:   # every report recorded before the outcome: none may follow it
+                await asyncio.gather(*self._committing)
+                self._committing.clear()
             self.task = None
             if limit is not None:
                 limit.cancel()
@@ -117,6 +129,42 @@ class _Worker:
             return None
         reply["outputs"] = tuple(tuple(o) for o in reply.get("outputs", ()))
         return Outcome(**reply)
+
+    def _take_report(self, task: Task, values: object) -> None:
+        """Hold a report for the next delivery. A report after a quiet spell of REPORT_WINDOW goes at once
+        (with whatever messages are already buffered: readexactly returns without yielding while bytes
+        are there); a stream of them goes together, at most once per REPORT_WINDOW, one batch of the
+        broker's each, which a job reporting every few microseconds would otherwise swamp it with."""
+        if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                   for k, v in values.items()):
+            log.warning("dropped a malformed progress report", extra={"job_id": task.job_id})
+            return
+        self._reports.append({k: float(v) for k, v in values.items()})
+        self._reporting = task
+        if self._delivery is None:
+            loop = asyncio.get_running_loop()
+            wait = self._delivered_at + REPORT_WINDOW - loop.time()
+            self._delivery = loop.call_later(wait, self._deliver_reports) if wait > 0 else \
+                loop.call_soon(self._deliver_reports)
+
+    def _deliver_reports(self) -> None:
+        if self._delivery is not None:
+            self._delivery.cancel()
+            self._delivery = None
+        reports, self._reports = self._reports, []
+        if reports and self._reporting is not None:
+            self._delivered_at = asyncio.get_running_loop().time()
+            for start in range(0, len(reports), MAX_REPORTS):   # one broker batch (and commit) each
+                self._committing.append(self.executor.take_reports(self._reporting,
+                                                                   reports[start:start + MAX_REPORTS]))
+
+    async def _receive(self) -> dict[str, object]:
+        assert self.reader is not None
+        header = await self.reader.readexactly(_HEADER.size)
+        reply = json.loads(await self.reader.readexactly(_HEADER.unpack(header)[0]))
+        if not isinstance(reply, dict):
+            raise ConnectionError("the worker sent something other than a message")   # treated as a dead worker
+        return reply
 
     async def respawn(self) -> None:
         if self.writer is not None:
@@ -189,6 +237,7 @@ class LocalExecutor:
         self._loops: list[asyncio.Task[None]] = []
         self._on_started: StartedCallback | None = None
         self._on_finished: FinishedCallback | None = None
+        self._on_reports: ReportsCallback | None = None
         # Workers die with the broker: they watch the read end of this pipe, whose one write end
         # (not inherited by anything) closes when this process ends, however it ends.
         self.watch_fd, self._alive_fd = os.pipe()
@@ -201,6 +250,25 @@ class LocalExecutor:
         if self.warm:
             await asyncio.gather(*(w.spawn() for w in self._workers))
         self._loops = [asyncio.create_task(self._serve(w), name=f"park-worker-{w.index}") for w in self._workers]
+
+    def accept_reports(self, on_reports: ReportsCallback) -> None:
+        """Take progress reports from the workers' Python calls (park.progress writes them to the socket)."""
+        self._on_reports = on_reports
+
+    def take_reports(self, task: Task, reports: list[dict[str, float]]) -> asyncio.Task[None]:
+        """Reports a worker sent while running `task`, credited to that attempt whatever they say; the task
+        records them. Tasks start in the order they are made, so reports are decided in order."""
+        return asyncio.get_running_loop().create_task(self._record_reports(task, reports))
+
+    async def _record_reports(self, task: Task, reports: list[dict[str, float]]) -> None:
+        if self._on_reports is None:
+            return
+        try:
+            await self._on_reports(task.job_id, task.attempt, reports)
+        except BrokerError as exc:   # not running any more, or values the broker refuses: the job goes on
+            log.info("dropped a progress report: %s", exc.message, extra={"job_id": task.job_id})
+        except Exception:  # noqa: BLE001 - the broker's own failure: logged, and the worker goes on serving
+            log.exception("recording progress reports failed", extra={"job_id": task.job_id})
 
     def submit(self, task: Task) -> None:
         self._queue.append(task)

@@ -109,8 +109,11 @@ def _run(task: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     return {"ok": True, **_store_result(fn(*args, **kwargs), work_dir)}
 
 
-def run_task(task: dict[str, Any]) -> dict[str, Any]:
-    """Run one task with its output captured in its attempt directory; never raises for the task's own errors."""
+def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
+    """Run one task with its output captured in its attempt directory; never raises for the task's own errors.
+
+    `report_fd`: the socket to the broker, which a Python call's `park.report` may write its reports to
+    (park.progress) until the call returns."""
     work_dir = Path(task["work_dir"])   # made by the broker, for the account this process runs as
     try:
         left = list(work_dir.iterdir())   # a half-run of this attempt (a retry by Dask)
@@ -132,6 +135,8 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
             os.environ.update(task["env"])
+            if report_fd >= 0 and task["kind"] != "command":   # a command's processes have no such fd
+                os.environ["PARK_REPORT_FD"] = f"{os.getpid()}:{report_fd}"
             os.chdir(work_dir)
             limit = int(task.get("memory_limit") or 0)
             try:
@@ -147,6 +152,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
                            "traceback": traceback.format_exc()[-20000:]}
             if limit and not outcome.get("ok") and outcome.get("error", "").startswith("command exited"):
                 outcome["error"] += f" (its memory was limited to {limit / 2**30:.2f} GiB)"
+            os.environ.pop("PARK_REPORT_FD", None)   # before the flush: no report may follow the outcome
             reporting = sys.modules.get("park.progress")
             if reporting is not None:   # the job reported progress: deliver it before the outcome
                 reporting.flush()
@@ -158,6 +164,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         for fd in saved_fds:
             os.close(fd)
         os.chdir(saved_cwd)
+        os.environ.pop("PARK_REPORT_FD", None)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -220,7 +227,7 @@ def main() -> None:
     die_with_broker(int(sys.argv[2]))
     while (task := recv(sock)) is not None:
         try:
-            outcome = run_task(task)
+            outcome = run_task(task, sock.fileno())
         except Exception as exc:  # noqa: BLE001 - the worker's own failure is the task's, never a dead worker
             outcome = {"ok": False, "error": f"the worker could not run the job: {type(exc).__name__}: {exc}",
                        "traceback": traceback.format_exc()}

@@ -14,7 +14,6 @@ has one home.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import random
@@ -26,7 +25,7 @@ from typing import Protocol
 
 from park.config import sync_directory
 from park_broker.errors import BrokerError, Code
-from park_broker.transfer.source import CHUNK_SIZE
+from park_broker.transfer.part_file import PartFile
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +112,7 @@ class Downloader:
         self.size: int | None = None
         self.sha256: str | None = None
         self.written = self.attempts = 0
-        self._hash = hashlib.sha256()
-        self._fd = -1
+        self._file: PartFile | None = None
 
     async def run(self) -> tuple[int, str]:
         """Fetch, verify, rename; return (size, sha256). Raises TransferFailed."""
@@ -137,33 +135,33 @@ class Downloader:
     # -- file side (runs in threads) --
 
     def _open_part(self) -> None:
-        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._rehash()
-
-    def _rehash(self) -> None:
-        """Start the running digest over the bytes already in the part file."""
-        self._hash, self.written = hashlib.sha256(), 0
-        while data := os.pread(self._fd, CHUNK_SIZE * 4, self.written):
-            self._hash.update(data)
-            self.written += len(data)
+        self._file = PartFile(self.part)
+        self.written = self._file.length
 
     def _truncate(self) -> None:
-        os.ftruncate(self._fd, 0)
-        self._rehash()
+        assert self._file is not None
+        self._file.truncate()
+        self.written = self._file.length
 
-    def _write(self, data: bytes, at: int) -> None:
-        view = memoryview(data)
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None
         try:
-            while view:
-                view = view[os.pwrite(self._fd, view, at + len(data) - len(view)):]
+            self._file.append(data)
         except OSError as exc:  # raised as TransferFailed so that no retry mistakes it for the network
             raise TransferFailed(Code.FAILED_PRECONDITION, f"cannot write {self.part}: {exc.strerror}") from None
-        self._hash.update(data)
+
+    def _flush(self) -> None:
+        """After a stream: every byte received is in the file, so a resume from `written` is sound."""
+        assert self._file is not None
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise TransferFailed(Code.FAILED_PRECONDITION, f"cannot write {self.part}: {exc.strerror}") from None
 
     def _commit(self) -> None:
-        os.fsync(self._fd)
-        self._close()
-        digest = self._hash.hexdigest()
+        assert self._file is not None
+        self._file.sync()
+        digest = self._file.hash.hexdigest()
         if digest != self.sha256:
             raise TransferFailed(Code.FAILED_PRECONDITION,
                                  f"sha256 mismatch: the source announced {self.sha256}, the bytes received hash "
@@ -173,9 +171,8 @@ class Downloader:
             sync_directory(directory)
 
     def _close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._file is not None:
+            self._file.close()
 
     # -- stream side --
 
@@ -233,9 +230,10 @@ class Downloader:
                                                            f"now {msg.size} bytes, {msg.sha256[:12]}...)")
 
     async def _one_stream(self) -> None:
-        """Read one stream to its end, writing each chunk while the next arrives."""
+        """Read one stream to its end; chunk n is written and hashed, in two threads, while n+1 arrives."""
         stream = self.open_stream(self.written)
-        pending: asyncio.Future[None] | None = None
+        writing: asyncio.Future[None] | None = None
+        hashing: asyncio.Future[None] | None = None
         first = True
         try:
             async for msg in stream:
@@ -250,16 +248,23 @@ class Downloader:
                     raise TransferFailed(Code.FAILED_PRECONDITION, "the source sent more bytes than it announced")
                 if not data:
                     continue
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(self._write, data, self.written))
+                if writing is not None:
+                    await writing
+                if hashing is not None:
+                    await hashing
+                assert self._file is not None
+                writing = asyncio.ensure_future(asyncio.to_thread(self._write, data))
+                hashing = asyncio.ensure_future(asyncio.to_thread(self._file.hash_update, data))
                 self.written += len(data)
                 if self.on_progress is not None:
                     self.on_progress(self.written, self.size)
         finally:
             await _cancel(stream)
-            if pending is not None:
-                await pending
+            # Both finish before anything else touches the part file or the digest; a write error wins.
+            done = await asyncio.gather(*(f for f in (writing, hashing) if f is not None), return_exceptions=True)
+            if errors := [e for e in done if isinstance(e, BaseException)]:
+                raise errors[0]
+            await asyncio.to_thread(self._flush)
         if first:
             raise _Incomplete("the source closed the stream without sending anything")
         if self.written != self.size:
