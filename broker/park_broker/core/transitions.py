@@ -33,11 +33,11 @@ Histories = dict[str, list[dict[str, float]]]
 
 class Transitions:
     def __init__(self, site: str, ledger: Ledger, scheduler: Scheduler, admission: Admission,
-                 stop: Callable[[str], None], groups: Groups | None = None):
+                 stop: Callable[[str], None]):
         self.site = site
         self.ledger = ledger
         self.scheduler = scheduler
-        self.groups = groups or Groups()
+        self.groups = Groups()   # which active jobs count for which groups (park.map)
         self.admission = admission
         self._stop = stop      # ends a queued or running job's attempt, wherever it runs
 
