@@ -139,7 +139,7 @@ def alive(pid: int) -> bool:
     """Whether process `pid` still runs (a zombie waiting for its parent to reap it does not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):   # gone, or gone between opening and reading
         return False
     return stat[stat.rindex(")") + 2] != "Z"
 
