@@ -173,6 +173,6 @@ def test_resources_map_onto_the_workers_declared_resources(new_broker: Callable[
                                                            tmp_path: Path) -> None:
     """One worker declaring 2 cpus, with two threads: two 1-cpu jobs run together, a 2-cpu job runs alone."""
     with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=2, resources={"cpus": 2},
-                                  host="127.0.0.1", scheduler_port=0, dashboard_address=None) as cluster:
+                                  host="127.0.0.1", scheduler_port=0, dashboard_address=":0") as cluster:
         address = cluster.scheduler_address.removeprefix("tcp://")
         check_cpus_are_held(new_broker(extra=["--executor", f"dask://{address}"]).start().service(), tmp_path)
