@@ -171,3 +171,4 @@ def test_members_and_counting_atoms_must_name_a_group_that_takes_them(service) -
     assert service.job(group).wait(timeout=30) == "completed"
     [late] = submit(call("t" * 26, member_of=group))
     assert late.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "has ended" in late.message
+

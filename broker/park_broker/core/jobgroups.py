@@ -11,8 +11,6 @@ this index from the records and the store's memberships of memo hits.
 """
 from __future__ import annotations
 
-import hashlib
-
 from park._proto import jobs_pb2 as jpb
 from park.wire import TERMINAL_STATES
 from park_broker.errors import Code, fail
@@ -83,13 +81,7 @@ def count_member(group: jpb.Job, member: jpb.Job) -> None:
         counts.first_unfinished = member.id
 
 
-def note_joined(group: jpb.Job, member: jpb.Job) -> None:
-    """A member joined: count it, and fold its memo key into the group's.
-
-    The group's memo key is known once every member has joined; a job gated on the group counts by
-    it (core.admission), so a rerun of a map whose members are all memo hits changes nothing downstream."""
+def note_joined(group: jpb.Job) -> None:
+    """A member joined: count it. (A group has no memo key: a job gated on it counts it by its id, so it
+    runs again on a rerun, whose group is new, even when every member is a memo hit.)"""
     group.group.joined += 1
-    part = member.memo_key or f"unmemoized {member.id}"
-    group.memo_inputs = hashlib.sha256(f"{group.memo_inputs}\n{part}".encode()).hexdigest()
-    if group.group.joined == group.group.size:
-        group.memo_key = hashlib.sha256(f"group of {group.group.size}: {group.memo_inputs}".encode()).hexdigest()
