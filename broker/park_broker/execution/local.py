@@ -16,7 +16,6 @@ own fails the task it was running, and is replaced.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -99,7 +98,7 @@ class _Worker:
             return None
         self.owner = task.owner
         assert self.writer is not None and self.reader is not None and self.proc is not None
-        body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir)}).encode()
+        body = json.dumps(task.message()).encode()
         limit = asyncio.get_running_loop().call_later(task.timeout, self._time_out) if task.timeout > 0 else None
         try:
             self.writer.write(_HEADER.pack(len(body)) + body)
