@@ -66,7 +66,8 @@ class _Worker:
         watch = self.executor.watch_fd
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()), str(watch), *who,
+                sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()), str(watch),
+                str(self.executor.nice), *who,
                 pass_fds=[child.fileno(), watch], start_new_session=True, stdin=asyncio.subprocess.DEVNULL,
                 env=env, cwd="/")
         except OSError:
@@ -224,12 +225,15 @@ class LocalExecutor:
     """Runs tasks on `workers` local processes; see the module docstring."""
 
     def __init__(self, groups: ProcessGroups, *, workers: int | None = None, python_path: list[str] | None = None,
-                 grace: float = 5.0, warm: bool = True):
+                 grace: float = 5.0, nice: int = 10, warm: bool = True):
         self.groups = groups
         self.warm = warm   # start the workers at once (no use when each job's account needs a process of its own)
         self.size = workers or os.cpu_count() or 1
         self.python_path = list(python_path or [])
         self.grace = grace
+        # Jobs yield the CPU to the broker: a woken worker would otherwise preempt it on every task
+        # handed over, and a site whose jobs use every core still answers its users and peers.
+        self.nice = nice
         self._queue: deque[Task] = deque()
         self._ready = asyncio.Event()
         self._workers: list[_Worker] = []
