@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from park._proto import jobs_pb2 as jpb
+from park._proto import site_pb2
 from park.errors import ParkError
 from park.groups import counts_line
 from park.job import JobEvent
@@ -47,6 +48,16 @@ def when(t: float) -> str:
 
 def iso(t: float) -> str | None:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat() if t else None
+
+
+def peer_json(peer: site_pb2.PeerLink) -> dict[str, Any]:
+    """A peer and its streams as `park status --json` and the dashboard show them (times in epoch seconds)."""
+    return {"name": peer.name, "address": peer.address, "state": peer.state, "since": peer.since or None,
+            "last_error": peer.last_error or None, "last_seq": peer.last_seq, "atoms_pending": peer.atoms_pending,
+            "atoms_received": peer.atoms_received,
+            "idle_seconds": None if peer.idle_seconds < 0 else round(peer.idle_seconds, 1),
+            "subscribed": peer.subscribed, "subscribed_since": peer.subscribed_since or None,
+            "atoms_watched": peer.atoms_watched}
 
 
 def describe(event: JobEvent) -> str:
