@@ -140,6 +140,14 @@ def select(driver: webdriver.Chrome, site: str, job_id: str) -> None:
     wait(driver, ec.text_to_be_present_in_element((By.ID, "detail-meta"), f"{site}/{job_id}"))
 
 
+def peer_row(driver: webdriver.Chrome, key: str, pattern: str) -> str:
+    """The text of the peers table's row of `key` (SITE/PEER), cells tab-separated, once it matches `pattern`
+    (read in one script: the table is redrawn every few seconds, so a found element may be gone a moment later)."""
+    script = f"const r = document.querySelector('tr[data-peer=\"{key}\"]'); " \
+             "return r ? [...r.cells].map((c) => c.textContent).join('\\t') : ''"
+    return wait(driver, lambda d: (text := d.execute_script(script)) and re.search(pattern, text) and text)
+
+
 def test_jobs_of_both_sites_are_listed_and_change_state_live(browser: webdriver.Chrome, sites, module_dir: Path) -> None:  # type: ignore[no-untyped-def]
     sns, cluster = sites
     assert not browser.get_log("browser"), "the page logged errors"
@@ -246,6 +254,7 @@ def test_an_admin_sees_every_users_jobs_and_never_their_tokens(browser: webdrive
     browser.find_element(By.ID, "text-filter").clear()
     browser.find_element(By.ID, "text-filter").send_keys(alices.id)
     wait(browser, ec.text_to_be_present_in_element((By.ID, "count"), "0 of "))
+    assert not browser.find_element(By.ID, "peers").is_displayed(), "a user who is no operator was shown peers"
 
     operator = keys / "operator.key"
     write_private_key(operator, Ed25519PrivateKey.generate(), None)
@@ -263,6 +272,11 @@ def test_an_admin_sees_every_users_jobs_and_never_their_tokens(browser: webdrive
             assert "alice" in theirs.text
             wait(browser, lambda d: "sns · alice: 0 queued, 1 running" in d.find_element(By.ID, "queues").text)
             row(browser, "cluster", granted.id)
+            # granted waits on upstream: cluster's stream to sns is open, and sns serves cluster's.
+            ours = peer_row(browser, "cluster/sns", r"\tconnected\t.*\t[1-9]\d* / \d+\t")
+            assert sns.peer_address in ours, ours
+            peer_row(browser, "sns/cluster", r"subscribed since .*, watching [1-9]\d* atoms")
+            assert "BEGIN" not in browser.find_element(By.ID, "peers").get_attribute("textContent")
             spec = browser.execute_async_script(
                 "const done = arguments[1]; fetch(arguments[0]).then(r => r.json()).then(d => done(d.spec), e => done({e: String(e)}))",
                 f"/api/jobs/cluster/{granted.id}")

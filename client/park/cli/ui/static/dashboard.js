@@ -96,6 +96,26 @@ function drawSites(sites) {
   filter.replaceChildren(el("option", {value: "", text: "all"}),
     ...sites.filter((s) => s.site).map((s) => el("option", {value: s.site, text: s.site})));
   filter.value = chosen;
+  drawPeers(sites);
+}
+
+// An operator (admin token) is shown each site's peers and the streams between them, both ways.
+function drawPeers(sites) {
+  const rows = [];
+  for (const s of sites) {
+    if (typeof s.peers === "string" || (s.peers && !s.peers.length))
+      rows.push(el("tr", {}, el("td", {text: s.site}), el("td", {colspan: 6, text: s.peers.length ? s.peers : "no peers"})));
+    else for (const p of s.peers || []) {
+      rows.push(el("tr", {"data-peer": `${s.site}/${p.name}`, "data-state": p.state},
+        el("td", {text: s.site}), el("td", {text: p.name}), el("td", {class: "mono", text: p.address}),
+        el("td", {class: `stream ${p.state}`, text: p.state + (p.last_error ? `: ${p.last_error}` : "")}),
+        el("td", {text: when(p.since)}), el("td", {text: `${p.atoms_pending} / ${p.atoms_received}`}),
+        el("td", {text: p.subscribed ? `subscribed since ${when(p.subscribed_since)}, watching ${p.atoms_watched} atoms`
+                                     : "not subscribed"})));
+    }
+  }
+  $("peers").hidden = !sites.some((s) => s.peers !== null && s.peers !== undefined);
+  document.querySelector("#peers tbody").replaceChildren(...rows);
 }
 
 function connect() {
