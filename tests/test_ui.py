@@ -140,12 +140,12 @@ def select(driver: webdriver.Chrome, site: str, job_id: str) -> None:
     wait(driver, ec.text_to_be_present_in_element((By.ID, "detail-meta"), f"{site}/{job_id}"))
 
 
-def peer_row(driver: webdriver.Chrome, key: str, pattern: str) -> str:
-    """The text of the peers table's row of `key` (SITE/PEER), cells tab-separated, once it matches `pattern`
-    (read in one script: the table is redrawn every few seconds, so a found element may be gone a moment later)."""
-    script = f"const r = document.querySelector('tr[data-peer=\"{key}\"]'); " \
+def cells(driver: webdriver.Chrome, selector: str, pattern: str) -> str:
+    """The text of the table row `selector`, cells tab-separated, once it matches `pattern` (read in one
+    script: tables are redrawn as news arrives, so an element found may be gone a moment later)."""
+    script = "const r = document.querySelector(arguments[0]); " \
              "return r ? [...r.cells].map((c) => c.textContent).join('\\t') : ''"
-    return wait(driver, lambda d: (text := d.execute_script(script)) and re.search(pattern, text) and text)
+    return wait(driver, lambda d: (text := d.execute_script(script, selector)) and re.search(pattern, text) and text)
 
 
 def test_jobs_of_both_sites_are_listed_and_change_state_live(browser: webdriver.Chrome, sites, module_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -205,6 +205,27 @@ def test_a_cancelled_job_names_the_root_failure_across_sites(browser: webdriver.
     assert {g.get_attribute("data-state") for g in graph.find_elements(By.CSS_SELECTOR, "g.node")} == \
         {"failed", "cancelled"}
     assert len(graph.find_elements(By.CSS_SELECTOR, "g.node")) == 3
+
+
+def test_a_memo_hit_is_listed_under_its_own_id_naming_the_job_it_reused(browser: webdriver.Chrome, sites) -> None:  # type: ignore[no-untyped-def]
+    _, cluster = sites
+    with cluster.service():
+        first = park.submit("park_test_tasks:add", 40, 2, label="memoized sum")
+    assert first.result(timeout=60) == 42
+    row(browser, "cluster", first.id)
+    # site, id, owner, label, state, attempt, memo, progress, detail
+    cells(browser, f'tr[data-key="cluster/{first.id}"]', r"^cluster\t\w+\t\w*\tmemoized sum\tcompleted\t1\t\t")
+    with cluster.service():
+        again = park.submit("park_test_tasks:add", 40, 2, label="memoized sum")
+    assert again.memo_hit
+    row(browser, "cluster", again.id)      # its own row, under the id submitted, following the job it names
+    cells(browser, f'tr[data-key="cluster/{again.id}"]',
+          rf"\tmemoized sum\tcompleted\t1\thit: {first.id[:10]}\t.*result 42")
+    row(browser, "cluster", first.id)
+    cells(browser, f'tr[data-key="cluster/{first.id}"]', r"\tcompleted\t1\treused ×1\t")
+    select(browser, "cluster", again.id)
+    assert f"a memo hit of {first.id}" in browser.find_element(By.ID, "detail-meta").text
+    wait(browser, ec.text_to_be_present_in_element((By.ID, "memo"), f"a memo hit: reused {first.id}"))
 
 
 def test_an_output_downloads_with_its_bytes(browser: webdriver.Chrome, sites, module_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -273,9 +294,9 @@ def test_an_admin_sees_every_users_jobs_and_never_their_tokens(browser: webdrive
             wait(browser, lambda d: "sns · alice: 0 queued, 1 running" in d.find_element(By.ID, "queues").text)
             row(browser, "cluster", granted.id)
             # granted waits on upstream: cluster's stream to sns is open, and sns serves cluster's.
-            ours = peer_row(browser, "cluster/sns", r"\tconnected\t.*\t[1-9]\d* / \d+\t")
+            ours = cells(browser, 'tr[data-peer="cluster/sns"]', r"\tconnected\t.*\t[1-9]\d* / \d+\t")
             assert sns.peer_address in ours, ours
-            peer_row(browser, "sns/cluster", r"subscribed since .*, watching [1-9]\d* atoms")
+            cells(browser, 'tr[data-peer="sns/cluster"]', r"subscribed since .*, watching [1-9]\d* atoms")
             assert "BEGIN" not in browser.find_element(By.ID, "peers").get_attribute("textContent")
             spec = browser.execute_async_script(
                 "const done = arguments[1]; fetch(arguments[0]).then(r => r.json()).then(d => done(d.spec), e => done({e: String(e)}))",

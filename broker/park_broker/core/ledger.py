@@ -138,7 +138,8 @@ class Ledger:
         self._aliases[alias_id] = twin.id
         self._aliased.setdefault(twin.id, set()).add(alias_id)
         alias = jpb.Job(id=alias_id, owner=owner, spec=jpb.JobSpec(member_of=member_of))
-        batch.changes.append(Change(job=alias, event=jpb.Event(), alias_of=twin.id))
+        event = jpb.Event(job_id=alias_id, time=time.time(), reused=jpb.Reused(job_id=twin.id))
+        batch.changes.append(Change(job=alias, event=event, record=False, alias_of=twin.id))
 
     def add_reports(self, job_id: str, reports: list[dict[str, float]]) -> None:
         history = self._reports.setdefault(job_id, [])

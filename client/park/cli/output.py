@@ -68,6 +68,8 @@ def describe(event: JobEvent) -> str:
         work = spec.get("call", {}).get("target") or " ".join(spec.get("command", {}).get("argv", []))
         label = spec.get("label", "")
         return f"{label} ({work})" if label and label != work else work
+    if event.kind == "reused":
+        return f"a memo hit: answered by job {d.get('jobId', '?')}, which ran the same work"
     if event.kind == "queued":
         return d.get("reason", "")
     if event.kind == "started":

@@ -62,17 +62,19 @@ class Subscription:
     sites: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def take(self) -> dict[str, Any]:
-        message = {"jobs": [row_json(r) for r in self.rows.values()], "points": self.points}
+    def take(self, board: Board) -> dict[str, Any]:
+        message = {"jobs": [row_json(r, board) for r in self.rows.values()], "points": self.points}
         self.rows, self.points = {}, []
         self.ready.clear()
         return message
 
 
-def row_json(row: Row) -> dict[str, Any]:
+def row_json(row: Row, board: Board) -> dict[str, Any]:
+    """A row as the page lists it; `reuses`: the earlier job a memo hit's submission was answered by,
+    `reused`: how many later submissions this job answered."""
     return {"site": row.site, "id": row.job_id, "label": row.label, "work": row.work, "state": row.state,
             "attempt": row.attempt, "values": row.values, "detail": row.detail, "owner": row.owner,
-            "submitted": row.submitted}
+            "submitted": row.submitted, "reuses": row.reuses, "reused": len(board.aliases(row))}
 
 
 class Feed:
@@ -156,15 +158,20 @@ class Feed:
         row = self.board.apply(site, event)
         point = {"site": site, "id": event.job_id, "time": event.time, "values": row.values} \
             if event.kind == "improved" else None
+        # A memo hit's row follows the job it reused, whose row now counts one more reuse.
+        changed = [row, *self.board.aliases(row)]
+        if row.reuses:
+            changed.append(self.board.rows[(site, row.reuses)])
         for sub in self._subscriptions:
-            sub.rows[(site, row.job_id)] = row
+            for r in changed:
+                sub.rows[(site, r.job_id)] = r
             if point is not None:
                 sub.points.append(point)
             sub.ready.set()
 
     def snapshot(self) -> dict[str, Any]:
         return {"sites": self.sites(), "colours": STATE_COLOURS,
-                "jobs": [row_json(r) for r in self.board.rows.values()]}
+                "jobs": [row_json(r, self.board) for r in self.board.rows.values()]}
 
     def sites(self) -> list[dict[str, Any]]:
         return [link.json() for link in self.links]
