@@ -10,6 +10,9 @@ Nor does a grant that expired: the peer refuses the atom as `expired`, the
 jobs that wait on it say they need fresh credentials, and a renewed grant
 (`watch` again) asks for it anew. A grant refused for any other reason (revoked,
 never valid) cancels the atom.
+
+Each stream's state (open or not and since when, why it last broke, atoms
+received) is kept for operators (`peer_status`).
 """
 from __future__ import annotations
 
@@ -128,7 +131,8 @@ class PeerLinks:
                 link.task = asyncio.get_running_loop().create_task(self._run(link), name=f"park-peer-{name}")
 
     def peer_status(self) -> list[PeerStatus]:
-        """Each peer's stream as metrics see it: last sequence number, connected, atoms pending, silence."""
+        """Each peer's stream as metrics and operators (`Site.Peers`) see it: its state and since when, the
+        last error, the peer's last sequence number, atoms pending and received, silence."""
         now = time.monotonic()
         return [PeerStatus(name, link.last_seq, link.connected.is_set(), len(link.atoms),
                            now - link.last_message if link.last_message else None, address=link.peer.address,

@@ -21,6 +21,9 @@ resolved after it, it is held in `due` until the change stream reaches that
 number, so it leaves between the changes around it; still pending, it is
 watched and the change that resolves it sends it. A stream that falls behind
 the hub is re-synchronised the same way from the store.
+
+The open streams are kept so that operators can see who is subscribed and to
+how many atoms (`subscribers`, for `Site.Peers`): names and counts, never grants.
 """
 from __future__ import annotations
 
