@@ -215,6 +215,8 @@ def test_a_memo_hit_is_listed_under_its_own_id_naming_the_job_it_reused(browser:
     row(browser, "cluster", first.id)
     # site, id, owner, label, state, attempt, memo, progress, detail
     cells(browser, f'tr[data-key="cluster/{first.id}"]', r"^cluster\t\w+\t\w*\tmemoized sum\tcompleted\t1\t\t")
+    memo_column = browser.find_element(By.CSS_SELECTOR, "#jobs th.memo")
+    assert not memo_column.is_displayed(), "no job listed was a memo hit, yet the memo column takes room"
     with cluster.service():
         again = park.submit("park_test_tasks:add", 40, 2, label="memoized sum")
     assert again.memo_hit
@@ -223,6 +225,7 @@ def test_a_memo_hit_is_listed_under_its_own_id_naming_the_job_it_reused(browser:
           rf"\tmemoized sum\tcompleted\t1\thit: {first.id[:10]}\t.*result 42")
     row(browser, "cluster", first.id)
     cells(browser, f'tr[data-key="cluster/{first.id}"]', r"\tcompleted\t1\treused ×1\t")
+    assert memo_column.is_displayed()
     select(browser, "cluster", again.id)
     assert f"a memo hit of {first.id}" in browser.find_element(By.ID, "detail-meta").text
     wait(browser, ec.text_to_be_present_in_element((By.ID, "memo"), f"a memo hit: reused {first.id}"))

@@ -70,6 +70,8 @@ function drawList() {
     return tr;
   }));
   $("count").textContent = `${rows.length} of ${jobs.size} jobs`;
+  // The memo column takes room from the details: shown once some job listed is or was a memo hit.
+  $("jobs").classList.toggle("no-memo", !rows.some((row) => row.reuses || row.reused));
   drawQueues();
   $("page").textContent = `page ${page + 1} of ${pages}`;
   $("prev").disabled = page === 0;
