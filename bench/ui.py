@@ -15,7 +15,11 @@ Debian's headless chromium (chromium-driver, Selenium), and measures:
 - cascade: cancelling the gate cancels every waiting job; from the cancel until
   the page's state filter counts them all cancelled, against the broker's own
   time for the last cancellation (its `finished_at`) and `park jobs --json` run
-  once after the cascade settled.
+  once after the cascade settled;
+- memo hits: `--jobs` more jobs run to completion, then are submitted again, so
+  that each is a memo hit (a `reused` event, listed by the page under its own
+  id); from the rerun until the page counts them all, against the time the
+  client took to have every submission acknowledged.
 
 Every process started is stopped by its own handle at the end.
 """
@@ -113,12 +117,30 @@ def main() -> int:
         cascade = time.perf_counter() - started
         peer_after = _timed([sys.executable, "-m", "park.cli", "jobs", "--json"], env)
         at_broker = max(job.finished_at for job in service.list_jobs()) - cancelled_at
+
+        driver.execute_script("""const state = document.getElementById("state-filter"); state.value = "completed";
+            state.dispatchEvent(new Event("input"));""")
+        with service:
+            for i in range(args.jobs):
+                park.submit("park_test_tasks:add", i, 0, label=f"memo {i}")
+        wait.until(lambda d: d.find_element(By.ID, "count").text == f"{args.jobs} of {total + args.jobs} jobs")
+        started = time.perf_counter()
+        with service:
+            again = [park.submit("park_test_tasks:add", i, 0, label=f"memo {i}") for i in range(args.jobs)]
+            service.flush()
+        acknowledged = time.perf_counter() - started
+        wait.until(lambda d: d.find_element(By.ID, "count").text ==
+                   f"{2 * args.jobs} of {total + 2 * args.jobs} jobs")
+        memo_shown = time.perf_counter() - started
+        assert all(job.memo_hit for job in again)
         print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; load: {os.getloadavg()}")
         print(f"page lists all {total} jobs in {load:.2f} s; `park jobs --json` lists them in {peer_list:.2f} s "
               f"(ratio {load / peer_list:.2f})")
         print("filter redraw (ms): " + ", ".join(f"{t:.1f}" for t in filters))
         print(f"cascade of {total} cancellations: the broker's last at {at_broker:.2f} s, the page showed all "
               f"at {cascade:.2f} s; `park jobs --json` afterwards took {peer_after:.2f} s")
+        print(f"rerun of {args.jobs} finished jobs: every submission acknowledged (a memo hit) at "
+              f"{acknowledged:.2f} s, the page listed them all at {memo_shown:.2f} s")
     finally:
         if driver is not None:
             driver.quit()

@@ -76,6 +76,34 @@ def test_status_of_a_reachable_service(configured, capsys):
     assert f"your tokens name you {default_subject()!r}" in out
 
 
+def test_status_shows_an_operator_each_sites_peers(new_broker, config, capsys, monkeypatch, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from harness import broker_cli, public_key_of  # type: ignore[import-not-found]
+    from park.signer import write_private_key
+
+    sns, cluster = new_broker("sns"), new_broker("cluster")
+    federate(sns, cluster)
+    for b in (sns, cluster):
+        add_service(b.site, b.address, b.cert)
+    status, out, _ = run(capsys, "status", "--json")
+    assert status == 0 and not [r for r in json.loads(out)["services"] if "peers" in r]   # not an operator
+    key = tmp_path / "operator.key"
+    write_private_key(key, Ed25519PrivateKey.generate(), None)
+    done = broker_cli("users", "add", str(sns.directory), "operator", "--key", public_key_of(key), "--allow", "admin")
+    assert done.returncode == 0, done.stderr
+    time.sleep(1.1)   # a running broker re-reads users.toml at most once a second
+    monkeypatch.setenv("PARK_KEY_FILE", str(key))
+    monkeypatch.setenv("PARK_USER", "operator")
+    status, out, err = run(capsys, "status", "--json")
+    rows = {r["name"]: r for r in json.loads(out)["services"]}
+    assert status == 1 and rows["cluster"]["status"] == "refused" and "peers" not in rows["cluster"]
+    [peer] = rows["sns"]["peers"]
+    assert (peer["name"], peer["address"], peer["state"], peer["subscribed"]) == \
+        ("cluster", cluster.peer_address, "idle", False)
+    status, out, _ = run(capsys, "status")
+    assert re.search(rf"cluster .* {re.escape(cluster.peer_address)} .* idle .* not subscribed", out), out
+
+
 def test_status_fails_when_a_service_is_unreachable(configured, broker, capsys):
     add_service("down", f"127.0.0.1:{closed_port()}", broker.cert)
     status, out, err = run(capsys, "status", "--json")

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 import park
+from park._proto import jobs_pb2 as jpb
 from park._proto import packages_pb2 as ppb
 from park._proto import packages_pb2_grpc
 from park.wheels import build_wheel, sha256_file
@@ -262,3 +263,42 @@ def test_a_user_with_upload_alone_can_install_a_package(new_broker, tmp_path: Pa
         upload = park.install_service(write_project(tmp_path / "p", "1.0"))
     assert upload.wait(timeout=120) == "completed", upload.record().error
     assert [(p.name, p.version) for p in service.packages()] == [("mymodel", "1.0")]
+
+
+def _events(service: park.Service, job_id: str = "") -> list[jpb.Event]:
+    """The events of `job_id` (every job of the caller: ""), replayed up to the stream's live mark."""
+    stream = service.jobs_stub.Watch(jpb.WatchRequest(job_id=job_id, from_seq=0), timeout=30)
+    events = []
+    for item in stream:
+        if item.HasField("progress"):
+            stream.cancel()
+            return events
+        events.extend(item.events)
+    raise AssertionError("the stream ended without a live mark")
+
+
+def test_a_memo_hit_is_a_reused_event_of_the_submitted_id(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from harness import as_user  # type: ignore[import-not-found]
+
+    broker = new_broker("sns").start()
+    service = broker.service()
+    with service:
+        first = park.submit("park_test_tasks:add", 20, 22, label="answer")
+    assert first.result(timeout=30) == 42
+    live = service.jobs_stub.Watch(jpb.WatchRequest(job_id="", from_seq=first.record().last_seq), timeout=30)
+    with service:
+        again = park.submit("park_test_tasks:add", 20, 22, label="answer")
+    assert again.memo_hit and again.id != first.id
+    pushed = next(event for item in live for event in item.events)     # live, not only on replay
+    live.cancel()
+    assert (pushed.job_id, pushed.WhichOneof("kind"), pushed.reused.job_id) == (again.id, "reused", first.id)
+
+    everything = _events(service)
+    assert [e for e in everything if e.WhichOneof("kind") == "reused"] == [pushed]
+    assert [e.WhichOneof("kind") for e in everything if e.job_id == first.id] == \
+        ["submitted", "queued", "started", "completed"]
+    assert "reused" not in {e.WhichOneof("kind") for e in _events(service, again.id)}   # the job it names
+    assert again.record().memo_hit and again.record().id == first.id and not first.record().memo_hit
+    with as_user(broker, "alice", tmp_path, "--allow", "submit"):
+        with park.Service(broker.address, broker.cert) as alices:
+            assert _events(alices) == []       # another user's stream carries nothing of it

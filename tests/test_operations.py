@@ -4,10 +4,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import pytest
@@ -323,3 +325,86 @@ def test_the_broker_logs_refused_calls_and_peer_streams_never_a_token(new_broker
     with c:
         assert park.submit("park_test_tasks:noop", when=upstream.iscompleted).wait(timeout=60) == "completed"
     wait_for(lambda: "subscribed to peer sns" in cluster.log() and "peer cluster subscribed" in sns.log())
+
+
+# -- the operators' view of peers (Site.Peers) -----------------------------------------------------
+
+_PEER_FIELDS = {"name", "address", "state", "since", "last_error", "last_seq", "atoms_pending", "atoms_received",
+                "idle_seconds", "subscribed", "subscribed_since", "atoms_watched"}
+
+
+def _operator(broker: Broker, key: Path) -> park.Service:
+    """A service of `broker` as the user "operator", whose tokens grant `admin` only."""
+    from harness import broker_cli, public_key_of  # type: ignore[import-not-found]
+
+    done = broker_cli("users", "add", str(broker.directory), "operator", "--key", public_key_of(key), "--allow", "admin")
+    assert done.returncode == 0, done.stderr
+    time.sleep(1.1)   # a running broker re-reads users.toml at most once a second
+    with mock.patch.dict(os.environ, PARK_KEY_FILE=str(key), PARK_USER="operator"):
+        return broker.service()
+
+
+def test_an_operator_sees_each_peers_streams_both_ways_and_no_secret(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from harness import federate, wait_for  # type: ignore[import-not-found]
+    from park.signer import write_private_key
+
+    sns, cluster = new_broker("sns"), new_broker("cluster")
+    federate(sns, cluster)
+    key = tmp_path / "operator.key"
+    write_private_key(key, Ed25519PrivateKey.generate(), None)
+    at_sns, at_cluster = _operator(sns, key), _operator(cluster, key)
+    assert "admin" in at_cluster.info.permissions
+    (before,) = at_cluster.peers()
+    assert {f.name for f in before.DESCRIPTOR.fields} == _PEER_FIELDS, "a new field: make sure it is no secret"
+    assert (before.name, before.address, before.state) == ("sns", sns.peer_address, "idle")
+    assert not before.subscribed and before.since == 0 and before.idle_seconds == -1
+
+    gate = tmp_path / "gate"
+    with sns.service():
+        upstream = park.submit("park_test_tasks:settle_when", str(gate), True, 1.0)
+    with cluster.service():
+        fit = park.submit("park_test_tasks:add", 1, 1, when=upstream.iscompleted)
+    wait_for(lambda: at_cluster.peers()[0].state == "connected" and at_sns.peers()[0].atoms_watched == 1)
+    (ours,), (theirs,) = at_cluster.peers(), at_sns.peers()
+    assert ours.atoms_pending == 1 and ours.atoms_received == 0 and ours.since > time.time() - 60
+    assert theirs.name == "cluster" and theirs.subscribed and theirs.subscribed_since > time.time() - 60
+    assert theirs.state == "idle"     # no job at sns waits on cluster: sns keeps no stream to it
+    gate.write_text("go")
+    assert fit.result(timeout=60) == 2
+    (ours,), (theirs,) = at_cluster.peers(), at_sns.peers()
+    assert (ours.atoms_pending, ours.atoms_received, theirs.atoms_watched) == (0, 1, 0)
+    assert ours.last_seq >= upstream.record().last_seq and ours.last_error == ""
+
+    with sqlite3.connect(cluster.directory / "park.db") as db:
+        grants = [jobs_pb2.Job.FromString(r[0]).spec.grants["sns"] for r in db.execute("SELECT record FROM jobs")]
+    secrets = [g for g in grants if g] + [sns.cert.read_text().splitlines()[1], cluster.cert.read_text().splitlines()[1]]
+    assert len(secrets) == 3
+    answers = at_cluster.peers() + at_sns.peers()
+    assert not [s for s in secrets for a in answers if s.encode() in a.SerializeToString()]
+
+    sns.stop()
+    wait_for(lambda: at_cluster.peers()[0].state == "down")
+    (down,) = at_cluster.peers()
+    assert down.last_error.startswith(("cannot reach it (UNAVAILABLE", "the peer ended the stream")), down.last_error
+    wait_for(lambda: at_cluster.peers()[0].last_error.startswith("cannot reach it (UNAVAILABLE"))
+
+
+def test_peers_is_refused_to_all_but_operators(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from park._proto import site_pb2, site_pb2_grpc
+
+    broker = new_broker("sns").start()
+    user = broker.service()
+    assert "admin" not in user.info.permissions and "submit" in user.info.permissions
+    with pytest.raises(park.ServiceError) as refused:
+        user.peers()
+    assert refused.value.code == "PERMISSION_DENIED"
+    assert "may not make operators' calls (admin) at site 'sns'" in refused.value.message
+    with grpc.secure_channel(broker.address, grpc.ssl_channel_credentials(broker.cert.read_bytes())) as channel:
+        stub = site_pb2_grpc.SiteStub(channel)
+        assert list(stub.Info(site_pb2.InfoRequest(), timeout=10).permissions) == []
+        with pytest.raises(grpc.RpcError) as anonymous:
+            stub.Peers(site_pb2.PeersRequest(), timeout=10)
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED and "no token" in anonymous.value.details()

@@ -140,6 +140,14 @@ def select(driver: webdriver.Chrome, site: str, job_id: str) -> None:
     wait(driver, ec.text_to_be_present_in_element((By.ID, "detail-meta"), f"{site}/{job_id}"))
 
 
+def cells(driver: webdriver.Chrome, selector: str, pattern: str) -> str:
+    """The text of the table row `selector`, cells tab-separated, once it matches `pattern` (read in one
+    script: tables are redrawn as news arrives, so an element found may be gone a moment later)."""
+    script = "const r = document.querySelector(arguments[0]); " \
+             "return r ? [...r.cells].map((c) => c.textContent).join('\\t') : ''"
+    return wait(driver, lambda d: (text := d.execute_script(script, selector)) and re.search(pattern, text) and text)
+
+
 def test_jobs_of_both_sites_are_listed_and_change_state_live(browser: webdriver.Chrome, sites, module_dir: Path) -> None:  # type: ignore[no-untyped-def]
     sns, cluster = sites
     assert not browser.get_log("browser"), "the page logged errors"
@@ -199,6 +207,30 @@ def test_a_cancelled_job_names_the_root_failure_across_sites(browser: webdriver.
     assert len(graph.find_elements(By.CSS_SELECTOR, "g.node")) == 3
 
 
+def test_a_memo_hit_is_listed_under_its_own_id_naming_the_job_it_reused(browser: webdriver.Chrome, sites) -> None:  # type: ignore[no-untyped-def]
+    _, cluster = sites
+    with cluster.service():
+        first = park.submit("park_test_tasks:add", 40, 2, label="memoized sum")
+    assert first.result(timeout=60) == 42
+    row(browser, "cluster", first.id)
+    # site, id, owner, label, state, attempt, memo, progress, detail
+    cells(browser, f'tr[data-key="cluster/{first.id}"]', r"^cluster\t\w+\t\w*\tmemoized sum\tcompleted\t1\t\t")
+    memo_column = browser.find_element(By.CSS_SELECTOR, "#jobs th.memo")
+    assert not memo_column.is_displayed(), "no job listed was a memo hit, yet the memo column takes room"
+    with cluster.service():
+        again = park.submit("park_test_tasks:add", 40, 2, label="memoized sum")
+    assert again.memo_hit
+    row(browser, "cluster", again.id)      # its own row, under the id submitted, following the job it names
+    cells(browser, f'tr[data-key="cluster/{again.id}"]',
+          rf"\tmemoized sum\tcompleted\t1\thit: {first.id[:10]}\t.*result 42")
+    row(browser, "cluster", first.id)
+    cells(browser, f'tr[data-key="cluster/{first.id}"]', r"\tcompleted\t1\treused ×1\t")
+    assert memo_column.is_displayed()
+    select(browser, "cluster", again.id)
+    assert f"a memo hit of {first.id}" in browser.find_element(By.ID, "detail-meta").text
+    wait(browser, ec.text_to_be_present_in_element((By.ID, "memo"), f"a memo hit: reused {first.id}"))
+
+
 def test_an_output_downloads_with_its_bytes(browser: webdriver.Chrome, sites, module_dir: Path) -> None:  # type: ignore[no-untyped-def]
     sns, _ = sites
     text = "reduced at sns: 0123456789 " * 40
@@ -246,6 +278,7 @@ def test_an_admin_sees_every_users_jobs_and_never_their_tokens(browser: webdrive
     browser.find_element(By.ID, "text-filter").clear()
     browser.find_element(By.ID, "text-filter").send_keys(alices.id)
     wait(browser, ec.text_to_be_present_in_element((By.ID, "count"), "0 of "))
+    assert not browser.find_element(By.ID, "peers").is_displayed(), "a user who is no operator was shown peers"
 
     operator = keys / "operator.key"
     write_private_key(operator, Ed25519PrivateKey.generate(), None)
@@ -263,6 +296,11 @@ def test_an_admin_sees_every_users_jobs_and_never_their_tokens(browser: webdrive
             assert "alice" in theirs.text
             wait(browser, lambda d: "sns · alice: 0 queued, 1 running" in d.find_element(By.ID, "queues").text)
             row(browser, "cluster", granted.id)
+            # granted waits on upstream: cluster's stream to sns is open, and sns serves cluster's.
+            ours = cells(browser, 'tr[data-peer="cluster/sns"]', r"\tconnected\t.*\t[1-9]\d* / \d+\t")
+            assert sns.peer_address in ours, ours
+            cells(browser, 'tr[data-peer="sns/cluster"]', r"subscribed since .*, watching [1-9]\d* atoms")
+            assert "BEGIN" not in browser.find_element(By.ID, "peers").get_attribute("textContent")
             spec = browser.execute_async_script(
                 "const done = arguments[1]; fetch(arguments[0]).then(r => r.json()).then(d => done(d.spec), e => done({e: String(e)}))",
                 f"/api/jobs/cluster/{granted.id}")

@@ -180,11 +180,12 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
         certificate_pem=site.certificate().decode(), executor=executor_kind(options.executor), isolation=accounts.description,
         max_delegation_seconds=options.max_delegation, resources=jpb.Resources(
             cpus=info.resources.cpus, memory_bytes=info.resources.memory, gpus=info.resources.gpus), capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
-    site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info), server)
+    publisher = None if gate.authority is None else \
+        Publisher(site.name, gate.authority, hub, core.remote.atom_states, core.remote.resolved_by)
+    site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info, links, publisher), server)
     files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root, store), server)
-    if gate.authority is not None:
-        federation_pb2_grpc.add_FederationServicer_to_server(FederationServicer(
-            Publisher(site.name, gate.authority, hub, core.remote.atom_states, core.remote.resolved_by)), server)
+    if publisher is not None:
+        federation_pb2_grpc.add_FederationServicer_to_server(FederationServicer(publisher), server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(server, broker_services(federation=gate.authority is not None))

@@ -1,7 +1,8 @@
 """A connection to one broker: TLS channel, session tokens, the site's identity, calls.
 
 `Connection` is what a job proxy needs from its service (park.job): one
-channel with per-call session tokens, the site's `Info`, and `call`, which
+channel with per-call session tokens, the site's `Info` (and, for operators,
+its `Peers`), and `call`, which
 turns a gRPC error into `park.ServiceError`. `park.Service` adds the submission
 pipeline and the default-service context on top.
 """
@@ -98,6 +99,11 @@ class Connection:
     @property
     def channel(self) -> grpc.Channel:
         return self._channel
+
+    def peers(self) -> list[site_pb2.PeerLink]:
+        """The site's peers and the state of the streams between them (what `park status` shows an
+        operator); ServiceError PERMISSION_DENIED unless the caller's token grants `admin`."""
+        return list(self.call(self._site_stub.Peers, site_pb2.PeersRequest(), "listing the site's peers").peers)
 
     def packages(self) -> list[PackageInfo]:
         """What this site has installed, so a script can pin one of those (`requires=[...]`)."""

@@ -41,6 +41,7 @@ TOKEN = "token"  # any valid token; the handler checks the scope the call needs
 SUBMIT_OR_UPLOAD = "submit|upload"   # either permission; the handler checks which each spec needs
 POLICY: dict[str, str] = {
     "/park.v1.Site/Info": PUBLIC,
+    "/park.v1.Site/Peers": "admin",
     "/park.v1.Jobs/SubmitMany": SUBMIT_OR_UPLOAD,   # an install job needs only upload; the handler checks
     "/park.v1.Jobs/Get": "read",
     "/park.v1.Jobs/List": "read",
@@ -144,8 +145,9 @@ class Gate:
         except tokens.TokenError as exc:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, f"token refused: {exc.message}") from None
         if rule not in (PUBLIC, TOKEN) and not set(rule.split("|")) & identity.permissions:
+            action = "make operators' calls (admin)" if rule == "admin" else rule.replace('|', ' or ')
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
-                           f"user {identity.user!r} may not {rule.replace('|', ' or ')} at site {self.authority.site!r} with this "
+                           f"user {identity.user!r} may not {action} at site {self.authority.site!r} with this "
                            f"token (it grants: {', '.join(sorted(identity.permissions)) or 'nothing'})")
         return identity
 

@@ -134,12 +134,13 @@ class Ledger:
         self._reports.update(reports)
 
     def alias(self, alias_id: str, owner: str, twin: jpb.Job, batch: Batch, member_of: str = "") -> None:
-        """Make `alias_id` another name of `twin` (a memo hit), recorded with the batch; `member_of`: the
-        group the alias was submitted to join, which `twin` now counts for."""
+        """Make `alias_id` another name of `twin` (a memo hit), recorded with the batch with a `reused` event
+        under `alias_id`; `member_of`: the group the alias was submitted to join, which `twin` now counts for."""
         self._aliases[alias_id] = twin.id
         self._aliased.setdefault(twin.id, set()).add(alias_id)
         alias = jpb.Job(id=alias_id, owner=owner, spec=jpb.JobSpec(member_of=member_of))
-        batch.changes.append(Change(job=alias, event=jpb.Event(), alias_of=twin.id))
+        event = jpb.Event(job_id=alias_id, time=time.time(), reused=jpb.Reused(job_id=twin.id))
+        batch.changes.append(Change(job=alias, event=event, record=False, alias_of=twin.id))
 
     def add_reports(self, job_id: str, reports: list[dict[str, float]]) -> None:
         history = self._reports.setdefault(job_id, [])

@@ -91,7 +91,7 @@ class Change:
     event: jpb.Event
     insert: bool = False
     record: bool = True     # False: only the event is written; the job's row is left as it is
-    alias_of: str = ""      # set: `job.id` becomes another name of this job; no event is written
+    alias_of: str = ""      # set: `job.id` becomes another name of this job (with record False, event `reused`)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -168,7 +168,7 @@ class Store:
                             fut.set_exception(exc)
                     continue
                 if self._on_commit is not None:
-                    self._on_commit([c for cs, _ in batch for c in cs if not c.alias_of])
+                    self._on_commit([c for cs, _ in batch for c in cs])
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
@@ -185,7 +185,6 @@ class Store:
                 if change.alias_of:
                     conn.execute("INSERT INTO aliases (id, target, owner, member_of) VALUES (?, ?, ?, ?)",
                                  (job.id, change.alias_of, job.owner, job.spec.member_of or None))
-                    continue
                 event.ClearField("seq")
                 cur = conn.execute("INSERT INTO events (job_id, owner, body) VALUES (?, ?, ?)",
                                    (job.id, job.owner, event.SerializeToString()))

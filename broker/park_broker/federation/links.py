@@ -10,6 +10,9 @@ Nor does a grant that expired: the peer refuses the atom as `expired`, the
 jobs that wait on it say they need fresh credentials, and a renewed grant
 (`watch` again) asks for it anew. A grant refused for any other reason (revoked,
 never valid) cancels the atom.
+
+Each stream's state (open or not and since when, why it last broke, atoms
+received) is kept for operators (`peer_status`).
 """
 from __future__ import annotations
 
@@ -44,6 +47,20 @@ class PeerStatus:
     connected: bool               # the stream is open (opened when a job first waits on the peer, kept open)
     pending_atoms: int            # remote atoms still waited for
     idle_seconds: float | None    # since the peer's last message; None when not known
+    address: str = ""
+    wanted: bool = False          # a stream is kept (some job waited on the peer); False: none opened yet
+    since: float = 0.0            # time.time() the stream last opened or broke; 0: neither yet
+    last_error: str = ""          # why it last broke or failed to open, in words; "" if it never did
+    atoms_received: int = 0       # resolutions received since the broker started
+
+    @property
+    def state(self) -> str:
+        """One word for the stream: connected, connecting, down (see last_error) or idle (never needed)."""
+        if self.connected:
+            return "connected"
+        if not self.wanted:
+            return "idle"
+        return "down" if self.last_error else "connecting"
 
 
 @dataclass
@@ -56,6 +73,9 @@ class _Link:
     task: asyncio.Task[None] | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     last_message: float = 0.0    # time.monotonic() of the last message from the peer
+    since: float = 0.0           # time.time() the stream last opened or broke
+    last_error: str = ""
+    received: int = 0            # atoms resolved by the peer's updates and refusals
 
 
 class PeerLinks:
@@ -102,6 +122,7 @@ class PeerLinks:
             if channel is not None:
                 asyncio.get_running_loop().create_task(channel.close())
             link.peer, link.sending, link.last_seq = peer, None, 0
+            link.since, link.last_error = 0.0, ""
             link.connected.clear()
             if peer is None and link.atoms:
                 log.warning("site %s is no longer a peer: %d atoms its jobs wait on wait until it is added again",
@@ -110,10 +131,13 @@ class PeerLinks:
                 link.task = asyncio.get_running_loop().create_task(self._run(link), name=f"park-peer-{name}")
 
     def peer_status(self) -> list[PeerStatus]:
-        """Each peer's stream as metrics see it: last sequence number, connected, atoms pending, silence."""
+        """Each peer's stream as metrics and operators (`Site.Peers`) see it: its state and since when, the
+        last error, the peer's last sequence number, atoms pending and received, silence."""
         now = time.monotonic()
         return [PeerStatus(name, link.last_seq, link.connected.is_set(), len(link.atoms),
-                           now - link.last_message if link.last_message else None)
+                           now - link.last_message if link.last_message else None, address=link.peer.address,
+                           wanted=link.task is not None, since=link.since, last_error=link.last_error,
+                           atoms_received=link.received)
                 for name, link in self._links.items() if link.peer is not None]
 
     def watch(self, key: AtomKey, token: str) -> None:
@@ -157,14 +181,20 @@ class PeerLinks:
                              peer.address, len(link.atoms), link.last_seq)
                     async for response in call:
                         delay = BACKOFF[0]
-                        link.connected.set()
+                        if not link.connected.is_set():
+                            link.connected.set()
+                            link.since = time.time()
                         link.last_message = time.monotonic()
                         self._receive(link, response)
+                    link.last_error = "the peer ended the stream"
             except grpc.aio.AioRpcError as exc:
+                link.last_error = _in_words(exc)
                 log.info("stream to peer %s broke (%s); retrying in %.1f s", peer.name, exc.code().name, delay)
             finally:
                 if writer is not None:
                     writer.cancel()
+            if link.connected.is_set() or not link.since:
+                link.since = time.time()
             link.connected.clear()
             link.sending = None
             await asyncio.sleep(delay * (0.5 + random.random()))
@@ -188,6 +218,7 @@ class PeerLinks:
             key = self._asked(link, response.refused.atom)
             if key is None:
                 return
+            link.received += 1
             if response.refused.expired:
                 log.warning("peer %s: the grant for atom %s expired; its jobs wait for a renewed one", link.name,
                             key)
@@ -204,6 +235,7 @@ class PeerLinks:
             if key is not None:
                 link.last_seq = max(link.last_seq, update.seq)
                 resolved[key] = State.READY if update.state == fpb.ATOM_STATE_READY else State.CANCELLED
+        link.received += len(resolved)
         if resolved:   # the atoms one change at the peer resolved, applied together
             self._on_resolved(resolved, "")
 
@@ -215,3 +247,20 @@ class PeerLinks:
             log.warning("peer %s sent a malformed atom; ignored", link.name)
             return None
         return key if link.atoms.pop(key, None) is not None else None
+
+
+_WORDS = {
+    grpc.StatusCode.UNAVAILABLE: "cannot reach it",
+    grpc.StatusCode.UNAUTHENTICATED: "it does not accept this site's certificate",
+    grpc.StatusCode.PERMISSION_DENIED: "it refused this site",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "it did not answer in time",
+    grpc.StatusCode.UNIMPLEMENTED: "it does not serve federation (not a Park peer port?)",
+    grpc.StatusCode.CANCELLED: "the stream was cancelled",
+}
+
+
+def _in_words(exc: grpc.aio.AioRpcError) -> str:
+    """Why a stream broke, for operators: a phrase, then gRPC's own code and first line of detail."""
+    detail = next(iter((exc.details() or "").splitlines()), "")[:200]
+    phrase = _WORDS.get(exc.code(), "the stream failed")
+    return f"{phrase} ({exc.code().name}{': ' + detail if detail else ''})"

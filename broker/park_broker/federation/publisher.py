@@ -21,6 +21,9 @@ resolved after it, it is held in `due` until the change stream reaches that
 number, so it leaves between the changes around it; still pending, it is
 watched and the change that resolves it sends it. A stream that falls behind
 the hub is re-synchronised the same way from the store.
+
+The open streams are kept so that operators can see who is subscribed and to
+how many atoms (`subscribers`, for `Site.Peers`): names and counts, never grants.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -59,6 +63,14 @@ ResolvedBy = Callable[[AtomKey, Change], State]
 _REFRESH = object()    # the hub dropped this stream for lagging: re-synchronise from the store
 
 
+@dataclass(frozen=True, slots=True)
+class Subscriber:
+    """A peer's subscription to this site, as operators see it."""
+
+    since: float            # time.time() its stream opened
+    atoms_watched: int      # atoms of this site's jobs it waits on, not yet resolved
+
+
 class Publisher:
     """Serves Subscribe streams; see the module docstring."""
 
@@ -68,15 +80,28 @@ class Publisher:
         self.hub = hub
         self.states = states
         self.resolved_by = resolved_by
+        self._open: set[_Stream] = set()
+
+    def subscribers(self) -> dict[str, Subscriber]:
+        """The peers subscribed to this site now, by name (a peer reconnecting may briefly hold two streams)."""
+        out: dict[str, Subscriber] = {}
+        for stream in self._open:
+            watched = sum(len(keys) for keys in stream.watched.values())
+            had = out.get(stream.peer.name)
+            out[stream.peer.name] = Subscriber(min(stream.opened, had.since), had.atoms_watched + watched) \
+                if had else Subscriber(stream.opened, watched)
+        return out
 
     async def serve(self, peer: Peer, requests: AsyncIterator[fpb.SubscribeRequest]
                     ) -> AsyncIterator[fpb.SubscribeResponse]:
         stream = _Stream(self, peer)
         log.info("peer %s subscribed", peer.name)
+        self._open.add(stream)
         try:
             async for response in stream.run(requests):
                 yield response
         finally:
+            self._open.discard(stream)
             log.info("peer %s's subscription ended (%d atoms still watched)", peer.name,
                      sum(len(keys) for keys in stream.watched.values()))
 
@@ -121,6 +146,7 @@ class _Stream:
         self.checked = (publisher.authority.generation, float("inf"))   # (as of, next expiry) of the grants
         self.due: list[tuple[int, str, AtomKey, State]] = []   # resolved after the horizon, by seq
         self.asked = 0
+        self.opened = time.time()
 
     async def run(self, requests: AsyncIterator[fpb.SubscribeRequest]) -> AsyncIterator[fpb.SubscribeResponse]:
         hub = self.publisher.hub

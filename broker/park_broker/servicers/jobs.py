@@ -59,7 +59,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     @unary
     async def Get(self, request: jpb.GetRequest, context: grpc.aio.ServicerContext) -> jpb.Job:
         caller = current_identity.get()
-        return without_tokens(await self.core.queries.get(caller.user, request.job_id, admin=caller.admin))
+        job = without_tokens(await self.core.queries.get(caller.user, request.job_id, admin=caller.admin))
+        job.memo_hit = job.id != request.job_id     # asked by the id of a submission another job answered
+        return job
 
     @unary
     async def List(self, request: jpb.ListRequest, context: grpc.aio.ServicerContext) -> jpb.ListResponse:

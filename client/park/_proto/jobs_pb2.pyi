@@ -809,6 +809,30 @@ class GroupProgress(_message.Message):
 Global___GroupProgress: _TypeAlias = GroupProgress  # noqa: Y015
 
 @_typing.final
+class Reused(_message.Message):
+    """The submission of the event's job_id was answered by an earlier job, `job_id`, which does (or did) the
+    work: a memo hit. The submitted id stays another name of that job. Written once, as the hit is made;
+    an all-jobs Watch carries it, a job's own Watch follows the job it names.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reused: _TypeAlias = Reused  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -825,6 +849,7 @@ class Event(_message.Message):
     NEEDS_CREDENTIALS_FIELD_NUMBER: _builtins.int
     RENEWED_FIELD_NUMBER: _builtins.int
     GROUP_PROGRESS_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """per broker, strictly increasing"""
     job_id: _builtins.str
@@ -850,6 +875,8 @@ class Event(_message.Message):
     def renewed(self) -> Global___Renewed: ...
     @_builtins.property
     def group_progress(self) -> Global___GroupProgress: ...
+    @_builtins.property
+    def reused(self) -> Global___Reused: ...
     def __init__(
         self,
         *,
@@ -866,12 +893,13 @@ class Event(_message.Message):
         needs_credentials: Global___NeedsCredentials | None = ...,
         renewed: Global___Renewed | None = ...,
         group_progress: Global___GroupProgress | None = ...,
+        reused: Global___Reused | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "group_progress", b"group_progress", "improved", b"improved", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "started", b"started", "submitted", b"submitted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "group_progress", b"group_progress", "improved", b"improved", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "reused", b"reused", "started", b"started", "submitted", b"submitted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "group_progress", b"group_progress", "improved", b"improved", "job_id", b"job_id", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "seq", b"seq", "started", b"started", "submitted", b"submitted", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "group_progress", b"group_progress", "improved", b"improved", "job_id", b"job_id", "kind", b"kind", "needs_credentials", b"needs_credentials", "queued", b"queued", "renewed", b"renewed", "reused", b"reused", "seq", b"seq", "started", b"started", "submitted", b"submitted", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["submitted", "queued", "started", "improved", "completed", "failed", "cancelled", "needs_credentials", "renewed", "group_progress"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["submitted", "queued", "started", "improved", "completed", "failed", "cancelled", "needs_credentials", "renewed", "group_progress", "reused"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -941,6 +969,7 @@ class Job(_message.Message):
     error: _builtins.str
     traceback: _builtins.str
     memo_hit: _builtins.bool
+    """Get by the id of a memo hit: this record (`id`) is of the job that answered it"""
     last_seq: _builtins.int
     """the sequence number of the job's latest event"""
     memo_key: _builtins.str

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from park._proto import jobs_pb2 as park_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12park/v1/site.proto\x12\x07park.v1\x1a\x12park/v1/jobs.proto\"\r\n\x0bInfoRequest\"\x89\x02\n\x0cInfoResponse\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfiles_root\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x05 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x10\n\x08\x65xecutor\x18\x08 \x01(\t\x12\x1e\n\x16max_delegation_seconds\x18\n \x01(\x03\x12\x11\n\tisolation\x18\t \x01(\t\x12%\n\tresources\x18\x0b \x01(\x0b\x32\x12.park.v1.Resources2;\n\x04Site\x12\x33\n\x04Info\x12\x14.park.v1.InfoRequest\x1a\x15.park.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12park/v1/site.proto\x12\x07park.v1\x1a\x12park/v1/jobs.proto\"\r\n\x0bInfoRequest\"\x9e\x02\n\x0cInfoResponse\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nfiles_root\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x05 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x10\n\x08\x65xecutor\x18\x08 \x01(\t\x12\x1e\n\x16max_delegation_seconds\x18\n \x01(\x03\x12\x11\n\tisolation\x18\t \x01(\t\x12\x13\n\x0bpermissions\x18\x0c \x03(\t\x12%\n\tresources\x18\x0b \x01(\x0b\x32\x12.park.v1.Resources\"\x0e\n\x0cPeersRequest\"\xf7\x01\n\x08PeerLink\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05since\x18\x04 \x01(\x01\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x10\n\x08last_seq\x18\x06 \x01(\x03\x12\x15\n\ratoms_pending\x18\x07 \x01(\x03\x12\x16\n\x0e\x61toms_received\x18\x08 \x01(\x03\x12\x14\n\x0cidle_seconds\x18\t \x01(\x01\x12\x12\n\nsubscribed\x18\n \x01(\x08\x12\x18\n\x10subscribed_since\x18\x0b \x01(\x01\x12\x15\n\ratoms_watched\x18\x0c \x01(\x03\"1\n\rPeersResponse\x12 \n\x05peers\x18\x01 \x03(\x0b\x32\x11.park.v1.PeerLink2s\n\x04Site\x12\x33\n\x04Info\x12\x14.park.v1.InfoRequest\x1a\x15.park.v1.InfoResponse\x12\x36\n\x05Peers\x12\x15.park.v1.PeersRequest\x1a\x16.park.v1.PeersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=51
   _globals['_INFOREQUEST']._serialized_end=64
   _globals['_INFORESPONSE']._serialized_start=67
-  _globals['_INFORESPONSE']._serialized_end=332
-  _globals['_SITE']._serialized_start=334
-  _globals['_SITE']._serialized_end=393
+  _globals['_INFORESPONSE']._serialized_end=353
+  _globals['_PEERSREQUEST']._serialized_start=355
+  _globals['_PEERSREQUEST']._serialized_end=369
+  _globals['_PEERLINK']._serialized_start=372
+  _globals['_PEERLINK']._serialized_end=619
+  _globals['_PEERSRESPONSE']._serialized_start=621
+  _globals['_PEERSRESPONSE']._serialized_end=670
+  _globals['_SITE']._serialized_start=672
+  _globals['_SITE']._serialized_end=787
 # @@protoc_insertion_point(module_scope)

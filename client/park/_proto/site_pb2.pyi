@@ -48,6 +48,7 @@ class InfoResponse(_message.Message):
     EXECUTOR_FIELD_NUMBER: _builtins.int
     MAX_DELEGATION_SECONDS_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    PERMISSIONS_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     site: _builtins.str
     """the site's name, as in park://<site>/..."""
@@ -69,6 +70,10 @@ class InfoResponse(_message.Message):
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
+    def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """what the caller's token allows here: submit, read, upload, admin"""
+
+    @_builtins.property
     def resources(self) -> _jobs_pb2.Resources:
         """what the site has for jobs (serve --cpus --memory --gpus)            // which Unix account jobs run as, in words ("jobs run as each user's own ...")"""
 
@@ -85,12 +90,119 @@ class InfoResponse(_message.Message):
         executor: _builtins.str = ...,
         max_delegation_seconds: _builtins.int = ...,
         isolation: _builtins.str = ...,
+        permissions: _abc.Iterable[_builtins.str] | None = ...,
         resources: _jobs_pb2.Resources | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "capabilities", b"capabilities", "certificate_pem", b"certificate_pem", "executor", b"executor", "files_root", b"files_root", "identity_public_key", b"identity_public_key", "isolation", b"isolation", "max_delegation_seconds", b"max_delegation_seconds", "resources", b"resources", "site", b"site", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "capabilities", b"capabilities", "certificate_pem", b"certificate_pem", "executor", b"executor", "files_root", b"files_root", "identity_public_key", b"identity_public_key", "isolation", b"isolation", "max_delegation_seconds", b"max_delegation_seconds", "permissions", b"permissions", "resources", b"resources", "site", b"site", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
+
+@_typing.final
+class PeersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeersRequest: _TypeAlias = PeersRequest  # noqa: Y015
+
+@_typing.final
+class PeerLink(_message.Message):
+    """One peer of the site, as its operators see it: the stream this site keeps to the peer (for the
+    remote conditions its jobs wait on) and the peer's stream to this site. Never a token or a key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    ATOMS_PENDING_FIELD_NUMBER: _builtins.int
+    ATOMS_RECEIVED_FIELD_NUMBER: _builtins.int
+    IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_SINCE_FIELD_NUMBER: _builtins.int
+    ATOMS_WATCHED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    address: _builtins.str
+    """the peer's peer port, as in peers.toml"""
+    state: _builtins.str
+    """This site's subscription to the peer: "connected", "connecting", "down" (see last_error) or
+    "idle" (no job here has waited on the peer since the broker started, so no stream was opened).
+    """
+    since: _builtins.float
+    """seconds since the epoch the stream last opened or broke; 0: neither"""
+    last_error: _builtins.str
+    """why it last broke or failed to open, in words; empty if it never did"""
+    last_seq: _builtins.int
+    """the peer's sequence number as of its last message"""
+    atoms_pending: _builtins.int
+    """conditions on the peer's jobs still waited for"""
+    atoms_received: _builtins.int
+    """resolutions received since the broker started"""
+    idle_seconds: _builtins.float
+    """since the peer's last message; -1 when never heard from"""
+    subscribed: _builtins.bool
+    """The peer's subscription to this site."""
+    subscribed_since: _builtins.float
+    """seconds since the epoch; 0 when not subscribed"""
+    atoms_watched: _builtins.int
+    """conditions on this site's jobs the peer waits on"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        state: _builtins.str = ...,
+        since: _builtins.float = ...,
+        last_error: _builtins.str = ...,
+        last_seq: _builtins.int = ...,
+        atoms_pending: _builtins.int = ...,
+        atoms_received: _builtins.int = ...,
+        idle_seconds: _builtins.float = ...,
+        subscribed: _builtins.bool = ...,
+        subscribed_since: _builtins.float = ...,
+        atoms_watched: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "atoms_pending", b"atoms_pending", "atoms_received", b"atoms_received", "atoms_watched", b"atoms_watched", "idle_seconds", b"idle_seconds", "last_error", b"last_error", "last_seq", b"last_seq", "name", b"name", "since", b"since", "state", b"state", "subscribed", b"subscribed", "subscribed_since", b"subscribed_since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerLink: _TypeAlias = PeerLink  # noqa: Y015
+
+@_typing.final
+class PeersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerLink]:
+        """by name"""
+
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[Global___PeerLink] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeersResponse: _TypeAlias = PeersResponse  # noqa: Y015

@@ -39,6 +39,11 @@ class SiteStub:
                 request_serializer=park_dot_v1_dot_site__pb2.InfoRequest.SerializeToString,
                 response_deserializer=park_dot_v1_dot_site__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Peers = channel.unary_unary(
+                '/park.v1.Site/Peers',
+                request_serializer=park_dot_v1_dot_site__pb2.PeersRequest.SerializeToString,
+                response_deserializer=park_dot_v1_dot_site__pb2.PeersResponse.FromString,
+                _registered_method=True)
 
 
 class SiteServicer:
@@ -50,6 +55,13 @@ class SiteServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Peers(self, request, context):
+        """The site's peers and the state of the streams between them; operators only (`admin`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_SiteServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=park_dot_v1_dot_site__pb2.InfoRequest.FromString,
                     response_serializer=park_dot_v1_dot_site__pb2.InfoResponse.SerializeToString,
+            ),
+            'Peers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Peers,
+                    request_deserializer=park_dot_v1_dot_site__pb2.PeersRequest.FromString,
+                    response_serializer=park_dot_v1_dot_site__pb2.PeersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class Site:
             '/park.v1.Site/Info',
             park_dot_v1_dot_site__pb2.InfoRequest.SerializeToString,
             park_dot_v1_dot_site__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Peers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/park.v1.Site/Peers',
+            park_dot_v1_dot_site__pb2.PeersRequest.SerializeToString,
+            park_dot_v1_dot_site__pb2.PeersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -102,10 +102,35 @@ def cmd_status(args: argparse.Namespace) -> int:
             if r["max_delegation_seconds"]:
                 print(f"{r['name']}: accepts delegated tokens of up to {r['max_delegation_seconds']} s "
                       "(`park renew` keeps longer waits going)")
+        for r in rows:
+            _print_peers(r)
     for r in rows:
         if r["status"] != "ok":
             print(f"park: service {r['name']}: {r['error']}", file=sys.stderr)
     return FAILURE if down else 0
+
+
+def _print_peers(row: dict[str, Any]) -> None:
+    """An operator's view of one site's peers: each stream, both ways."""
+    peers = row.get("peers")
+    if isinstance(peers, str):
+        print(f"park: service {row['name']}: {peers}", file=sys.stderr)
+        return
+    if peers is None:
+        return
+    if not peers:
+        print(f"{row['name']}: site {row['site']} has no peers")
+        return
+    table = Table("peer", "address", "our stream", "since", "atoms pending/received", "its stream",
+                  title=f"peers of site {row['site']}", title_justify="left")
+    for p in peers:
+        ours = p["state"] + (f": {p['last_error']}" if p["last_error"] else "")
+        theirs = f"subscribed since {clock(p['subscribed_since'])}, watching {p['atoms_watched']} atoms" \
+            if p["subscribed"] else "not subscribed"
+        table.add_row(Text(p["name"]), Text(p["address"]),
+                      Text(ours, style="green" if p["state"] == "connected" else "red" if p["state"] == "down" else ""),
+                      Text(clock(p["since"] or 0)), Text(f"{p['atoms_pending']}/{p['atoms_received']}"), Text(theirs))
+    new_console().print(table)
 
 
 def _job_row(service_name: str, job: jpb.Job) -> dict[str, Any]:

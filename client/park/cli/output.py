@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from park._proto import jobs_pb2 as jpb
+from park._proto import site_pb2
 from park.errors import ParkError
 from park.groups import counts_line
 from park.job import JobEvent
@@ -49,6 +50,16 @@ def iso(t: float) -> str | None:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat() if t else None
 
 
+def peer_json(peer: site_pb2.PeerLink) -> dict[str, Any]:
+    """A peer and its streams as `park status --json` and the dashboard show them (times in epoch seconds)."""
+    return {"name": peer.name, "address": peer.address, "state": peer.state, "since": peer.since or None,
+            "last_error": peer.last_error or None, "last_seq": peer.last_seq, "atoms_pending": peer.atoms_pending,
+            "atoms_received": peer.atoms_received,
+            "idle_seconds": None if peer.idle_seconds < 0 else round(peer.idle_seconds, 1),
+            "subscribed": peer.subscribed, "subscribed_since": peer.subscribed_since or None,
+            "atoms_watched": peer.atoms_watched}
+
+
 def describe(event: JobEvent) -> str:
     """One line saying what an event means: the work submitted, the result, the error or the cause."""
     d = event.detail
@@ -57,6 +68,8 @@ def describe(event: JobEvent) -> str:
         work = spec.get("call", {}).get("target") or " ".join(spec.get("command", {}).get("argv", []))
         label = spec.get("label", "")
         return f"{label} ({work})" if label and label != work else work
+    if event.kind == "reused":
+        return f"a memo hit: answered by job {d.get('jobId', '?')}, which ran the same work"
     if event.kind == "queued":
         return d.get("reason", "")
     if event.kind == "started":

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from park._proto import jobs_pb2 as jpb
-from park.cli.output import USAGE, die
+from park.cli.output import USAGE, die, peer_json
 from park.config import ServiceEntry, config_path, load_services
 from park.errors import ParkError, ServiceError
 from park.job import Job
@@ -88,13 +88,17 @@ def reference(job: Job) -> str:
 def probe(entry: ServiceEntry) -> dict[str, Any]:
     """What `park status` says of one service: `status` is "ok", "no credentials" (it answers, but does not
     know you), "refused" (it refused your token, for the reason in `error`), "tls" (its certificate is not
-    the pinned one, or the address is a peer port) or "unreachable"; `reachable`: it answered at all."""
+    the pinned one, or the address is a peer port) or "unreachable"; `reachable`: it answered at all. An
+    operator (a token granting `admin`) also gets `peers`: the site's peers and their streams
+    (cli.output.peer_json), or why they could not be read."""
     row: dict[str, Any] = {"name": entry.name, "address": entry.address, "reachable": False, "status": "unreachable",
                            "site": None, "version": None, "caller": None, "isolation": None,
                            "max_delegation_seconds": None, "error": None}
     try:
         with contextlib.closing(Service(entry.address, entry.cert)) as service:
             info = service.info
+            if "admin" in info.permissions:      # an operator is shown the site's peers too
+                row["peers"] = _peers(service)
     except ServiceError as exc:
         if exc.code == "UNAUTHENTICATED":
             row.update(reachable=True, status="refused", error=f"it refused your credentials: {exc.message}")
@@ -111,6 +115,14 @@ def probe(entry: ServiceEntry) -> dict[str, Any]:
         if not info.caller:
             row["error"] = "it does not know you: start park-agent and add your key, or set PARK_KEY_FILE"
     return row
+
+
+def _peers(service: Service) -> list[dict[str, Any]] | str:
+    """An operator's view of the site's peers, or why it could not be read."""
+    try:
+        return [peer_json(p) for p in service.peers()]
+    except ParkError as exc:
+        return str(exc)
 
 
 @contextlib.contextmanager

@@ -3,8 +3,9 @@
 `Board` holds every job of the demo's user at both brokers as last seen in each
 broker's all-jobs Watch stream (`watch_all`), keyed by (site, job id): its
 label, state, last progress values (`improved` events) and a one-line detail.
-A memo hit writes no event, so rows a later run reused are marked by the demo
-from the workflow's summary (`mark_reused`).
+A memo hit is a `reused` event of the submitted id naming the earlier job: the
+submitted id gets a row of its own (`reuses` says which job answered it) that
+follows that job's state, and the earlier job's row notes the run that reused it.
 
 `Transfer` follows the fetch job's progress by polling the size of its part
 file under the cluster's files directory (`files/<owner>/.<job>.attempt-fetch/
@@ -63,7 +64,8 @@ class Row:
     owner: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
     output_size: int = -1
-    reused_in: set[int] = field(default_factory=set)
+    reused_in: set[int] = field(default_factory=set)   # the runs that reused this job (memo hits of it)
+    reuses: str = ""        # a memo hit: the id of the earlier job that answered this submission
 
 
 def _values(values: dict[str, float]) -> str:
@@ -90,11 +92,19 @@ class Board:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], Row] = {}
         self._by_id: dict[str, list[Row]] = {}     # the same rows by job id (at any site)
+        self._aliases: dict[tuple[str, str], list[Row]] = {}   # (site, job) -> rows of memo hits of it
         self.run = 1
 
     def apply(self, site: str, event: JobEvent) -> Row:
+        """The row `event` changed; rows of memo hits of its job follow it (`aliases`)."""
         row = self._row(site, event.job_id, self.run)
         d = event.detail
+        if event.kind == "reused":
+            twin = self.mark_reused(site, d.get("jobId", ""), self.run)
+            row.reuses, row.submitted = twin.job_id, event.time
+            self._aliases.setdefault((site, twin.job_id), []).append(row)
+            self._mirror(twin, row)
+            return row
         if event.kind == "submitted":
             row.spec, row.owner = d.get("spec", {}), d.get("owner", "")
             row.work = next((w for w in ("call", "command", "fetch", "install", "race") if w in row.spec), "")
@@ -111,7 +121,19 @@ class Board:
         if event.kind == "completed":
             row.output_size = max((int(o.get("size", 0)) for o in d.get("outputs", [])), default=-1)
         row.state = _STATE_OF.get(event.kind, row.state)
+        for alias in self._aliases.get((site, row.job_id), ()):
+            self._mirror(row, alias)
         return row
+
+    def aliases(self, row: Row) -> list[Row]:
+        """The rows of the memo hits of `row`'s job."""
+        return self._aliases.get((row.site, row.job_id), [])
+
+    @staticmethod
+    def _mirror(twin: Row, alias: Row) -> None:
+        alias.label, alias.work, alias.owner, alias.spec = twin.label or twin.job_id, twin.work, twin.owner, twin.spec
+        alias.state, alias.values, alias.progress, alias.attempt = twin.state, twin.values, twin.progress, twin.attempt
+        alias.detail, alias.output_size = twin.detail, twin.output_size
 
     def _submitted(self, row: Row) -> str:
         spec = row.spec
@@ -165,8 +187,9 @@ class Board:
         return row
 
     def shown(self) -> list[Row]:
-        """The rows of the current run: jobs it submitted anew and the earlier jobs it reused."""
-        return [r for r in self.rows.values() if r.run == self.run or self.run in r.reused_in]
+        """The rows of the current run: jobs it submitted anew and the earlier jobs it reused (by their own
+        rows, not those of the submissions they answered)."""
+        return [r for r in self.rows.values() if not r.reuses and (r.run == self.run or self.run in r.reused_in)]
 
     def state_of(self, site: str, job_id: str) -> str | None:
         row = self.rows.get((site, job_id))
@@ -295,9 +318,9 @@ class View:
                                          (f"{event.kind if event.kind == 'improved' else row.state:<10}",
                                           STATE_STYLES.get(row.state, "")), f" {text}"))
 
-    def reused(self, row: Row, label: str) -> None:
+    def reused(self, row: Row) -> None:
         if self.live is None:
-            self.console.print(Text.assemble(f"{clock(time.time())}  {row.site:<8} {row.label or label:<20} ",
+            self.console.print(Text.assemble(f"{clock(time.time())}  {row.site:<8} {row.label or row.job_id:<20} ",
                                              ("memo hit  ", "green"), f" reused job {row.job_id} ({row.state})"))
 
     def line(self, text: str) -> None:

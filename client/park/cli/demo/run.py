@@ -144,21 +144,15 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _follow(view: View, board: Board, out: queue.Queue[tuple[str, Any]], summary: Path) -> int:
+def _follow(view: View, board: Board, out: queue.Queue[tuple[str, Any]]) -> int:
     """Consume events and workflow output until the workflow has exited and the board has settled.
 
     Returns the workflow's exit status; a failure to watch or a timeout raises CliError."""
     deadline = time.monotonic() + RUN_TIMEOUT
     status: int | None = None
-    marked = False
     while status is None or not board.settled():
         if time.monotonic() > deadline:
             raise CliError(f"the demo workflow did not finish within {RUN_TIMEOUT:.0f} s")
-        if not marked and (document := _read_summary(summary)) is not None:
-            for job in document["jobs"]:     # a memo hit writes no event: the workflow says which were
-                if job["memo_hit"]:
-                    view.reused(board.mark_reused(job["site"], job["id"], board.run), job["label"])
-            marked = True
         try:
             kind, value = out.get(timeout=0.12)
         except queue.Empty:
@@ -167,7 +161,11 @@ def _follow(view: View, board: Board, out: queue.Queue[tuple[str, Any]], summary
         if kind == "event":
             site, event = value
             assert isinstance(event, JobEvent)
-            view.event(event, board.apply(site, event))
+            row = board.apply(site, event)
+            if event.kind == "reused":
+                view.reused(board.rows[(site, row.reuses)])
+            else:
+                view.event(event, row)
         elif kind == "line":
             view.line(str(value))
         elif kind == "exit":
@@ -274,7 +272,7 @@ class _Demo:
         try:
             workflow = _start_workflow(self.examples, sites, summary, self.out)
             with View(console, self.board, Transfer(sites.cluster.files), title, self.plain) as view:
-                status = _follow(view, self.board, self.out, summary)
+                status = _follow(view, self.board, self.out)
         finally:
             stop_process(workflow, signal.SIGTERM, 5.0)
         if not self.plain:

@@ -8,6 +8,10 @@ outlives its session token. Events are applied on the server's event loop to a
 has one writer and needs no lock. Each page's push channel is a `Subscription`:
 the rows changed and the progress points reported since its last message,
 coalesced so a burst of thousands of events costs one message, not thousands.
+
+For an operator (a token granting `admin` at a site), one more thread asks each
+such site for its peers and their streams (`Site.Peers`) every PEERS_EVERY
+seconds: the broker has no stream of those, and they change slowly.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import grpc
 from park._proto import jobs_pb2 as jpb
 from park.cli.demo.board import Board, Row
 from park.cli.graph import STATE_COLOURS
+from park.cli.output import peer_json
 from park.config import ServiceEntry
 from park.errors import ParkError
 from park.job import JobEvent
@@ -29,6 +34,7 @@ from park.service import Service
 __all__ = ["Feed", "SiteLink", "Subscription", "row_json"]
 
 RETRY_EVERY = 1.0   # seconds between attempts to reach a broker whose stream broke
+PEERS_EVERY = 2.0   # seconds between looks at an operator's sites' peers
 
 
 @dataclass(slots=True)
@@ -40,9 +46,11 @@ class SiteLink:
     site: str = ""
     status: str = "connecting"
     stream: grpc.Call | None = None
+    peers: list[dict[str, Any]] | str | None = None    # None: not an operator here; str: why they are not known
 
-    def json(self) -> dict[str, str]:
-        return {"service": self.entry.name, "address": self.entry.address, "site": self.site, "status": self.status}
+    def json(self) -> dict[str, Any]:
+        return {"service": self.entry.name, "address": self.entry.address, "site": self.site, "status": self.status,
+                "peers": self.peers}
 
 
 @dataclass(slots=True)
@@ -54,17 +62,19 @@ class Subscription:
     sites: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def take(self) -> dict[str, Any]:
-        message = {"jobs": [row_json(r) for r in self.rows.values()], "points": self.points}
+    def take(self, board: Board) -> dict[str, Any]:
+        message = {"jobs": [row_json(r, board) for r in self.rows.values()], "points": self.points}
         self.rows, self.points = {}, []
         self.ready.clear()
         return message
 
 
-def row_json(row: Row) -> dict[str, Any]:
+def row_json(row: Row, board: Board) -> dict[str, Any]:
+    """A row as the page lists it; `reuses`: the earlier job a memo hit's submission was answered by,
+    `reused`: how many later submissions this job answered."""
     return {"site": row.site, "id": row.job_id, "label": row.label, "work": row.work, "state": row.state,
             "attempt": row.attempt, "values": row.values, "detail": row.detail, "owner": row.owner,
-            "submitted": row.submitted}
+            "submitted": row.submitted, "reuses": row.reuses, "reused": len(board.aliases(row))}
 
 
 class Feed:
@@ -91,6 +101,19 @@ class Feed:
         for link in self.links:
             threading.Thread(target=self._follow, args=(link,), name=f"park-ui-watch-{link.entry.name}",
                              daemon=True).start()
+        threading.Thread(target=self._watch_peers, name="park-ui-peers", daemon=True).start()
+
+    def _watch_peers(self) -> None:
+        while not self._stop.wait(PEERS_EVERY):
+            for link in self.links:
+                # Asked only where the token grants admin: anyone else would be refused, and logged as refused.
+                if not link.site or "admin" not in link.service.info.permissions:
+                    continue
+                try:
+                    peers: list[dict[str, Any]] | str = [peer_json(p) for p in link.service.peers()]
+                except ParkError as exc:
+                    peers = str(exc).splitlines()[0]
+                self._post(self._peers, link, peers)
 
     def _follow(self, link: SiteLink) -> None:
         last = 0
@@ -127,13 +150,22 @@ class Feed:
             sub.sites = True
             sub.ready.set()
 
+    def _peers(self, link: SiteLink, peers: list[dict[str, Any]] | str) -> None:
+        link.peers = peers
+        self._status(link, link.status)
+
     def _apply(self, site: str, events: list[JobEvent]) -> None:
         for event in events:
             row = self.board.apply(site, event)
             point = {"site": site, "id": event.job_id, "time": event.time, "values": row.values} \
                 if event.kind == "improved" else None
+            # A memo hit's row follows the job it reused, whose row now counts one more reuse.
+            changed = [row, *self.board.aliases(row)]
+            if row.reuses:
+                changed.append(self.board.rows[(site, row.reuses)])
             for sub in self._subscriptions:
-                sub.rows[(site, row.job_id)] = row
+                for r in changed:
+                    sub.rows[(site, r.job_id)] = r
                 if point is not None:
                     sub.points.append(point)
         for sub in self._subscriptions:
@@ -141,9 +173,9 @@ class Feed:
 
     def snapshot(self) -> dict[str, Any]:
         return {"sites": self.sites(), "colours": STATE_COLOURS,
-                "jobs": [row_json(r) for r in self.board.rows.values()]}
+                "jobs": [row_json(r, self.board) for r in self.board.rows.values()]}
 
-    def sites(self) -> list[dict[str, str]]:
+    def sites(self) -> list[dict[str, Any]]:
         return [link.json() for link in self.links]
 
     def subscribe(self) -> Subscription:

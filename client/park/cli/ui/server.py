@@ -113,7 +113,7 @@ def build_app(feed: Feed, depth: int = 5) -> Starlette:
                         await asyncio.wait_for(sub.ready.wait(), 15)
                     sites = sub.sites
                     sub.sites = False
-                    message = sub.take()
+                    message = sub.take(feed.board)
                     if sites:
                         message["sites"] = feed.sites()
                     yield f"event: update\ndata: {json.dumps(message)}\n\n"   # empty: a keep-alive

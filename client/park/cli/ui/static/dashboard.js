@@ -29,6 +29,13 @@ const key = (site, id) => `${site}/${id}`;
 const when = (t) => t ? new Date(t * 1000).toLocaleTimeString() : "";
 const values = (v) => Object.entries(v || {}).map(([k, x]) => `${k}=${Number(x).toPrecision(4)}`).join(" ");
 
+// A memo hit is a submission an earlier job answered: its row follows that job, and says which it is.
+function memoCell(row) {
+  if (row.reuses) return el("td", {class: "memo hit", title: `answered by ${row.site}/${row.reuses}`,
+                                   text: `hit: ${row.reuses.slice(0, 10)}`});
+  return el("td", {class: "memo", text: row.reused ? `reused ×${row.reused}` : ""});
+}
+
 function stateCell(state) {
   return el("td", {class: "state", text: state, bg: colours[state] || "#fff"});
 }
@@ -42,7 +49,7 @@ function filtered() {
   for (const row of jobs.values()) {
     if (site && row.site !== site) continue;
     if (state && row.state !== state) continue;
-    if (text && !`${row.label} ${row.id} ${row.owner} ${row.detail}`.toLowerCase().includes(text)) continue;
+    if (text && !`${row.label} ${row.id} ${row.owner} ${row.detail} ${row.reuses}`.toLowerCase().includes(text)) continue;
     out.push(row);
   }
   return out.sort((a, b) => b.submitted - a.submitted || (a.id < b.id ? -1 : 1));
@@ -57,12 +64,14 @@ function drawList() {
   body.replaceChildren(...rows.slice(page * PAGE, (page + 1) * PAGE).map((row) => {
     const tr = el("tr", {"data-key": key(row.site, row.id), "data-state": row.state},
       el("td", {text: row.site}), el("td", {class: "mono", text: row.id.slice(0, 10)}), el("td", {text: row.owner}),
-      el("td", {text: row.label}), stateCell(row.state), el("td", {text: row.attempt || ""}),
+      el("td", {text: row.label}), stateCell(row.state), el("td", {text: row.attempt || ""}), memoCell(row),
       el("td", {class: "mono", text: values(row.values)}), el("td", {class: "detail", text: row.detail}));
     if (selected && key(selected.site, selected.id) === key(row.site, row.id)) tr.classList.add("selected");
     return tr;
   }));
   $("count").textContent = `${rows.length} of ${jobs.size} jobs`;
+  // The memo column takes room from the details: shown once some job listed is or was a memo hit.
+  $("jobs").classList.toggle("no-memo", !rows.some((row) => row.reuses || row.reused));
   drawQueues();
   $("page").textContent = `page ${page + 1} of ${pages}`;
   $("prev").disabled = page === 0;
@@ -96,6 +105,26 @@ function drawSites(sites) {
   filter.replaceChildren(el("option", {value: "", text: "all"}),
     ...sites.filter((s) => s.site).map((s) => el("option", {value: s.site, text: s.site})));
   filter.value = chosen;
+  drawPeers(sites);
+}
+
+// An operator (admin token) is shown each site's peers and the streams between them, both ways.
+function drawPeers(sites) {
+  const rows = [];
+  for (const s of sites) {
+    if (typeof s.peers === "string" || (s.peers && !s.peers.length))
+      rows.push(el("tr", {}, el("td", {text: s.site}), el("td", {colspan: 6, text: s.peers.length ? s.peers : "no peers"})));
+    else for (const p of s.peers || []) {
+      rows.push(el("tr", {"data-peer": `${s.site}/${p.name}`, "data-state": p.state},
+        el("td", {text: s.site}), el("td", {text: p.name}), el("td", {class: "mono", text: p.address}),
+        el("td", {class: `stream ${p.state}`, text: p.state + (p.last_error ? `: ${p.last_error}` : "")}),
+        el("td", {text: when(p.since)}), el("td", {text: `${p.atoms_pending} / ${p.atoms_received}`}),
+        el("td", {text: p.subscribed ? `subscribed since ${when(p.subscribed_since)}, watching ${p.atoms_watched} atoms`
+                                     : "not subscribed"})));
+    }
+  }
+  $("peers").hidden = !sites.some((s) => s.peers !== null && s.peers !== undefined);
+  document.querySelector("#peers tbody").replaceChildren(...rows);
 }
 
 function connect() {
@@ -169,7 +198,8 @@ async function loadDetail() {
 function drawDetail(d) {
   $("detail-title").replaceChildren(`${d.label} `, el("span", {class: "state", id: "detail-state", text: d.state,
     bg: colours[d.state] || "#fff"}));
-  $("detail-meta").textContent = `${d.site}/${d.id} · ${d.work} · owner ${d.owner} · attempts ${d.attempts}` +
+  const named = d.asked !== d.id ? `${d.site}/${d.asked}, a memo hit of ${d.id}` : `${d.site}/${d.id}`;
+  $("detail-meta").textContent = `${named} · ${d.work} · owner ${d.owner} · attempts ${d.attempts}` +
     ` · submitted ${when(d.submitted)}` + (d.finished ? ` · finished ${when(d.finished)}` : "");
   $("cancel").disabled = ["completed", "failed", "cancelled"].includes(d.state);
   const cause = $("detail-cause");
