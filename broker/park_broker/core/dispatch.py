@@ -99,7 +99,7 @@ class Dispatcher:
         if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
             _discard(work)
             return
-        self.on_finished(job_id, attempt, _adopt(work, Path(job.directory), outcome))
+        self.on_finished(job_id, attempt, _adopt(work, job.directory, outcome))
 
     def stop(self, job_id: str) -> None:
         """End a queued or running job's attempt, wherever it runs; the executor removes what it left,
@@ -118,12 +118,14 @@ class Dispatcher:
     def _task(self, job: jpb.Job) -> Task:
         spec = job.spec
         attempt = job.attempts + 1
-        work = Path(job.directory).with_name(f".{job.id}.attempt-{attempt}-{self._run}")
+        # os.path on strings, one Path made: this runs for every attempt.
+        where = os.path.join(os.path.dirname(job.directory), f".{job.id}.attempt-{attempt}-{self._run}")
+        work = Path(where)
         account = self.accounts.of(job.owner)
         self.accounts.prepare(work, account)
         output = spec.output_name or DEFAULT_OUTPUT
-        env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_DIR": str(work),
-               "PARK_JOB_FILENAME": str(work / output), "PARK_JOB_URL": job.url,
+        env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_DIR": where,
+               "PARK_JOB_FILENAME": os.path.join(where, output), "PARK_JOB_URL": job.url,
                "PARK_BROKER_ADDRESS": self.site.address, "PARK_BROKER_CERT": self.site.cert_path,
                "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}
         python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires), job.owner))
@@ -137,7 +139,7 @@ class Dispatcher:
         return Task(kind="command", argv=tuple(spec.command.argv), **common)  # type: ignore[arg-type]
 
 
-def _adopt(work: Path, final: Path, outcome: Outcome) -> Outcome:
+def _adopt(work: Path, final: str, outcome: Outcome) -> Outcome:
     """Move attempt directory `work` to `final` (replacing an unrecorded earlier one) and point the
     outcome's paths there. Renames are single system calls; removing what was replaced is not, and
     happens off the event loop."""
@@ -146,7 +148,7 @@ def _adopt(work: Path, final: Path, outcome: Outcome) -> Outcome:
     except FileNotFoundError:    # the attempt never got as far as making its directory
         return outcome
     except OSError:              # an earlier attempt's directory is there (ENOTEMPTY, EEXIST)
-        replaced = final.with_name(f".{final.name}.replaced-{secrets.token_hex(4)}")
+        replaced = Path(final).with_name(f".{os.path.basename(final)}.replaced-{secrets.token_hex(4)}")
         os.rename(final, replaced)
         _discard(replaced)
         os.rename(work, final)
@@ -154,7 +156,7 @@ def _adopt(work: Path, final: Path, outcome: Outcome) -> Outcome:
         return outcome
 
     def moved(path: str) -> str:
-        return str(final / Path(path).relative_to(work)) if path else path
+        return os.path.join(final, Path(path).relative_to(work)) if path else path
     return dataclasses.replace(outcome, result_file=moved(outcome.result_file),
                                outputs=tuple((n, moved(p), s, h) for n, p, s, h in outcome.outputs))
 

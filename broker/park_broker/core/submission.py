@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,11 +280,12 @@ class Submissions:
                 p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
 
     def _new_job(self, owner: str, spec: jpb.JobSpec, now: float) -> jpb.Job:
-        directory = self.site.files_root / owner / spec.id
+        # os.path rather than Path objects: this runs for every job submitted.
+        directory = os.path.join(self.site.files_root, owner, spec.id)
         output = spec.output_name or DEFAULT_OUTPUT
         return jpb.Job(id=spec.id, site=self.site.name, owner=owner, spec=spec, state=jpb.JOB_STATE_WAITING,
                        url=f"park://{self.site.name}/files/{owner}/{spec.id}/{output}",
-                       filename=str(directory / output), directory=str(directory), submitted_at=now)
+                       filename=os.path.join(directory, output), directory=directory, submitted_at=now)
 
 
 def _check_delegation(owner: str, spec: jpb.JobSpec) -> None:
