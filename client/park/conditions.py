@@ -37,7 +37,7 @@ ATOM_KINDS = ("completed", "cancelled", "finished", "improved", "count")
 EXPR_KINDS = ("improved", "count")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class AtomKey:
     """Names one atom: `park://<site>/jobs/<job_id>` and which fact about it."""
 
@@ -76,6 +76,9 @@ _EXACT_LIMIT = 6
 class Condition:
     """A three-valued boolean expression over atoms. Immutable."""
 
+    # Every kind is slotted: a broker holds one expression per waiting job, a million of them.
+    __slots__ = ()
+
     class Cancelled(Exception):
         """Raised by `.ready` when the condition can no longer be satisfied."""
 
@@ -95,13 +98,12 @@ class Condition:
     @property
     def depends(self) -> frozenset[Atom]:
         """The atoms the expression reads."""
-        # Kept once made: the scheduler asks every time one of a waiting job's atoms resolves.
-        try:
-            return self._depends  # type: ignore[no-any-return, has-type]
-        except AttributeError:
-            self._depends: frozenset[Atom] = frozenset(self.atoms())
-            self._read_once = sum(1 for _ in self.atoms()) == len(self._depends)
-            return self._depends
+        return frozenset(self.atoms())
+
+    @property
+    def reads_atoms_once(self) -> bool:
+        """Whether no atom occurs twice in the expression."""
+        return sum(1 for _ in self.atoms()) == len(self.depends)
 
     def atoms(self) -> Iterator[Atom]:
         raise NotImplementedError
@@ -124,7 +126,7 @@ class Condition:
         round), so a job is never cancelled for this reason by mistake.
         """
         atoms = self.depends
-        if self._read_once:
+        if self.reads_atoms_once:
             return State.READY in self._possible(states)
         pending = [a for a in atoms if states.get(a, State.PENDING) is State.PENDING]
         if len(pending) > _EXACT_LIMIT:
@@ -178,6 +180,14 @@ class Atom(Condition):
     def atoms(self) -> Iterator[Atom]:
         yield self
 
+    @property
+    def depends(self) -> frozenset[Atom]:
+        return frozenset((self,))
+
+    @property
+    def reads_atoms_once(self) -> bool:
+        return True
+
     def evaluate(self, states: Mapping[Atom, State]) -> State:
         return states.get(self, State.PENDING)
 
@@ -200,7 +210,30 @@ class Atom(Condition):
     __str__ = __repr__
 
 
-class _Binary(Condition):
+class _Composite(Condition):
+    """An expression of expressions, which keeps its atoms once it has been asked for them: the scheduler
+    asks every time one of a waiting job's atoms resolves."""
+
+    __slots__ = ("_depends", "_once")
+
+    @property
+    def depends(self) -> frozenset[Atom]:
+        try:
+            return self._depends
+        except AttributeError:
+            self._depends: frozenset[Atom] = frozenset(self.atoms())
+            return self._depends
+
+    @property
+    def reads_atoms_once(self) -> bool:
+        try:
+            return self._once
+        except AttributeError:
+            self._once: bool = sum(1 for _ in self.atoms()) == len(self.depends)
+            return self._once
+
+
+class _Binary(_Composite):
     __slots__ = ("left", "right")
     _op: Callable[[State, State], State]
     _symbol: str
@@ -232,16 +265,18 @@ class _Binary(Condition):
 
 
 class And(_Binary):
+    __slots__ = ()
     _op = staticmethod(_and)
     _symbol = "&"
 
 
 class Or(_Binary):
+    __slots__ = ()
     _op = staticmethod(_or)
     _symbol = "|"
 
 
-class Not(Condition):
+class Not(_Composite):
     __slots__ = ("inner",)
 
     def __init__(self, inner: Condition):
