@@ -454,6 +454,7 @@ def test_jobs_and_watch_show_a_groups_counts(configured, broker, capsys):
     assert status == 0 and re.search(r"failed \(2/3 completed, 1\s+failed\)", out), out
     status, out, _ = run(capsys, "jobs", "--json")
     [group] = [j for j in json.loads(out)["jobs"] if j["group"] is not None]
+    assert re.fullmatch("[0-9a-f]{64}", group["group"].pop("membersKey"))   # its members' memo keys, folded
     assert group["group"] == {"size": 3, "joined": 3, "completed": 2, "failed": 1, "firstUnfinished": items[1].id}
     assert all(j["member_of"] == items.id for j in json.loads(out)["jobs"] if j["group"] is None)
     status, out, _ = run(capsys, "watch", items.id)

@@ -71,6 +71,31 @@ def test_a_map_gates_jobs_on_all_and_on_at_least_k_and_reruns_only_the_changed_i
     assert len(ran) == n + 1
     assert not total_again.memo_hit, "one of its inputs changed, so the job gated on the map ran again"
 
+    # The same map again: the last batch holds the last members and the gated job, whose key needs the
+    # group's, known only once the last member is in; it is a memo hit of the one above.
+    with service:
+        same = park.map("park_test_tasks:square", [*range(n - 1), -1])
+        total_same = park.submit("park_test_tasks:add", 1, 2, when=same.iscompleted)
+    assert all(job.memo_hit for job in same.jobs)
+    assert total_same.memo_hit and total_same.record().id == total_again.record().id
+
+
+def test_a_job_gated_on_a_map_is_reused_when_every_member_is_and_not_otherwise(service) -> None:  # type: ignore[no-untyped-def]
+    def workflow(items: list[int], **member: object) -> tuple[park.JobGroup, park.Job, park.Job]:
+        with service:   # one batch: the group, its members and the gated jobs together
+            group = park.map("park_test_tasks:square", items, **member)
+            return group, park.submit("park_test_tasks:add", 1, 1, when=group.iscompleted), \
+                park.submit("park_test_tasks:add", 2, 2, when=group.at_least(2))
+
+    first = workflow([1, 2, 3])
+    assert first[1].result(timeout=60) == 2 and first[2].result(timeout=60) == 4
+    again = workflow([1, 2, 3])
+    assert again[1].memo_hit and again[2].memo_hit and again[1].record().id == first[1].record().id
+    other_order = workflow([3, 2, 1])   # other work: its members' keys fold in another order
+    assert not other_order[1].memo_hit and other_order[1].result(timeout=60) == 2
+    unmemoized = workflow([1, 2, 3], memo=False)   # members with no key: the group has none either
+    assert not unmemoized[1].memo_hit and unmemoized[1].result(timeout=60) == 2
+
 
 def test_a_failed_member_cancels_the_groups_iscompleted_at_once(service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     gate = tmp_path / "gate"
@@ -172,3 +197,30 @@ def test_members_and_counting_atoms_must_name_a_group_that_takes_them(service) -
     [late] = submit(call("t" * 26, member_of=group))
     assert late.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "has ended" in late.message
 
+
+
+def test_a_member_refused_after_its_key_was_foreseen_leaves_the_gated_job_without_a_memo_hit(service) -> None:  # type: ignore[no-untyped-def]
+    def submit(*specs: jpb.JobSpec) -> list[jpb.SubmitResult]:
+        return list(service.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=specs), timeout=10).results)
+
+    def add(job_id: str, args: str, **fields: object) -> jpb.JobSpec:
+        return jpb.JobSpec(id=job_id, call=jpb.PythonCall(target="park_test_tasks:add", args_json=args),
+                           **fields)  # type: ignore[arg-type]
+
+    def gated(job_id: str, group: str) -> jpb.JobSpec:
+        return add(job_id, "[5, 5]", when=cpb.Condition(postfix=[cpb.ConditionNode(
+            atom=cpb.Atom(site="sns", job_id=group, kind=cpb.ATOM_KIND_COMPLETED))]))
+
+    first, second = "g" * 26, "h" * 26
+    results = submit(jpb.JobSpec(id=first, group=jpb.Group(size=2)), add("a" * 26, "[1, 1]", member_of=first),
+                     add("b" * 26, "[2, 2]", member_of=first), gated("c" * 26, first))
+    assert [r.code for r in results] == [0, 0, 0, 0]
+    assert service.job("c" * 26).result(timeout=30) == 10
+    # The same work again in one batch, but the second member's id is taken (by the job gated above): it is
+    # refused when it is decided, after its key was folded into the group's as foreseen.
+    results = submit(jpb.JobSpec(id=second, group=jpb.Group(size=2)), add("d" * 26, "[1, 1]", member_of=second),
+                     add("c" * 26, "[2, 2]", member_of=second), gated("e" * 26, second))
+    assert [r.code for r in results] == [0, 0, grpc.StatusCode.ALREADY_EXISTS.value[0], 0]
+    assert results[1].ref.memo_hit, "the first member is the same work as before"
+    assert not results[3].ref.memo_hit, "its group lacks a member: it is not the group the first job waited on"
+    assert service.job("e" * 26).state == "waiting"

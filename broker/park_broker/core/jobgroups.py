@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from park._proto import jobs_pb2 as jpb
 from park.wire import TERMINAL_STATES
+from park_broker.core.memo import fold, group_key
 from park_broker.errors import Code, fail
 
 
@@ -81,7 +82,11 @@ def count_member(group: jpb.Job, member: jpb.Job) -> None:
         counts.first_unfinished = member.id
 
 
-def note_joined(group: jpb.Job) -> None:
-    """A member joined: count it. (A group has no memo key: a job gated on it counts it by its id, so it
-    runs again on a rerun, whose group is new, even when every member is a memo hit.)"""
-    group.group.joined += 1
+def note_joined(group: jpb.Job, member_key: str) -> None:
+    """A member (whose memo key is `member_key`) joined: count it and fold its key in. The last one to join
+    gives the group its memo key: a job gated on it is then a memo hit on a rerun whose members are."""
+    counts = group.group
+    counts.joined += 1
+    counts.members_key = fold(counts.members_key, member_key)
+    if counts.joined == counts.size:
+        group.memo_key = group_key(group.owner, counts.size, counts.members_key)

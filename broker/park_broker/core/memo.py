@@ -42,6 +42,24 @@ def key_of(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(inputs).encode()).hexdigest()
 
 
+NO_KEY = "-"   # a group's running digest once a member has no memo key: the group has none either
+
+
+def fold(chain: str, member_key: str) -> str:
+    """A group's running digest of its members' memo keys, one more member in (NO_KEY once one has none)."""
+    if chain == NO_KEY or not member_key:
+        return NO_KEY
+    return hashlib.sha256(f"{chain}:{member_key}".encode()).hexdigest()
+
+
+def group_key(owner: str, size: int, chain: str) -> str:
+    """The memo key of a group all `size` of whose members have joined ("" if one has none): a job gated on
+    it counts it by this, so a rerun whose members are the same work is the same upstream work."""
+    if chain == NO_KEY:
+        return ""
+    return key_of({"v": VERSION, "owner": owner, "kind": "group", "size": size, "members": chain})
+
+
 def substitute(value: Any, resolve: Resolver) -> Any:
     """`value` with every string `resolve` knows replaced by what it returns (None: kept)."""
     if isinstance(value, str):

@@ -58,6 +58,9 @@ class _Prepared:
     inputs: dict[str, Any] | None = None
     key: str = ""
     error: BrokerError | None = None
+    # Groups whose memo key the key depends on, as foreseen from members earlier in the batch: checked
+    # against the groups' records when the job is decided (a member may be refused after all).
+    foreseen: dict[str, str] = field(default_factory=dict)
 
     @property
     def cond(self) -> Condition | None:
@@ -163,6 +166,8 @@ class Submissions:
             except BrokerError as exc:
                 results.append(Submission(error=exc))
                 continue
+            if any(self._memo_key_now(g, stored) != key for g, key in p.foreseen.items()):
+                p.key, p.inputs = "", None   # a member foreseen was refused after all: no key, no memo hit
             twin = self.ledger.memo_twin(p.key) or hits.get(p.key or "")
             if twin is not None:
                 self.ledger.alias(spec.id, owner, twin, batch, member_of=spec.member_of)
@@ -217,6 +222,10 @@ class Submissions:
         self.ledger.release(batch.queued)
         return results
 
+    def _memo_key_now(self, job_id: str, stored: dict[str, jpb.Job]) -> str:
+        job = self.ledger.record(job_id) or stored.get(job_id)
+        return job.memo_key if job is not None else ""
+
     def _group_of(self, owner: str, spec: jpb.JobSpec, stored: dict[str, jpb.Job]) -> jpb.Job | None:
         """The active group a new member joins (None for a job of no group); BrokerError if it may not."""
         if not spec.member_of:
@@ -258,16 +267,24 @@ class Submissions:
 
     def _memo_keys(self, owner: str, batch: list[_Prepared], stored: dict[str, jpb.Job],
                    digests: dict[str, str]) -> None:
-        """Fill in each spec's memo key, in batch order (an upstream job may be earlier in the batch)."""
+        """Fill in each spec's memo key, in batch order (an upstream job may be earlier in the batch). A
+        group's key is known once its last member has joined, which may be earlier in this same batch: the
+        members' keys are folded in here as they will be when they join (jobgroups.note_joined)."""
         in_batch: dict[str, str] = {}
+        groups: dict[str, tuple[int, int, str]] = {}   # group -> (size, joined, digest) as foreseen
+        sizes = {p.spec.id: p.spec.group.size for p in batch if p.spec.HasField("group")}
+        foreseen: dict[str, str] = {}
 
         def key_of_job(job_id: str) -> str | None:
+            if job_id in foreseen:
+                used[job_id] = foreseen[job_id]
             job = self.ledger.record(job_id) or stored.get(job_id)
             return in_batch.get(job_id) or (job.memo_key if job is not None else None)
 
         for p in batch:
             if p.error is not None:
                 continue
+            used: dict[str, str] = {}
             try:
                 p.inputs = self.admission.memo_inputs(owner, p.spec, p.checked, p.dirs, p.coming, digests, key_of_job)
             except BrokerError as exc:
@@ -276,8 +293,20 @@ class Submissions:
             except Exception as exc:  # noqa: BLE001 - as above
                 p.error = _unexpected(p.spec, exc)
                 continue
+            p.foreseen = used
             if p.inputs is not None:
                 p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
+            group_id = p.spec.member_of
+            if not group_id:
+                continue
+            if group_id not in groups:
+                record = self.ledger.record(group_id) or stored.get(group_id)
+                counts = record.group if record is not None else jpb.GroupCounts(size=sizes.get(group_id, 0))
+                groups[group_id] = (counts.size, counts.joined, counts.members_key)
+            size, joined, digest = groups[group_id]
+            groups[group_id] = size, joined + 1, (digest := memo.fold(digest, p.key))
+            if joined + 1 == size and (key := memo.group_key(owner, size, digest)):
+                in_batch[group_id] = foreseen[group_id] = key
 
     def _new_job(self, owner: str, spec: jpb.JobSpec, now: float) -> jpb.Job:
         # os.path rather than Path objects: this runs for every job submitted.

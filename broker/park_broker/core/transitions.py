@@ -135,7 +135,7 @@ class Transitions:
     def join(self, member: jpb.Job, group: jpb.Job, batch: Batch) -> list[Decision]:
         """`member` (a new job, or the job a memo hit names) joins active `group`; returns the verdicts.
         The group's change is left to the caller (`announce`), once for a whole batch of joins."""
-        note_joined(group)
+        note_joined(group, member.memo_key)
         if member.state in TERMINAL_STATES:
             count_member(group, member)
         else:

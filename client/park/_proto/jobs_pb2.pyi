@@ -163,6 +163,7 @@ class GroupCounts(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
     FIRST_UNFINISHED_FIELD_NUMBER: _builtins.int
+    MEMBERS_KEY_FIELD_NUMBER: _builtins.int
     size: _builtins.int
     joined: _builtins.int
     """members submitted so far"""
@@ -171,6 +172,10 @@ class GroupCounts(_message.Message):
     cancelled: _builtins.int
     first_unfinished: _builtins.str
     """the first member that ended without completing: the root of a cause"""
+    members_key: _builtins.str
+    """A running digest of the members' memo keys in the order they joined; "-" once one had none. When
+    every member has joined, it gives the group the memo key that jobs gated on it count it by.
+    """
     def __init__(
         self,
         *,
@@ -180,10 +185,11 @@ class GroupCounts(_message.Message):
         failed: _builtins.int = ...,
         cancelled: _builtins.int = ...,
         first_unfinished: _builtins.str = ...,
+        members_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "first_unfinished", b"first_unfinished", "joined", b"joined", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "first_unfinished", b"first_unfinished", "joined", b"joined", "members_key", b"members_key", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
