@@ -128,7 +128,9 @@ def _released(worker: Any, key: str) -> bool:
 def run(payload: dict[str, Any]) -> dict[str, Any]:
     """The function Dask runs: run `payload["task"]` in a child process; returns its outcome dict.
 
-    Announces the start on the broker's topic (`payload["topic"]`) before the child is started.
+    Announces the start on the broker's topic (`payload["topic"]`) before the child is started, and
+    the end, with the outcome, once the child has answered: the broker takes the outcome from that
+    event, in order after the start on this worker's stream, and needs not gather the result.
     Never raises for the job's own failures; a child that dies without an answer is a failed
     outcome naming its exit status or signal."""
     from distributed import get_worker
@@ -140,10 +142,12 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
         _children[key] = child
     try:
         worker.log_event(payload["topic"], {"key": key, "worker": worker.address})
-        return _supervise(payload, child, worker)
+        outcome = _supervise(payload, child, worker)
     finally:
         with _lock:
             _children.pop(key, None)
+    worker.log_event(payload["topic"], {"key": key, "worker": worker.address, "outcome": outcome})
+    return outcome
 
 
 class _Process:
