@@ -33,9 +33,10 @@ entry point. `distributed` is imported inside `run`, which only runs on a worker
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -44,7 +45,7 @@ import threading
 import time
 from typing import Any
 
-from park_broker.execution.worker import recv, run_task, send
+from park_broker.execution.worker import _HEADER, recv, run_task, send
 
 log = logging.getLogger(__name__)
 POLL = 0.25   # seconds between checks that the scheduler still wants a running task
@@ -125,7 +126,7 @@ def _released(worker: Any, key: str) -> bool:
     return getattr(state, "state", None) == "cancelled"
 
 
-def run(payload: dict[str, Any]) -> dict[str, Any]:
+async def run(payload: dict[str, Any]) -> dict[str, Any]:
     """The function Dask runs: run `payload["task"]` in a child process; returns its outcome dict.
 
     Announces the start on the broker's topic (`payload["topic"]`) before the child is started, and
@@ -142,7 +143,7 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
         _children[key] = child
     try:
         worker.log_event(payload["topic"], {"key": key, "worker": worker.address})
-        outcome = _supervise(payload, child, worker)
+        outcome = await _supervise(payload, child, worker)
     finally:
         with _lock:
             _children.pop(key, None)
@@ -159,6 +160,7 @@ class _Process:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (*python_path, env.get("PYTHONPATH", "")) if p)
         self.sock, theirs = socket.socketpair()
+        self.sock.setblocking(False)   # the worker's event loop waits on it (`_exchange`)
         with theirs:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "park_broker.execution.dask_task", str(theirs.fileno())],
@@ -193,7 +195,7 @@ def _release(process: _Process, keep: int) -> None:
         old.stop()
 
 
-def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str, Any]:
+async def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str, Any]:
     key, grace = payload["key"], float(payload["grace"])
     process = _process(payload["task"]["owner"], (*payload["task"]["python_path"], *payload["python_path"]))
     with _lock:
@@ -204,35 +206,51 @@ def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str,
     if cancelled:
         _release(process, getattr(worker, "nthreads", 1))
         return {"ok": False, "error": "cancelled before it started"}
-    reply = None
     limit = float(payload["task"].get("timeout") or 0)
     deadline = time.monotonic() + limit if limit > 0 else float("inf")
     timed_out = False
+    exchange = asyncio.ensure_future(_exchange(process.sock, payload["task"]))
     try:
-        send(process.sock, payload["task"])
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.sock, selectors.EVENT_READ)
-            while not selector.select(POLL):
-                if _released(worker, key):
-                    log.info("task %s released by the scheduler: terminating its job", key)
-                    child.terminate(grace)
-                elif not timed_out and time.monotonic() > deadline:
-                    timed_out = True
-                    child.terminate(grace)
-        reply = recv(process.sock)
+        while not (await asyncio.wait((exchange,), timeout=POLL))[0]:
+            if _released(worker, key):
+                log.info("task %s released by the scheduler: terminating its job", key)
+                child.terminate(grace)
+            elif not timed_out and time.monotonic() > deadline:
+                timed_out = True
+                child.terminate(grace)
+        reply = exchange.result()
     except OSError:
         reply = None
+    except asyncio.CancelledError:   # the worker is closing: its jobs go with it, as when it dies
+        exchange.cancel()
+        process.stop()
+        raise
     if reply is not None and not child.cancelled:
         _release(process, getattr(worker, "nthreads", 1))
         return reply
     process.sock.close()
-    code = process.proc.wait()
+    while (code := process.proc.poll()) is None:   # it is going (end of file, or terminated)
+        await asyncio.sleep(0.05)
     if timed_out:
         return {"ok": False, "error": f"timed out after {limit:g} s"}
     if child.cancelled:
         return {"ok": False, "error": "cancelled"}
     how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
     return {"ok": False, "error": f"the process running the job on Dask worker {worker.address} {how}"}
+
+
+async def _exchange(sock: socket.socket, task: dict[str, Any]) -> dict[str, Any] | None:
+    """Send `task` to a warm process and read its answer, in `worker.send`/`recv`'s framing (the
+    child's end), without blocking the worker's event loop; None if the process closed its end."""
+    loop = asyncio.get_running_loop()
+    body = json.dumps(task).encode()
+    await loop.sock_sendall(sock, _HEADER.pack(len(body)) + body)
+    answer = bytearray()
+    while len(answer) < _HEADER.size or len(answer) < _HEADER.size + _HEADER.unpack_from(answer)[0]:
+        if not (chunk := await loop.sock_recv(sock, 1 << 16)):
+            return None
+        answer += chunk
+    return json.loads(answer[_HEADER.size:])
 
 
 def _die_with_parent(parent: int) -> None:
