@@ -279,6 +279,7 @@ class DaskExecutor:
             return
         if run.waiter is not None and run.waiter is not asyncio.current_task():
             run.waiter.cancel()
+        run.future.release()   # now, not when the collector breaks the run's cycle with its waiter
         if self._keys.get(run.task.job_id) == key:
             del self._keys[run.task.job_id]
         assert self._on_started is not None and self._on_finished is not None

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from park_broker.execution.worker import _HEADER, recv, run_task, send
@@ -209,20 +210,21 @@ async def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dic
     limit = float(payload["task"].get("timeout") or 0)
     deadline = time.monotonic() + limit if limit > 0 else float("inf")
     timed_out = False
-    exchange = asyncio.ensure_future(_exchange(process.sock, payload["task"]))
+
+    def check() -> None:
+        nonlocal timed_out
+        if _released(worker, key):
+            log.info("task %s released by the scheduler: terminating its job", key)
+            child.terminate(grace)
+        elif not timed_out and time.monotonic() > deadline:
+            timed_out = True
+            child.terminate(grace)
+
     try:
-        while not (await asyncio.wait((exchange,), timeout=POLL))[0]:
-            if _released(worker, key):
-                log.info("task %s released by the scheduler: terminating its job", key)
-                child.terminate(grace)
-            elif not timed_out and time.monotonic() > deadline:
-                timed_out = True
-                child.terminate(grace)
-        reply = exchange.result()
+        reply = await _exchange(process.sock, payload["task"], check)
     except OSError:
         reply = None
     except asyncio.CancelledError:   # the worker is closing: its jobs go with it, as when it dies
-        exchange.cancel()
         process.stop()
         raise
     if reply is not None and not child.cancelled:
@@ -239,18 +241,43 @@ async def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dic
     return {"ok": False, "error": f"the process running the job on Dask worker {worker.address} {how}"}
 
 
-async def _exchange(sock: socket.socket, task: dict[str, Any]) -> dict[str, Any] | None:
+async def _exchange(sock: socket.socket, task: dict[str, Any], check: Callable[[], None]) -> dict[str, Any] | None:
     """Send `task` to a warm process and read its answer, in `worker.send`/`recv`'s framing (the
-    child's end), without blocking the worker's event loop; None if the process closed its end."""
+    child's end), without blocking the worker's event loop, calling `check` every `POLL` seconds
+    while it runs; None if the process closed its end."""
     loop = asyncio.get_running_loop()
     body = json.dumps(task).encode()
     await loop.sock_sendall(sock, _HEADER.pack(len(body)) + body)
     answer = bytearray()
     while len(answer) < _HEADER.size or len(answer) < _HEADER.size + _HEADER.unpack_from(answer)[0]:
-        if not (chunk := await loop.sock_recv(sock, 1 << 16)):
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            if not await _readable(loop, sock):
+                check()
+            continue
+        if not chunk:
             return None
         answer += chunk
     return json.loads(answer[_HEADER.size:])
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+    """Whether `sock` has become readable within `POLL` seconds. One future and one timer, not a task
+    per wait: this is on every job's path."""
+    ready: asyncio.Future[bool] = loop.create_future()
+
+    def settle(readable: bool) -> None:
+        if not ready.done():
+            ready.set_result(readable)
+
+    loop.add_reader(sock, settle, True)
+    timer = loop.call_later(POLL, settle, False)
+    try:
+        return await ready
+    finally:
+        loop.remove_reader(sock)
+        timer.cancel()
 
 
 def _die_with_parent(parent: int) -> None:
