@@ -145,7 +145,7 @@ class DaskExecutor:
     def submit(self, task: Task) -> None:
         key = f"park-{self.site}-{task.job_id}-{task.attempt}-{self.session}"
         payload = {"key": key, "topic": self.topic, "grace": self.grace, "python_path": self.python_path,
-                   "task": {**dataclasses.asdict(task), "work_dir": str(task.work_dir)}}
+                   "task": _task_dict(task)}
         # A job that asks for resources runs on a worker that declares them (`dask worker --resources
         # "cpus=8,gpus=1,memory=32e9"`), and holds them while it runs. Where workers count a resource
         # every job asks for its share (a job that says nothing takes one cpu); where none does, a job
@@ -300,6 +300,18 @@ class DaskExecutor:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+_TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+
+
+def _task_dict(task: Task) -> dict[str, Any]:
+    """What `dataclasses.asdict` makes of `task`, for `run_task` on a worker, without its deep copy of
+    every field (which cost more than the rest of a submission)."""
+    fields = {name: getattr(task, name) for name in _TASK_FIELDS}
+    fields.update(work_dir=str(task.work_dir), env=dict(task.env),
+                  account=dataclasses.asdict(task.account) if task.account is not None else None)
+    return fields
 
 
 def _outcome(reply: dict[str, Any]) -> Outcome:
