@@ -133,10 +133,15 @@ def test_kill_9_broker_reruns_the_dask_job_after_restart(dask_broker: Broker, tm
     assert [e.kind for e in again.events()].count("started") == 2
 
 
-def _keys_of(cluster: distributed.LocalCluster, jobs: list[park.Job]) -> list[str]:
-    """The Dask keys the scheduler holds for `jobs` (a key names its job: park-SITE-JOB-ATTEMPT-RUN)."""
+def _job_of(key: object) -> str:
+    """The job id in one of our Dask keys, ("park-SITE-JOB-ATTEMPT-RUN",), or "" for another key."""
+    return key[0].split("-")[2] if isinstance(key, tuple) and str(key[0]).startswith("park-") else ""
+
+
+def _keys_of(cluster: distributed.LocalCluster, jobs: list[park.Job]) -> list[tuple[str]]:
+    """The Dask keys the scheduler holds for `jobs`."""
     ids = {job.id for job in jobs}
-    return [key for key in list(cluster.scheduler.tasks) if isinstance(key, str) and key.split("-")[2] in ids]
+    return [key for key in list(cluster.scheduler.tasks) if _job_of(key) in ids]
 
 
 def test_a_release_reaches_the_scheduler_as_one_graph_and_outcomes_come_back_as_events(
@@ -149,9 +154,9 @@ def test_a_release_reaches_the_scheduler_as_one_graph_and_outcomes_come_back_as_
 
     class Graphs(SchedulerPlugin):
         def __init__(self) -> None:
-            self.updates: list[set[str]] = []
+            self.updates: list[set[tuple[str]]] = []
 
-        def update_graph(self, scheduler: object, *, keys: set[str], **kwargs: object) -> None:
+        def update_graph(self, scheduler: object, *, keys: set[tuple[str]], **kwargs: object) -> None:
             self.updates.append(set(keys))
 
     graphs = Graphs()
@@ -163,13 +168,34 @@ def test_a_release_reaches_the_scheduler_as_one_graph_and_outcomes_come_back_as_
     finally:
         cluster.scheduler.remove_plugin(name="park-test-graphs")
     ids = {job.id for job in jobs}
-    ours = [keys for keys in graphs.updates if any(key.split("-")[2] in ids for key in keys)]
+    ours = [keys for keys in graphs.updates if any(_job_of(key) in ids for key in keys)]
     assert len(ours) <= 3 and sum(map(len, ours)) == 40, [len(keys) for keys in ours]
-    [key] = [k for keys in ours for k in keys if k.split("-")[2] == jobs[0].id]
+    [(name,)] = [k for keys in ours for k in keys if _job_of(k) == jobs[0].id]
     messages = [message for events in cluster.scheduler.get_events().values() for _, message in events
-                if isinstance(message, dict) and message.get("key") == key]
+                if isinstance(message, dict) and message.get("key") == name]
     assert ["outcome" in m for m in messages] == [False, True], "started, then finished with the outcome"
     assert messages[1]["outcome"]["ok"] is True and messages[1]["outcome"]["result_json"] == "1"
+    wait_for(lambda: not _keys_of(cluster, jobs), timeout=10)
+
+
+def test_waiting_jobs_are_assigned_to_workers_not_held_back_on_the_scheduler(
+        service: park.Service, cluster: distributed.LocalCluster, tmp_path: Path) -> None:
+    """Each run is its own Dask task group, so Dask's root-task queuing does not hold Park's tasks on the
+    scheduler: with both worker threads busy, the other jobs wait on the workers, and cancelling them
+    there drops them."""
+    gate = tmp_path / "gate"
+    with service:
+        jobs = [park.submit("park_test_tasks:wait_with_marker", str(tmp_path / f"started-{i}"), str(gate))
+                for i in range(8)]
+    wait_for(lambda: sum((tmp_path / f"started-{i}").exists() for i in range(8)) == 2)
+    states = {cluster.scheduler.tasks[key].state for key in _keys_of(cluster, jobs)}
+    assert states == {"processing"}, states   # not "queued"
+    waiting = [job for i, job in enumerate(jobs) if not (tmp_path / f"started-{i}").exists()]
+    for job in waiting:
+        assert job.cancel() == "cancelled"
+    gate.touch()
+    assert {job.wait(timeout=30) for job in jobs if job not in waiting} == {"completed"}
+    assert not any((tmp_path / f"started-{i}").exists() for i, job in enumerate(jobs) if job in waiting)
     wait_for(lambda: not _keys_of(cluster, jobs), timeout=10)
 
 

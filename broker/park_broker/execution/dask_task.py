@@ -1,8 +1,13 @@
 """What runs on a Dask worker for the Dask executor: each job attempt in a child process.
 
-`run(payload)` is the function the broker submits to Dask. It hands the task to
-a child process (`python -m park_broker.execution.dask_task FD`, in its own session) over
-a socket pair and returns the child's outcome dict: the child calls
+`run(payload)` is the function the broker submits to Dask: a coroutine, which
+Dask runs on the worker's event loop (it still takes one of the worker's
+threads' slots while it runs, so a worker runs as many jobs at once as it has
+threads). It hands the task to a child process (`python -m
+park_broker.execution.dask_task FD`, in its own session) over a socket pair,
+waits for the answer without blocking that loop (no thread, no selector of its
+own per job), and returns the child's outcome dict, which it also sends to the
+broker with its finished event: the child calls
 `park_broker.execution.worker.run_task`, so the attempt directory, output capture
 and result storage are exactly those of the local executor (and, as there, the
 broker alone moves a current attempt's directory into place). Children
@@ -10,15 +15,18 @@ are kept warm between tasks (at most one idle child per worker thread), and a
 child only takes tasks with the import path it was started with, as local
 workers do; so, as there, modules a job imported stay imported for the next.
 
-Why a child process: Dask cannot interrupt a task's thread, so a job running in
-the worker's own thread could not be cancelled. A child process can be: the
+Why a child process: a job must not run in the worker's own process (nor on
+its event loop), where it could neither be stopped nor kept from another
+user's jobs. A child process can be stopped: the
 broker asks the worker that runs it (`Client.run(terminate, ...)`) to SIGTERM
 the child's process group and SIGKILL it after the grace period; a terminated
 child is not reused.
 
 Failure guarantees:
 - the child dies with the worker: it notices it was re-parented (within half a
-  second) and kills its own process group, command-line children included;
+  second) and kills its own process group, command-line children included; a
+  worker that closes (its async tasks are cancelled) kills the children of the
+  tasks it was running;
 - a task the scheduler no longer wants (its broker cancelled it, or the broker
   died and its client was dropped) is noticed within `POLL` seconds and its
   child terminated, so an orphaned attempt does not race the re-run that the
@@ -120,10 +128,15 @@ def kill_stale(prefix: str, current: str, timeout: float = 10.0) -> int:
     return len(stale)
 
 
+def dask_key(name: str) -> tuple[str]:
+    """The Dask key of the task of run `name` (park-SITE-JOB-ATTEMPT-RUN, which names it everywhere else)."""
+    return (name,)
+
+
 def _released(worker: Any, key: str) -> bool:
     """Whether the scheduler has released `key` while it runs here (worker state `cancelled`)."""
     tasks = getattr(getattr(worker, "state", None), "tasks", None)
-    state = tasks.get(key) if isinstance(tasks, dict) else None
+    state = tasks.get(dask_key(key)) if isinstance(tasks, dict) else None
     return getattr(state, "state", None) == "cancelled"
 
 
