@@ -121,7 +121,8 @@ def events_of(service: park.Service) -> dict[str, dict[str, jpb.Event]]:
     for item in stream:
         if item.HasField("progress"):   # caught up
             break
-        out.setdefault(item.event.job_id, {})[item.event.WhichOneof("kind")] = item.event
+        for event in item.events:
+            out.setdefault(event.job_id, {})[event.WhichOneof("kind")] = event
     stream.cancel()
     return out
 

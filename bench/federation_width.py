@@ -64,18 +64,16 @@ class Log:
         left = set(self.expected)
         try:
             for item in self._stream:
-                if not item.HasField("event"):
-                    continue
-                ev = item.event
-                kind = ev.WhichOneof("kind") or "?"
-                self.counts[(ev.job_id, kind)] += 1
-                self.times.setdefault((ev.job_id, kind), ev.time)
-                if kind == "completed":
-                    self.results[ev.job_id] = ev.completed.result_json
-                if kind in TERMINAL:
-                    left.discard(ev.job_id)
-                    if not left:
-                        break
+                for ev in item.events:
+                    kind = ev.WhichOneof("kind") or "?"
+                    self.counts[(ev.job_id, kind)] += 1
+                    self.times.setdefault((ev.job_id, kind), ev.time)
+                    if kind == "completed":
+                        self.results[ev.job_id] = ev.completed.result_json
+                    if kind in TERMINAL:
+                        left.discard(ev.job_id)
+                if not left:
+                    break
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.error = f"{exc.code().name}: {exc.details()}"

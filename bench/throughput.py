@@ -132,11 +132,12 @@ def watch_until_done(service: park.Service, expected: int, done: threading.Event
     stream = service.jobs_stub.Watch(jobs_pb2.WatchRequest(from_seq=0))
     try:
         for response in stream:
-            kind = response.event.WhichOneof("kind") if response.HasField("event") else None
-            if kind in TERMINAL:
-                outcome[kind] = outcome.get(kind, 0) + 1
-                if sum(outcome.values()) == expected:
-                    break
+            for event in response.events:
+                kind = event.WhichOneof("kind")
+                if kind in TERMINAL:
+                    outcome[kind] = outcome.get(kind, 0) + 1
+            if sum(outcome.values()) >= expected:
+                break
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.CANCELLED:
             outcome["watch_error"] = 1

@@ -148,12 +148,12 @@ def test_watch_all_jobs_stream_is_strictly_increasing(service: park.Service) -> 
     seen: list[int] = []
     completed = set()
     for item in stream:
-        if item.HasField("event"):
-            seen.append(item.event.seq)
-            if item.event.WhichOneof("kind") == "completed":
-                completed.add(item.event.job_id)
-            if completed == {j.id for j in jobs}:
-                break
+        for event in item.events:
+            seen.append(event.seq)
+            if event.WhichOneof("kind") == "completed":
+                completed.add(event.job_id)
+        if completed == {j.id for j in jobs}:
+            break
     stream.cancel()
     assert seen == sorted(set(seen)), "sequence numbers must strictly increase with no repeats"
     assert len(seen) == 80

@@ -97,6 +97,29 @@ def test_can_hold_is_exact_for_few_atoms(expr: Condition, states: dict[Atom, Sta
     assert expr.can_hold(states) is expected
 
 
+MANY = [Atom(AtomKey("sns", chr(ord("a") + i) * 26, "completed")) for i in range(8)]
+
+
+@st.composite
+def read_once(draw: st.DrawFn) -> Condition:
+    """An expression that reads each of its atoms once, over more atoms than enumeration is used for."""
+    atoms = draw(st.permutations(MANY))
+    parts: list[Condition] = [draw(st.sampled_from([a, ~a])) for a in atoms]
+    while len(parts) > 1:
+        i = draw(st.integers(0, len(parts) - 2))
+        joined = draw(st.sampled_from([And, Or]))(parts[i], parts[i + 1])
+        parts[i:i + 2] = [draw(st.sampled_from([joined, ~joined]))]
+    return parts[0]
+
+
+@given(read_once(), st.fixed_dictionaries({a: st.sampled_from(list(State)) for a in MANY}))
+@settings(max_examples=100, deadline=None)
+def test_can_hold_is_exact_for_expressions_that_read_each_atom_once(expr: Condition,
+                                                                   states: dict[Atom, State]) -> None:
+    expected = any(expr.evaluate(f) is R for f in _futures(expr, states))
+    assert expr.can_hold(states) is expected
+
+
 def test_can_hold_examples_from_design() -> None:
     x, a, b = ATOMS[:3]
     assert (~x).can_hold({x: R}) is False          # ~x after x completed

@@ -182,3 +182,14 @@ def test_a_request_no_site_resource_could_meet_is_refused_saying_what_the_site_h
     for bad in ({"cpus": -1}, {"memory": "lots"}, {"disks": 2}, {"gpus": 0.5}):
         with pytest.raises(ValueError):
             park.submit("park_test_tasks:noop", service=service, resources=bad)
+
+
+def test_jobs_run_at_the_sites_job_nice_value(new_broker) -> None:  # type: ignore[no-untyped-def]
+    """Jobs yield the CPU to the broker (default nice 10); an operator can set it, and a job cannot undo it."""
+    for site, extra, nice in (("sns", [], 10), ("hfir", ["--job-nice", "3"], 3)):
+        broker = new_broker(site, extra=extra).start()
+        with broker.service():
+            now, raised = park.submit("os:nice", 0, memo=False), park.submit("os:nice", -1, memo=False)
+        assert now.result(timeout=60) == nice
+        assert raised.wait(timeout=60) == "failed" and "PermissionError" in raised.record().error
+        broker.stop()

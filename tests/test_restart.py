@@ -58,12 +58,12 @@ def _collect(service: park.Service, from_seq: int, jobs: list[park.Job]) -> list
     seqs = []
     stream = service.jobs_stub.Watch(jpb.WatchRequest(from_seq=from_seq), timeout=60)
     for item in stream:
-        if item.HasField("event"):
-            seqs.append(item.event.seq)
-            if item.event.WhichOneof("kind") in ("completed", "failed", "cancelled"):
-                waiting.discard(item.event.job_id)
-            if not waiting:
-                break
+        for event in item.events:
+            seqs.append(event.seq)
+            if event.WhichOneof("kind") in ("completed", "failed", "cancelled"):
+                waiting.discard(event.job_id)
+        if not waiting:
+            break
     stream.cancel()
     return seqs
 
@@ -78,10 +78,9 @@ def test_watch_resumes_across_a_restart_without_gaps_or_repeats(new_broker) -> N
     seen = []
     stream = s.jobs_stub.Watch(jpb.WatchRequest(from_seq=0), timeout=30)
     for item in stream:
-        if item.HasField("event"):
-            seen.append(item.event.seq)
-            if len(seen) == 6:
-                break
+        seen.extend(event.seq for event in item.events)
+        if len(seen) >= 6:
+            break
     stream.cancel()
     broker.kill()
     broker.start()

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="directory added to the workers' import path (repeatable)")
     srv.add_argument("--executor", default="local", type=executor_spec, metavar="local|dask://HOST:PORT",
                      help="where jobs run: local worker processes (default) or a Dask scheduler")
+    srv.add_argument("--job-nice", type=int, default=10, choices=range(0, 20), metavar="0..19",
+                     help="the nice value local jobs run at (default 10), so the broker stays responsive when jobs "
+                          "use every core; 0: the broker's own priority")
     srv.add_argument("--grace", type=float, default=5.0,
                      help="seconds between SIGTERM and SIGKILL for a cancelled job, and for shutdown")
     srv.add_argument("--package-index", metavar="DIR_OR_URL",
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SiteError("--max-walltime must be a number of seconds, 0 (no limit) or more")
         if not 0 < args.max_delegation <= tokens.MAX_NARROW_LIFETIME:
             raise SiteError(f"--max-delegation must be between 1 and {tokens.MAX_NARROW_LIFETIME} seconds")
-        options = ServeOptions(listen=args.listen, peer_listen=args.peer_listen, workers=args.workers, grace=args.grace, local_only=args.local_only,
+        options = ServeOptions(listen=args.listen, peer_listen=args.peer_listen, workers=args.workers, grace=args.grace,
+                               job_nice=args.job_nice, local_only=args.local_only,
                                package_index=args.package_index, executor=args.executor,
                                metrics_listen=args.metrics_listen, default_unix_user=args.default_unix_user,
                                max_delegation=args.max_delegation, max_walltime=args.max_walltime,

@@ -68,6 +68,7 @@ class ServeOptions:
     workers: int | None = None
     python_path: list[str] = field(default_factory=list)
     grace: float = 5.0
+    job_nice: int = 10           # the nice value of local jobs (execution.local)
     local_only: bool = False     # no tokens: loopback only, every caller is the broker's user
     package_index: str | None = None   # a wheelhouse directory or index URL for implicit installs
     metrics_listen: str | None = None  # HOST:PORT (a bare PORT: loopback) for Prometheus' GET /metrics
@@ -145,7 +146,7 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     protect_state(site, shared=accounts.switching)
     log.info("site %s: %s", site.name, accounts.description)
     executor = make_executor(options.executor, state=site.directory, workers=options.workers, python_path=options.python_path,
-                             grace=options.grace, warm=not accounts.switching)
+                             grace=options.grace, nice=options.job_nice, warm=not accounts.switching)
     info = SiteInfo(site.name, site.files_root, cert_path=str(site.cert_path), max_walltime=options.max_walltime)
     if options.resources is not None:
         info.resources = options.resources

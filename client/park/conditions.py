@@ -68,8 +68,8 @@ def _not(a: State) -> State:
 
 
 _ALL = frozenset(State)
-# Above this many unresolved atoms, can_hold() uses a sound over-approximation
-# instead of enumerating every future (3**n evaluations).
+# Above this many unresolved atoms, can_hold() of an expression that reads an atom more than once uses
+# a sound over-approximation instead of enumerating every future (3**n evaluations).
 _EXACT_LIMIT = 6
 
 
@@ -95,7 +95,13 @@ class Condition:
     @property
     def depends(self) -> frozenset[Atom]:
         """The atoms the expression reads."""
-        return frozenset(self.atoms())
+        # Kept once made: the scheduler asks every time one of a waiting job's atoms resolves.
+        try:
+            return self._depends  # type: ignore[no-any-return, has-type]
+        except AttributeError:
+            self._depends: frozenset[Atom] = frozenset(self.atoms())
+            self._read_once = sum(1 for _ in self.atoms()) == len(self._depends)
+            return self._depends
 
     def atoms(self) -> Iterator[Atom]:
         raise NotImplementedError
@@ -111,11 +117,15 @@ class Condition:
         """False when no future of the pending atoms can make the expression READY.
 
         Pending atoms may stay pending or resolve either way; resolved atoms are
-        final. Exact for up to a few pending atoms; beyond that it may answer True
-        for an expression that cannot hold (never the other way round), so a job
-        is never cancelled for this reason by mistake.
+        final. Exact for an expression that reads each atom once (its parts then
+        resolve independently, so the states each part can still reach combine
+        exactly), and for one with up to a few pending atoms; beyond that it may
+        answer True for an expression that cannot hold (never the other way
+        round), so a job is never cancelled for this reason by mistake.
         """
         atoms = self.depends
+        if self._read_once:
+            return State.READY in self._possible(states)
         pending = [a for a in atoms if states.get(a, State.PENDING) is State.PENDING]
         if len(pending) > _EXACT_LIMIT:
             return State.READY in self._possible(states)
@@ -156,13 +166,14 @@ _anonymous = itertools.count()
 class Atom(Condition):
     """One fact. Equal atoms have equal keys; `source`, if given, reports its live state."""
 
-    __slots__ = ("key", "source", "origin")
+    __slots__ = ("key", "source", "origin", "_hash")
 
     def __init__(self, key: Hashable | None = None, source: Callable[[AtomKey], State] | None = None,
                  origin: object = None):
         self.key = key if key is not None else ("anonymous", next(_anonymous))
         self.source = source
         self.origin = origin    # what made the atom (a park.Job); opaque here
+        self._hash = hash(("Atom", self.key))   # atoms key every state mapping: hashed once
 
     def atoms(self) -> Iterator[Atom]:
         yield self
@@ -181,7 +192,7 @@ class Atom(Condition):
         return isinstance(other, Atom) and other.key == self.key
 
     def __hash__(self) -> int:
-        return hash(("Atom", self.key))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"Atom({self.key})"

@@ -278,9 +278,9 @@ class Job:
             try:
                 for item in stream:
                     broken_since, refused = None, False
-                    if item.HasField("event"):
-                        last = item.event.seq
-                        event = JobEvent.from_proto(item.event)
+                    for message in item.events:
+                        last = message.seq
+                        event = JobEvent.from_proto(message)
                         yield event
                         if event.terminal:
                             return
@@ -310,7 +310,7 @@ class Job:
             for item in stream:
                 if item.HasField("progress"):   # the broker has caught up: the rest would be live
                     break
-                events.append(JobEvent.from_proto(item.event))
+                events.extend(JobEvent.from_proto(event) for event in item.events)
         except grpc.RpcError as exc:
             raise self.service.error(exc, f"reading the events of job {self.id}") from None
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import Any
 
 from park._proto import conditions_pb2 as cpb
 from park._proto import jobs_pb2 as jpb
@@ -92,6 +93,12 @@ def check_name(name: str, what: str = "output name") -> str:
 def check_json(text: str, kind: type, what: str) -> str:
     """`text` is a JSON array or object (`kind`) that every party can read back the same way: at most
     MAX_ARGS_BYTES of UTF-8, nested at most MAX_JSON_DEPTH deep, finite numbers only, no lone surrogates."""
+    parse_json(text, kind, what)
+    return text
+
+
+def parse_json(text: str, kind: type, what: str) -> Any:
+    """The value of `text`, checked as `check_json` says; an empty `text` is an empty `kind`."""
     try:
         size = len(text.encode())
     except UnicodeEncodeError:
@@ -108,7 +115,8 @@ def check_json(text: str, kind: type, what: str) -> str:
         if not isinstance(value, kind):
             raise InvalidInput(f"{what} must be a JSON {'array' if kind is list else 'object'}")
         _check_value(value, what, 1)
-    return text
+        return value
+    return kind()
 
 
 def _no_constant(name: str) -> float:

@@ -261,7 +261,7 @@ def test_no_answer_carries_a_delegated_token_even_to_an_admin(new_broker) -> Non
         if response.HasField("progress"):   # caught up with the log
             stream.cancel()
             break
-        answers.append(response.event)
+        answers.extend(response.events)
     assert answers[2].WhichOneof("kind") == "submitted" and "sns" in answers[2].submitted.spec.grants
     for answer in answers:
         assert secret.encode() not in answer.SerializeToString(), answer

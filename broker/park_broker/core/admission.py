@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import math
 import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from park._proto import conditions_pb2 as cpb
 from park._proto import jobs_pb2 as jpb
-from park.wire import (InvalidInput, check_job_id, check_json, check_name, check_site, check_target,
-                        condition_from_proto)
+from park.wire import (InvalidInput, check_job_id, check_name, check_site, check_target, condition_from_proto,
+                        parse_json)
 from park.conditions import Atom, AtomKey, Condition
 from park.counting import MAX_GROUP
 from park.expressions import Expression, ExpressionError
@@ -35,6 +35,16 @@ from park_broker.execution.worker import RESERVED_NAMES
 MAX_ARGV = 4096
 MAX_CONTESTANTS = 64
 DEFAULT_OUTPUT = "output"
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What `Admission.validate` learnt of a spec, read once for the rest of its admission."""
+
+    cond: Condition | None
+    args: list[Any]            # a call's positional arguments, a command's argv; else empty
+    kwargs: dict[str, Any]     # a call's keyword arguments; else empty
+    strings: list[str]         # every string in them: the files and job outputs they may name
 
 
 class Admission:
@@ -51,20 +61,22 @@ class Admission:
 
     # -- shape -------------------------------------------------------------------
 
-    def validate(self, spec: jpb.JobSpec) -> Condition | None:
-        """The job's condition; raises BrokerError saying what to fix."""
+    def validate(self, spec: jpb.JobSpec) -> Checked:
+        """The job's condition and arguments; raises BrokerError saying what to fix."""
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
         try:
             check_job_id(spec.id)
             which = spec.WhichOneof("work")
             if which == "call":
                 check_target(spec.call.target)
-                check_json(spec.call.args_json, list, "args")
-                check_json(spec.call.kwargs_json, dict, "kwargs")
+                args = parse_json(spec.call.args_json, list, "args")
+                kwargs = parse_json(spec.call.kwargs_json, dict, "kwargs")
             elif which == "command":
-                argv = spec.command.argv
-                if not argv or not argv[0]:
+                args = list(spec.command.argv)
+                if not args or not args[0]:
                     raise InvalidInput("a command needs at least a program name")
-                if len(argv) > MAX_ARGV or any("\0" in a for a in argv):
+                if len(args) > MAX_ARGV or any("\0" in a for a in args):
                     raise InvalidInput(f"a command has at most {MAX_ARGV} arguments and no NUL characters")
             elif which == "race":
                 _check_race(spec)
@@ -107,7 +119,7 @@ class Admission:
             if site not in spec.grants:
                 fail(Code.FAILED_PRECONDITION, f"job {spec.id}: no delegated token lets {self.site!r} watch jobs "
                                                f"at {site!r}; submit with park (it attaches one from your agent)")
-        return cond
+        return Checked(cond, args, kwargs, memo.strings(args) + memo.strings(kwargs))
 
     def fetch_source(self, spec: jpb.JobSpec) -> tuple[str, str]:
         """(site, path) a fetch reads; InvalidInput unless the url names a peer's job output."""
@@ -160,9 +172,9 @@ class Admission:
         except InvalidInput:
             return None
 
-    def referenced(self, spec: jpb.JobSpec) -> set[str]:
-        """Ids of the jobs whose outputs the spec's arguments name."""
-        return {ref[0] for s in _argument_strings(spec) if (ref := self.output_reference(s)) is not None}
+    def referenced(self, checked: Checked) -> set[str]:
+        """Ids of the jobs whose outputs a spec's arguments name."""
+        return {ref[0] for s in checked.strings if (ref := self.output_reference(s)) is not None}
 
     # -- packages and memo keys -------------------------------------------------------
 
@@ -191,14 +203,14 @@ class Admission:
         except PackageError:
             return None
 
-    async def file_digests(self, specs: list[jpb.JobSpec]) -> dict[str, str]:
+    async def file_digests(self, specs: Iterable[Checked]) -> dict[str, str]:
         """Content digests of the plain files the specs' arguments name (read in a thread)."""
-        paths = {s for spec in specs for s in _argument_strings(spec)
+        paths = {s for checked in specs for s in checked.strings
                  if os.path.isabs(s) and self.output_reference(s) is None}
         found = await asyncio.to_thread(lambda: {p: self.digests.digest(p) for p in paths})
         return {p: d for p, d in found.items() if d is not None}
 
-    def memo_inputs(self, owner: str, spec: jpb.JobSpec, dirs: list[Path], coming: dict[str, str],
+    def memo_inputs(self, owner: str, spec: jpb.JobSpec, checked: Checked, dirs: list[Path], coming: dict[str, str],
                     digests: dict[str, str], key_of_job: Callable[[str], str | None]) -> dict[str, Any] | None:
         """The document a job's memo key hashes; None when the job is never memoized."""
         which = spec.WhichOneof("work")
@@ -220,10 +232,10 @@ class Admission:
 
         if which == "call":
             work: Any = spec.call.target
-            args = memo.substitute(json.loads(spec.call.args_json or "[]"), resolve)
-            kwargs = memo.substitute(json.loads(spec.call.kwargs_json or "{}"), resolve)
+            args = memo.substitute(checked.args, resolve)
+            kwargs = memo.substitute(checked.kwargs, resolve)
         elif which == "command":
-            work, args, kwargs = memo.substitute(list(spec.command.argv), resolve), [], {}
+            work, args, kwargs = memo.substitute(checked.args, resolve), [], {}
         elif which == "fetch":   # a job's output never changes once it exists: the url names the content
             work, args, kwargs = spec.fetch.url, [], {}
         else:   # the same wheel published site-wide is another install than the uploader's own
@@ -234,16 +246,6 @@ class Admission:
                 [key_of_job(n.atom.job_id) or n.atom.job_id, n.atom.kind, n.atom.expr] for n in spec.when.postfix]
         return {"v": memo.VERSION, "owner": owner, "kind": which, "work": work, "args": args, "kwargs": kwargs,
                 "output": spec.output_name or DEFAULT_OUTPUT, "packages": packages, "when": when}
-
-
-def _argument_strings(spec: jpb.JobSpec) -> list[str]:
-    which = spec.WhichOneof("work")
-    if which == "call":
-        return memo.strings(json.loads(spec.call.args_json or "[]")) + \
-            memo.strings(json.loads(spec.call.kwargs_json or "{}"))
-    if which == "command":
-        return list(spec.command.argv)
-    return []
 
 
 def _check_race(spec: jpb.JobSpec) -> None:

@@ -141,13 +141,17 @@ def _adopt(work: Path, final: Path, outcome: Outcome) -> Outcome:
     """Move attempt directory `work` to `final` (replacing an unrecorded earlier one) and point the
     outcome's paths there. Renames are single system calls; removing what was replaced is not, and
     happens off the event loop."""
-    if not work.is_dir():    # the attempt never got as far as making its directory
+    try:
+        os.rename(work, final)   # the common case: nothing was at `final`
+    except FileNotFoundError:    # the attempt never got as far as making its directory
         return outcome
-    if final.exists():
+    except OSError:              # an earlier attempt's directory is there (ENOTEMPTY, EEXIST)
         replaced = final.with_name(f".{final.name}.replaced-{secrets.token_hex(4)}")
         os.rename(final, replaced)
         _discard(replaced)
-    os.rename(work, final)
+        os.rename(work, final)
+    if not outcome.result_file and not outcome.outputs:
+        return outcome
 
     def moved(path: str) -> str:
         return str(final / Path(path).relative_to(work)) if path else path

@@ -8,13 +8,18 @@ for with no gap and no repeat across the switch from replay to live:
 2. replay from the store everything after the caller's `from_seq`;
 3. deliver live events, skipping any the replay already sent.
 
+Events go out together, as many as are ready (a page of the replay, or all
+that the live queue holds), up to `MAX_BATCH_BYTES` per message: a busy site
+commits many events at once, and a message per event would cost more than the
+events themselves.
+
 A watcher that falls more than `QUEUE_LIMIT` events behind is not allowed to
 hold memory: its queue is dropped and it goes back to replaying from the store.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from park._proto import jobs_pb2 as jpb
@@ -22,6 +27,7 @@ from park_broker.core.store import Change, Store
 
 QUEUE_LIMIT = 10_000
 PAGE = 1000
+MAX_BATCH_BYTES = 1 << 20   # per Watch message (a single larger event goes alone; gRPC allows 16 MiB)
 
 
 @dataclass(eq=False)
@@ -71,21 +77,40 @@ class EventHub:
             try:
                 while True:
                     page = await store.events(last, job_id=job_id, owner=owner, limit=PAGE)
-                    for event in page:
-                        last = event.seq
-                        yield jpb.WatchResponse(event=event)
+                    for response in batches(page):
+                        yield response
+                    if page:
+                        last = page[-1].seq
                     if len(page) < PAGE:
                         break
                 # Caught up: tells the watcher that what follows is live.
                 yield jpb.WatchResponse(progress=jpb.Progress(seq=last))
                 while not sub.overflowed:
                     try:
-                        event = (await asyncio.wait_for(sub.queue.get(), idle)).event
+                        ready = [await asyncio.wait_for(sub.queue.get(), idle)]
                     except TimeoutError:
                         yield jpb.WatchResponse(progress=jpb.Progress(seq=last))
                         continue
-                    if event.seq > last:
-                        last = event.seq
-                        yield jpb.WatchResponse(event=event)
+                    while len(ready) < PAGE and not sub.queue.empty():
+                        ready.append(sub.queue.get_nowait())
+                    events = [change.event for change in ready if change.event.seq > last]
+                    if events:
+                        last = events[-1].seq
+                        for response in batches(events):
+                            yield response
             finally:
                 self.unsubscribe(sub)
+
+
+def batches(events: list[jpb.Event]) -> Iterator[jpb.WatchResponse]:
+    """`events` in order, in as few Watch messages as MAX_BATCH_BYTES allows."""
+    batch: list[jpb.Event] = []
+    size = 0
+    for event in events:
+        size += event.ByteSize()
+        if batch and size > MAX_BATCH_BYTES:
+            yield jpb.WatchResponse(events=batch)
+            batch, size = [], event.ByteSize()
+        batch.append(event)
+    if batch:
+        yield jpb.WatchResponse(events=batch)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -167,29 +168,35 @@ class Ledger:
             self._retire()
 
     async def commit(self, batch: Batch) -> None:
-        """Write the batch durably, then release its queued jobs; on a refused commit, stop the broker."""
-        await self._committed(batch, self.store.enqueue(batch.changes) if batch.changes else None)
+        """Write the batch durably, then release its queued jobs; on a refused commit, stop the broker.
+        What follows the commit happens even if the caller is cancelled while it waits (a client that
+        hangs up): the batch is already in the store's line, and its jobs must still be released."""
+        written = self._enqueue(batch)
+        if written is not None:
+            await asyncio.shield(written)
 
     def commit_soon(self, batch: Batch) -> None:
         """Commit from a synchronous callback (an executor's). The batch takes its place in the store's
         line at once, so it is written before any decision made after it; a failure is logged and stops
         the broker."""
         if batch.changes or batch.queued:
-            written = self.store.enqueue(batch.changes) if batch.changes else None
-            task = asyncio.get_running_loop().create_task(self._committed(batch, written))
-            task.add_done_callback(_log_failure)
+            self._enqueue(batch)
 
-    async def _committed(self, batch: Batch, written: asyncio.Future[None] | None) -> None:
-        if written is None:
+    def _enqueue(self, batch: Batch) -> asyncio.Future[None] | None:
+        if not batch.changes:
             self._release(batch)
-            return
-        try:
-            await written
-        except Exception:
+            return None
+        written = self.store.enqueue(batch.changes)
+        # Registered before anyone awaits it, so it runs before a waiting caller resumes.
+        written.add_done_callback(functools.partial(self._committed, batch))
+        return written
+
+    def _committed(self, batch: Batch, written: asyncio.Future[None]) -> None:
+        if written.cancelled() or written.exception() is not None:
             log.critical("commit failed; the broker stops so that recovery can restore a consistent state",
-                         exc_info=True)
+                         exc_info=None if written.cancelled() else written.exception())
             self.failed.set()
-            raise
+            return
         for change in batch.changes:
             active = self._active.get(change.job.id)
             if active is not None:
@@ -225,7 +232,3 @@ class Ledger:
                 del self._installing[pin]
         self._retiring.clear()
 
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background commit failed", exc_info=task.exception())

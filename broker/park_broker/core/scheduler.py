@@ -138,10 +138,10 @@ class Scheduler:
         state = condition.evaluate(states)
         if state is State.READY:
             return Decision(job_id, Verdict.START, tuple(sorted(a.key for a, s in states.items() if s is State.READY)))
-        resolved = tuple(sorted(a.key for a, s in states.items() if s is not State.PENDING))
         if state is State.CANCELLED:
             cancelled = tuple(sorted(a.key for a, s in states.items() if s is State.CANCELLED))
             return Decision(job_id, Verdict.CANCEL, cancelled)
         if not condition.can_hold(states):
-            return Decision(job_id, Verdict.NEVER, resolved)
+            return Decision(job_id, Verdict.NEVER, tuple(sorted(a.key for a, s in states.items()
+                                                                if s is not State.PENDING)))
         return None

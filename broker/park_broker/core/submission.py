@@ -20,7 +20,7 @@ from park import tokens
 from park._proto import jobs_pb2 as jpb
 from park.conditions import Condition
 from park_broker.core import memo
-from park_broker.core.admission import DEFAULT_OUTPUT, Admission
+from park_broker.core.admission import DEFAULT_OUTPUT, Admission, Checked
 from park_broker.core.fairness import NO_LIMITS, Limits
 from park_broker.core.jobgroups import check_joinable
 from park_broker.core.ledger import Batch, Ledger
@@ -51,12 +51,16 @@ class _Prepared:
     """A spec on its way in: its condition, packages and memo key, or why it is refused."""
 
     spec: jpb.JobSpec
-    cond: Condition | None
+    checked: Checked
     dirs: list[Path] = field(default_factory=list)
     coming: dict[str, str] = field(default_factory=dict)   # pins an install job has yet to receive
     inputs: dict[str, Any] | None = None
     key: str = ""
     error: BrokerError | None = None
+
+    @property
+    def cond(self) -> Condition | None:
+        return self.checked.cond
 
 
 class Submissions:
@@ -118,10 +122,10 @@ class Submissions:
             if pin is not None and p.error is None:
                 installing.add(pin)    # later jobs of the batch may require what it installs
         wanted = {p.spec.id for p in ok} | {a.key.job_id for p in ok if p.cond is not None for a in p.cond.depends} | {
-            j for p in ok for j in (*p.spec.race.contestants, *self.admission.referenced(p.spec))} | {
+            j for p in ok for j in (*p.spec.race.contestants, *self.admission.referenced(p.checked))} | {
             p.spec.member_of for p in ok if p.spec.member_of}
         stored = await self.ledger.lookup(wanted)
-        digests = await self.admission.file_digests([p.spec for p in ok])
+        digests = await self.admission.file_digests(p.checked for p in ok)
         self._memo_keys(owner, ok, stored, digests)
         hits = await self.store.by_memo_keys(p.key for p in ok if p.key)
         # Reports of finished jobs that improved(...) atoms name; immutable, so reading them here is safe.
@@ -264,7 +268,7 @@ class Submissions:
             if p.error is not None:
                 continue
             try:
-                p.inputs = self.admission.memo_inputs(owner, p.spec, p.dirs, p.coming, digests, key_of_job)
+                p.inputs = self.admission.memo_inputs(owner, p.spec, p.checked, p.dirs, p.coming, digests, key_of_job)
             except BrokerError as exc:
                 p.error = exc
                 continue

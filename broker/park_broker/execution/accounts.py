@@ -26,9 +26,12 @@ import os
 import pwd
 import shutil
 import sys
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+LOOKUP_TTL = 30.0   # seconds an account's entry (uid, groups) is reused before it is looked up again
 
 # What a job inherits from the broker's environment; everything else (the operator's credentials,
 # PARK_* settings of the broker, proxies) stays with the broker.
@@ -89,6 +92,10 @@ class Accounts:
     mapping: Callable[[str], str]        # a site user's mapped account name ("" for none)
     default: str = ""                    # --default-unix-user
     description: str = ""                # what Site.Info and `serve` say about it
+    # name -> (monotonic time looked up, account): every job start needs its account, and a lookup reads
+    # the passwd and group databases (files, or a directory service). A change to an account reaches new
+    # jobs within LOOKUP_TTL, as with nscd.
+    _looked_up: dict[str, tuple[float, Account]] = field(default_factory=dict, compare=False, repr=False)
 
     def of(self, user: str) -> Account | None:
         """The account `user`'s jobs run as; None for the broker's own (when it does not switch)."""
@@ -99,14 +106,25 @@ class Accounts:
             raise AccountError(f"site user {user!r} has no Unix account to run jobs as: the operator maps one with "
                                f"`park-broker users set DIR {user} --unix-user ACCOUNT` (or serves with "
                                "--default-unix-user ACCOUNT)")
-        return lookup(name)
+        now = time.monotonic()
+        cached = self._looked_up.get(name)
+        if cached is None or now - cached[0] > LOOKUP_TTL:
+            cached = self._looked_up[name] = (now, lookup(name))
+        return cached[1]
 
     def prepare(self, directory: Path, account: Account | None) -> None:
         """Create an attempt's (or a fetch's) directory for `account`, in its owner's tree."""
-        directory.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-        if directory.is_dir() and not directory.is_symlink():
-            shutil.rmtree(directory)   # a half-run of this same attempt
-        directory.mkdir(mode=0o700)
+        try:
+            os.mkdir(directory, 0o700)   # the common case: one system call
+        except FileNotFoundError:        # the owner's first job here
+            directory.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+            os.mkdir(directory, 0o700)
+        except FileExistsError:          # a half-run of this same attempt (never a symlink's target)
+            if directory.is_dir() and not directory.is_symlink():
+                shutil.rmtree(directory)
+            else:
+                directory.unlink()
+            os.mkdir(directory, 0o700)
         if account is not None:
             os.chown(directory, account.uid, account.gid)
 

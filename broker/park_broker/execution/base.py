@@ -34,6 +34,12 @@ class Task:
     memory_limit: int = 0          # bytes it may allocate; 0: no limit
     gpus: int = 0
 
+    def message(self) -> dict[str, object]:
+        """What a worker process reads to run the attempt (`execution.worker.run_task`), JSON-ready."""
+        return {"kind": self.kind, "target": self.target, "args_json": self.args_json, "kwargs_json": self.kwargs_json,
+                "argv": self.argv, "work_dir": str(self.work_dir), "output_name": self.output_name, "env": self.env,
+                "memory_limit": self.memory_limit}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Outcome:

@@ -34,7 +34,7 @@ def executor_kind(spec: str) -> str:
 
 
 def make_executor(executor: str, *, state: Path, workers: int | None, python_path: list[str],
-                  grace: float, warm: bool = True) -> Executor:
+                  grace: float, nice: int = 10, warm: bool = True) -> Executor:
     """The executor `executor` (an `--executor` value) names, keeping what it must remember across restarts
     under `state`; SiteError if it cannot be built here."""
     try:
@@ -46,7 +46,7 @@ def make_executor(executor: str, *, state: Path, workers: int | None, python_pat
         from park_broker.execution.local import LocalExecutor
 
         return LocalExecutor(ProcessGroups(state / "groups"), workers=workers, python_path=python_path, grace=grace,
-                             warm=warm)
+                             nice=nice, warm=warm)
     try:
         from park_broker.execution.dask_executor import DaskExecutor
     except ImportError as exc:

@@ -16,7 +16,6 @@ own fails the task it was running, and is replaced.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -67,7 +66,8 @@ class _Worker:
         watch = self.executor.watch_fd
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()), str(watch), *who,
+                sys.executable, "-m", "park_broker.execution.worker", str(child.fileno()), str(watch),
+                str(self.executor.nice), *who,
                 pass_fds=[child.fileno(), watch], start_new_session=True, stdin=asyncio.subprocess.DEVNULL,
                 env=env, cwd="/")
         except OSError:
@@ -99,7 +99,7 @@ class _Worker:
             return None
         self.owner = task.owner
         assert self.writer is not None and self.reader is not None and self.proc is not None
-        body = json.dumps({**dataclasses.asdict(task), "work_dir": str(task.work_dir)}).encode()
+        body = json.dumps(task.message()).encode()
         limit = asyncio.get_running_loop().call_later(task.timeout, self._time_out) if task.timeout > 0 else None
         try:
             self.writer.write(_HEADER.pack(len(body)) + body)
@@ -225,12 +225,15 @@ class LocalExecutor:
     """Runs tasks on `workers` local processes; see the module docstring."""
 
     def __init__(self, groups: ProcessGroups, *, workers: int | None = None, python_path: list[str] | None = None,
-                 grace: float = 5.0, warm: bool = True):
+                 grace: float = 5.0, nice: int = 10, warm: bool = True):
         self.groups = groups
         self.warm = warm   # start the workers at once (no use when each job's account needs a process of its own)
         self.size = workers or os.cpu_count() or 1
         self.python_path = list(python_path or [])
         self.grace = grace
+        # Jobs yield the CPU to the broker: a woken worker would otherwise preempt it on every task
+        # handed over, and a site whose jobs use every core still answers its users and peers.
+        self.nice = nice
         self._queue: deque[Task] = deque()
         self._ready = asyncio.Event()
         self._workers: list[_Worker] = []

@@ -1,8 +1,9 @@
 """A local worker process: runs one task at a time for the local executor.
 
-Started as `python -m park_broker.execution.worker FD WATCH_FD [UID:GID:GROUPS]`
+Started as `python -m park_broker.execution.worker FD WATCH_FD NICE [UID:GID:GROUPS]`
 in its own session (so a cancel can signal the whole process group,
-command-line children included). Given an account, the worker becomes it for
+command-line children included), at nice value NICE (`serve --job-nice`), so
+that jobs yield the CPU to the broker. Given an account, the worker becomes it for
 good before it reads a task: the broker starts it as root and lets it drop its
 privileges itself, because a process that serves gRPC must not fork to change
 accounts (gRPC's fork handlers break the child); a plain spawn is safe. Tasks and outcomes are length-prefixed JSON on the socket FD. For
@@ -221,8 +222,9 @@ def become(account: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 3:
-        become(sys.argv[3])
+    os.nice(int(sys.argv[3]))   # for good: raising a priority again takes a privilege jobs never have
+    if len(sys.argv) > 4:
+        become(sys.argv[4])
     sock = socket.socket(fileno=int(sys.argv[1]))
     die_with_broker(int(sys.argv[2]))
     while (task := recv(sock)) is not None:

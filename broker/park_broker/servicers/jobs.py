@@ -81,9 +81,10 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                     ) -> AsyncIterator[jpb.WatchResponse]:
         caller = current_identity.get()
         async for item in self.core.queries.watch(caller.user, request.job_id, request.from_seq, admin=caller.admin):
-            if item.HasField("event") and item.event.HasField("submitted"):   # live events are shared: copy
-                item = jpb.WatchResponse(event=event_without_tokens(jpb.Event.FromString(
-                    item.event.SerializeToString())))
+            if any(event.HasField("submitted") for event in item.events):   # live events are shared: copy
+                item = jpb.WatchResponse(events=[
+                    event_without_tokens(jpb.Event.FromString(event.SerializeToString()))
+                    if event.HasField("submitted") else event for event in item.events])
             yield item
 
 

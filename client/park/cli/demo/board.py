@@ -235,8 +235,8 @@ def watch_all(service: Service, site: str, out: queue.Queue[tuple[str, Any]]) ->
     def pump() -> None:
         try:
             for item in stream:
-                if item.HasField("event"):
-                    out.put(("event", (site, JobEvent.from_proto(item.event))))
+                for event in item.events:
+                    out.put(("event", (site, JobEvent.from_proto(event))))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 out.put(("error", f"watching the {site} broker: {exc.details()}"))

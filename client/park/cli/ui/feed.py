@@ -100,9 +100,9 @@ class Feed:
                 link.stream = link.service.jobs_stub.Watch(jpb.WatchRequest(job_id="", from_seq=last))
                 self._post(self._status, link, "live")
                 for item in link.stream:
-                    if item.HasField("event"):
-                        last = item.event.seq
-                        self._post(self._apply, link.site, JobEvent.from_proto(item.event))
+                    if item.events:
+                        last = item.events[-1].seq
+                        self._post(self._apply, link.site, [JobEvent.from_proto(event) for event in item.events])
                 status = "stream ended; reconnecting"
             except grpc.RpcError as exc:
                 if self._stop.is_set():
@@ -127,14 +127,16 @@ class Feed:
             sub.sites = True
             sub.ready.set()
 
-    def _apply(self, site: str, event: JobEvent) -> None:
-        row = self.board.apply(site, event)
-        point = {"site": site, "id": event.job_id, "time": event.time, "values": row.values} \
-            if event.kind == "improved" else None
+    def _apply(self, site: str, events: list[JobEvent]) -> None:
+        for event in events:
+            row = self.board.apply(site, event)
+            point = {"site": site, "id": event.job_id, "time": event.time, "values": row.values} \
+                if event.kind == "improved" else None
+            for sub in self._subscriptions:
+                sub.rows[(site, row.job_id)] = row
+                if point is not None:
+                    sub.points.append(point)
         for sub in self._subscriptions:
-            sub.rows[(site, row.job_id)] = row
-            if point is not None:
-                sub.points.append(point)
             sub.ready.set()
 
     def snapshot(self) -> dict[str, Any]:
