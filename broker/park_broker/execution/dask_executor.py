@@ -95,7 +95,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -162,7 +161,9 @@ class DaskExecutor:
     def submit(self, task: Task) -> None:
         key = f"park-{self.site}-{task.job_id}-{task.attempt}-{self.session}"
         payload = {"key": key, "topic": self.topic, "grace": self.grace, "python_path": self.python_path,
-                   "task": _task_dict(task)}
+                   # what `run_task` reads, and what `dask_task` picks a warm process and a time limit by
+                   "task": {**task.message(), "owner": task.owner, "python_path": task.python_path,
+                            "timeout": task.timeout}}
         # A job that asks for resources runs on a worker that declares them (`dask worker --resources
         # "cpus=8,gpus=1,memory=32e9"`), and holds them while it runs. Where workers count a resource
         # every job asks for its share (a job that says nothing takes one cpu); where none does, a job
@@ -317,18 +318,6 @@ class DaskExecutor:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-_TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
-
-
-def _task_dict(task: Task) -> dict[str, Any]:
-    """What `dataclasses.asdict` makes of `task`, for `run_task` on a worker, without its deep copy of
-    every field (which cost more than the rest of a submission)."""
-    fields = {name: getattr(task, name) for name in _TASK_FIELDS}
-    fields.update(work_dir=str(task.work_dir), env=dict(task.env),
-                  account=dataclasses.asdict(task.account) if task.account is not None else None)
-    return fields
 
 
 def _outcome(reply: dict[str, Any]) -> Outcome:
