@@ -113,6 +113,7 @@ def test_kill_9_broker_reruns_the_dask_job_after_restart(dask_broker: Broker, tm
         slow = park.submit("park_test_tasks:sleep", 60, str(marker))
         after = park.submit("park_test_tasks:noop", when=slow.iscompleted)
     wait_for(marker.exists)
+    wait_for(lambda: slow.state == "running")   # its start is committed: the re-run is attempt 2
     first = int(marker.read_text())
     marker.unlink()
     dask_broker.kill()

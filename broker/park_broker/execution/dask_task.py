@@ -47,6 +47,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -54,10 +55,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from park_broker.execution.worker import _HEADER, recv, run_task, send
+from park_broker.execution.worker import recv, run_task, send
 
 log = logging.getLogger(__name__)
 POLL = 0.25   # seconds between checks that the scheduler still wants a running task
+_HEADER = struct.Struct(">I")   # the length prefix of `worker.send`/`recv`, which the child speaks
 
 
 class _Child:
