@@ -241,8 +241,8 @@ class DaskExecutor:
         _, message = event
         key, worker = message["key"], message["worker"]
         run = self._runs.get(key)
-        if "outcome" in message:   # else cancelled, or already failed (its worker died): nothing to report
-            if run is not None:
+        if "outcome" in message:
+            if run is not None:   # else cancelled, or already failed (its worker died): nothing to report
                 self._settle(key, _outcome(message["outcome"]))
             return
         if run is None:   # cancelled, or already settled (a worker died): it must not run
@@ -278,7 +278,8 @@ class DaskExecutor:
     async def _wait(self, key: str, run: _Run) -> None:
         """Settle a run whose future ended without our finished event (see the module docstring)."""
         # The future's own state, which the scheduler's reports set: waiting on it gathers nothing
-        # (`await future` would fetch the result, which the finished event has already brought).
+        # (`await future` would fetch the result, which the finished event has already brought). Not a
+        # public Dask API: a Future has none that waits without fetching, other than a callback thread.
         await run.future._state.wait()
         if self._runs.get(key) is not run:
             return
