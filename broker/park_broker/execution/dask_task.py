@@ -147,7 +147,7 @@ async def run(payload: dict[str, Any]) -> dict[str, Any]:
 
     Announces the start on the broker's topic (`payload["topic"]`) before the child is started, and
     the end, with the outcome, once the child has answered: the broker takes the outcome from that
-    event, in order after the start on this worker's stream, and needs not gather the result.
+    event, in order after the start on this worker's stream, and need not gather the result.
     Never raises for the job's own failures; a child that dies without an answer is a failed
     outcome naming its exit status or signal."""
     from distributed import get_worker
