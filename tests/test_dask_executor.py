@@ -113,6 +113,7 @@ def test_kill_9_broker_reruns_the_dask_job_after_restart(dask_broker: Broker, tm
         slow = park.submit("park_test_tasks:sleep", 60, str(marker))
         after = park.submit("park_test_tasks:noop", when=slow.iscompleted)
     wait_for(marker.exists)
+    wait_for(lambda: slow.state == "running")   # its start is committed: the re-run is attempt 2
     first = int(marker.read_text())
     marker.unlink()
     dask_broker.kill()
@@ -131,6 +132,99 @@ def test_kill_9_broker_reruns_the_dask_job_after_restart(dask_broker: Broker, tm
     wait_for(lambda: not alive(second), timeout=20)
     assert s.job(after.id).wait(timeout=30) == "cancelled"
     assert [e.kind for e in again.events()].count("started") == 2
+
+
+def _job_of(key: object) -> str:
+    """The job id in one of our Dask keys, ("park-SITE-JOB-ATTEMPT-RUN",), or "" for another key."""
+    return key[0].split("-")[2] if isinstance(key, tuple) and str(key[0]).startswith("park-") else ""
+
+
+def _keys_of(cluster: distributed.LocalCluster, jobs: list[park.Job]) -> list[tuple[str]]:
+    """The Dask keys the scheduler holds for `jobs`."""
+    ids = {job.id for job in jobs}
+    return [key for key in list(cluster.scheduler.tasks) if _job_of(key) in ids]
+
+
+def test_a_release_reaches_the_scheduler_as_one_graph_and_outcomes_come_back_as_events(
+        service: park.Service, cluster: distributed.LocalCluster) -> None:
+    """Jobs released together go to the scheduler in one graph update, not one per job (the broker may
+    commit, and so release, one submission in a few pieces); every job's outcome
+    comes back on the broker's event topic, after its start, so no result is gathered; and the scheduler
+    forgets every task once its job has ended."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class Graphs(SchedulerPlugin):
+        def __init__(self) -> None:
+            self.updates: list[set[tuple[str]]] = []
+
+        def update_graph(self, scheduler: object, *, keys: set[tuple[str]], **kwargs: object) -> None:
+            self.updates.append(set(keys))
+
+    graphs = Graphs()
+    cluster.scheduler.add_plugin(graphs, name="park-test-graphs")
+    try:
+        with service:
+            jobs = [park.submit("park_test_tasks:add", i, 1) for i in range(40)]
+        assert [job.result(timeout=30) for job in jobs] == list(range(1, 41))
+    finally:
+        cluster.scheduler.remove_plugin(name="park-test-graphs")
+    ids = {job.id for job in jobs}
+    ours = [keys for keys in graphs.updates if any(_job_of(key) in ids for key in keys)]
+    assert len(ours) <= 3 and sum(map(len, ours)) == 40, [len(keys) for keys in ours]
+    [(name,)] = [k for keys in ours for k in keys if _job_of(k) == jobs[0].id]
+    messages = [message for events in cluster.scheduler.get_events().values() for _, message in events
+                if isinstance(message, dict) and message.get("key") == name]
+    assert ["outcome" in m for m in messages] == [False, True], "started, then finished with the outcome"
+    assert messages[1]["outcome"]["ok"] is True and messages[1]["outcome"]["result_json"] == "1"
+    wait_for(lambda: not _keys_of(cluster, jobs), timeout=10)
+
+
+def test_waiting_jobs_are_assigned_to_workers_not_held_back_on_the_scheduler(
+        service: park.Service, cluster: distributed.LocalCluster, tmp_path: Path) -> None:
+    """Each run is its own Dask task group, so Dask's root-task queuing does not hold Park's tasks on the
+    scheduler: with both worker threads busy, the other jobs wait on the workers, and cancelling them
+    there drops them."""
+    gate = tmp_path / "gate"
+    with service:
+        jobs = [park.submit("park_test_tasks:wait_with_marker", str(tmp_path / f"started-{i}"), str(gate))
+                for i in range(8)]
+    wait_for(lambda: sum((tmp_path / f"started-{i}").exists() for i in range(8)) == 2)
+    states = {cluster.scheduler.tasks[key].state for key in _keys_of(cluster, jobs)}
+    assert states == {"processing"}, states   # not "queued"
+    waiting = [job for i, job in enumerate(jobs) if not (tmp_path / f"started-{i}").exists()]
+    for job in waiting:
+        assert job.cancel() == "cancelled"
+    gate.touch()
+    assert {job.wait(timeout=30) for job in jobs if job not in waiting} == {"completed"}
+    assert not any((tmp_path / f"started-{i}").exists() for i, job in enumerate(jobs) if job in waiting)
+    wait_for(lambda: not _keys_of(cluster, jobs), timeout=10)
+
+
+def test_an_attempt_over_its_timeout_is_terminated_and_fails(service: park.Service, tmp_path: Path) -> None:
+    marker = tmp_path / "pid"
+    with service:
+        job = park.submit("park_test_tasks:sleep", 60, str(marker), timeout=1)
+    wait_for(marker.exists)
+    pid = int(marker.read_text())
+    assert job.wait(timeout=30) == "failed" and job.record().error == "timed out after 1 s"
+    wait_for(lambda: not alive(pid), timeout=20)
+
+
+def test_a_task_cancelled_outside_park_fails_its_job_and_stops_its_process(
+        service: park.Service, cluster: distributed.LocalCluster, tmp_path: Path) -> None:
+    """The one path that settles a job from its Dask future rather than from our events: the future ended
+    (here cancelled by another client of the cluster) without the task reporting an outcome."""
+    marker = tmp_path / "pid"
+    with service:
+        job = park.submit("park_test_tasks:sleep", 60, str(marker))
+    wait_for(marker.exists)
+    pid = int(marker.read_text())
+    [key] = _keys_of(cluster, [job])
+    with distributed.Client(cluster) as client:
+        client.cancel([distributed.Future(key, client)], force=True)
+    assert job.wait(timeout=30) == "failed"
+    assert "the job's Dask task was cancelled outside Park" in job.record().error
+    wait_for(lambda: not alive(pid), timeout=20)   # the released task terminated its job's process
 
 
 def test_an_executor_that_is_not_local_or_dask_is_refused(tmp_path: Path) -> None:
@@ -162,7 +256,10 @@ def test_a_starting_broker_kills_attempts_its_sites_previous_broker_left_on_the_
         pids = [int((tmp_path / k).read_text()) for k in keys]
         assert sum(client.run(dask_task.kill_stale, "park-site2-", "newrun").values()) == 0, "another site's"
         assert sum(client.run(dask_task.kill_stale, "park-site1-", "newrun").values()) == 1
-        assert not alive(pids[0]) and alive(pids[1])
+        # kill_stale waits for the warm child it killed; the job's command in that child's process group
+        # has SIGKILL pending (it never runs again) but is torn down a moment later.
+        wait_for(lambda: not alive(pids[0]), timeout=5)
+        assert alive(pids[1])
         assert futures[0].result(timeout=10)["ok"] is False
         client.run(dask_task.kill_stale, "park-", "no-run-of-this-name")
         for future in futures:

@@ -8,20 +8,49 @@ as the local executor; the broker moves a current attempt's directory into
 place. The broker keeps the only record of jobs; Dask only runs them. A warm
 child process serves one user's jobs only.
 
+Submissions are batched: the tasks handed over in one turn of the event loop
+(one release of queued jobs) go to the scheduler as one `Client.map` per set
+of resources, one graph update rather than one per job.
+
+Each run is its own Dask task group, and the scheduler assigns it to a worker
+at once. Dask holds the tasks of a large group back on the scheduler
+(root-task queuing, `distributed.scheduler.worker-saturation`: about one task
+per worker thread is sent ahead), so that tasks whose results other tasks
+consume do not fill the workers' memory faster than it is freed; between two
+short tasks a worker then waits for a round trip to the scheduler, which took
+a third of the throughput of trivial jobs. A Park job's result is a small
+outcome dict that nothing in Dask consumes and that is released as soon as the
+broker has it, so that protection buys nothing here. A run's key is the
+one-element tuple `dask_task.dask_key(name)`: Dask names a tuple key's group
+after its first element, unique per run (a group is forgotten when its tasks
+are), and its prefix, from which Dask keeps duration statistics for good, after
+the leading words of that name, `park`, the same for every run. What it costs:
+a waiting task's spec (about 2 KB) waits on the worker it was assigned to
+rather than on the scheduler, and a worker that joins later gets waiting tasks
+by Dask's work stealing rather than from the scheduler's queue.
+
 Signals, and where they come from:
-- started: the Dask task itself announces it (`Worker.log_event` on a topic of
-  this broker's own) when a worker begins to execute it, and the broker
-  subscribes to that topic. A Dask future has no "running" state of its own, and
-  only the worker knows when a task leaves its queue. If the result arrives
-  first, `started` is reported just before `finished`.
-- finished: the future's result (the outcome dict `run_task` returns); an
-  exception from Dask (for example `KilledWorker`) is a failed outcome.
+- started and finished: the Dask task itself announces both (`Worker.log_event`
+  on a topic of this broker's own), when a worker begins to execute it and
+  when its child process has answered; the second event carries the outcome
+  dict `run_task` returned. The broker subscribes to that topic, so outcomes
+  are pushed to it as they happen, batched on the scheduler's stream, instead
+  of being gathered one future at a time. A Dask future has no "running" state
+  of its own, and only the worker knows when a task leaves its queue. Both
+  events travel on one worker's stream and then on this client's stream, in
+  order, and ahead of the scheduler's own report that the task is done.
+- what Dask does itself: every run also waits for its future's state (a
+  wait without a gather). A future that ends without a finished event of
+  ours (an exception from Dask such as `KilledWorker`, a cancellation outside
+  Park, a worker that never sent the event) is settled from the future: its
+  exception is a failed outcome, a result is gathered as the outcome.
 - worker death: the scheduler's `remove-worker` event (topic `all`) fails every
   task that had started on that worker, at once; Dask's own re-run of such a
   task, if one begins, is terminated. A worker that dies never leaves a job hanging.
-- cancel: a task that has not started is dropped with `Client.cancel`; a running
-  one is stopped by `Client.run(dask_task.terminate, ...)` on its worker, which
-  SIGTERMs the child's process group and SIGKILLs it after the grace period.
+- cancel: a task not yet sent is dropped from the batch; one that has not
+  started is dropped with `Client.cancel`; a running one is stopped by
+  `Client.run(dask_task.terminate, ...)` on its worker, which SIGTERMs the
+  child's process group and SIGKILLs it after the grace period.
 
 When the broker goes away (stop, or kill -9), its client's futures are released:
 the scheduler drops queued tasks, and running ones notice they were released and
@@ -66,7 +95,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import uuid
 from collections.abc import Coroutine
@@ -87,7 +115,7 @@ CONNECT_TIMEOUT = 20.0
 class _Run:
     """One submitted attempt: the task, its Dask future, and the worker it started on."""
     task: Task
-    future: Any                      # distributed.Future
+    future: Any = None               # distributed.Future, once its batch has gone to the scheduler
     waiter: asyncio.Task[None] | None = None
     worker: str = ""                 # set by the started event
 
@@ -104,10 +132,12 @@ class DaskExecutor:
         self.grace = grace
         self.site = site   # names this site's tasks among those of every broker sharing the cluster
         self.session = uuid.uuid4().hex[:12]
-        self.topic = f"park-started-{self.session}"
+        self.topic = f"park-{self.session}"   # the started and finished events of its tasks
         self._client: Any = None        # distributed.Client, asynchronous
         self._runs: dict[str, _Run] = {}     # Dask key -> run
         self._keys: dict[str, str] = {}      # job id -> Dask key of its current attempt
+        # Submitted in this turn of the loop, not yet sent: resources asked -> [(key, payload)].
+        self._batch: dict[tuple[tuple[str, float], ...], list[tuple[str, dict[str, Any]]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._on_started: StartedCallback | None = None
         self._on_finished: FinishedCallback | None = None
@@ -131,18 +161,21 @@ class DaskExecutor:
     def submit(self, task: Task) -> None:
         key = f"park-{self.site}-{task.job_id}-{task.attempt}-{self.session}"
         payload = {"key": key, "topic": self.topic, "grace": self.grace, "python_path": self.python_path,
-                   "task": {**dataclasses.asdict(task), "work_dir": str(task.work_dir)}}
+                   # what `run_task` reads, and what `dask_task` picks a warm process and a time limit by
+                   "task": {**task.message(), "owner": task.owner, "python_path": task.python_path,
+                            "timeout": task.timeout}}
         # A job that asks for resources runs on a worker that declares them (`dask worker --resources
         # "cpus=8,gpus=1,memory=32e9"`), and holds them while it runs. Where workers count a resource
         # every job asks for its share (a job that says nothing takes one cpu); where none does, a job
         # that needs no more than the default asks nothing, and runs anywhere.
         wants = {"cpus": task.cpus, "memory": task.memory_limit, "gpus": task.gpus}
-        asked = {name: amount for name, amount in wants.items()
-                 if amount and (name in self._declared or amount != _DEFAULT_NEEDS[name])}
-        future = self._client.submit(dask_task.run, payload, key=key, pure=False, resources=asked or None)
-        run = self._runs[key] = _Run(task, future)
+        asked = tuple((name, float(amount)) for name, amount in wants.items()
+                      if amount and (name in self._declared or amount != _DEFAULT_NEEDS[name]))
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._send_batch)
+        self._batch.setdefault(asked, []).append((key, payload))
+        self._runs[key] = _Run(task)
         self._keys[task.job_id] = key
-        run.waiter = asyncio.get_running_loop().create_task(self._wait(key, run), name=f"park-dask-{key}")
 
     def capacity(self) -> int | None:
         return None   # the scheduler queues (and an adaptive cluster scales on what it sees queued)
@@ -153,6 +186,8 @@ class DaskExecutor:
         if run is None:
             return
         log.info("cancelling job", extra={"job_id": job_id, "dask_key": key, "worker": run.worker or "-"})
+        if run.future is None:   # still in this turn's batch, which skips runs it no longer holds
+            return
         if run.waiter is not None:
             run.waiter.cancel()
         self._spawn(self._client.cancel([run.future], force=True))
@@ -162,6 +197,7 @@ class DaskExecutor:
         # key we no longer hold, and `_on_event` terminates it.
 
     async def close(self) -> None:
+        self._batch.clear()
         running: dict[str, list[str]] = {}
         for key, run in self._runs.items():
             if run.worker:
@@ -182,13 +218,33 @@ class DaskExecutor:
             self._client.unsubscribe_topic(topic)
         await self._client.close()
 
+    def _send_batch(self) -> None:
+        """Send this turn's submissions: one graph update per set of resources asked."""
+        batch, self._batch = self._batch, {}
+        loop = asyncio.get_running_loop()
+        for asked, entries in batch.items():
+            entries = [(key, payload) for key, payload in entries if key in self._runs]
+            if not entries:
+                continue
+            futures = self._client.map(dask_task.run, [payload for _, payload in entries],
+                                       key=[dask_task.dask_key(key) for key, _ in entries], pure=False,
+                                       resources=dict(asked) or None)
+            for (key, _), future in zip(entries, futures):
+                run = self._runs[key]
+                run.future = future
+                run.waiter = loop.create_task(self._wait(key, run), name=f"park-dask-{key}")
+
     # -- callbacks from Dask --------------------------------------------------------
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
-        """A task of ours began to run on a worker."""
+        """A task of ours began to run on a worker, or its job ended there (the message has its outcome)."""
         _, message = event
         key, worker = message["key"], message["worker"]
         run = self._runs.get(key)
+        if "outcome" in message:
+            if run is not None:   # else cancelled, or already failed (its worker died): nothing to report
+                self._settle(key, _outcome(message["outcome"]))
+            return
         if run is None:   # cancelled, or already settled (a worker died): it must not run
             self._spawn(self._terminate(worker, [key]))
             return
@@ -220,15 +276,19 @@ class DaskExecutor:
                 self._spawn(self._client.cancel([run.future], force=True))
 
     async def _wait(self, key: str, run: _Run) -> None:
+        """Settle a run whose future ended without our finished event (see the module docstring)."""
+        # The future's own state, which the scheduler's reports set: waiting on it gathers nothing
+        # (`await future` would fetch the result, which the finished event has already brought). Not a
+        # public Dask API: a Future has none that waits without fetching, other than a callback thread.
+        await run.future._state.wait()
+        if self._runs.get(key) is not run:
+            return
         try:
-            reply = await run.future
+            outcome = _outcome(await run.future)
         except concurrent.futures.CancelledError as exc:   # not by us: we stop waiting before we cancel
             outcome = Outcome(ok=False, error=f"the job's Dask task was cancelled outside Park ({exc})"[:4000])
         except Exception as exc:  # noqa: BLE001 - Dask's failure to run the task is the job's failed outcome
             outcome = Outcome(ok=False, error=f"Dask could not run the job: {type(exc).__name__}: {exc}"[:4000])
-        else:
-            reply["outputs"] = tuple(tuple(o) for o in reply.get("outputs", ()))
-            outcome = Outcome(**reply)
         self._settle(key, outcome)
 
     def _settle(self, key: str, outcome: Outcome) -> None:
@@ -238,6 +298,7 @@ class DaskExecutor:
             return
         if run.waiter is not None and run.waiter is not asyncio.current_task():
             run.waiter.cancel()
+        run.future.release()   # now, not when the collector breaks the run's cycle with its waiter
         if self._keys.get(run.task.job_id) == key:
             del self._keys[run.task.job_id]
         assert self._on_started is not None and self._on_finished is not None
@@ -258,3 +319,8 @@ class DaskExecutor:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _outcome(reply: dict[str, Any]) -> Outcome:
+    """The outcome dict `dask_task.run` returns (and sends with its finished event), as an Outcome."""
+    return Outcome(**{**reply, "outputs": tuple(tuple(o) for o in reply.get("outputs", ()))})

@@ -1,8 +1,13 @@
 """What runs on a Dask worker for the Dask executor: each job attempt in a child process.
 
-`run(payload)` is the function the broker submits to Dask. It hands the task to
-a child process (`python -m park_broker.execution.dask_task FD`, in its own session) over
-a socket pair and returns the child's outcome dict: the child calls
+`run(payload)` is the function the broker submits to Dask: a coroutine, which
+Dask runs on the worker's event loop (it still takes one of the worker's
+threads' slots while it runs, so a worker runs as many jobs at once as it has
+threads). It hands the task to a child process (`python -m
+park_broker.execution.dask_task FD`, in its own session) over a socket pair,
+waits for the answer without blocking that loop (no thread, no selector of its
+own per job), and returns the child's outcome dict, which it also sends to the
+broker with its finished event: the child calls
 `park_broker.execution.worker.run_task`, so the attempt directory, output capture
 and result storage are exactly those of the local executor (and, as there, the
 broker alone moves a current attempt's directory into place). Children
@@ -10,15 +15,18 @@ are kept warm between tasks (at most one idle child per worker thread), and a
 child only takes tasks with the import path it was started with, as local
 workers do; so, as there, modules a job imported stay imported for the next.
 
-Why a child process: Dask cannot interrupt a task's thread, so a job running in
-the worker's own thread could not be cancelled. A child process can be: the
+Why a child process: a job must not run in the worker's own process (nor on
+its event loop), where it could neither be stopped nor kept from another
+user's jobs. A child process can be stopped: the
 broker asks the worker that runs it (`Client.run(terminate, ...)`) to SIGTERM
 the child's process group and SIGKILL it after the grace period; a terminated
 child is not reused.
 
 Failure guarantees:
 - the child dies with the worker: it notices it was re-parented (within half a
-  second) and kills its own process group, command-line children included;
+  second) and kills its own process group, command-line children included; a
+  worker that closes (its async tasks are cancelled) kills the children of the
+  tasks it was running;
 - a task the scheduler no longer wants (its broker cancelled it, or the broker
   died and its client was dropped) is noticed within `POLL` seconds and its
   child terminated, so an orphaned attempt does not race the re-run that the
@@ -33,21 +41,25 @@ entry point. `distributed` is imported inside `run`, which only runs on a worker
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
-import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from park_broker.execution.worker import recv, run_task, send
 
 log = logging.getLogger(__name__)
 POLL = 0.25   # seconds between checks that the scheduler still wants a running task
+_HEADER = struct.Struct(">I")   # the length prefix of `worker.send`/`recv`, which the child speaks
 
 
 class _Child:
@@ -118,17 +130,24 @@ def kill_stale(prefix: str, current: str, timeout: float = 10.0) -> int:
     return len(stale)
 
 
+def dask_key(name: str) -> tuple[str]:
+    """The Dask key of the task of run `name` (park-SITE-JOB-ATTEMPT-RUN, which names it everywhere else)."""
+    return (name,)
+
+
 def _released(worker: Any, key: str) -> bool:
     """Whether the scheduler has released `key` while it runs here (worker state `cancelled`)."""
     tasks = getattr(getattr(worker, "state", None), "tasks", None)
-    state = tasks.get(key) if isinstance(tasks, dict) else None
+    state = tasks.get(dask_key(key)) if isinstance(tasks, dict) else None
     return getattr(state, "state", None) == "cancelled"
 
 
-def run(payload: dict[str, Any]) -> dict[str, Any]:
+async def run(payload: dict[str, Any]) -> dict[str, Any]:
     """The function Dask runs: run `payload["task"]` in a child process; returns its outcome dict.
 
-    Announces the start on the broker's topic (`payload["topic"]`) before the child is started.
+    Announces the start on the broker's topic (`payload["topic"]`) before the child is started, and
+    the end, with the outcome, once the child has answered: the broker takes the outcome from that
+    event, in order after the start on this worker's stream, and need not gather the result.
     Never raises for the job's own failures; a child that dies without an answer is a failed
     outcome naming its exit status or signal."""
     from distributed import get_worker
@@ -140,10 +159,12 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
         _children[key] = child
     try:
         worker.log_event(payload["topic"], {"key": key, "worker": worker.address})
-        return _supervise(payload, child, worker)
+        outcome = await _supervise(payload, child, worker)
     finally:
         with _lock:
             _children.pop(key, None)
+    worker.log_event(payload["topic"], {"key": key, "worker": worker.address, "outcome": outcome})
+    return outcome
 
 
 class _Process:
@@ -155,6 +176,7 @@ class _Process:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (*python_path, env.get("PYTHONPATH", "")) if p)
         self.sock, theirs = socket.socketpair()
+        self.sock.setblocking(False)   # the worker's event loop waits on it (`_exchange`)
         with theirs:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "park_broker.execution.dask_task", str(theirs.fileno())],
@@ -189,7 +211,7 @@ def _release(process: _Process, keep: int) -> None:
         old.stop()
 
 
-def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str, Any]:
+async def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str, Any]:
     key, grace = payload["key"], float(payload["grace"])
     process = _process(payload["task"]["owner"], (*payload["task"]["python_path"], *payload["python_path"]))
     with _lock:
@@ -200,35 +222,77 @@ def _supervise(payload: dict[str, Any], child: _Child, worker: Any) -> dict[str,
     if cancelled:
         _release(process, getattr(worker, "nthreads", 1))
         return {"ok": False, "error": "cancelled before it started"}
-    reply = None
     limit = float(payload["task"].get("timeout") or 0)
     deadline = time.monotonic() + limit if limit > 0 else float("inf")
     timed_out = False
+
+    def check() -> None:
+        nonlocal timed_out
+        if _released(worker, key):
+            log.info("task %s released by the scheduler: terminating its job", key)
+            child.terminate(grace)
+        elif not timed_out and time.monotonic() > deadline:
+            timed_out = True
+            child.terminate(grace)
+
     try:
-        send(process.sock, payload["task"])
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.sock, selectors.EVENT_READ)
-            while not selector.select(POLL):
-                if _released(worker, key):
-                    log.info("task %s released by the scheduler: terminating its job", key)
-                    child.terminate(grace)
-                elif not timed_out and time.monotonic() > deadline:
-                    timed_out = True
-                    child.terminate(grace)
-        reply = recv(process.sock)
+        reply = await _exchange(process.sock, payload["task"], check)
     except OSError:
         reply = None
+    except asyncio.CancelledError:   # the worker is closing: its jobs go with it, as when it dies
+        process.stop()
+        raise
     if reply is not None and not child.cancelled:
         _release(process, getattr(worker, "nthreads", 1))
         return reply
     process.sock.close()
-    code = process.proc.wait()
+    while (code := process.proc.poll()) is None:   # it is going (end of file, or terminated)
+        await asyncio.sleep(0.05)
     if timed_out:
         return {"ok": False, "error": f"timed out after {limit:g} s"}
     if child.cancelled:
         return {"ok": False, "error": "cancelled"}
     how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
     return {"ok": False, "error": f"the process running the job on Dask worker {worker.address} {how}"}
+
+
+async def _exchange(sock: socket.socket, task: dict[str, Any], check: Callable[[], None]) -> dict[str, Any] | None:
+    """Send `task` to a warm process and read its answer, in `worker.send`/`recv`'s framing (the
+    child's end), without blocking the worker's event loop, calling `check` every `POLL` seconds
+    while it runs; None if the process closed its end."""
+    loop = asyncio.get_running_loop()
+    body = json.dumps(task).encode()
+    await loop.sock_sendall(sock, _HEADER.pack(len(body)) + body)
+    answer = bytearray()
+    while len(answer) < _HEADER.size or len(answer) < _HEADER.size + _HEADER.unpack_from(answer)[0]:
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            if not await _readable(loop, sock):
+                check()
+            continue
+        if not chunk:
+            return None
+        answer += chunk
+    return json.loads(answer[_HEADER.size:])
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+    """Whether `sock` has become readable within `POLL` seconds. One future and one timer, not a task
+    per wait: this is on every job's path."""
+    ready: asyncio.Future[bool] = loop.create_future()
+
+    def settle(readable: bool) -> None:
+        if not ready.done():
+            ready.set_result(readable)
+
+    loop.add_reader(sock, settle, True)
+    timer = loop.call_later(POLL, settle, False)
+    try:
+        return await ready
+    finally:
+        loop.remove_reader(sock)
+        timer.cancel()
 
 
 def _die_with_parent(parent: int) -> None:
