@@ -47,3 +47,38 @@ def test_a_dependency_that_finishes_during_a_submission_is_still_found(tmp_path:
         store.close()
 
     asyncio.run(main())
+
+
+def test_a_commit_whose_caller_hangs_up_still_releases_its_queued_jobs(tmp_path: Path) -> None:
+    """A client that cancels its call while the batch is being written must not strand the batch's jobs:
+    they are committed QUEUED, so they must still be handed over once the commit is durable."""
+    from park_broker.core.ledger import Batch, Ledger
+    from park_broker.core.store import Store
+
+    async def main() -> tuple[list[str], jpb.Job | None]:
+        store = Store(tmp_path / "park.db")
+        store.open()
+        ledger = Ledger("sns", store)
+        released: list[str] = []
+        ledger.release = released.extend
+        job = jpb.Job(id="a" * 26, owner="alice", state=jpb.JOB_STATE_QUEUED)
+        ledger.add(job)
+        caller = asyncio.create_task(ledger.commit(Batch([ledger.change(job, jpb.Event(queued=jpb.Queued()),
+                                                                        insert=True)], [job.id])))
+        await asyncio.sleep(0)   # the caller now waits for the writer thread
+        caller.cancel()
+        try:
+            await caller
+        except asyncio.CancelledError:
+            pass
+        for _ in range(500):
+            if released:
+                break
+            await asyncio.sleep(0.01)
+        stored = await store.get(job.id)
+        store.close()
+        return released, stored
+
+    released, stored = asyncio.run(main())
+    assert stored is not None and stored.state == jpb.JOB_STATE_QUEUED
+    assert released == ["a" * 26]
