@@ -9,6 +9,7 @@ and the first verdicts of the scheduler. One bad spec never sinks its batch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -275,7 +276,8 @@ class Submissions:
         sizes = {p.spec.id: p.spec.group.size for p in batch if p.spec.HasField("group")}
         foreseen: dict[str, str] = {}
 
-        def key_of_job(job_id: str) -> str | None:
+        def key_of_job(used: dict[str, str], job_id: str) -> str | None:
+            """An upstream job's key; `used` notes the foreseen group keys it gave."""
             if job_id in foreseen:
                 used[job_id] = foreseen[job_id]
             job = self.ledger.record(job_id) or stored.get(job_id)
@@ -284,16 +286,15 @@ class Submissions:
         for p in batch:
             if p.error is not None:
                 continue
-            used: dict[str, str] = {}
             try:
-                p.inputs = self.admission.memo_inputs(owner, p.spec, p.checked, p.dirs, p.coming, digests, key_of_job)
+                p.inputs = self.admission.memo_inputs(owner, p.spec, p.checked, p.dirs, p.coming, digests,
+                                                      functools.partial(key_of_job, p.foreseen))
             except BrokerError as exc:
                 p.error = exc
                 continue
             except Exception as exc:  # noqa: BLE001 - as above
                 p.error = _unexpected(p.spec, exc)
                 continue
-            p.foreseen = used
             if p.inputs is not None:
                 p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
             group_id = p.spec.member_of
