@@ -5,22 +5,16 @@ network work the broker does itself (transfer.fetches); an install job waits
 for its upload (packages.installs), not for a runner. The dispatcher is the
 ledger's `release`: it only ever sees jobs whose QUEUED state is committed.
 
-Each attempt runs in a directory of its own, `.<job>.attempt-<n>-<run>` beside
-the job's final directory, where `<run>` names this broker process: an attempt
-that outlived a crash (its start had not been committed, so the re-run has the
-same number) never shares a directory with its re-run. The broker creates it, for
-the account the job runs as (execution.accounts), before the executor sees it. When an executor reports an attempt's end, `finished`
-moves that directory into place only if the attempt is the job's current one;
-a stale attempt's directory (one that outlived a crash or a cancellation) is
-removed instead, so it can never replace a recorded result.
+Each attempt runs in a directory of its own (core.attempts), made when the
+fair queue hands the attempt to its executor. When an executor reports an
+attempt's end, `finished` adopts that directory only if the attempt is the job's
+current one; a stale attempt's directory (one that outlived a crash or a
+cancellation) is removed instead, so it can never replace a recorded result.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
-import secrets
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +22,7 @@ from typing import Protocol
 from park._proto import jobs_pb2 as jpb
 from park.wire import TERMINAL_STATES
 from park_broker.core.admission import DEFAULT_OUTPUT
+from park_broker.core.attempts import AttemptDirs
 from park_broker.core.fairness import NO_LIMITS, FairQueue, Limits
 from park_broker.core.ledger import Ledger
 from park_broker.errors import BrokerError
@@ -50,13 +45,13 @@ class Dispatcher:
         self.accounts = accounts
         # The site's resources count for the executor that has slots of its own (the local one).
         capacity = executor.capacity()
-        self.queue = FairQueue(executor.submit, capacity, site.resources if capacity is not None else None, limits)
+        self.queue = FairQueue(self._hand_over, capacity, site.resources if capacity is not None else None, limits)
         self.ledger = ledger
         self.executor = executor
         self.packages = packages
         self.fetcher: Fetcher | None = None   # set when the site has peers to fetch from
         self._attempts: dict[str, Task] = {}   # job id -> its attempt queued or running, not yet ended
-        self._run = secrets.token_hex(4)
+        self.attempts = AttemptDirs(str(site.files_root), accounts)
         self._report_token = report_token
         # Set by the lifecycle to the state machine's: failing a job that cannot start after all, and
         # an adopted outcome of a current attempt.
@@ -81,7 +76,7 @@ class Dispatcher:
             except BrokerError as exc:   # a package it requires was not installed after all
                 self.refuse(job.id, Outcome(ok=False, error=exc.message))
                 continue
-            except (AccountError, OSError) as exc:   # its user has no account (any more) to run as
+            except AccountError as exc:   # its user has no account (any more) to run as
                 self.refuse(job.id, Outcome(ok=False, error=f"the job cannot start at site {self.site.name}: {exc}"))
                 continue
             self._attempts[task.job_id] = task
@@ -94,12 +89,12 @@ class Dispatcher:
             return
         del self._attempts[job_id]
         self.queue.ended(job_id)
-        work = task.work_dir
+        work = str(task.work_dir)
         job = self.ledger.record(job_id)
         if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
-            _discard(work)
+            self.attempts.discard(work)
             return
-        self.on_finished(job_id, attempt, _adopt(work, job.directory, outcome))
+        self.on_finished(job_id, attempt, self.attempts.adopt(work, job.directory, outcome, task.account))
 
     def stop(self, job_id: str) -> None:
         """End a queued or running job's attempt, wherever it runs; the executor removes what it left,
@@ -115,14 +110,31 @@ class Dispatcher:
         """Give a directory the broker itself filled (a fetch's) to the account `owner`'s jobs run as."""
         self.accounts.hand_over(directory, self.accounts.of(owner))
 
+    def _hand_over(self, task: Task) -> None:
+        """The fair queue's turn for `task`: its directory is made now (not while it waited), then it runs."""
+        try:
+            self.attempts.make(str(task.work_dir), task.account)
+        except OSError as exc:
+            # After the queue's pump returns: ending the slot pumps again.
+            asyncio.get_running_loop().call_soon(self._cannot_start, task, exc)
+            return
+        self.executor.submit(task)
+
+    def _cannot_start(self, task: Task, exc: OSError) -> None:
+        current = self._attempts.get(task.job_id)
+        if current is None or current.attempt != task.attempt:   # stopped meanwhile
+            return
+        del self._attempts[task.job_id]
+        self.queue.ended(task.job_id)
+        self.refuse(task.job_id, Outcome(ok=False, error=f"the job cannot start at site {self.site.name}: {exc}"))
+
     def _task(self, job: jpb.Job) -> Task:
         spec = job.spec
         attempt = job.attempts + 1
         # os.path on strings, one Path made: this runs for every attempt.
-        where = os.path.join(os.path.dirname(job.directory), f".{job.id}.attempt-{attempt}-{self._run}")
+        where = self.attempts.path(job.directory, job.id, attempt)
         work = Path(where)
         account = self.accounts.of(job.owner)
-        self.accounts.prepare(work, account)
         output = spec.output_name or DEFAULT_OUTPUT
         env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_DIR": where,
                "PARK_JOB_FILENAME": os.path.join(where, output), "PARK_JOB_URL": job.url,
@@ -138,28 +150,3 @@ class Dispatcher:
                         kwargs_json=spec.call.kwargs_json, **common)  # type: ignore[arg-type]
         return Task(kind="command", argv=tuple(spec.command.argv), **common)  # type: ignore[arg-type]
 
-
-def _adopt(work: Path, final: str, outcome: Outcome) -> Outcome:
-    """Move attempt directory `work` to `final` (replacing an unrecorded earlier one) and point the
-    outcome's paths there. Renames are single system calls; removing what was replaced is not, and
-    happens off the event loop."""
-    try:
-        os.rename(work, final)   # the common case: nothing was at `final`
-    except FileNotFoundError:    # the attempt never got as far as making its directory
-        return outcome
-    except OSError:              # an earlier attempt's directory is there (ENOTEMPTY, EEXIST)
-        replaced = Path(final).with_name(f".{os.path.basename(final)}.replaced-{secrets.token_hex(4)}")
-        os.rename(final, replaced)
-        _discard(replaced)
-        os.rename(work, final)
-    if not outcome.result_file and not outcome.outputs:
-        return outcome
-
-    def moved(path: str) -> str:
-        return os.path.join(final, Path(path).relative_to(work)) if path else path
-    return dataclasses.replace(outcome, result_file=moved(outcome.result_file),
-                               outputs=tuple((n, moved(p), s, h) for n, p, s, h in outcome.outputs))
-
-
-def _discard(directory: Path) -> None:
-    asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, directory, True)

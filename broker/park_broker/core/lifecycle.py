@@ -20,6 +20,7 @@ about gRPC status codes.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,7 @@ class Lifecycle:
         """Start the executor with the state machine's callbacks, then recover from the store."""
         if callable(accept := getattr(self.executor, "accept_reports", None)):   # the local executor
             accept(self.progress.report)
+        await asyncio.to_thread(self.dispatch.attempts.clear)
         await self.executor.start(self.transitions.on_started, self.dispatch.finished)
         await recover(self.site.name, self.store, self.ledger, self.scheduler, self.admission, self.transitions,
                       self.remote)

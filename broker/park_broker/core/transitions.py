@@ -233,6 +233,7 @@ class Transitions:
         job = self.ledger.record(job_id)
         assert job is not None, job_id
         batch = Batch()
+        job.left_nothing = outcome.left_nothing
         if outcome.ok:
             completed = jpb.Completed(result_json=outcome.result_json, outputs=[
                 jpb.Output(name=n, path=p, size=s, sha256=h) for n, p, s, h in outcome.outputs])

@@ -50,6 +50,8 @@ class Outcome:
     error: str = ""
     traceback: str = ""
     outputs: tuple[tuple[str, str, int, str], ...] = ()   # (name, path, size, sha256)
+    # The attempt wrote no log line and no file and left no process: the job keeps no directory (core.attempts).
+    left_nothing: bool = False
 
 
 StartedCallback = Callable[[str, int], None]             # (job_id, attempt)

@@ -11,7 +11,9 @@ each task, in the attempt directory the broker made for it, the worker points fd
 `stdout.log`/`stderr.log` there, runs the call or command and stores the
 return value there. It never touches the job's final directory: the broker
 moves an attempt's directory into place, and only for the attempt it considers
-current, so a stale attempt can never replace a recorded result.
+current, so a stale attempt can never replace a recorded result. With each
+outcome it says whether the attempt left nothing (`left_nothing`): then the
+broker keeps the directory for a later attempt instead (core.attempts).
 
 A worker dies with its broker: WATCH_FD is the read end of a pipe whose only
 write end the broker holds, and a watchdog thread kills the worker's whole
@@ -198,6 +200,31 @@ def _memory_limited(limit: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+def left_nothing(work_dir: str) -> bool:
+    """Whether an attempt that ran in `work_dir` left nothing behind: its two logs empty, no other file,
+    the directory as the broker made it (mode 0700), and no process of the job's still running here (a
+    process it started and left could write into the directory, or the logs, later)."""
+    try:
+        if os.stat(work_dir).st_mode & 0o7777 != 0o700:
+            return False
+        with os.scandir(work_dir) as entries:
+            logs = 0
+            for entry in entries:
+                if (entry.name not in ("stdout.log", "stderr.log") or not entry.is_file(follow_symlinks=False)
+                        or entry.stat(follow_symlinks=False).st_size):
+                    return False
+                logs += 1
+    except OSError:
+        return False
+    try:
+        while True:   # reap what the job started and left to end; one still running means no
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return False
+    except ChildProcessError:   # no child left
+        return logs == 2
+
+
 def die_with_broker(watch_fd: int) -> None:
     """Kill this process group when the broker is gone (see the module docstring). A broker that
     died before this runs is noticed too: its pipe is already at end-of-file. (Not PR_SET_PDEATHSIG:
@@ -221,8 +248,19 @@ def become(account: str) -> None:
         raise SystemExit(f"park worker: could not become uid {uid}")
 
 
+def adopt_orphans() -> None:
+    """Become the parent of whatever a job's processes leave running when their own parent exits (a
+    subreaper, prctl(2)), so that `left_nothing` sees a command's background processes too."""
+    import ctypes   # here, not at the top: only a worker needs it
+
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
 def main() -> None:
     os.nice(int(sys.argv[3]))   # for good: raising a priority again takes a privilege jobs never have
+    adopt_orphans()
     if len(sys.argv) > 4:
         become(sys.argv[4])
     sock = socket.socket(fileno=int(sys.argv[1]))
@@ -233,6 +271,8 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - the worker's own failure is the task's, never a dead worker
             outcome = {"ok": False, "error": f"the worker could not run the job: {type(exc).__name__}: {exc}",
                        "traceback": traceback.format_exc()}
+        if left_nothing(task["work_dir"]):
+            outcome["left_nothing"] = True
         send(sock, outcome)
 
 

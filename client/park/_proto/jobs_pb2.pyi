@@ -960,6 +960,7 @@ class Job(_message.Message):
     MEMO_INPUTS_FIELD_NUMBER: _builtins.int
     ATTENTION_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    LEFT_NOTHING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     site: _builtins.str
     owner: _builtins.str
@@ -984,6 +985,8 @@ class Job(_message.Message):
     """the canonical JSON the key hashes (for "why not reused")"""
     attention: _builtins.str
     """what the job waits for its owner to do, e.g. run `park renew`"""
+    left_nothing: _builtins.bool
+    """Its last attempt wrote no log line and no file: the job has no directory, and its logs read as empty."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -1028,10 +1031,11 @@ class Job(_message.Message):
         memo_inputs: _builtins.str = ...,
         attention: _builtins.str = ...,
         group: Global___GroupCounts | None = ...,
+        left_nothing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "group", b"group", "result_file", b"result_file", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "attention", b"attention", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "group", b"group", "id", b"id", "last_seq", b"last_seq", "memo_hit", b"memo_hit", "memo_inputs", b"memo_inputs", "memo_key", b"memo_key", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "attention", b"attention", "cause", b"cause", "directory", b"directory", "error", b"error", "filename", b"filename", "finished_at", b"finished_at", "group", b"group", "id", b"id", "last_seq", b"last_seq", "left_nothing", b"left_nothing", "memo_hit", b"memo_hit", "memo_inputs", b"memo_inputs", "memo_key", b"memo_key", "outputs", b"outputs", "owner", b"owner", "progress", b"progress", "result_file", b"result_file", "result_json", b"result_json", "site", b"site", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at", "traceback", b"traceback", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,90 @@
+"""Attempt directories against a real broker (core.attempts): a job that leaves nothing keeps no directory and
+lends its directory to the next attempt of the same account; a job that leaves anything keeps it, as before."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+import park
+from harness import Broker  # type: ignore[import-not-found]
+from park._proto import files_pb2 as fipb
+from park._proto import files_pb2_grpc
+from park.downloads import file_path
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _chain(n: int, target: str, *args: object, **options: object) -> list[park.Job]:
+    """`n` jobs, each waiting on the one before: one attempt at a time, so each can reuse the last one's directory."""
+    jobs: list[park.Job] = []
+    for _ in range(n):
+        jobs.append(park.submit(target, *args, memo=False, when=jobs[-1].iscompleted if jobs else None, **options))
+    return jobs
+
+
+def test_a_job_that_leaves_nothing_keeps_no_directory_and_lends_it_to_the_next(broker: Broker,
+                                                                               service: park.Service) -> None:
+    with service:
+        quiet = _chain(5, "park_test_tasks:noop")
+        loud = park.submit("park_test_tasks:write_output", "x", when=quiet[-1].iscompleted)
+    assert loud.result(timeout=60) == loud.id
+    for job in quiet:
+        record = job.record()
+        assert job.state == "completed" and record.left_nothing, job.id
+        assert not Path(record.directory).exists()
+        assert job.logs() == "" and job.logs("stderr") == ""
+    # The five attempts, one after another, went through one directory, and the sixth job took it: no spare is
+    # left (each would have left one if none were reused).
+    assert list((broker.directory / "files" / ".spare").iterdir()) == []
+    kept = loud.record()
+    assert not kept.left_nothing and loud.logs() == "wrote 1 characters\n"
+    assert (Path(kept.directory) / "output").read_text() == "x"
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["sh", "-c", "echo hello"], "it wrote to its output"),
+    (["sh", "-c", "echo oops >&2"], "it wrote to its error output"),
+    (["touch", "made"], "it made a file"),
+    (["chmod", "755", "."], "it changed its directory's mode"),
+    (["sh", "-c", "sleep 30 >/dev/null 2>&1 &"], "it left a process running"),
+])
+def test_a_job_that_leaves_anything_keeps_its_directory(service: park.Service, argv: list[str], why: str) -> None:
+    with service:
+        job = park.run(argv, memo=False)
+    assert job.wait(timeout=60) == "completed"
+    record = job.record()
+    assert not record.left_nothing, why
+    assert Path(record.directory).is_dir(), why
+
+
+def test_a_silent_retry_replaces_what_the_failed_attempt_left(service: park.Service, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    runs.chmod(0o777)   # counted as the jobs' account
+    with service:
+        flaky = park.submit("park_test_tasks:fail_times", str(runs), "flaky", 1, retries=1, retry_delay=0)
+    assert flaky.result(timeout=60) == 2
+    record = flaky.record()
+    # The first attempt printed its traceback and its directory became the job's; the second left nothing,
+    # so it cannot become a spare: it replaces the first, and the logs are the second attempt's.
+    assert not record.left_nothing
+    assert flaky.logs("stderr") == ""
+
+
+def test_the_logs_of_a_job_that_left_nothing_are_an_empty_file(service: park.Service) -> None:
+    with service:
+        job = park.submit("park_test_tasks:noop", memo=False)
+    assert job.wait(timeout=60) == "completed"
+    record = job.record()
+    stub = files_pb2_grpc.FilesStub(service.channel)
+    chunks = list(stub.Read(fipb.ReadRequest(path=file_path(record.owner, job.id, "stdout.log"))))
+    assert [(c.offset, c.data, c.size) for c in chunks] == [(0, b"", 0)]
+    with pytest.raises(grpc.RpcError) as beyond:
+        list(stub.Read(fipb.ReadRequest(path=file_path(record.owner, job.id, "stdout.log"), offset=1)))
+    assert beyond.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside the file" in (beyond.value.details() or "")
+    with pytest.raises(grpc.RpcError) as other:   # only the logs: any other file of it does not exist
+        list(stub.Read(fipb.ReadRequest(path=file_path(record.owner, job.id, "output"))))
+    assert other.value.code() == grpc.StatusCode.NOT_FOUND
