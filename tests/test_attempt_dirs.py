@@ -2,6 +2,7 @@
 lends its directory to the next attempt of the same account; a job that leaves anything keeps it, as before."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import grpc
@@ -24,23 +25,29 @@ def _chain(n: int, target: str, *args: object, **options: object) -> list[park.J
     return jobs
 
 
-def test_a_job_that_leaves_nothing_keeps_no_directory_and_lends_it_to_the_next(broker: Broker,
-                                                                               service: park.Service) -> None:
+def test_a_job_that_leaves_nothing_keeps_no_directory_and_lends_it_to_the_next(broker: Broker, service: park.Service,
+                                                                               tmp_path: Path) -> None:
     with service:
         quiet = _chain(5, "park_test_tasks:noop")
-        loud = park.submit("park_test_tasks:write_output", "x", when=quiet[-1].iscompleted)
-    assert loud.result(timeout=60) == loud.id
+    assert quiet[-1].wait(timeout=60) == "completed"
     for job in quiet:
         record = job.record()
         assert job.state == "completed" and record.left_nothing, job.id
         assert not Path(record.directory).exists()
         assert job.logs() == "" and job.logs("stderr") == ""
-    # The five attempts, one after another, went through one directory, and the sixth job took it: no spare is
-    # left (each would have left one if none were reused).
-    assert list((broker.directory / "files" / ".spare").iterdir()) == []
+    # The five attempts, one after another, went through one directory: one spare is left, not five.
+    [spare] = (broker.directory / "files" / ".spare").iterdir()
+    witness = tmp_path / "witness"
+    os.link(spare / "stdout.log", witness)   # the spare's log file, under another name
+    with service:
+        loud = park.submit("park_test_tasks:write_output", "x")
+    assert loud.result(timeout=60) == loud.id
     kept = loud.record()
     assert not kept.left_nothing and loud.logs() == "wrote 1 characters\n"
     assert (Path(kept.directory) / "output").read_text() == "x"
+    # It ran in the spare, and wrote into its log file (truncated, not made again).
+    assert witness.read_text() == "wrote 1 characters\n"
+    assert list((broker.directory / "files" / ".spare").iterdir()) == []
 
 
 @pytest.mark.parametrize("argv, why", [

@@ -74,9 +74,10 @@ def test_a_restarted_broker_kills_what_a_stuck_worker_left_before_it_runs_the_jo
 
 def _attempt(task: Task, text: str) -> Outcome:
     """What a worker leaves: the output in the attempt's directory, and the outcome naming it."""
-    task.work_dir.mkdir(parents=True, exist_ok=True)   # the dispatcher made it for the attempt
-    (task.work_dir / task.output_name).write_text(text)
-    return Outcome(ok=True, result_json='"done"', outputs=((task.output_name, str(task.work_dir / task.output_name),
+    work = Path(task.work_dir)
+    work.mkdir(parents=True, exist_ok=True)   # the dispatcher made it for the attempt
+    (work / task.output_name).write_text(text)
+    return Outcome(ok=True, result_json='"done"', outputs=((task.output_name, str(work / task.output_name),
                                                           len(text), "0" * 64),))
 
 
@@ -96,7 +97,7 @@ def test_an_interrupted_attempt_never_becomes_the_result_of_its_rerun(tmp_path: 
         second, executor, store = in_process_core(tmp_path)
         await second.start()                # recovery queues the job again: attempt 2, in a fresh directory
         [current] = executor.tasks
-        assert current.attempt == stale.attempt + 1 and not stale.work_dir.exists()
+        assert current.attempt == stale.attempt + 1 and not Path(stale.work_dir).exists()
         second.transitions.on_started(SPEC.id, current.attempt)
         second.dispatch.finished(SPEC.id, current.attempt, _attempt(current, "current"))
         await asyncio.sleep(0.1)
@@ -159,7 +160,7 @@ def test_a_task_cancelled_while_its_worker_process_starts_never_runs(tmp_path: P
         work.mkdir()
         marker = tmp_path / "ran"
         executor.submit(Task(job_id="j" * 26, attempt=1, owner="alice", kind="command",
-                             argv=("sh", "-c", f"touch {marker}"), work_dir=work, output_name="output"))
+                             argv=("sh", "-c", f"touch {marker}"), work_dir=str(work), output_name="output"))
         await asyncio.sleep(0)        # the worker takes it and begins to start its process
         executor.cancel("j" * 26)
         await asyncio.sleep(2.0)

@@ -78,6 +78,7 @@ class Condition:
 
     # Every kind is slotted: a broker holds one expression per waiting job, a million of them.
     __slots__ = ()
+    negates: bool   # whether it has a NOT; without one it is monotone (an atom turning READY never hurts)
 
     class Cancelled(Exception):
         """Raised by `.ready` when the condition can no longer be satisfied."""
@@ -126,6 +127,8 @@ class Condition:
         round), so a job is never cancelled for this reason by mistake.
         """
         atoms = self.depends
+        if not self.negates and all(states.get(a, State.PENDING) is not State.CANCELLED for a in atoms):
+            return True   # the pending atoms can all turn READY, and then so does a monotone expression
         if self.reads_atoms_once:
             return State.READY in self._possible(states)
         pending = [a for a in atoms if states.get(a, State.PENDING) is State.PENDING]
@@ -169,6 +172,7 @@ class Atom(Condition):
     """One fact. Equal atoms have equal keys; `source`, if given, reports its live state."""
 
     __slots__ = ("key", "source", "origin", "_hash")
+    negates = False
 
     def __init__(self, key: Hashable | None = None, source: Callable[[AtomKey], State] | None = None,
                  origin: object = None):
@@ -234,12 +238,13 @@ class _Composite(Condition):
 
 
 class _Binary(_Composite):
-    __slots__ = ("left", "right")
+    __slots__ = ("left", "right", "negates")
     _op: Callable[[State, State], State]
     _symbol: str
 
     def __init__(self, left: Condition, right: Condition):
         self.left, self.right = _check(left), _check(right)
+        self.negates = left.negates or right.negates
 
     def atoms(self) -> Iterator[Atom]:
         yield from self.left.atoms()
@@ -278,6 +283,7 @@ class Or(_Binary):
 
 class Not(_Composite):
     __slots__ = ("inner",)
+    negates = True
 
     def __init__(self, inner: Condition):
         self.inner = _check(inner)

@@ -89,7 +89,7 @@ class Dispatcher:
             return
         del self._attempts[job_id]
         self.queue.ended(job_id)
-        work = str(task.work_dir)
+        work = task.work_dir
         job = self.ledger.record(job_id)
         if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
             self.attempts.discard(work)
@@ -113,7 +113,7 @@ class Dispatcher:
     def _hand_over(self, task: Task) -> None:
         """The fair queue's turn for `task`: its directory is made now (not while it waited), then it runs."""
         try:
-            self.attempts.make(str(task.work_dir), task.account)
+            self.attempts.make(task.work_dir, task.account)
         except OSError as exc:
             # After the queue's pump returns: ending the slot pumps again.
             asyncio.get_running_loop().call_soon(self._cannot_start, task, exc)
@@ -131,9 +131,7 @@ class Dispatcher:
     def _task(self, job: jpb.Job) -> Task:
         spec = job.spec
         attempt = job.attempts + 1
-        # os.path on strings, one Path made: this runs for every attempt.
         where = self.attempts.path(job.directory, job.id, attempt)
-        work = Path(where)
         account = self.accounts.of(job.owner)
         output = spec.output_name or DEFAULT_OUTPUT
         env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_DIR": where,
@@ -141,7 +139,7 @@ class Dispatcher:
                "PARK_BROKER_ADDRESS": self.site.address, "PARK_BROKER_CERT": self.site.cert_path,
                "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}
         python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires), job.owner))
-        common = dict(job_id=job.id, attempt=attempt, owner=job.owner, account=account, work_dir=work,
+        common = dict(job_id=job.id, attempt=attempt, owner=job.owner, account=account, work_dir=where,
                       output_name=output, env=env, python_path=python_path,
                       timeout=spec.timeout or self.site.max_walltime, cpus=spec.resources.cpus or 1.0,
                       memory_limit=spec.resources.memory_bytes, gpus=spec.resources.gpus)

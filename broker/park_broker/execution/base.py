@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from park_broker.execution.accounts import Account
@@ -25,7 +24,7 @@ class Task:
     args_json: str = ""
     kwargs_json: str = ""
     argv: tuple[str, ...] = ()
-    work_dir: Path                 # where the attempt runs and leaves what it made; the broker moves it into place
+    work_dir: str                  # where the attempt runs and leaves what it made; the broker moves it into place
     output_name: str
     env: dict[str, str] = field(default_factory=dict)
     python_path: tuple[str, ...] = ()   # package directories the job requires, first on sys.path
@@ -37,7 +36,7 @@ class Task:
     def message(self) -> dict[str, object]:
         """What a worker process reads to run the attempt (`execution.worker.run_task`), JSON-ready."""
         return {"kind": self.kind, "target": self.target, "args_json": self.args_json, "kwargs_json": self.kwargs_json,
-                "argv": self.argv, "work_dir": str(self.work_dir), "output_name": self.output_name, "env": self.env,
+                "argv": self.argv, "work_dir": self.work_dir, "output_name": self.output_name, "env": self.env,
                 "memory_limit": self.memory_limit}
 
 

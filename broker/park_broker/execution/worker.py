@@ -45,7 +45,8 @@ from typing import Any
 
 _HEADER = struct.Struct(">I")
 MAX_INLINE_RESULT = 64 * 1024
-RESERVED_NAMES = frozenset({"stdout.log", "stderr.log", "result.json", "result.pickle"})
+LOGS = ("stdout.log", "stderr.log")
+RESERVED_NAMES = frozenset({*LOGS, "result.json", "result.pickle"})
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -71,12 +72,12 @@ def recv(sock: socket.socket) -> dict[str, Any] | None:
     return None if body is None else json.loads(body)
 
 
-def file_digest(path: Path) -> tuple[int, str]:
+def file_digest(path: str) -> tuple[int, str]:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
-    return path.stat().st_size, digest.hexdigest()
+        return os.fstat(f.fileno()).st_size, digest.hexdigest()
 
 
 def resolve(target: str) -> Any:
@@ -87,20 +88,20 @@ def resolve(target: str) -> Any:
     return obj
 
 
-def _store_result(value: Any, work_dir: Path) -> dict[str, Any]:
+def _store_result(value: Any, work_dir: str) -> dict[str, Any]:
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         data = pickle.dumps(value)
-        (work_dir / "result.pickle").write_bytes(data)
+        Path(work_dir, "result.pickle").write_bytes(data)
         return {"result_file": "result.pickle", "result_format": "pickle"}
     if len(text) > MAX_INLINE_RESULT:
-        (work_dir / "result.json").write_text(text)
+        Path(work_dir, "result.json").write_text(text)
         return {"result_file": "result.json", "result_format": "json"}
     return {"result_json": text}
 
 
-def _run(task: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+def _run(task: dict[str, Any], work_dir: str) -> dict[str, Any]:
     if task["kind"] == "command":
         proc = subprocess.run(task["argv"], cwd=work_dir, stdin=subprocess.DEVNULL, stdout=1, stderr=2)
         if proc.returncode != 0:
@@ -117,15 +118,17 @@ def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
 
     `report_fd`: the socket to the broker, which a Python call's `park.report` may write its reports to
     (park.progress) until the call returns."""
-    work_dir = Path(task["work_dir"])   # made by the broker, for the account this process runs as
+    work_dir = task["work_dir"]   # made by the broker, for the account this process runs as
     try:
-        left = list(work_dir.iterdir())   # a half-run of this attempt (a retry by Dask)
+        left = os.listdir(work_dir)   # a half-run of this attempt (a retry by Dask); a spare's empty logs
     except FileNotFoundError:
         return {"ok": False, "error": "the attempt's directory is gone: its broker no longer wants this attempt"}
     except OSError as exc:
         return {"ok": False, "error": f"the job's process (uid {os.getuid()}) cannot use its directory: {exc}"}
-    for path in left:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for name in left:
+        if name not in LOGS:   # the logs are truncated when opened: their files are reused, not made again
+            path = os.path.join(work_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
     # Only the task's own variables are set and restored: copying the whole environment
     # back and forth costs more than a trivial job.
     saved_env = {k: os.environ.get(k) for k in task["env"]}
@@ -134,33 +137,34 @@ def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        with open(work_dir / "stdout.log", "wb") as out, open(work_dir / "stderr.log", "wb") as err:
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            os.environ.update(task["env"])
-            if report_fd >= 0 and task["kind"] != "command":   # a command's processes have no such fd
-                os.environ["PARK_REPORT_FD"] = f"{os.getpid()}:{report_fd}"
-            os.chdir(work_dir)
-            limit = int(task.get("memory_limit") or 0)
-            try:
-                with _memory_limited(limit):
-                    outcome = _run(task, work_dir)
-            except MemoryError:
-                traceback.print_exc()
-                outcome = {"ok": False, "error": f"MemoryError: the job went over its memory limit of "
-                                                 f"{limit / 2**30:.2f} GiB", "traceback": traceback.format_exc()[-20000:]}
-            except BaseException as exc:  # noqa: BLE001 - the job's failure, reported, not ours
-                traceback.print_exc()
-                outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000],
-                           "traceback": traceback.format_exc()[-20000:]}
-            if limit and not outcome.get("ok") and outcome.get("error", "").startswith("command exited"):
-                outcome["error"] += f" (its memory was limited to {limit / 2**30:.2f} GiB)"
-            os.environ.pop("PARK_REPORT_FD", None)   # before the flush: no report may follow the outcome
-            reporting = sys.modules.get("park.progress")
-            if reporting is not None:   # the job reported progress: deliver it before the outcome
-                reporting.flush()
-            sys.stdout.flush()
-            sys.stderr.flush()
+        for fd, name in ((1, "stdout.log"), (2, "stderr.log")):
+            log_fd = os.open(os.path.join(work_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            os.dup2(log_fd, fd)
+            os.close(log_fd)
+        os.environ.update(task["env"])
+        if report_fd >= 0 and task["kind"] != "command":   # a command's processes have no such fd
+            os.environ["PARK_REPORT_FD"] = f"{os.getpid()}:{report_fd}"
+        os.chdir(work_dir)
+        limit = int(task.get("memory_limit") or 0)
+        try:
+            with _memory_limited(limit):
+                outcome = _run(task, work_dir)
+        except MemoryError:
+            traceback.print_exc()
+            outcome = {"ok": False, "error": f"MemoryError: the job went over its memory limit of "
+                                             f"{limit / 2**30:.2f} GiB", "traceback": traceback.format_exc()[-20000:]}
+        except BaseException as exc:  # noqa: BLE001 - the job's failure, reported, not ours
+            traceback.print_exc()
+            outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000],
+                       "traceback": traceback.format_exc()[-20000:]}
+        if limit and not outcome.get("ok") and outcome.get("error", "").startswith("command exited"):
+            outcome["error"] += f" (its memory was limited to {limit / 2**30:.2f} GiB)"
+        os.environ.pop("PARK_REPORT_FD", None)   # before the flush: no report may follow the outcome
+        reporting = sys.modules.get("park.progress")
+        if reporting is not None:   # the job reported progress: deliver it before the outcome
+            reporting.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
     finally:
         os.dup2(saved_fds[0], 1)
         os.dup2(saved_fds[1], 2)
@@ -173,12 +177,12 @@ def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    output = work_dir / task["output_name"]
-    if output.is_file():
+    output = os.path.join(work_dir, task["output_name"])
+    if os.path.isfile(output):
         size, sha = file_digest(output)
-        outcome["outputs"] = [[task["output_name"], str(output), size, sha]]
+        outcome["outputs"] = [[task["output_name"], output, size, sha]]
     if outcome.get("result_file"):
-        outcome["result_file"] = str(work_dir / outcome["result_file"])
+        outcome["result_file"] = os.path.join(work_dir, outcome["result_file"])
     return outcome
 
 
