@@ -1,6 +1,7 @@
 """Everyday job controls against a real broker: retries with backoff, time limits, the site's limit."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -185,11 +186,14 @@ def test_a_request_no_site_resource_could_meet_is_refused_saying_what_the_site_h
 
 
 def test_jobs_run_at_the_sites_job_nice_value(new_broker) -> None:  # type: ignore[no-untyped-def]
-    """Jobs yield the CPU to the broker (default nice 10); an operator can set it, and a job cannot undo it."""
+    """Jobs yield the CPU to the broker (default nice 10, as batch processes that never preempt the broker when
+    it hands them work); an operator can set the nice value, and a job cannot undo it."""
     for site, extra, nice in (("sns", [], 10), ("hfir", ["--job-nice", "3"], 3)):
         broker = new_broker(site, extra=extra).start()
         with broker.service():
             now, raised = park.submit("os:nice", 0, memo=False), park.submit("os:nice", -1, memo=False)
+            policy = park.submit("os:sched_getscheduler", 0, memo=False)
+        assert policy.result(timeout=60) == os.SCHED_BATCH
         assert now.result(timeout=60) == nice
         assert raised.wait(timeout=60) == "failed" and "PermissionError" in raised.record().error
         broker.stop()

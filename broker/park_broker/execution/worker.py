@@ -264,6 +264,9 @@ def adopt_orphans() -> None:
 
 def main() -> None:
     os.nice(int(sys.argv[3]))   # for good: raising a priority again takes a privilege jobs never have
+    # A batch process is never scheduled ahead of the one that woke it: a worker handed a task by the
+    # broker does not take the broker's core from it (sched(7), SCHED_BATCH); otherwise it gets its share.
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     adopt_orphans()
     if len(sys.argv) > 4:
         become(sys.argv[4])
