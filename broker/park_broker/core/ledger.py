@@ -9,9 +9,17 @@ dependent never starts on a completion that could still roll back, and the
 order of decisions is the order of sequence numbers.
 
 Invariants this module guarantees:
-- `record(id)` holds every job that is not terminal, and terminal jobs until
+- The ledger holds every job that is not terminal, and terminal jobs until
   the commit that made them terminal has finished; any job not here is read
   from the store, where it is committed and terminal.
+- A waiting job's record is kept serialized once its change is committed (a
+  parsed `jpb.Job` takes six times the memory, and a million jobs may wait).
+  `record(id)` gives the live record to change, parsing a serialized one and
+  keeping the parse (a promotion); `peek(id)` gives one only to read, without
+  promoting it, so that reading a waiting job (its owner, state or memo key,
+  for a submission that names it) never makes its record live again. A
+  promoted record that is still waiting is serialized again, from memory (not
+  from the snapshot written), when its next change is committed.
 - While a submission is between its first store read and its decisions
   (`submitting()`), no job leaves memory, so what it read stays consistent
   with memory.
@@ -40,6 +48,25 @@ log = logging.getLogger(__name__)
 MAX_HISTORY = 10_000      # progress reports kept in memory per active job
 
 Pin = tuple[str, str, str]     # (owner or "" for site-wide, package, version) an install job provides
+_NOT_STARTED = (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED)
+
+
+@dataclass(slots=True)
+class _Packed:
+    """A waiting job's serialized record, beside its owner, which per-owner questions ask without
+    parsing the record."""
+
+    owner: str
+    record: bytes
+
+
+def _packable(job: jpb.Job) -> bool:
+    """Whether a record is kept serialized: a waiting job's, except a group's (its members' changes move it)."""
+    return job.state == jpb.JOB_STATE_WAITING and not job.spec.HasField("group")
+
+
+def _parse(entry: jpb.Job | _Packed) -> jpb.Job:
+    return entry if isinstance(entry, jpb.Job) else jpb.Job.FromString(entry.record)
 
 
 @dataclass(slots=True)
@@ -59,7 +86,7 @@ class Ledger:
         self.failed = asyncio.Event()   # set when the store refused a commit: the broker must stop
         # Called with the committed QUEUED jobs of each batch (set by the lifecycle: the dispatcher).
         self.release: Callable[[list[str]], None] = lambda queued: None
-        self._active: dict[str, jpb.Job] = {}
+        self._active: dict[str, jpb.Job | _Packed] = {}
         self._memo: dict[str, str] = {}             # memo key -> id, for active jobs
         self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
         self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
@@ -72,20 +99,36 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------
 
     def record(self, job_id: str) -> jpb.Job | None:
-        """The live record of an active job, named by its id or one of its aliases."""
-        return self._active.get(self._aliases.get(job_id, job_id))
+        """The live record of an active job, named by its id or one of its aliases, to change (a
+        serialized one is parsed and kept: promoted)."""
+        job_id = self._aliases.get(job_id, job_id)
+        entry = self._active.get(job_id)
+        if isinstance(entry, _Packed):
+            entry = self._active[job_id] = jpb.Job.FromString(entry.record)
+        return entry
 
-    def active(self) -> list[jpb.Job]:
-        """The live records of every active job."""
-        return list(self._active.values())
+    def peek(self, job_id: str) -> jpb.Job | None:
+        """An active job's record, named by its id or one of its aliases, only to read: the live record,
+        or a parse of a serialized one that is not kept (so changing it would change nothing)."""
+        entry = self._active.get(self._aliases.get(job_id, job_id))
+        return None if entry is None else _parse(entry)
+
+    def owned(self, owner: str) -> Iterator[jpb.Job]:
+        """The records of `owner`'s active jobs, only to read (as `peek`)."""
+        return (_parse(entry) for entry in self._active.values() if entry.owner == owner)
+
+    def not_started(self, owner: str) -> int:
+        """How many of `owner`'s active jobs wait or are queued, groups aside (what the waiting quota counts)."""
+        return sum(1 for entry in self._active.values() if entry.owner == owner and (
+            isinstance(entry, _Packed) or entry.state in _NOT_STARTED and not entry.spec.HasField("group")))
 
     def canonical(self, job_id: str) -> str:
         """The job an alias (a memo hit) names, for active jobs; any other id unchanged."""
         return self._aliases.get(job_id, job_id)
 
     def memo_twin(self, key: str) -> jpb.Job | None:
-        """The active job with memo key `key`, if any."""
-        return self._active.get(self._memo.get(key, "")) if key else None
+        """The active job with memo key `key`, if any, only to read (as `peek`)."""
+        return self.peek(self._memo.get(key, "")) if key else None
 
     def installing(self) -> set[Pin]:
         """The packages that active install jobs will provide."""
@@ -107,9 +150,9 @@ class Ledger:
             check_job_id(job_id)
         except InvalidInput as exc:
             fail(Code.INVALID_ARGUMENT, str(exc))
-        job = self.record(job_id)
-        if job is not None:
-            job = jpb.Job.FromString(job.SerializeToString())
+        entry = self._active.get(self._aliases.get(job_id, job_id))
+        if entry is not None:
+            job = jpb.Job.FromString(entry.SerializeToString() if isinstance(entry, jpb.Job) else entry.record)
         else:
             job = (await self.store.get_many([job_id])).get(job_id)
         if job is None or (job.owner != caller and not admin):
@@ -127,11 +170,16 @@ class Ledger:
             self._installing[install_pin] = job.id
             self._install_pin[job.id] = install_pin
 
-    def add_recovered(self, jobs: Iterable[jpb.Job], reports: dict[str, list[dict[str, float]]]) -> None:
-        """Hold the active jobs read back from the store at start-up, with their progress reports."""
-        for job in jobs:
-            self._active[job.id] = job
-        self._reports.update(reports)
+    def add_recovered(self, records: Iterable[bytes]) -> list[str]:
+        """Hold the active jobs read back from the store at start-up (their serialized records); returns
+        their ids, in order. Each is parsed once, and a waiting one kept as it was read, so that a million
+        of them are never live at once."""
+        ids = []
+        for record in records:
+            job = jpb.Job.FromString(record)
+            self._active[job.id] = _Packed(job.owner, record) if _packable(job) else job
+            ids.append(job.id)
+        return ids
 
     def alias(self, alias_id: str, owner: str, twin: jpb.Job, batch: Batch, member_of: str = "") -> None:
         """Make `alias_id` another name of `twin` (a memo hit), recorded with the batch with a `reused` event
@@ -199,15 +247,25 @@ class Ledger:
             self.failed.set()
             return
         for change in batch.changes:
-            active = self._active.get(change.job.id)
-            if active is not None:
+            # Not by alias: an alias's event (`reused`) is not the job's own. A record serialized since the
+            # change was made (by an earlier commit) is promoted here, and serialized again below.
+            if change.job.id in self._active and (active := self.record(change.job.id)) is not None:
                 active.last_seq = max(active.last_seq, change.event.seq)
         self._release(batch)
         for change in batch.changes:
             job = self._active.get(change.job.id)
-            if job is not None and job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
+            if not isinstance(job, jpb.Job):
+                continue
+            if job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
                 self._retiring.append(job.id)
+            else:
+                self._pack(job)
         self._retire()
+
+    def _pack(self, job: jpb.Job) -> None:
+        """Keep a waiting job's live record serialized."""
+        if _packable(job):
+            self._active[job.id] = _Packed(job.owner, job.SerializeToString())
 
     def _release(self, batch: Batch) -> None:
         if batch.release_after > 0 and batch.queued:
@@ -220,9 +278,10 @@ class Ledger:
         if self._submitting:
             return
         for job_id in self._retiring:
-            job = self._active.pop(job_id, None)
-            if job is None:
+            entry = self._active.pop(job_id, None)
+            if entry is None:
                 continue
+            job = _parse(entry)   # retiring jobs are terminal, so live: this parses nothing
             self._reports.pop(job.id, None)
             if self._memo.get(job.memo_key) == job.id:
                 del self._memo[job.memo_key]

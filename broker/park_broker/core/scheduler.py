@@ -113,6 +113,10 @@ class Scheduler:
     def pending_atoms(self) -> set[AtomKey]:
         return set(self._index)
 
+    def waiting_on(self, key: AtomKey) -> set[str]:
+        """The jobs that wait for atom `key` to resolve."""
+        return set(self._index.get(key, ()))
+
     def expr_atoms(self, job_id: str) -> set[AtomKey]:
         """The improved(...) and counting atoms of `job_id` that some waiting job still needs."""
         return set(self._with_expr.get(job_id, ()))
