@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -163,9 +164,10 @@ class Ledger:
 
     def add(self, job: jpb.Job, install_pin: Pin | None = None) -> None:
         """Hold a new job's record (with its memo key and what it installs) until it is terminal."""
-        self._active[job.id] = job
+        job_id = sys.intern(job.id)   # one string for every index that names it (the scheduler's interns it too)
+        self._active[job_id] = job
         if job.memo_key:
-            self._memo[job.memo_key] = job.id
+            self._memo[job.memo_key] = job_id
         if install_pin is not None:
             self._installing[install_pin] = job.id
             self._install_pin[job.id] = install_pin
@@ -177,8 +179,9 @@ class Ledger:
         ids = []
         for record in records:
             job = jpb.Job.FromString(record)
-            self._active[job.id] = _Packed(job.owner, record) if _packable(job) else job
-            ids.append(job.id)
+            job_id = sys.intern(job.id)
+            self._active[job_id] = _Packed(sys.intern(job.owner), record) if _packable(job) else job
+            ids.append(job_id)
         return ids
 
     def alias(self, alias_id: str, owner: str, twin: jpb.Job, batch: Batch, member_of: str = "") -> None:
@@ -265,7 +268,7 @@ class Ledger:
     def _pack(self, job: jpb.Job) -> None:
         """Keep a waiting job's live record serialized."""
         if _packable(job):
-            self._active[job.id] = _Packed(job.owner, job.SerializeToString())
+            self._active[job.id] = _Packed(sys.intern(job.owner), job.SerializeToString())
 
     def _release(self, batch: Batch) -> None:
         if batch.release_after > 0 and batch.queued:

@@ -281,8 +281,10 @@ class Submissions:
             """An upstream job's key; `used` notes the foreseen group keys it gave."""
             if job_id in foreseen:
                 used[job_id] = foreseen[job_id]
+            if job_id in in_batch:
+                return in_batch[job_id]
             job = self.ledger.peek(job_id) or stored.get(job_id)
-            return in_batch.get(job_id) or (job.memo_key if job is not None else None)
+            return job.memo_key if job is not None else None
 
         for p in batch:
             if p.error is not None:
