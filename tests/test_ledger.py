@@ -31,6 +31,16 @@ def _live(ledger: Ledger, job_id: str) -> bool:
     return ledger.peek(job_id) is ledger.peek(job_id)
 
 
+async def _queued(ledger: Ledger, job_id: str) -> jpb.Job:
+    """The job's record once it is queued (its release is committed, with an fsync, first)."""
+    for _ in range(1000):
+        job = ledger.peek(job_id)
+        if job is not None and job.state == jpb.JOB_STATE_QUEUED:
+            return job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{job_id} was not queued: {ledger.peek(job_id)}")
+
+
 def test_a_chain_of_waiting_jobs_naming_each_other_stays_serialized(tmp_path: Path) -> None:
     """Each job's condition and memo key name the one before it: a submission reads its upstream job,
     and must not make its record live again."""
@@ -95,10 +105,8 @@ def test_a_promoted_record_is_written_at_its_next_commit_and_serialized_again(tm
         # Released: promoted, queued, and never serialized again.
         core.transitions.on_started(a, 1)
         core.transitions.on_finished(a, 1, Outcome(ok=True, result_json="1"))
-        await asyncio.sleep(0.2)
-        queued = ledger.peek(b)
-        assert queued is not None and queued.state == jpb.JOB_STATE_QUEUED and _live(ledger, b)
-        assert queued.attention == "changed twice"
+        queued = await _queued(ledger, b)
+        assert _live(ledger, b) and queued.attention == "changed twice"
         store.close()
 
     asyncio.run(main())
@@ -121,14 +129,36 @@ def test_a_restart_rebuilds_serialized_waiting_jobs_that_still_run_when_released
         assert not any(_live(ledger, j) for j in ids) and _live(ledger, gate)
         assert {j: ledger.peek(j) for j in ids} == before
         assert len(core.scheduler) == len(ids)
-        for i, job_id in enumerate(ids):   # each is released by the one before it, in turn
+        for job_id in ids:   # each is released by the one before it, in turn
             task = executor.tasks[-1]
             core.transitions.on_started(task.job_id, task.attempt)
             core.transitions.on_finished(task.job_id, task.attempt, Outcome(ok=True, result_json="1"))
-            await asyncio.sleep(0.05)
-            job = ledger.peek(job_id)
-            assert job is not None and job.state == jpb.JOB_STATE_QUEUED, (i, job)
+            for _ in range(1000):   # handed over once its release is committed
+                if executor.tasks[-1].job_id == job_id:
+                    break
+                await asyncio.sleep(0.01)
         assert [t.job_id for t in executor.tasks] == [gate, *ids]
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_serialized_records_of_any_size_and_shape_read_back_as_written(tmp_path: Path) -> None:
+    """Records are compressed against the first one kept: others, far larger or unlike it, come back whole."""
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        gate = _id(0)
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=gate, command=jpb.CommandLine(argv=["true"]))])
+        specs = [_spec(_id(1), after=gate),
+                 _spec(_id(2), after=gate, arg="x" * 50_000),
+                 jpb.JobSpec(id=_id(3), command=jpb.CommandLine(argv=["echo", "ü" * 3000, bytes(range(256)).hex()]),
+                             when=condition_to_proto(Atom(AtomKey("sns", gate, "completed"))), label="≠ the first"),
+                 _spec(_id(4), after=_id(3))]
+        results = await core.submissions.submit_many("alice", specs)
+        assert all(r.error is None for r in results), [r.error.message for r in results if r.error]
+        for spec in specs:
+            assert not _live(core.ledger, spec.id)
+            assert core.ledger.peek(spec.id) == await store.get(spec.id)
         store.close()
 
     asyncio.run(main())
