@@ -143,6 +143,23 @@ def test_a_restart_rebuilds_serialized_waiting_jobs_that_still_run_when_released
     asyncio.run(main())
 
 
+def test_identical_work_submitted_after_a_restart_is_the_waiting_job(tmp_path: Path) -> None:
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        gate, job = _id(0), _id(1)
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=gate, command=jpb.CommandLine(argv=["true"])),
+                                                     _spec(job, after=gate)])
+        store.close()
+        core, _, store = in_process_core(tmp_path)
+        await core.start()
+        [again] = await core.submissions.submit_many("alice", [_spec(_id(2), after=gate, arg=job)])
+        assert again.memo_hit and again.job is not None and again.job.id == job
+        assert not _live(core.ledger, job)
+        store.close()
+
+    asyncio.run(main())
+
+
 def test_serialized_records_of_any_size_and_shape_read_back_as_written(tmp_path: Path) -> None:
     """Records are compressed against the first one kept: others, far larger or unlike it, come back whole."""
     async def main() -> None:

@@ -207,6 +207,8 @@ class Ledger:
             job_id = sys.intern(job.id)
             self._active[job_id] = _Packed(sys.intern(job.owner), self._packer.pack(record)) if _packable(job) \
                 else job
+            if job.memo_key:   # identical work submitted again is this job, as it was before the restart
+                self._memo[job.memo_key] = job_id
             ids.append(job_id)
         return ids
 
