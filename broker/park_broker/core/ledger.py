@@ -89,6 +89,11 @@ class _Packer:
         return decompress.decompress(data) + decompress.flush()
 
 
+def _digest(memo_key: str) -> bytes:
+    """A memo key (a sha256 in hex, core.memo) as the memo index holds it: 32 bytes, not 64 characters."""
+    return bytes.fromhex(memo_key)
+
+
 def _packable(job: jpb.Job) -> bool:
     """Whether a record is kept serialized: a waiting job's, except a group's (its members' changes move it)."""
     return job.state == jpb.JOB_STATE_WAITING and not job.spec.HasField("group")
@@ -113,7 +118,7 @@ class Ledger:
         self.release: Callable[[list[str]], None] = lambda queued: None
         self._active: dict[str, jpb.Job | _Packed] = {}
         self._packer = _Packer()
-        self._memo: dict[str, str] = {}             # memo key -> id, for active jobs
+        self._memo: dict[bytes, str] = {}           # memo key (its digest: `_digest`) -> id, for active jobs
         self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
         self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
         self._installing: dict[Pin, str] = {}       # (package, version) -> active install job
@@ -154,7 +159,7 @@ class Ledger:
 
     def memo_twin(self, key: str) -> jpb.Job | None:
         """The active job with memo key `key`, if any, only to read (as `peek`)."""
-        return self.peek(self._memo.get(key, "")) if key else None
+        return self.peek(self._memo.get(_digest(key), "")) if key else None
 
     def installing(self) -> set[Pin]:
         """The packages that active install jobs will provide."""
@@ -192,7 +197,7 @@ class Ledger:
         job_id = sys.intern(job.id)   # one string for every index that names it (the scheduler's interns it too)
         self._active[job_id] = job
         if job.memo_key:
-            self._memo[job.memo_key] = job_id
+            self._memo[_digest(job.memo_key)] = job_id
         if install_pin is not None:
             self._installing[install_pin] = job.id
             self._install_pin[job.id] = install_pin
@@ -208,7 +213,7 @@ class Ledger:
             self._active[job_id] = _Packed(sys.intern(job.owner), self._packer.pack(record)) if _packable(job) \
                 else job
             if job.memo_key:   # identical work submitted again is this job, as it was before the restart
-                self._memo[job.memo_key] = job_id
+                self._memo[_digest(job.memo_key)] = job_id
             ids.append(job_id)
         return ids
 
@@ -317,8 +322,8 @@ class Ledger:
                 continue
             job = self._parse(entry)   # retiring jobs are terminal, so live: this parses nothing
             self._reports.pop(job.id, None)
-            if self._memo.get(job.memo_key) == job.id:
-                del self._memo[job.memo_key]
+            if job.memo_key and self._memo.get(key := _digest(job.memo_key)) == job.id:
+                del self._memo[key]
             for alias in self._aliased.pop(job.id, ()):
                 self._aliases.pop(alias, None)
             pin = self._install_pin.pop(job.id, None)
