@@ -12,22 +12,23 @@ Invariants this module guarantees:
 - The ledger holds every job that is not terminal, and terminal jobs until
   the commit that made them terminal has finished; any job not here is read
   from the store, where it is committed and terminal.
-- A waiting job's record is kept serialized and compressed once its change is
-  committed (`_Packer`: ~200 bytes, where a parsed `jpb.Job` takes ~3 KB, and
-  a million jobs may wait).
-  `record(id)` gives the live record to change, parsing a serialized one and
-  keeping the parse (a promotion); `peek(id)` gives one only to read, without
-  promoting it, so that reading a waiting job (its owner, state or memo key,
-  for a submission that names it) never makes its record live again. A
-  promoted record that is still waiting is serialized again, from memory (not
-  from the snapshot written), when its next change is committed.
+- A waiting job's record is kept packed, serialized and compressed, once its
+  change is committed (`_Packer`: ~200 bytes, where a parsed `jpb.Job` takes
+  ~3 KB, and a million jobs may wait). `record(id)` gives the live record to
+  change, unpacking a packed one and keeping it live (a promotion); `peek(id)`
+  gives one only to read, without promoting it, so that reading a waiting job
+  (its owner, state or memo key, for a submission that names it) never makes
+  its record live again. A promoted record that is still waiting is packed
+  again, from memory (not from the snapshot written), when its next change is
+  committed.
 - While a submission is between its first store read and its decisions
   (`submitting()`), no job leaves memory, so what it read stays consistent
   with memory.
 - A commit the store refuses sets `failed`: memory has run ahead of the disk,
   and the broker must stop so that recovery rebuilds memory from the store.
 
-Other modules ask the ledger; none of them holds or mutates its dictionaries.
+Other modules ask the ledger; none of them holds or mutates its dictionaries,
+or changes a record it got from `peek`.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def _digest(memo_key: str) -> bytes:
 
 
 def _packable(job: jpb.Job) -> bool:
-    """Whether a record is kept serialized: a waiting job's, except a group's (its members' changes move it)."""
+    """Whether a record is kept packed: a waiting job's, except a group's (its members' changes move it)."""
     return job.state == jpb.JOB_STATE_WAITING and not job.spec.HasField("group")
 
 
@@ -130,8 +131,8 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------
 
     def record(self, job_id: str) -> jpb.Job | None:
-        """The live record of an active job, named by its id or one of its aliases, to change (a
-        serialized one is parsed and kept: promoted)."""
+        """The live record of an active job, named by its id or one of its aliases, to change (a packed
+        one is unpacked and kept live: promoted)."""
         job_id = self._aliases.get(job_id, job_id)
         entry = self._active.get(job_id)
         if isinstance(entry, _Packed):
@@ -140,7 +141,7 @@ class Ledger:
 
     def peek(self, job_id: str) -> jpb.Job | None:
         """An active job's record, named by its id or one of its aliases, only to read: the live record,
-        or a parse of a serialized one that is not kept (so changing it would change nothing)."""
+        or an unpacked copy of a packed one, not kept (so changing it would change nothing)."""
         entry = self._active.get(self._aliases.get(job_id, job_id))
         return None if entry is None else self._parse(entry)
 
@@ -283,8 +284,8 @@ class Ledger:
             self.failed.set()
             return
         for change in batch.changes:
-            # Not by alias: an alias's event (`reused`) is not the job's own. A record serialized since the
-            # change was made (by an earlier commit) is promoted here, and serialized again below.
+            # Not by alias: an alias's event (`reused`) is not the job's own. A record packed since the
+            # change was made (by an earlier commit) is promoted here, and packed again below.
             if change.job.id in self._active and (active := self.record(change.job.id)) is not None:
                 active.last_seq = max(active.last_seq, change.event.seq)
         self._release(batch)
@@ -299,7 +300,7 @@ class Ledger:
         self._retire()
 
     def _pack(self, job: jpb.Job) -> None:
-        """Keep a waiting job's live record serialized."""
+        """Keep a waiting job's live record packed."""
         if _packable(job):
             self._active[job.id] = _Packed(sys.intern(job.owner), self._packer.pack(job.SerializeToString()))
 
