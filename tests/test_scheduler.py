@@ -69,3 +69,28 @@ def test_remove_unindexes() -> None:
     s.add("j", atom("a"), {})
     assert s.remove("j") is True and s.remove("j") is False
     assert s.resolve_all({key("a"): State.READY}) == []
+
+
+def test_an_atom_indexes_one_job_or_several_as_they_come_and_go() -> None:
+    """An atom awaited by one job indexes its id alone, by several a set: either way each still waits."""
+    s = Scheduler()
+    s.add("j1", atom("a"), {})
+    assert s.waiting_on(key("a")) == {"j1"}
+    s.add("j2", atom("a") & atom("b"), {})
+    s.add("j3", atom("a"), {})
+    assert s.waiting_on(key("a")) == {"j1", "j2", "j3"}
+    assert s.remove("j1") and s.remove("j3")
+    assert s.waiting_on(key("a")) == {"j2"} and s.pending_atoms() == {key("a"), key("b")}
+    assert s.remove("j2") and s.pending_atoms() == set() and s.waiting_on(key("a")) == set()
+    s.add("k1", atom("c"), {})
+    s.add("k2", atom("c"), {})
+    assert sorted(d.job_id for d in s.resolve_all({key("c"): State.READY})) == ["k1", "k2"]
+    assert len(s) == 0 and s.pending_atoms() == set()
+
+
+def test_atoms_resolved_before_a_job_arrives_count_for_its_verdict() -> None:
+    s = Scheduler()
+    assert s.add("j", atom("a") & atom("b") & ~atom("c"), {key("a"): State.READY}) is None
+    assert s.pending_atoms() == {key("b"), key("c")}
+    [d] = s.resolve_all({key("b"): State.READY})
+    assert d.verdict is Verdict.START and d.atoms == (key("a"), key("b"))

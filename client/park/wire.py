@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from park._proto import conditions_pb2 as cpb
@@ -195,7 +196,8 @@ def atom_from_proto(msg: cpb.Atom) -> AtomKey:
             raise InvalidInput(str(exc)) from None
     elif msg.expr:
         raise InvalidInput(f"only improved(...) and counting atoms take an expression, not {kind}")
-    return AtomKey(msg.site, msg.job_id, kind, msg.expr)
+    # Interned: a broker holds an atom per waiting job, naming a job whose id it holds already.
+    return AtomKey(sys.intern(msg.site), sys.intern(msg.job_id), kind, msg.expr)
 
 
 def condition_from_proto(msg: cpb.Condition) -> Condition | None:

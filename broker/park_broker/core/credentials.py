@@ -22,7 +22,6 @@ from park import tokens
 from park._proto import jobs_pb2 as jpb
 from park.conditions import AtomKey
 from park.wire import TERMINAL_STATES
-from park_broker.core.admission import Admission
 from park_broker.core.ledger import Batch, Ledger
 from park_broker.errors import Code, fail
 
@@ -39,19 +38,20 @@ def _held(spec: jpb.JobSpec) -> list[tuple[str, str, str]]:
 
 
 class Credentials:
-    def __init__(self, ledger: Ledger, admission: Admission):
+    def __init__(self, ledger: Ledger):
         self.ledger = ledger
-        self.admission = admission
         # Set by the lifecycle: start a held-back fetch again, and ask a peer for a job's remote atoms anew.
         self.release: Callable[[list[str]], None] = lambda job_ids: None
         self.rewatch: Callable[[jpb.JobSpec, str], None] = lambda spec, site: None
+        # The waiting jobs that need an atom (the scheduler's index: set by the lifecycle).
+        self.waiting_on: Callable[[AtomKey], set[str]] = lambda key: set()
 
     def held(self, owner: str, within: float) -> list[jpb.Credential]:
         """The credentials `owner`'s active jobs hold that expire within `within` seconds (0: all)."""
         horizon = time.time() + within if within > 0 else float("inf")
         found = []
-        for job in self.ledger.active():
-            if job.owner != owner or job.state in TERMINAL_STATES:
+        for job in self.ledger.owned(owner):
+            if job.state in TERMINAL_STATES:
                 continue
             for use, site, token in _held(job.spec):
                 try:
@@ -88,12 +88,15 @@ class Credentials:
             self.rewatch(job.spec, request.site)
         return jpb.Job.FromString(job.SerializeToString())   # a copy: the answer is blanked, the record not
 
-    def needs(self, job: jpb.Job, site: str, why: str) -> None:
-        """Say, once, that `job` waits for its owner to renew its credential for `site`."""
-        text = f"needs fresh credentials for {site} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: run `park renew`"
-        if job.attention.startswith(f"needs fresh credentials for {site} "):
+    def needs(self, job_id: str, site: str, why: str) -> None:
+        """Say, once, that active job `job_id` waits for its owner to renew its credential for `site`."""
+        seen = self.ledger.peek(job_id)
+        if seen is None or seen.attention.startswith(f"needs fresh credentials for {site} "):
             return
-        job.attention = text
+        job = self.ledger.record(job_id)   # only now: a waiting job's record is kept serialized until it changes
+        assert job is not None, job_id
+        job.attention = f"needs fresh credentials for {site} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: " \
+                        "run `park renew`"
         self.ledger.commit_soon(Batch([self.ledger.change(job, jpb.Event(
             needs_credentials=jpb.NeedsCredentials(site=site, message=why)))]))
 
@@ -106,17 +109,13 @@ class Credentials:
         if expires - time.time() >= START_MARGIN:
             return True
         [(_, site, _)] = [h for h in _held(job.spec) if h[0] == FETCH]
-        self.needs(job, site, "the fetch's token expired before the fetch could start")
+        self.needs(job.id, site, "the fetch's token expired before the fetch could start")
         return False
 
     def grant_expired(self, key: AtomKey, why: str) -> None:
         """A peer refused remote atom `key` because the grant it was asked with expired."""
-        for job in self.ledger.active():
-            if job.state != jpb.JOB_STATE_WAITING or key.site not in job.spec.grants:
-                continue
-            condition = self.admission.condition_of(job.spec)
-            if condition is not None and any(a.key == key for a in condition.depends):
-                self.needs(job, key.site, why)
+        for job_id in sorted(self.waiting_on(key)):   # a job waits on a remote atom with a grant for its site
+            self.needs(job_id, key.site, why)
 
 
 def _check_like(old: str, new: str, owner: str) -> jpb.Claims:

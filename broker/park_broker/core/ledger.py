@@ -9,16 +9,26 @@ dependent never starts on a completion that could still roll back, and the
 order of decisions is the order of sequence numbers.
 
 Invariants this module guarantees:
-- `record(id)` holds every job that is not terminal, and terminal jobs until
+- The ledger holds every job that is not terminal, and terminal jobs until
   the commit that made them terminal has finished; any job not here is read
   from the store, where it is committed and terminal.
+- A waiting job's record is kept packed, serialized and compressed, once its
+  change is committed (`_Packer`: ~200 bytes, where a parsed `jpb.Job` takes
+  ~3 KB, and a million jobs may wait). `record(id)` gives the live record to
+  change, unpacking a packed one and keeping it live (a promotion); `peek(id)`
+  gives one only to read, without promoting it, so that reading a waiting job
+  (its owner, state or memo key, for a submission that names it) never makes
+  its record live again. A promoted record that is still waiting is packed
+  again, from memory (not from the snapshot written), when its next change is
+  committed.
 - While a submission is between its first store read and its decisions
   (`submitting()`), no job leaves memory, so what it read stays consistent
   with memory.
 - A commit the store refuses sets `failed`: memory has run ahead of the disk,
   and the broker must stop so that recovery rebuilds memory from the store.
 
-Other modules ask the ledger; none of them holds or mutates its dictionaries.
+Other modules ask the ledger; none of them holds or mutates its dictionaries,
+or changes a record it got from `peek`.
 """
 from __future__ import annotations
 
@@ -26,9 +36,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from park._proto import jobs_pb2 as jpb
 from park.wire import TERMINAL_STATES, InvalidInput, check_job_id
@@ -40,6 +53,51 @@ log = logging.getLogger(__name__)
 MAX_HISTORY = 10_000      # progress reports kept in memory per active job
 
 Pin = tuple[str, str, str]     # (owner or "" for site-wide, package, version) an install job provides
+_NOT_STARTED = (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED)
+
+
+@dataclass(slots=True)
+class _Packed:
+    """A waiting job's record, serialized and compressed (`_Packer`), beside its owner, which per-owner
+    questions ask without unpacking the record."""
+
+    owner: str
+    data: bytes
+
+
+class _Packer:
+    """Compresses serialized records for memory: DEFLATE against a preset dictionary, the first record
+    packed. A site's records are much alike (its name, paths and callables; ids repeated in the url,
+    filename and directory), so a 650-byte record packs into under 200; a 1 KiB window and a primed
+    compressor, copied for each record, keep it to a few microseconds. The packed form never leaves
+    this process (the store keeps plain records), so the dictionary can be any record at all."""
+
+    _WBITS = -10        # raw DEFLATE, 1 KiB window: records are small
+
+    def __init__(self) -> None:
+        self._compress: Any = None
+        self._decompress: Any = None
+
+    def pack(self, record: bytes) -> bytes:
+        if self._compress is None:
+            self._compress = zlib.compressobj(1, zlib.DEFLATED, self._WBITS, 2, zlib.Z_DEFAULT_STRATEGY, record)
+            self._decompress = zlib.decompressobj(self._WBITS, record)
+        compress = self._compress.copy()
+        return compress.compress(record) + compress.flush()
+
+    def unpack(self, data: bytes) -> bytes:
+        decompress = self._decompress.copy()
+        return decompress.decompress(data) + decompress.flush()
+
+
+def _digest(memo_key: str) -> bytes:
+    """A memo key (a sha256 in hex, core.memo) as the memo index holds it: 32 bytes, not 64 characters."""
+    return bytes.fromhex(memo_key)
+
+
+def _packable(job: jpb.Job) -> bool:
+    """Whether a record is kept packed: a waiting job's, except a group's (its members' changes move it)."""
+    return job.state == jpb.JOB_STATE_WAITING and not job.spec.HasField("group")
 
 
 @dataclass(slots=True)
@@ -59,8 +117,9 @@ class Ledger:
         self.failed = asyncio.Event()   # set when the store refused a commit: the broker must stop
         # Called with the committed QUEUED jobs of each batch (set by the lifecycle: the dispatcher).
         self.release: Callable[[list[str]], None] = lambda queued: None
-        self._active: dict[str, jpb.Job] = {}
-        self._memo: dict[str, str] = {}             # memo key -> id, for active jobs
+        self._active: dict[str, jpb.Job | _Packed] = {}
+        self._packer = _Packer()
+        self._memo: dict[bytes, str] = {}           # memo key (its digest: `_digest`) -> id, for active jobs
         self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
         self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
         self._installing: dict[Pin, str] = {}       # (package, version) -> active install job
@@ -72,20 +131,36 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------
 
     def record(self, job_id: str) -> jpb.Job | None:
-        """The live record of an active job, named by its id or one of its aliases."""
-        return self._active.get(self._aliases.get(job_id, job_id))
+        """The live record of an active job, named by its id or one of its aliases, to change (a packed
+        one is unpacked and kept live: promoted)."""
+        job_id = self._aliases.get(job_id, job_id)
+        entry = self._active.get(job_id)
+        if isinstance(entry, _Packed):
+            entry = self._active[job_id] = self._parse(entry)
+        return entry
 
-    def active(self) -> list[jpb.Job]:
-        """The live records of every active job."""
-        return list(self._active.values())
+    def peek(self, job_id: str) -> jpb.Job | None:
+        """An active job's record, named by its id or one of its aliases, only to read: the live record,
+        or an unpacked copy of a packed one, not kept (so changing it would change nothing)."""
+        entry = self._active.get(self._aliases.get(job_id, job_id))
+        return None if entry is None else self._parse(entry)
+
+    def owned(self, owner: str) -> Iterator[jpb.Job]:
+        """The records of `owner`'s active jobs, only to read (as `peek`)."""
+        return (self._parse(entry) for entry in self._active.values() if entry.owner == owner)
+
+    def not_started(self, owner: str) -> int:
+        """How many of `owner`'s active jobs wait or are queued, groups aside (what the waiting quota counts)."""
+        return sum(1 for entry in self._active.values() if entry.owner == owner and (
+            isinstance(entry, _Packed) or entry.state in _NOT_STARTED and not entry.spec.HasField("group")))
 
     def canonical(self, job_id: str) -> str:
         """The job an alias (a memo hit) names, for active jobs; any other id unchanged."""
         return self._aliases.get(job_id, job_id)
 
     def memo_twin(self, key: str) -> jpb.Job | None:
-        """The active job with memo key `key`, if any."""
-        return self._active.get(self._memo.get(key, "")) if key else None
+        """The active job with memo key `key`, if any, only to read (as `peek`)."""
+        return self.peek(self._memo.get(_digest(key), "")) if key else None
 
     def installing(self) -> set[Pin]:
         """The packages that active install jobs will provide."""
@@ -107,9 +182,9 @@ class Ledger:
             check_job_id(job_id)
         except InvalidInput as exc:
             fail(Code.INVALID_ARGUMENT, str(exc))
-        job = self.record(job_id)
-        if job is not None:
-            job = jpb.Job.FromString(job.SerializeToString())
+        entry = self._active.get(self._aliases.get(job_id, job_id))
+        if entry is not None:
+            job = jpb.Job.FromString(entry.SerializeToString()) if isinstance(entry, jpb.Job) else self._parse(entry)
         else:
             job = (await self.store.get_many([job_id])).get(job_id)
         if job is None or (job.owner != caller and not admin):
@@ -120,18 +195,28 @@ class Ledger:
 
     def add(self, job: jpb.Job, install_pin: Pin | None = None) -> None:
         """Hold a new job's record (with its memo key and what it installs) until it is terminal."""
-        self._active[job.id] = job
+        job_id = sys.intern(job.id)   # one string for every index that names it (the scheduler's interns it too)
+        self._active[job_id] = job
         if job.memo_key:
-            self._memo[job.memo_key] = job.id
+            self._memo[_digest(job.memo_key)] = job_id
         if install_pin is not None:
             self._installing[install_pin] = job.id
             self._install_pin[job.id] = install_pin
 
-    def add_recovered(self, jobs: Iterable[jpb.Job], reports: dict[str, list[dict[str, float]]]) -> None:
-        """Hold the active jobs read back from the store at start-up, with their progress reports."""
-        for job in jobs:
-            self._active[job.id] = job
-        self._reports.update(reports)
+    def add_recovered(self, records: Iterable[bytes]) -> list[str]:
+        """Hold the active jobs read back from the store at start-up (their serialized records); returns
+        their ids, in order. Each is parsed once and a waiting one packed at once, so that a million of
+        them are never live together."""
+        ids = []
+        for record in records:
+            job = jpb.Job.FromString(record)
+            job_id = sys.intern(job.id)
+            self._active[job_id] = _Packed(sys.intern(job.owner), self._packer.pack(record)) if _packable(job) \
+                else job
+            if job.memo_key:   # identical work submitted again is this job, as it was before the restart
+                self._memo[_digest(job.memo_key)] = job_id
+            ids.append(job_id)
+        return ids
 
     def alias(self, alias_id: str, owner: str, twin: jpb.Job, batch: Batch, member_of: str = "") -> None:
         """Make `alias_id` another name of `twin` (a memo hit), recorded with the batch with a `reused` event
@@ -199,15 +284,25 @@ class Ledger:
             self.failed.set()
             return
         for change in batch.changes:
-            active = self._active.get(change.job.id)
-            if active is not None:
+            # Not by alias: an alias's event (`reused`) is not the job's own. A record packed since the
+            # change was made (by an earlier commit) is promoted here, and packed again below.
+            if change.job.id in self._active and (active := self.record(change.job.id)) is not None:
                 active.last_seq = max(active.last_seq, change.event.seq)
         self._release(batch)
         for change in batch.changes:
             job = self._active.get(change.job.id)
-            if job is not None and job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
+            if not isinstance(job, jpb.Job):
+                continue
+            if job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
                 self._retiring.append(job.id)
+            else:
+                self._pack(job)
         self._retire()
+
+    def _pack(self, job: jpb.Job) -> None:
+        """Keep a waiting job's live record packed."""
+        if _packable(job):
+            self._active[job.id] = _Packed(sys.intern(job.owner), self._packer.pack(job.SerializeToString()))
 
     def _release(self, batch: Batch) -> None:
         if batch.release_after > 0 and batch.queued:
@@ -215,17 +310,21 @@ class Ledger:
         else:
             self.release(batch.queued)
 
+    def _parse(self, entry: jpb.Job | _Packed) -> jpb.Job:
+        return entry if isinstance(entry, jpb.Job) else jpb.Job.FromString(self._packer.unpack(entry.data))
+
     def _retire(self) -> None:
         """Forget committed terminal jobs, unless a submission is between its reads and its decisions."""
         if self._submitting:
             return
         for job_id in self._retiring:
-            job = self._active.pop(job_id, None)
-            if job is None:
+            entry = self._active.pop(job_id, None)
+            if entry is None:
                 continue
+            job = self._parse(entry)   # retiring jobs are terminal, so live: this parses nothing
             self._reports.pop(job.id, None)
-            if self._memo.get(job.memo_key) == job.id:
-                del self._memo[job.memo_key]
+            if job.memo_key and self._memo.get(key := _digest(job.memo_key)) == job.id:
+                del self._memo[key]
             for alias in self._aliased.pop(job.id, ()):
                 self._aliases.pop(alias, None)
             pin = self._install_pin.pop(job.id, None)

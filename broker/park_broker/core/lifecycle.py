@@ -76,9 +76,10 @@ class Lifecycle:
                                        self.remote, limits)
         self.queries = Queries(store, self.ledger, hub)
         self.installs = Installs(self.ledger, self.transitions, packages)
-        self.credentials = Credentials(self.ledger, self.admission)
+        self.credentials = Credentials(self.ledger)
         self.credentials.release = self.dispatch.release
         self.credentials.rewatch = self.remote.rewatch
+        self.credentials.waiting_on = self.scheduler.waiting_on
         self.dispatch.may_fetch = self.credentials.fetch_may_start
 
     def connect_peers(self, links: Links, channel: Callable[[str], grpc.aio.Channel],

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from park._proto import jobs_pb2 as jpb
+from park.conditions import Condition
 from park_broker.core.admission import Admission
 from park_broker.core.ledger import Batch, Ledger
 from park_broker.core.remote import RemoteAtoms
@@ -27,43 +28,63 @@ log = logging.getLogger(__name__)
 
 async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler, admission: Admission,
                   transitions: Transitions, remote: RemoteAtoms) -> None:
-    """Reload active jobs: re-run interrupted ones, re-evaluate waiting ones."""
-    jobs = await store.active()
-    ledger.add_recovered(jobs, await store.reports(j.id for j in jobs))
-    active = {j.id for j in jobs}
-    groups = {j.id for j in jobs if j.spec.HasField("group")}
-    for job in jobs:
-        if job.spec.member_of in groups:
-            transitions.groups.join(job.id, job.spec.member_of)
-    for member, group in await store.memberships(active):
-        if group in groups:
-            transitions.groups.join(member, group)
-    conditions = {j.id: admission.condition_of(j.spec) for j in jobs
-                  if j.state == jpb.JOB_STATE_WAITING and j.id not in groups}
-    keys = {a.key for c in conditions.values() if c is not None for a in c.depends}
-    stored = await store.get_many({k.job_id for k in keys if k.site == site} - active)
-    histories = await store.reports({k.job_id for k in keys if k.kind == "improved" and k.job_id in stored})
+    """Reload active jobs: re-run interrupted ones, re-evaluate waiting ones. Records are read through the
+    ledger one at a time (`peek`), and changed through it (`record`), since it keeps waiting ones serialized."""
+    ids = ledger.add_recovered(await store.active())
+    for job_id, history in (await store.reports(ids)).items():
+        ledger.add_reports(job_id, history)
     batch = Batch()
-    for job in jobs:
+    groups: set[str] = set()
+    joins: list[tuple[str, str]] = []      # (member, group)
+    conditions: dict[str, Condition | None] = {}
+    for job_id in ids:
+        job = _peek(ledger, job_id)
+        if job.spec.HasField("group"):
+            groups.add(job_id)
+        elif job.state == jpb.JOB_STATE_WAITING:
+            conditions[job_id] = admission.condition_of(job.spec)
+        if job.spec.member_of:
+            joins.append((job_id, job.spec.member_of))
         if job.state == jpb.JOB_STATE_RUNNING:
+            job = _record(ledger, job_id)
             job.state = jpb.JOB_STATE_QUEUED
             reason = "the broker restarted while the job was running; it runs again"
             batch.changes.append(ledger.change(job, jpb.Event(queued=jpb.Queued(reason=reason))))
         if job.state == jpb.JOB_STATE_QUEUED:
-            batch.queued.append(job.id)
-    for job in jobs:
-        if job.id in conditions and job.state == jpb.JOB_STATE_WAITING:
-            states = transitions.states_now(job.owner, conditions[job.id], stored, histories)
-            decision = scheduler.add(job.id, conditions[job.id], states)
-            if decision is not None:
-                transitions.apply(decision, batch, stored)
-            else:
-                remote.watch(job.spec, conditions[job.id])
+            batch.queued.append(job_id)
+    for member, group in joins + await store.memberships(ids):
+        if group in groups:
+            transitions.groups.join(member, group)
+    keys = {a.key for c in conditions.values() if c is not None for a in c.depends}
+    stored = await store.get_many({k.job_id for k in keys if k.site == site} - set(ids))
+    histories = await store.reports({k.job_id for k in keys if k.kind == "improved" and k.job_id in stored})
+    for job_id, condition in conditions.items():
+        job = _peek(ledger, job_id)
+        if job.state != jpb.JOB_STATE_WAITING:   # decided meanwhile (cancelled with its group, or a race)
+            continue
+        decision = scheduler.add(job_id, condition, transitions.states_now(job.owner, condition, stored, histories))
+        if decision is not None:
+            transitions.apply(decision, batch, stored)
+        else:
+            remote.watch(job.spec, condition)
     # What interrupted attempts left behind goes before anything runs again; their processes died
     # with the broker (execution.worker), and no attempt directory is ever adopted but the current one's.
-    await asyncio.to_thread(_clear_attempts, [j for j in jobs if j.state == jpb.JOB_STATE_QUEUED])
+    queued = [job for job_id in ids if (job := ledger.peek(job_id)) is not None and job.state == jpb.JOB_STATE_QUEUED]
+    await asyncio.to_thread(_clear_attempts, queued)
     await ledger.commit(batch)
-    log.info("recovered %d active jobs, %d to run", len(jobs), len(batch.queued))
+    log.info("recovered %d active jobs, %d to run", len(ids), len(batch.queued))
+
+
+def _peek(ledger: Ledger, job_id: str) -> jpb.Job:
+    job = ledger.peek(job_id)
+    assert job is not None, job_id   # nothing leaves the ledger before the recovery's commit
+    return job
+
+
+def _record(ledger: Ledger, job_id: str) -> jpb.Job:
+    job = ledger.record(job_id)
+    assert job is not None, job_id
+    return job
 
 
 def _clear_attempts(jobs: list[jpb.Job]) -> None:

@@ -1,14 +1,19 @@
 """Decides when waiting jobs start or are cancelled (the seed's `Depends`).
 
-The scheduler keeps, for every waiting job, its condition and the last known
-state of each atom it reads, and an index `atom -> waiting jobs`, so an atom's
+The scheduler keeps, for every waiting job, its condition and the atoms it
+reads that have resolved, and an index `atom -> waiting jobs`, so an atom's
 change costs O(jobs waiting on it), not O(all jobs). It is pure bookkeeping: it
 never touches the store, the executor or the network; the caller applies the
 verdicts it returns and feeds back the atoms those verdicts resolve.
+
+A million jobs may wait, most on atoms none of which has resolved, each atom
+awaited by one job: so the resolved atoms are kept only for the jobs that have
+some, and an atom awaited by one job indexes its id rather than a set of one.
 """
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,12 +31,6 @@ class Decision:
     job_id: str
     verdict: Verdict
     atoms: tuple[AtomKey, ...]   # the resolved atoms that decided it, for the cause
-
-
-@dataclass(slots=True)
-class _Waiting:
-    condition: Condition
-    states: dict[Atom, State]
 
 
 def job_atom_states(job_state: str) -> dict[str, State]:
@@ -54,8 +53,9 @@ class Scheduler:
     """The atom -> waiting-jobs index and the verdicts it implies."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, _Waiting] = {}
-        self._index: dict[AtomKey, set[str]] = {}
+        self._waiting: dict[str, Condition] = {}
+        self._resolved: dict[str, dict[Atom, State]] = {}   # job id -> its atoms resolved so far, if any
+        self._index: dict[AtomKey, str | set[str]] = {}     # atom -> the job waiting on it, or the jobs
         self._with_expr: dict[str, set[AtomKey]] = {}   # job id -> its pending improved(...) and counting atoms
 
     def __len__(self) -> int:
@@ -68,23 +68,28 @@ class Scheduler:
         """Register a job; returns its verdict at once if the condition is already decided."""
         if condition is None:
             return Decision(job_id, Verdict.START, ())
-        known = {a: states.get(a.key, State.PENDING) for a in condition.depends}
-        decision = self._decide(job_id, condition, known)
+        resolved = {a: state for a in condition.depends if (state := states.get(a.key, State.PENDING))
+                    is not State.PENDING}
+        decision = self._decide(job_id, condition, resolved)
         if decision is None:
-            self._waiting[job_id] = _Waiting(condition, known)
-            for atom in known:
-                if known[atom] is State.PENDING:
-                    self._index.setdefault(atom.key, set()).add(job_id)
+            job_id = sys.intern(job_id)   # one string for the ledger, the index and the conditions naming it
+            self._waiting[job_id] = condition
+            if resolved:
+                self._resolved[job_id] = resolved
+            for atom in condition.depends:
+                if atom not in resolved:
+                    self._index_add(atom.key, job_id)
                     if atom.key.kind in EXPR_KINDS:
                         self._with_expr.setdefault(atom.key.job_id, set()).add(atom.key)
         return decision
 
     def remove(self, job_id: str) -> bool:
         """Forget a waiting job (cancelled by request). False if it was not waiting."""
-        entry = self._waiting.pop(job_id, None)
-        if entry is None:
+        condition = self._waiting.pop(job_id, None)
+        if condition is None:
             return False
-        for atom in entry.condition.depends:
+        self._resolved.pop(job_id, None)
+        for atom in condition.depends:
             self._unindex(atom.key, job_id)
         return True
 
@@ -96,15 +101,15 @@ class Scheduler:
         for key, state in updates.items():
             if state is State.PENDING:
                 continue
-            waiting = self._index.get(key, set())
+            waiting = self.waiting_on(key)
             self._drop(key)
+            atom = Atom(key)
             for job_id in waiting:
-                self._waiting[job_id].states[Atom(key)] = state
+                self._resolved.setdefault(job_id, {})[atom] = state
             affected |= waiting
         decisions = []
         for job_id in sorted(affected):
-            entry = self._waiting[job_id]
-            decision = self._decide(job_id, entry.condition, entry.states)
+            decision = self._decide(job_id, self._waiting[job_id], self._resolved[job_id])
             if decision is not None:
                 self.remove(job_id)
                 decisions.append(decision)
@@ -113,15 +118,31 @@ class Scheduler:
     def pending_atoms(self) -> set[AtomKey]:
         return set(self._index)
 
+    def waiting_on(self, key: AtomKey) -> set[str]:
+        """The jobs that wait for atom `key` to resolve."""
+        waiting = self._index.get(key)
+        return set() if waiting is None else {waiting} if isinstance(waiting, str) else set(waiting)
+
     def expr_atoms(self, job_id: str) -> set[AtomKey]:
         """The improved(...) and counting atoms of `job_id` that some waiting job still needs."""
         return set(self._with_expr.get(job_id, ()))
 
+    def _index_add(self, key: AtomKey, job_id: str) -> None:
+        waiting = self._index.get(key)
+        if waiting is None:
+            self._index[key] = job_id
+        elif isinstance(waiting, str):
+            self._index[key] = {waiting, job_id}
+        else:
+            waiting.add(job_id)
+
     def _unindex(self, key: AtomKey, job_id: str) -> None:
-        jobs = self._index.get(key)
-        if jobs is not None:
-            jobs.discard(job_id)
-            if not jobs:
+        waiting = self._index.get(key)
+        if waiting == job_id:
+            self._drop(key)
+        elif isinstance(waiting, set):
+            waiting.discard(job_id)
+            if not waiting:
                 self._drop(key)
 
     def _drop(self, key: AtomKey) -> None:
@@ -135,6 +156,7 @@ class Scheduler:
 
     @staticmethod
     def _decide(job_id: str, condition: Condition, states: Mapping[Atom, State]) -> Decision | None:
+        """The verdict on `condition` given its atoms' `states` (those missing are pending), if any."""
         state = condition.evaluate(states)
         if state is State.READY:
             return Decision(job_id, Verdict.START, tuple(sorted(a.key for a, s in states.items() if s is State.READY)))

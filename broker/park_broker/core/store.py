@@ -292,13 +292,14 @@ class Store:
         args.append(limit)
         return [jpb.Job.FromString(r[0]) for r in self._reader().execute(sql, args)]
 
-    async def active(self) -> list[jpb.Job]:
-        """Every job that is not in a terminal state, in submission order (for recovery)."""
+    async def active(self) -> list[bytes]:
+        """The serialized record of every job that is not in a terminal state, in submission order (for
+        recovery, which keeps most of them serialized)."""
         return await self._read(self._active)
 
-    def _active(self) -> list[jpb.Job]:
+    def _active(self) -> list[bytes]:
         rows = self._reader().execute("SELECT record FROM jobs WHERE state IN (1, 2, 3) ORDER BY rowid")
-        return [jpb.Job.FromString(r[0]) for r in rows]
+        return [r[0] for r in rows]
 
     async def memberships(self, job_ids: Iterable[str]) -> list[tuple[str, str]]:
         """(job, group) for each time one of the jobs joined a group as a memo hit."""

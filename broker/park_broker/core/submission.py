@@ -36,7 +36,6 @@ from park_broker.site import SiteInfo
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000
-_NOT_STARTED = (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED)
 
 
 @dataclass(slots=True)
@@ -143,8 +142,7 @@ class Submissions:
         now = time.time()
         joined: dict[str, tuple[jpb.Job, str]] = {}   # group -> (its record, the last member to join it)
         quota = self.limits(owner).max_waiting
-        waiting = sum(1 for j in self.ledger.active() if j.owner == owner and j.state in _NOT_STARTED
-                      and not j.spec.HasField("group")) if quota else 0
+        waiting = self.ledger.not_started(owner) if quota else 0
         for p in prepared:
             if isinstance(p, BrokerError) or p.error is not None:
                 results.append(Submission(error=p if isinstance(p, BrokerError) else p.error))
@@ -154,7 +152,7 @@ class Submissions:
             except BrokerError as exc:
                 results.append(Submission(error=exc))
                 continue
-            existing = self.ledger.record(spec.id) or stored.get(spec.id)
+            existing = self.ledger.peek(spec.id) or stored.get(spec.id)
             if existing is not None:
                 if existing.owner == owner and (existing.spec == spec or existing.memo_key == p.key):
                     results.append(Submission(job=existing, memo_hit=existing.id != spec.id))
@@ -187,7 +185,7 @@ class Submissions:
                 continue
             if spec.HasField("group"):
                 self._add_group(owner, spec, now, batch)
-                results.append(Submission(job=self.ledger.record(spec.id)))
+                results.append(Submission(job=self.ledger.peek(spec.id)))
                 continue
             if quota and waiting >= quota:
                 results.append(Submission(error=BrokerError(Code.RESOURCE_EXHAUSTED, (
@@ -224,15 +222,18 @@ class Submissions:
         return results
 
     def _memo_key_now(self, job_id: str, stored: dict[str, jpb.Job]) -> str:
-        job = self.ledger.record(job_id) or stored.get(job_id)
+        job = self.ledger.peek(job_id) or stored.get(job_id)
         return job.memo_key if job is not None else ""
 
     def _group_of(self, owner: str, spec: jpb.JobSpec, stored: dict[str, jpb.Job]) -> jpb.Job | None:
         """The active group a new member joins (None for a job of no group); BrokerError if it may not."""
         if not spec.member_of:
             return None
-        return check_joinable(self.ledger.record(spec.member_of) or stored.get(spec.member_of), owner, spec.id,
-                              self.site.name)
+        group = check_joinable(self.ledger.peek(spec.member_of) or stored.get(spec.member_of), owner, spec.id,
+                               self.site.name)
+        live = self.ledger.record(group.id)   # joining changes its counts; a joinable group is active
+        assert live is not None, group.id
+        return live
 
     def _add_group(self, owner: str, spec: jpb.JobSpec, now: float, batch: Batch) -> None:
         """A group job: it waits for its members, counting them (core.jobgroups); the scheduler never holds it."""
@@ -280,8 +281,10 @@ class Submissions:
             """An upstream job's key; `used` notes the foreseen group keys it gave."""
             if job_id in foreseen:
                 used[job_id] = foreseen[job_id]
-            job = self.ledger.record(job_id) or stored.get(job_id)
-            return in_batch.get(job_id) or (job.memo_key if job is not None else None)
+            if job_id in in_batch:
+                return in_batch[job_id]
+            job = self.ledger.peek(job_id) or stored.get(job_id)
+            return job.memo_key if job is not None else None
 
         for p in batch:
             if p.error is not None:
@@ -301,7 +304,7 @@ class Submissions:
             if not group_id:
                 continue
             if group_id not in groups:
-                record = self.ledger.record(group_id) or stored.get(group_id)
+                record = self.ledger.peek(group_id) or stored.get(group_id)
                 counts = record.group if record is not None else jpb.GroupCounts(size=sizes.get(group_id, 0))
                 groups[group_id] = (counts.size, counts.joined, counts.members_key)
             size, joined, digest = groups[group_id]

@@ -56,7 +56,7 @@ class Transitions:
             if key.site != self.site:
                 states[key] = State.PENDING   # until its site says otherwise (federation)
                 continue
-            job = self.ledger.record(key.job_id) or stored.get(key.job_id)
+            job = self.ledger.peek(key.job_id) or stored.get(key.job_id)
             if job is None or job.owner != owner:
                 fail(Code.NOT_FOUND, f"condition names job {key.job_id}, which site {self.site!r} "
                                      "does not have; submit it first (earlier in the same batch is fine)")

@@ -1,0 +1,181 @@
+"""The ledger keeps waiting jobs' records serialized: reading one (a peek) never makes it live again, a record
+changed through `record` is written and serialized again at its next commit, and a restart rebuilds it all.
+
+Whether a record is held live is seen through the public interface: a live record's peeks are one object, a
+serialized one's are a fresh parse each time."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from core_harness import in_process_core  # type: ignore[import-not-found]
+from park._proto import jobs_pb2 as jpb
+from park.conditions import Atom, AtomKey
+from park.wire import condition_to_proto
+from park_broker.core.ledger import Batch, Ledger
+from park_broker.execution.base import Outcome
+
+
+def _spec(job_id: str, after: str | None = None, arg: str = "") -> jpb.JobSpec:
+    spec = jpb.JobSpec(id=job_id, call=jpb.PythonCall(target="m:f", args_json=f'["{arg or job_id}"]'))
+    if after:
+        spec.when.CopyFrom(condition_to_proto(Atom(AtomKey("sns", after, "completed"))))
+    return spec
+
+
+def _id(i: int) -> str:
+    return f"{i:026d}".translate(str.maketrans("0123456789", "abcdefghij"))
+
+
+def _live(ledger: Ledger, job_id: str) -> bool:
+    return ledger.peek(job_id) is ledger.peek(job_id)
+
+
+async def _queued(ledger: Ledger, job_id: str) -> jpb.Job:
+    """The job's record once it is queued (its release is committed, with an fsync, first)."""
+    for _ in range(1000):
+        job = ledger.peek(job_id)
+        if job is not None and job.state == jpb.JOB_STATE_QUEUED:
+            return job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{job_id} was not queued: {ledger.peek(job_id)}")
+
+
+def test_a_chain_of_waiting_jobs_naming_each_other_stays_serialized(tmp_path: Path) -> None:
+    """Each job's condition and memo key name the one before it: a submission reads its upstream job,
+    and must not make its record live again."""
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        ids = [_id(i) for i in range(60)]
+        hold = jpb.JobSpec(id=_id(999), command=jpb.CommandLine(argv=["sleep", "1"]),
+                           when=condition_to_proto(Atom(AtomKey("sns", _id(998), "completed"))))
+        first = jpb.JobSpec(id=_id(998), command=jpb.CommandLine(argv=["true"]))
+        await core.submissions.submit_many("alice", [first])   # queued: its record stays live
+        await core.submissions.submit_many("alice", [hold])
+        for start in range(0, len(ids), 20):   # batches, each naming the last job of the one before
+            results = await core.submissions.submit_many("alice", [
+                _spec(ids[i], after=ids[i - 1] if i else hold.id) for i in range(start, start + 20)])
+            assert all(r.error is None for r in results), [r.error.message for r in results if r.error]
+        ledger = core.ledger
+        assert not any(_live(ledger, j) for j in [hold.id, *ids])
+        assert _live(ledger, first.id)
+        for job_id in ids:
+            job = ledger.peek(job_id)
+            assert job is not None and job.state == jpb.JOB_STATE_WAITING and job.memo_key
+            stored = await store.get(job_id)
+            assert stored is not None and stored.last_seq == job.last_seq > 0
+            assert await ledger.get("alice", job_id) == job
+        # A memo hit of a waiting job reads it too, and leaves it serialized.
+        [hit] = await core.submissions.submit_many("alice", [_spec(_id(500), after=ids[4], arg=ids[5])])
+        assert hit.memo_hit and hit.job is not None and hit.job.id == ids[5]
+        assert not _live(ledger, ids[5]) and not _live(ledger, ids[4])
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_promoted_record_is_written_at_its_next_commit_and_serialized_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        a, b = _id(1), _id(2)
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=a, command=jpb.CommandLine(argv=["true"])),
+                                                     _spec(b, after=a)])
+        ledger = core.ledger
+        assert not _live(ledger, b)
+        job = ledger.record(b)
+        assert job is not None and _live(ledger, b) and ledger.record(b) is job
+        job.attention = "changed while it waits"
+        first = ledger.change(job, jpb.Event(renewed=jpb.Renewed(site="x")))
+        committing = asyncio.ensure_future(ledger.commit(Batch([first])))
+        await asyncio.sleep(0)
+        # Changed again while the first change is being written: the second must not be lost when the
+        # first commit serializes the record.
+        job.attention = "changed twice"
+        second = ledger.change(job, jpb.Event(renewed=jpb.Renewed(site="y")))
+        await committing
+        between = ledger.peek(b)   # what later decisions read while the second change is still to be written
+        assert between is not None and between.attention == "changed twice"
+        await ledger.commit(Batch([second]))
+        assert not _live(ledger, b)
+        seen = ledger.peek(b)
+        stored = await store.get(b)
+        assert seen is not None and stored is not None
+        assert seen.attention == stored.attention == "changed twice"
+        assert seen.last_seq == stored.last_seq == second.event.seq > first.event.seq
+        # Released: promoted, queued, and never serialized again.
+        core.transitions.on_started(a, 1)
+        core.transitions.on_finished(a, 1, Outcome(ok=True, result_json="1"))
+        queued = await _queued(ledger, b)
+        assert _live(ledger, b) and queued.attention == "changed twice"
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_restart_rebuilds_serialized_waiting_jobs_that_still_run_when_released(tmp_path: Path) -> None:
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        gate, ids = _id(0), [_id(i) for i in range(1, 31)]
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=gate, command=jpb.CommandLine(argv=["true"]))])
+        await core.submissions.submit_many("alice", [_spec(j, after=ids[i - 1] if i else gate)
+                                                     for i, j in enumerate(ids)])
+        before = {j: core.ledger.peek(j) for j in ids}
+        store.close()
+
+        core, executor, store = in_process_core(tmp_path)
+        await core.start()
+        ledger = core.ledger
+        assert [t.job_id for t in executor.tasks] == [gate]
+        assert not any(_live(ledger, j) for j in ids) and _live(ledger, gate)
+        assert {j: ledger.peek(j) for j in ids} == before
+        assert len(core.scheduler) == len(ids)
+        for job_id in ids:   # each is released by the one before it, in turn
+            task = executor.tasks[-1]
+            core.transitions.on_started(task.job_id, task.attempt)
+            core.transitions.on_finished(task.job_id, task.attempt, Outcome(ok=True, result_json="1"))
+            for _ in range(1000):   # handed over once its release is committed
+                if executor.tasks[-1].job_id == job_id:
+                    break
+                await asyncio.sleep(0.01)
+        assert [t.job_id for t in executor.tasks] == [gate, *ids]
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_identical_work_submitted_after_a_restart_is_the_waiting_job(tmp_path: Path) -> None:
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        gate, job = _id(0), _id(1)
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=gate, command=jpb.CommandLine(argv=["true"])),
+                                                     _spec(job, after=gate)])
+        store.close()
+        core, _, store = in_process_core(tmp_path)
+        await core.start()
+        [again] = await core.submissions.submit_many("alice", [_spec(_id(2), after=gate, arg=job)])
+        assert again.memo_hit and again.job is not None and again.job.id == job
+        assert not _live(core.ledger, job)
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_serialized_records_of_any_size_and_shape_read_back_as_written(tmp_path: Path) -> None:
+    """Records are compressed against the first one kept: others, far larger or unlike it, come back whole."""
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        gate = _id(0)
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=gate, command=jpb.CommandLine(argv=["true"]))])
+        specs = [_spec(_id(1), after=gate),
+                 _spec(_id(2), after=gate, arg="x" * 50_000),
+                 jpb.JobSpec(id=_id(3), command=jpb.CommandLine(argv=["echo", "ü" * 3000, bytes(range(256)).hex()]),
+                             when=condition_to_proto(Atom(AtomKey("sns", gate, "completed"))), label="≠ the first"),
+                 _spec(_id(4), after=_id(3))]
+        results = await core.submissions.submit_many("alice", specs)
+        assert all(r.error is None for r in results), [r.error.message for r in results if r.error]
+        for spec in specs:
+            assert not _live(core.ledger, spec.id)
+            assert core.ledger.peek(spec.id) == await store.get(spec.id)
+        store.close()
+
+    asyncio.run(main())
