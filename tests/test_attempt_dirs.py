@@ -12,6 +12,7 @@ import park
 from harness import Broker  # type: ignore[import-not-found]
 from park._proto import files_pb2 as fipb
 from park._proto import files_pb2_grpc
+from park.agent_client import default_subject
 from park.downloads import file_path
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,3 +96,19 @@ def test_the_logs_of_a_job_that_left_nothing_are_an_empty_file(service: park.Ser
     with pytest.raises(grpc.RpcError) as other:   # only the logs: any other file of it does not exist
         list(stub.Read(fipb.ReadRequest(path=file_path(record.owner, job.id, "output"))))
     assert other.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_job_whose_directory_cannot_be_made_fails_saying_so_and_frees_its_slot(new_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = new_broker("sns", workers=1).start()
+    owner_tree = broker.directory / "files" / default_subject()
+    owner_tree.parent.mkdir(exist_ok=True)
+    owner_tree.write_text("in the way")   # where the owner's job directories go: not a directory
+    with broker.service():
+        blocked = [park.submit("park_test_tasks:noop", memo=False) for _ in range(2)]
+    for job in blocked:
+        assert job.wait(timeout=60) == "failed"
+        assert f"cannot start at site {broker.site}" in job.record().error
+    owner_tree.unlink()
+    with broker.service():
+        after = park.submit("park_test_tasks:noop", memo=False)
+    assert after.wait(timeout=30) == "completed", "the one slot the failed starts held is free again"
