@@ -112,3 +112,20 @@ def test_a_job_whose_directory_cannot_be_made_fails_saying_so_and_frees_its_slot
     with broker.service():
         after = park.submit("park_test_tasks:noop", memo=False)
     assert after.wait(timeout=30) == "completed", "the one slot the failed starts held is free again"
+
+
+def test_a_log_left_as_a_link_is_replaced_and_its_target_untouched(tmp_path: Path) -> None:
+    """A half-run (a retry on Dask) may have left anything in the directory: only real log files are reused."""
+    from park_broker.execution.worker import run_task
+
+    work, target = tmp_path / ".job.attempt-1", tmp_path / "precious"
+    work.mkdir(mode=0o700)
+    target.write_text("keep me")
+    (work / "stdout.log").symlink_to(target)
+    (work / "stderr.log").mkdir()
+    outcome = run_task({"kind": "command", "argv": ["sh", "-c", "echo fresh"], "work_dir": str(work),
+                        "output_name": "output", "env": {}})
+    assert outcome["ok"], outcome
+    assert target.read_text() == "keep me"
+    assert not (work / "stdout.log").is_symlink() and (work / "stdout.log").read_text() == "fresh\n"
+    assert (work / "stderr.log").is_file()

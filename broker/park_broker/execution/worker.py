@@ -126,9 +126,10 @@ def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
     except OSError as exc:
         return {"ok": False, "error": f"the job's process (uid {os.getuid()}) cannot use its directory: {exc}"}
     for name in left:
-        if name not in LOGS:   # the logs are truncated when opened: their files are reused, not made again
-            path = os.path.join(work_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        path = os.path.join(work_dir, name)
+        if name in LOGS and os.path.isfile(path) and not os.path.islink(path):
+            continue   # truncated when opened: a log file is reused, not made again
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
     # Only the task's own variables are set and restored: copying the whole environment
     # back and forth costs more than a trivial job.
     saved_env = {k: os.environ.get(k) for k in task["env"]}
@@ -138,7 +139,8 @@ def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
     sys.stderr.flush()
     try:
         for fd, name in ((1, "stdout.log"), (2, "stderr.log")):
-            log_fd = os.open(os.path.join(work_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            log_fd = os.open(os.path.join(work_dir, name),
+                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
             os.dup2(log_fd, fd)
             os.close(log_fd)
         os.environ.update(task["env"])
@@ -214,7 +216,7 @@ def left_nothing(work_dir: str) -> bool:
         with os.scandir(work_dir) as entries:
             logs = 0
             for entry in entries:
-                if (entry.name not in ("stdout.log", "stderr.log") or not entry.is_file(follow_symlinks=False)
+                if (entry.name not in LOGS or not entry.is_file(follow_symlinks=False)
                         or entry.stat(follow_symlinks=False).st_size):
                     return False
                 logs += 1
