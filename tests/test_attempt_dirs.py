@@ -3,6 +3,7 @@ lends its directory to the next attempt of the same account; a job that leaves a
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -129,3 +130,38 @@ def test_a_log_left_as_a_link_is_replaced_and_its_target_untouched(tmp_path: Pat
     assert target.read_text() == "keep me"
     assert not (work / "stdout.log").is_symlink() and (work / "stdout.log").read_text() == "fresh\n"
     assert (work / "stderr.log").is_file()
+
+
+def test_a_running_jobs_logs_are_read_from_its_current_attempt_and_grow(service: park.Service,
+                                                                        tmp_path: Path) -> None:
+    """`job.logs()` and `park logs --follow` while the job runs: its logs are in the attempt's directory,
+    not yet the job's; each read is a consistent prefix of what it wrote so far."""
+    gate = tmp_path / "gate"
+    script = (f"echo first; echo oops >&2; while [ ! -e {gate} ]; do sleep 0.05; done; echo second")
+    with service:
+        job = park.run(["sh", "-c", script], memo=False)
+    deadline = time.monotonic() + 30
+    while job.logs() != "first\n":
+        assert time.monotonic() < deadline, f"the running job's log never showed its first line ({job.state})"
+        time.sleep(0.05)
+    assert job.state == "running"
+    assert job.logs("stderr") == "oops\n"
+    gate.touch()
+    assert job.wait(timeout=30) == "completed"
+    assert job.logs() == "first\nsecond\n" and job.logs("stderr") == "oops\n"
+
+
+def test_a_retried_jobs_logs_while_it_runs_again_are_the_new_attempts(service: park.Service,
+                                                                      tmp_path: Path) -> None:
+    """The first attempt's directory became the job's; while the second runs, its own logs are served."""
+    gate, runs = tmp_path / "gate", tmp_path / "runs"
+    script = (f"if [ ! -e {runs} ]; then touch {runs}; echo attempt one; exit 3; fi; echo attempt two; "
+              f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    with service:
+        job = park.run(["sh", "-c", script], memo=False, retries=1, retry_delay=0)
+    deadline = time.monotonic() + 30
+    while job.logs() != "attempt two\n":
+        assert time.monotonic() < deadline, f"the second attempt's log was never served: {job.logs()!r}"
+        time.sleep(0.05)
+    gate.touch()
+    assert job.wait(timeout=30) == "completed" and job.logs() == "attempt two\n"

@@ -183,7 +183,7 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
     publisher = None if gate.authority is None else \
         Publisher(site.name, gate.authority, hub, core.remote.atom_states, core.remote.resolved_by)
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info, links, publisher), server)
-    files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root, store), server)
+    files_pb2_grpc.add_FilesServicer_to_server(FilesServicer(site.files_root, store, core.dispatch.running_dir), server)
     if publisher is not None:
         federation_pb2_grpc.add_FederationServicer_to_server(FederationServicer(publisher), server)
     health = health_async.HealthServicer()

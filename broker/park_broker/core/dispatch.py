@@ -106,6 +106,11 @@ class Dispatcher:
         if self.fetcher is not None:
             self.fetcher.cancel(job_id)
 
+    def running_dir(self, job_id: str, owner: str) -> str | None:
+        """The directory of `owner`'s job's current attempt, if it has one here (it may not be made yet)."""
+        task = self._attempts.get(job_id)
+        return task.work_dir if task is not None and task.owner == owner else None
+
     def hand_over(self, owner: str, directory: Path) -> None:
         """Give a directory the broker itself filled (a fetch's) to the account `owner`'s jobs run as."""
         self.accounts.hand_over(directory, self.accounts.of(owner))

@@ -1,8 +1,9 @@
-"""The `Files` service: job outputs, read by whoever holds a token with the path's `files.read` scope."""
+"""The `Files` service: job outputs and logs (a running job's too), read by whoever holds a token with the
+path's `files.read` scope."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ from park._proto import files_pb2_grpc
 from park_broker.auth.policy import current_identity
 from park_broker.core.store import Store
 from park_broker.errors import BrokerError, Code, fail
+from park_broker.execution.worker import LOGS
 from park_broker.servicers.boundary import streaming
 from park_broker.transfer import source
 
@@ -22,9 +24,10 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 class FilesServicer(files_pb2_grpc.FilesServicer):
     """Job outputs, read by whoever holds a token with the `files.read` scope of the path."""
 
-    def __init__(self, files_root: Path, store: Store):
+    def __init__(self, files_root: Path, store: Store, running_dir: Callable[[str, str], str | None]):
         self.files_root = files_root
         self.store = store
+        self.running_dir = running_dir   # core.dispatch: where a job's current attempt runs, by (job, owner)
 
     @streaming
     async def Read(self, request: fipb.ReadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[fipb.Chunk]:
@@ -32,26 +35,50 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
         if identity.token is None:
             fail(Code.PERMISSION_DENIED, "reading files needs a token with the files.read scope of the path")
         source.authorize_read(identity.token, request.path)
-        try:
-            real = source.resolve_path(self.files_root, request.path)
-        except BrokerError as exc:
-            if exc.code != Code.NOT_FOUND or not await self._left_nothing(request.path):
-                raise
-            if request.offset != 0:
-                fail(Code.INVALID_ARGUMENT, f"offset {request.offset} is outside the file (size 0 bytes)")
-            yield fipb.Chunk(offset=0, data=b"", size=0, sha256=EMPTY_SHA256)
-            return
-        known = await self._recorded_sha256(request.path)
         within = source.owner_root(self.files_root, request.path)
-        async for offset, data, size, sha256 in source.read_chunks(real, request.offset, known_sha256=known,
-                                                                     within=within):
+        chunks: AsyncIterator[tuple[int, bytes, int, str]] | None = None
+        if (running := self._running_log(request.path)) is not None:
+            try:   # opened before the first item
+                chunks = source.read_chunks(running, request.offset, within=within)
+                first = await anext(chunks)
+            except BrokerError as exc:
+                if exc.code != Code.NOT_FOUND:
+                    raise
+                chunks = None
+                # Still running: the log is not made yet (the attempt waits its turn, or its worker starts), so
+                # it is empty. Else the attempt ended meanwhile and its logs moved with its directory.
+                if self._running_log(request.path) == running:
+                    yield _empty(request.offset)
+                    return
+            else:
+                yield fipb.Chunk(offset=first[0], data=first[1], size=first[2], sha256=first[3])
+        if chunks is None:
+            try:
+                real = source.resolve_path(self.files_root, request.path)
+            except BrokerError as exc:
+                if exc.code != Code.NOT_FOUND or not await self._left_nothing(request.path):
+                    raise
+                yield _empty(request.offset)
+                return
+            chunks = source.read_chunks(real, request.offset, known_sha256=await self._recorded_sha256(request.path),
+                                        within=within)
+        async for offset, data, size, sha256 in chunks:
             yield fipb.Chunk(offset=offset, data=data, size=size, sha256=sha256)
+
+    def _running_log(self, path: str) -> Path | None:
+        """Where a log of a job still running here is: in its current attempt's directory, which becomes the
+        job's only when the attempt ends (core.attempts). A read of it is the prefix written so far."""
+        owner, job_id, *name = source.split_path(path)
+        if len(name) != 1 or name[0] not in LOGS:
+            return None
+        work = self.running_dir(job_id, owner)
+        return None if work is None else Path(work, name[0])
 
     async def _left_nothing(self, path: str) -> bool:
         """Whether `path` is a log of a job whose last attempt wrote nothing, so it has no directory
         (core.attempts): its logs are empty files, not missing ones."""
         owner, job_id, *name = source.split_path(path)
-        if name not in (["stdout.log"], ["stderr.log"]):
+        if len(name) != 1 or name[0] not in LOGS:
             return False
         job = (await self.store.get_many([job_id])).get(job_id)
         return job is not None and job.owner == owner and job.left_nothing
@@ -64,3 +91,10 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
             if output.name == "/".join(name):
                 return output.sha256
         return None
+
+
+def _empty(offset: int) -> fipb.Chunk:
+    """The one chunk of an empty file, or INVALID_ARGUMENT for an offset beyond it."""
+    if offset != 0:
+        fail(Code.INVALID_ARGUMENT, f"offset {offset} is outside the file (size 0 bytes)")
+    return fipb.Chunk(offset=0, data=b"", size=0, sha256=EMPTY_SHA256)
