@@ -20,6 +20,9 @@ import park
 from park import certificates, tokens
 from park.agent_client import default_subject
 from park.signer import read_private_key, write_private_key
+from park_broker.auth.users import add_user
+from park_broker.federation.peers import add_peer
+from park_broker.site import init_site
 
 TASKS = Path(__file__).parent / "tasks"
 sys.path.insert(0, str(TASKS))  # the @park.job test imports the same module the brokers run
@@ -123,13 +126,15 @@ def public_key_of(path: Path) -> str:
 
 
 def make_broker(tmp_path: Path, site: str = "sns", allow: str = "submit,upload", **kwargs: object) -> Broker:
-    """An initialised site whose one user is the test user (`default_subject()`)."""
+    """An initialised site whose one user is the test user (`default_subject()`).
+
+    What `park-broker init` and `users add` do, called here rather than in two more Pythons: most tests
+    start a broker, and starting a Python that imports the broker is most of a second (test_daemon and
+    test_cli run the commands themselves)."""
     directory = tmp_path / site
-    for args in (("init", str(directory), "--site", site),
-                 ("users", "add", str(directory), default_subject(), "--key",
-                  public_key_of(Path(os.environ["PARK_KEY_FILE"])), "--allow", allow)):
-        result = broker_cli(*args)
-        assert result.returncode == 0, result.stderr
+    init_site(directory, site)
+    add_user(directory, default_subject(), public_key_of(Path(os.environ["PARK_KEY_FILE"])),
+             [a for a in allow.split(",") if a])
     return Broker(directory, site, **kwargs)  # type: ignore[arg-type]
 
 
@@ -159,9 +164,7 @@ def federate(*brokers: Broker) -> None:
         b.peer_address = f"127.0.0.1:{port}"
         for other, other_port in zip(brokers, free):
             if other is not b:
-                result = broker_cli("peers", "add", str(b.directory), other.site,
-                                    "--address", f"127.0.0.1:{other_port}", "--cert", str(other.cert))
-                assert result.returncode == 0, result.stderr
+                add_peer(b.directory, other.site, f"127.0.0.1:{other_port}", other.cert)
     for b in brokers:
         b.start()
 

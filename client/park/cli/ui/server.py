@@ -202,6 +202,7 @@ class Dashboard:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
+            sock.listen(128)   # before the URL is printed: a request made at once waits instead of being refused
         except OSError as exc:
             sock.close()
             raise ParkError(f"cannot listen on {listen}: {exc.strerror}") from None
