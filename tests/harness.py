@@ -158,15 +158,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
 
 
 def federate(*brokers: Broker) -> None:
-    """Pin every broker's certificate at every other one, then start them all (peers are read at start)."""
-    free = [free_port() for _ in brokers]
-    for b, port in zip(brokers, free):
-        b.peer_address = f"127.0.0.1:{port}"
-        for other, other_port in zip(brokers, free):
-            if other is not b:
-                add_peer(b.directory, other.site, f"127.0.0.1:{other_port}", other.cert)
+    """Start the brokers, then pin every broker's certificate and peer address at every other one, and wait
+    until each has taken its peers up. Each peer port is the one its broker bound (port 0), not one picked
+    here beforehand: a port found free and closed again can be taken by another process before the broker
+    binds it."""
     for b in brokers:
         b.start()
+    for b in brokers:
+        for other in brokers:
+            if other is not b:
+                add_peer(b.directory, other.site, other.peer_address, other.cert)
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGHUP)   # reread the peers file now, not at the next look
+    for b in brokers:
+        names = ", ".join(sorted(other.site for other in brokers if other is not b))
+        wait_for(lambda b=b, names=names: f"now {names}\n" in b.log(), timeout=30)
 
 
 def free_port() -> int:
