@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -171,8 +172,9 @@ def federate(*brokers: Broker) -> None:
         assert b.proc is not None
         b.proc.send_signal(signal.SIGHUP)   # reread the peers file now, not at the next look
     for b in brokers:
-        names = ", ".join(sorted(other.site for other in brokers if other is not b))
-        wait_for(lambda b=b, names=names: f"now {names}\n" in b.log(), timeout=30)
+        # The line the broker logs once it has, in either log format (text, or JSON ending in `"}`).
+        taken = re.compile(re.escape("now " + ", ".join(sorted(o.site for o in brokers if o is not b))) + '["\n]')
+        wait_for(lambda b=b, taken=taken: taken.search(b.log()) is not None, timeout=30)
 
 
 def free_port() -> int:

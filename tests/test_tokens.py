@@ -109,7 +109,7 @@ def test_delegated_token_defaults_to_one_hour():
     ("x" * 64, 60, "confirm must be a key id"),
     (kid(BOB), tokens.MAX_LIFETIME + 1, "lifetime 21601 s of a delegated token of broad scope (one scoped to a single job or file may live longer) must be in (0, 21600]"),
     (kid(BOB), 0, "must be in (0, 21600]"),
-])
+], ids=["bearer-too-long", "confirm-not-a-key-id", "delegated-too-long", "zero-lifetime"])
 def test_issue_refuses_bad_requests(confirm, lifetime, fragment):
     with pytest.raises(TokenError) as info:
         tokens.issue(ALICE, subject="alice", audience="sns", confirm=confirm, lifetime=lifetime, now=NOW)
