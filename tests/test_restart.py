@@ -88,3 +88,33 @@ def test_watch_resumes_across_a_restart_without_gaps_or_repeats(new_broker) -> N
     resumed = _collect(s2, seen[-1], jobs)
     everything = _collect(s2, 0, jobs)
     assert seen + resumed == everything, "resuming from the last seen number must miss nothing and repeat nothing"
+
+
+def test_an_install_waiting_for_its_upload_still_provides_its_package_after_a_restart(
+        new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A job may require a package whose install job is still waiting for its upload; after kill -9 the
+    broker must still know that install is coming, for jobs submitted after the restart too."""
+    from park.api import queue_spec, spec_for
+    from park.wheels import build_wheel, sha256_file
+    from test_memo import STEP2, _upload  # type: ignore[import-not-found]
+    from test_packages import write_project  # type: ignore[import-not-found]
+
+    broker = new_broker().start()
+    service = broker.service()
+    wheel = build_wheel(write_project(tmp_path / "p", "1.0", body=STEP2), tmp_path / "out")
+    spec = spec_for(service, None, "output", "install")
+    spec.install.CopyFrom(jpb.Install(name="mymodel", version="1.0", sha256=sha256_file(wheel), filename=wheel.name))
+    install = queue_spec(service, spec)
+    install.acknowledged(timeout=30)
+    with service:
+        before = park.submit("mymodel:version", requires=["mymodel==1.0"], when=install.iscompleted)
+    before.acknowledged(timeout=30)
+    broker.kill()
+    broker.start()
+    service = broker.service()
+    with service:
+        after = park.submit("mymodel:version", requires=["mymodel==1.0"], when=install.iscompleted)
+    after.acknowledged(timeout=30)   # refused as "not installed" if the broker forgot the install is coming
+    assert not isinstance(_upload(service, install.id, wheel), Exception)
+    assert service.job(install.id).wait(timeout=60) == "completed"
+    assert [service.job(j.id).result(timeout=60) for j in (before, after)] == ["1.0", "1.0"]

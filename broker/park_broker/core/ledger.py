@@ -197,24 +197,29 @@ class Ledger:
         """Hold a new job's record (with its memo key and what it installs) until it is terminal."""
         job_id = sys.intern(job.id)   # one string for every index that names it (the scheduler's interns it too)
         self._active[job_id] = job
+        self._index(job_id, job, install_pin)
+
+    def _index(self, job_id: str, job: jpb.Job, install_pin: Pin | None) -> None:
         if job.memo_key:
             self._memo[_digest(job.memo_key)] = job_id
         if install_pin is not None:
-            self._installing[install_pin] = job.id
-            self._install_pin[job.id] = install_pin
+            self._installing[install_pin] = job_id
+            self._install_pin[job_id] = install_pin
 
-    def add_recovered(self, records: Iterable[bytes]) -> list[str]:
+    def add_recovered(self, records: Iterable[bytes], install_pin: Callable[[str, jpb.JobSpec], Pin | None]
+                      ) -> list[str]:
         """Hold the active jobs read back from the store at start-up (their serialized records); returns
         their ids, in order. Each is parsed once and a waiting one packed at once, so that a million of
-        them are never live together."""
+        them are never live together. They are indexed as `add` indexes new ones: identical work submitted
+        again is the same job, and a package an install job (`install_pin(owner, spec)`) will provide is
+        still coming, as before the restart."""
         ids = []
         for record in records:
             job = jpb.Job.FromString(record)
             job_id = sys.intern(job.id)
             self._active[job_id] = _Packed(sys.intern(job.owner), self._packer.pack(record)) if _packable(job) \
                 else job
-            if job.memo_key:   # identical work submitted again is this job, as it was before the restart
-                self._memo[_digest(job.memo_key)] = job_id
+            self._index(job_id, job, install_pin(job.owner, job.spec))
             ids.append(job_id)
         return ids
 

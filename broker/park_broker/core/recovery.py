@@ -30,7 +30,7 @@ async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler,
                   transitions: Transitions, remote: RemoteAtoms) -> None:
     """Reload active jobs: re-run interrupted ones, re-evaluate waiting ones. Records are read through the
     ledger one at a time (`peek`), and changed through it (`record`), since it keeps waiting ones serialized."""
-    ids = ledger.add_recovered(await store.active())
+    ids = ledger.add_recovered(await store.active(), admission.installs)
     for job_id, history in (await store.reports(ids)).items():
         ledger.add_reports(job_id, history)
     batch = Batch()
