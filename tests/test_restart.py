@@ -118,3 +118,27 @@ def test_an_install_waiting_for_its_upload_still_provides_its_package_after_a_re
     assert not isinstance(_upload(service, install.id, wheel), Exception)
     assert service.job(install.id).wait(timeout=60) == "completed"
     assert [service.job(j.id).result(timeout=60) for j in (before, after)] == ["1.0", "1.0"]
+
+
+def test_a_memo_hit_on_an_active_job_still_names_it_after_a_restart(
+        new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A memo hit on a job still running is another name of it; conditions and lookups on that name work
+    after kill -9 as they did before, for jobs submitted before the restart and after it."""
+    gate = tmp_path / "gate"
+    broker = new_broker().start()
+    service = broker.service()
+    with service:
+        first = park.submit("park_test_tasks:wait_with_marker", str(tmp_path / "started"), str(gate))
+        again = park.submit("park_test_tasks:wait_with_marker", str(tmp_path / "started"), str(gate))
+        before = park.submit("park_test_tasks:add", 1, 1, when=again.iscompleted)
+    assert again.memo_hit
+    wait_for((tmp_path / "started").exists)
+    broker.kill()
+    broker.start()
+    service = broker.service()
+    with service:
+        after = park.submit("park_test_tasks:add", 2, 2, when=service.job(again.id).iscompleted)
+    gate.touch()
+    assert service.job(again.id).wait(timeout=60) == "completed"
+    assert service.job(before.id).result(timeout=60) == 2
+    assert service.job(after.id).result(timeout=60) == 4
