@@ -63,3 +63,36 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
         Store(path).open()
+
+
+def test_a_job_changed_several_times_in_one_transaction_is_written_once_as_it_was_last(tmp_path: Path) -> None:
+    store = Store(tmp_path / "park.db")
+    store.open()
+    assert store._writer is not None
+    old, new = _job(1), _job(2)
+
+    def moved(job: jpb.Job, state: int) -> jpb.Job:
+        snapshot = jpb.Job()
+        snapshot.CopyFrom(job)
+        snapshot.state = state   # type: ignore[assignment]
+        return snapshot
+
+    async def main() -> None:
+        await store.commit([Change(old, jpb.Event(job_id=old.id), insert=True)])
+        before = store._writer.total_changes   # type: ignore[union-attr]
+        await store.commit([
+            Change(new, jpb.Event(job_id=new.id), insert=True),
+            Change(moved(old, jpb.JOB_STATE_QUEUED), jpb.Event(job_id=old.id)),
+            Change(moved(new, jpb.JOB_STATE_QUEUED), jpb.Event(job_id=new.id)),
+            Change(moved(old, jpb.JOB_STATE_RUNNING), jpb.Event(job_id=old.id)),
+            Change(moved(new, jpb.JOB_STATE_RUNNING), jpb.Event(job_id=new.id)),
+            Change(moved(old, jpb.JOB_STATE_COMPLETED), jpb.Event(job_id=old.id)),
+        ])
+        assert store._writer.total_changes - before == 6 + 2, "six events, and each job's row once"   # type: ignore[union-attr]
+        stored = await store.get_many([old.id, new.id])
+        assert (stored[old.id].state, stored[old.id].last_seq) == (jpb.JOB_STATE_COMPLETED, 7)
+        assert (stored[new.id].state, stored[new.id].last_seq) == (jpb.JOB_STATE_RUNNING, 6)
+        assert [e.seq for e in await store.events(0, job_id=None, owner="alice", limit=100)] == list(range(1, 8))
+
+    asyncio.run(main())
+    store.close()

@@ -176,8 +176,12 @@ class Store:
             self._flushing = False
 
     def _write(self, changes: Sequence[Change]) -> None:
+        """One transaction: every change's event, in order, and each job's row once, as its last change left
+        it. A job often changes several times in one transaction (queued, started and completed while the
+        previous one was being synced): its earlier records would only be overwritten."""
         conn = self._writer
         assert conn is not None
+        rows: dict[str, tuple[jpb.Job, bool]] = {}   # job id -> (its last record, whether its row is new)
         conn.execute("BEGIN IMMEDIATE")
         try:
             for change in changes:
@@ -189,10 +193,12 @@ class Store:
                 cur = conn.execute("INSERT INTO events (job_id, owner, body) VALUES (?, ?, ?)",
                                    (job.id, job.owner, event.SerializeToString()))
                 event.seq = job.last_seq = cur.lastrowid or 0
-                if not change.record:
-                    continue
+                if change.record:
+                    earlier = rows.get(job.id)
+                    rows[job.id] = (job, change.insert or (earlier is not None and earlier[1]))
+            for job, new in rows.values():
                 record = job.SerializeToString()
-                if change.insert:
+                if new:
                     conn.execute("INSERT INTO jobs (id, owner, state, record, memo_key, work) VALUES (?, ?, ?, ?, ?, ?)",
                                  (job.id, job.owner, job.state, record, job.memo_key or None, _work(job.spec)))
                 else:
