@@ -165,3 +165,36 @@ def test_a_retried_jobs_logs_while_it_runs_again_are_the_new_attempts(service: p
         time.sleep(0.05)
     gate.touch()
     assert job.wait(timeout=30) == "completed" and job.logs() == "attempt two\n"
+
+
+def test_logs_are_read_from_an_offset_without_a_digest_and_past_the_end_is_no_error(service: park.Service,
+                                                                                    tmp_path: Path) -> None:
+    """What `park logs --follow` reads at each look: the bytes after what it showed, with no whole-file digest
+    for the site to compute; an offset past the end (a retry's new, shorter log) reads nothing."""
+    gate = tmp_path / "gate"
+    with service:
+        job = park.run(["sh", "-c", f"echo first; while [ ! -e {gate} ]; do sleep 0.05; done; echo second"],
+                       memo=False)
+        quiet = park.submit("park_test_tasks:noop", memo=False)
+    deadline = time.monotonic() + 30
+    while job.log_from("stdout", 0) != b"first\n":
+        assert time.monotonic() < deadline, "the running job's log never showed its first line"
+        time.sleep(0.05)
+    assert job.log_from("stdout", 6) == b"" and job.log_from("stdout", 100) == b""
+    record = job.record()
+    stub = files_pb2_grpc.FilesStub(service.channel)
+    path = file_path(record.owner, job.id, "stdout.log")
+    [chunk] = stub.Read(fipb.ReadRequest(path=path, offset=2, no_digest=True))
+    assert (chunk.offset, chunk.data, chunk.size, chunk.sha256) == (2, b"rst\n", 6, "")
+    gate.touch()
+    assert job.wait(timeout=30) == "completed"
+    assert job.log_from("stdout", 6) == b"second\n"
+    [chunk] = stub.Read(fipb.ReadRequest(path=path, offset=13, no_digest=True))
+    assert (chunk.data, chunk.size, chunk.sha256) == (b"", 13, "")
+    with pytest.raises(grpc.RpcError) as beyond:   # a reader that checks the digest is still told
+        list(stub.Read(fipb.ReadRequest(path=path, offset=14)))
+    assert beyond.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert quiet.wait(timeout=30) == "completed" and quiet.record().left_nothing
+    quiet_log = file_path(record.owner, quiet.id, "stdout.log")
+    assert [(c.size, c.sha256) for c in stub.Read(fipb.ReadRequest(path=quiet_log, offset=5, no_digest=True))] \
+        == [(0, "")]

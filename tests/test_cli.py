@@ -460,3 +460,32 @@ def test_jobs_and_watch_show_a_groups_counts(configured, broker, capsys):
     status, out, _ = run(capsys, "watch", items.id)
     assert status == 1 and "group_progress member" in out and "/3 completed" in out
     assert "failed     1 of 3 members did not complete (1 failed, 0 cancelled)" in out
+
+
+def test_logs_follow_prints_each_attempts_log_once_as_it_grows(broker, configured, tmp_path):
+    """`park logs -f` on a retried job: the first attempt's log, then the second's from its start (the same
+    length as the first's, so only the attempt number tells them apart), then the rest as it comes."""
+    import queue
+    import threading
+
+    runs, gate1, gate2 = tmp_path / "runs", tmp_path / "gate1", tmp_path / "gate2"
+    script = (f"if [ ! -e {runs} ]; then touch {runs}; echo attempt one; "
+              f"while [ ! -e {gate1} ]; do sleep 0.05; done; exit 3; fi; "
+              f"echo attempt two; while [ ! -e {gate2} ]; do sleep 0.05; done; echo done")
+    with broker.service():
+        job = park.run(["sh", "-c", script], memo=False, retries=1, retry_delay=0)
+    follower = subprocess.Popen([sys.executable, "-m", "park.cli", "logs", "-f", job.id, "--service", "sns"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        assert lines.get(timeout=30) == "attempt one\n"
+        gate1.touch()
+        assert lines.get(timeout=30) == "attempt two\n"
+        gate2.touch()
+        assert lines.get(timeout=30) == "done\n"
+        assert follower.wait(timeout=30) == 0
+    finally:
+        follower.kill()
+    assert "runs again (attempt 2)" in follower.stderr.read()   # type: ignore[union-attr]
+    assert lines.empty()

@@ -187,7 +187,7 @@ def test_implicit_install_from_the_site_wheelhouse(new_broker, tmp_path: Path) -
     assert [(p.name, p.version) for p in service.packages()] == [("mymodel", "1.0")]
 
 
-def _upload(service: park.Service, job_id: str, wheel: Path, data: bytes | None = None,
+def upload_wheel(service: park.Service, job_id: str, wheel: Path, data: bytes | None = None,
             sha: str | None = None) -> grpc.RpcError | ppb.PackageRef:
     payload = wheel.read_bytes() if data is None else data
     requests = iter([ppb.UploadRequest(header=ppb.UploadHeader(job_id=job_id, filename=wheel.name,
@@ -218,7 +218,7 @@ def test_upload_without_permission_is_denied(new_broker, tmp_path: Path) -> None
     broker = new_broker(allow="submit").start()
     service = broker.service()
     wheel = build_wheel(write_project(tmp_path / "p", "1.0"), tmp_path / "out")
-    result = _upload(service, "a" * 26, wheel)
+    result = upload_wheel(service, "a" * 26, wheel)
     assert isinstance(result, grpc.RpcError)
     assert result.code() == grpc.StatusCode.PERMISSION_DENIED and "may not upload" in result.details()
     assert service.packages() == []
@@ -232,7 +232,7 @@ def test_damaged_and_malicious_uploads_install_nothing(broker, tmp_path: Path) -
     with service:
         job = park.submit("park_test_tasks:noop")   # an id that is not an install job
     job.wait(timeout=30)
-    wrong_job = _upload(service, job.id, wheel)
+    wrong_job = upload_wheel(service, job.id, wheel)
     assert isinstance(wrong_job, grpc.RpcError) and "not an install job" in wrong_job.details()
     # A declared install whose bytes arrive damaged, then one whose archive escapes its directory.
     from park.api import queue_spec, spec_for
@@ -248,7 +248,7 @@ def test_damaged_and_malicious_uploads_install_nothing(broker, tmp_path: Path) -
         spec.install.CopyFrom(jpb.Install(name=name, version="1.0", sha256=sha256_file(path), filename=path.name))
         install = queue_spec(service, spec)
         install.acknowledged(timeout=30)
-        result = _upload(service, install.id, path, data=damage)
+        result = upload_wheel(service, install.id, path, data=damage)
         assert isinstance(result, grpc.RpcError)
         assert result.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
     assert service.packages() == []

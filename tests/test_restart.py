@@ -96,7 +96,7 @@ def test_an_install_waiting_for_its_upload_still_provides_its_package_after_a_re
     broker must still know that install is coming, for jobs submitted after the restart too."""
     from park.api import queue_spec, spec_for
     from park.wheels import build_wheel, sha256_file
-    from test_memo import STEP2, _upload  # type: ignore[import-not-found]
+    from test_memo import STEP2, upload_wheel  # type: ignore[import-not-found]
     from test_packages import write_project  # type: ignore[import-not-found]
 
     broker = new_broker().start()
@@ -115,7 +115,7 @@ def test_an_install_waiting_for_its_upload_still_provides_its_package_after_a_re
     with service:
         after = park.submit("mymodel:version", requires=["mymodel==1.0"], when=install.iscompleted)
     after.acknowledged(timeout=30)   # refused as "not installed" if the broker forgot the install is coming
-    assert not isinstance(_upload(service, install.id, wheel), Exception)
+    assert not isinstance(upload_wheel(service, install.id, wheel), Exception)
     assert service.job(install.id).wait(timeout=60) == "completed"
     assert [service.job(j.id).result(timeout=60) for j in (before, after)] == ["1.0", "1.0"]
 

@@ -5,7 +5,8 @@ with the caller's own session token. It resumes an interrupted download from
 what `<dest>.part` holds, checks the whole file's size and sha256 (the broker
 states them in the stream's first message, and for a recorded output they must
 also match what the job recorded), and only then renames it into place, so a
-file at `dest` is always whole and verified.
+file at `dest` is always whole and verified. `read_from` reads what a file
+holds from an offset on, unverified, for showing a log as it grows.
 """
 from __future__ import annotations
 
@@ -29,6 +30,24 @@ def file_path(owner: str, job_id: str, name: str) -> str:
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"{name!r} is not the name of a file in a job's directory")
     return f"/{owner}/{job_id}/{name}"
+
+
+def read_from(service: Connection, path: str, offset: int) -> bytes:
+    """What `path` holds from byte `offset` to its end now: one read of a file that may still grow (a running
+    job's log), without a digest (`no_digest`: the site does not hash the whole file for each look). Nothing
+    if the file is shorter than `offset` now. ServiceError on a refusal."""
+    data = bytearray()
+    try:
+        for chunk in files_pb2_grpc.FilesStub(service.channel).Read(
+                fipb.ReadRequest(path=path, offset=offset, no_digest=True), timeout=None):
+            if chunk.data:
+                if chunk.offset != offset + len(data):
+                    raise ServiceError("DATA_LOSS", f"reading {path}: a chunk at {chunk.offset}, expected "
+                                                    f"{offset + len(data)}")
+                data += chunk.data
+    except grpc.RpcError as exc:
+        raise service.error(exc, f"reading {path}") from None
+    return bytes(data)
 
 
 def fetch(service: Connection, path: str, dest: Path, *, sha256: str = "", size: int = -1,

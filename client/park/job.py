@@ -26,7 +26,7 @@ from park._proto import jobs_pb2 as jpb
 from park.wire import STATE_NAMES, TERMINAL_STATES
 from park.conditions import Atom, AtomKey, State
 from park.connection import Connection
-from park.downloads import Progress, fetch, file_path
+from park.downloads import Progress, fetch, file_path, read_from
 from park.causes import RootCause, root_cause
 from park.config import load_services
 from park.errors import ConfigError, JobCancelled, JobFailed, ServiceError, SubmitError
@@ -234,19 +234,20 @@ class Job:
 
     def logs(self, stream: str = "stdout") -> str:
         """What the job wrote to its standard output ("stdout") or error ("stderr") so far."""
+        return self.log_from(stream, 0).decode(errors="replace")
+
+    def log_from(self, stream: str, offset: int) -> bytes:
+        """The bytes of the job's "stdout" or "stderr" log from byte `offset` on, as it is now (a running
+        job's grows; each attempt of a retried job writes a log of its own, see `park logs --follow`)."""
         if stream not in ("stdout", "stderr"):
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         job = self.record()
-        spool = Path(tempfile.mkdtemp(prefix="park-logs-"))
         try:
-            return fetch(self.service, file_path(job.owner, job.id, f"{stream}.log"), spool / "log").read_text(
-                errors="replace")
+            return read_from(self.service, file_path(job.owner, job.id, f"{stream}.log"), offset)
         except ServiceError as exc:
             if exc.code == "NOT_FOUND" and job.state in (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED):
-                return ""   # it has not run yet
+                return b""   # it has not run yet
             raise
-        finally:
-            shutil.rmtree(spool, ignore_errors=True)
 
     @property
     def state(self) -> str:

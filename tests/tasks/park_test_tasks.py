@@ -8,11 +8,15 @@ from pathlib import Path
 import park
 
 
-def _write_pid(marker: str) -> None:
-    """The job's pid in `marker`, which appears whole or not at all (a test reads it as soon as it exists)."""
+def _write_whole(marker: str, text: str) -> None:
+    """`text` in `marker`, which appears whole or not at all (a test reads it as soon as it exists)."""
     part = Path(f"{marker}.part")
-    part.write_text(str(os.getpid()))
+    part.write_text(text)
     part.rename(marker)
+
+
+def _write_pid(marker: str) -> None:
+    _write_whole(marker, str(os.getpid()))
 
 
 def add(a: float, b: float) -> float:
@@ -185,7 +189,7 @@ def allocate(n_bytes: int) -> int:
 
 def wait_with_marker(marker: str, gate: str) -> str:
     """Says it started (marker), then waits for `gate` to exist; returns CUDA_VISIBLE_DEVICES."""
-    Path(marker).write_text(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    _write_whole(marker, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     while not Path(gate).exists():
         time.sleep(0.05)
     return os.environ.get("CUDA_VISIBLE_DEVICES", "")

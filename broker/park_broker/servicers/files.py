@@ -39,7 +39,7 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
         chunks: AsyncIterator[tuple[int, bytes, int, str]] | None = None
         if (running := self._running_log(request.path)) is not None:
             try:   # opened before the first item
-                chunks = source.read_chunks(running, request.offset, within=within)
+                chunks = source.read_chunks(running, request.offset, within=within, digest=not request.no_digest)
                 first = await anext(chunks)
             except BrokerError as exc:
                 if exc.code != Code.NOT_FOUND:
@@ -48,7 +48,7 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
                 # Still running: the log is not made yet (the attempt waits its turn, or its worker starts), so
                 # it is empty. Else the attempt ended meanwhile and its logs moved with its directory.
                 if self._running_log(request.path) == running:
-                    yield _empty(request.offset)
+                    yield _empty(request.offset, request.no_digest)
                     return
             else:
                 yield fipb.Chunk(offset=first[0], data=first[1], size=first[2], sha256=first[3])
@@ -58,10 +58,11 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
             except BrokerError as exc:
                 if exc.code != Code.NOT_FOUND or not await self._left_nothing(request.path):
                     raise
-                yield _empty(request.offset)
+                yield _empty(request.offset, request.no_digest)
                 return
-            chunks = source.read_chunks(real, request.offset, known_sha256=await self._recorded_sha256(request.path),
-                                        within=within)
+            known = None if request.no_digest else await self._recorded_sha256(request.path)
+            chunks = source.read_chunks(real, request.offset, known_sha256=known, within=within,
+                                        digest=not request.no_digest)
         async for offset, data, size, sha256 in chunks:
             yield fipb.Chunk(offset=offset, data=data, size=size, sha256=sha256)
 
@@ -93,8 +94,9 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
         return None
 
 
-def _empty(offset: int) -> fipb.Chunk:
-    """The one chunk of an empty file, or INVALID_ARGUMENT for an offset beyond it."""
-    if offset != 0:
+def _empty(offset: int, no_digest: bool) -> fipb.Chunk:
+    """The one chunk of an empty file, or INVALID_ARGUMENT for an offset beyond it (unless `no_digest`, as
+    in `source.read_chunks`)."""
+    if offset < 0 or (offset > 0 and not no_digest):
         fail(Code.INVALID_ARGUMENT, f"offset {offset} is outside the file (size 0 bytes)")
-    return fipb.Chunk(offset=0, data=b"", size=0, sha256=EMPTY_SHA256)
+    return fipb.Chunk(offset=0, data=b"", size=0, sha256="" if no_digest else EMPTY_SHA256)

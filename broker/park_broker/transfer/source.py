@@ -155,12 +155,15 @@ def _close_after(fd: int, pending: asyncio.Future[bytes] | None) -> None:
 
 
 async def read_chunks(real_path: Path, offset: int, *, known_sha256: str | None = None, chunk: int = CHUNK_SIZE,
-                      within: Path | None = None) -> AsyncIterator[tuple[int, bytes, int, str]]:
+                      within: Path | None = None, digest: bool = True) -> AsyncIterator[tuple[int, bytes, int, str]]:
     """Yield (offset, data, size, sha256) from `offset` to the end of the file.
 
     size and sha256 are the whole file's, in every item; the first item comes
     even when there is nothing to send (offset == size). `known_sha256` (from
-    the job's record) saves hashing the file. Reads run in threads, one chunk
+    the job's record) saves hashing the file; with `digest` False the sha256
+    is left empty and never computed, and an offset past the end is no error
+    (the one item says the size: a reader of a growing log sees it is another
+    file). Reads run in threads, one chunk
     ahead of the consumer. Offsets outside [0, size] are INVALID_ARGUMENT; a
     file that shrinks while read is UNAVAILABLE (a retry sees the new file, and
     the reader's digest check catches any other change). `within`, if given, is
@@ -172,11 +175,11 @@ async def read_chunks(real_path: Path, offset: int, *, known_sha256: str | None 
     pending: asyncio.Future[bytes] | None = None
     try:
         size = os.fstat(fd).st_size
-        if not 0 <= offset <= size:
+        if offset < 0 or (offset > size and digest):
             raise BrokerError(Code.INVALID_ARGUMENT, f"offset {offset} is outside the file (size {size} bytes)")
-        digest = known_sha256 or await file_sha256(fd)
-        if offset == size:
-            yield offset, b"", size, digest
+        sha256 = (known_sha256 or await file_sha256(fd)) if digest else ""
+        if offset >= size:   # past the end only without a digest: a log reader learns the log is a new one
+            yield offset, b"", size, sha256
             return
         pos = offset
         pending = asyncio.ensure_future(asyncio.to_thread(os.pread, fd, min(chunk, size - pos), pos))
@@ -188,7 +191,7 @@ async def read_chunks(real_path: Path, offset: int, *, known_sha256: str | None 
             after = pos + len(data)
             if after < size:
                 pending = asyncio.ensure_future(asyncio.to_thread(os.pread, fd, min(chunk, size - after), after))
-            yield pos, data, size, digest
+            yield pos, data, size, sha256
             pos = after
     finally:
         _close_after(fd, pending)

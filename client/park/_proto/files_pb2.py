@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13park/v1/files.proto\x12\x07park.v1\"+\n\x0bReadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"C\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t27\n\x05\x46iles\x12.\n\x04Read\x12\x14.park.v1.ReadRequest\x1a\x0e.park.v1.Chunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13park/v1/files.proto\x12\x07park.v1\">\n\x0bReadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\tno_digest\x18\x03 \x01(\x08\"C\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t27\n\x05\x46iles\x12.\n\x04Read\x12\x14.park.v1.ReadRequest\x1a\x0e.park.v1.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'park.v1.files_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_READREQUEST']._serialized_start=32
-  _globals['_READREQUEST']._serialized_end=75
-  _globals['_CHUNK']._serialized_start=77
-  _globals['_CHUNK']._serialized_end=144
-  _globals['_FILES']._serialized_start=146
-  _globals['_FILES']._serialized_end=201
+  _globals['_READREQUEST']._serialized_end=94
+  _globals['_CHUNK']._serialized_start=96
+  _globals['_CHUNK']._serialized_end=163
+  _globals['_FILES']._serialized_start=165
+  _globals['_FILES']._serialized_end=220
 # @@protoc_insertion_point(module_scope)

@@ -26,19 +26,26 @@ class ReadRequest(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    NO_DIGEST_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """"/<owner>/<job>/<name>" relative to the site's file store"""
     offset: _builtins.int
     """first byte wanted; 0 <= offset <= size"""
+    no_digest: _builtins.bool
+    """No sha256 (left empty in every chunk): for a reader that shows a log as it
+    grows (`park logs --follow`) and reads only what is new each time, rather
+    than keeping a verified copy. Saves the site hashing the whole file per read.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         offset: _builtins.int = ...,
+        no_digest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["no_digest", b"no_digest", "offset", b"offset", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -49,7 +56,8 @@ class Chunk(_message.Message):
     """One piece of the file. The first message of every stream carries the size
     and sha256 of the whole file (even when it carries no data, e.g. offset ==
     size), so a reader that resumes can still check the whole file; later
-    messages may repeat them and must then agree.
+    messages may repeat them and must then agree. With `no_digest`, sha256 is
+    empty.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -44,7 +44,7 @@ from rich.table import Table
 from rich.text import Text
 
 from park._proto import jobs_pb2 as jpb
-from park.wire import STATE_NAMES
+from park.wire import STATE_NAMES, TERMINAL_STATES
 from park.agent_client import default_subject
 from park.config import add_service, remove_service
 from park.errors import ParkError
@@ -245,15 +245,23 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     stream = "stderr" if args.stderr else "stdout"
+    out = sys.stdout.buffer   # the log's bytes as written: a character split between two reads stays whole
     with open_job(args.job, args.service) as job:
-        shown = 0
+        shown, attempt = 0, -1   # what was printed of which attempt's log: each look reads only what is new
         while True:
-            finished = job.state in ("completed", "failed", "cancelled")
-            text = job.logs(stream)
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
-            if not args.follow or finished:
+            record = job.record()
+            if record.attempts != attempt:
+                if shown:
+                    print(f"park: job {job.id} runs again (attempt {record.attempts}); its new {stream} follows",
+                          file=sys.stderr)
+                shown, attempt = 0, record.attempts
+            data = job.log_from(stream, shown)
+            if job.record().attempts != attempt:   # the next attempt began meanwhile: what was read may be its
+                continue
+            out.write(data)
+            out.flush()
+            shown += len(data)
+            if not args.follow or record.state in TERMINAL_STATES:
                 return 0
             time.sleep(FOLLOW_EVERY)
 
