@@ -273,3 +273,19 @@ def test_resources_map_onto_the_workers_declared_resources(new_broker: Callable[
                                   host="127.0.0.1", scheduler_port=0, dashboard_address=":0") as cluster:
         address = cluster.scheduler_address.removeprefix("tcp://")
         check_cpus_are_held(new_broker(extra=["--executor", f"dask://{address}"]).start().service(), tmp_path)
+
+
+def test_a_job_that_leaves_nothing_keeps_no_directory_on_dask_too(service: park.Service) -> None:
+    """As on the local executor (core.attempts): the Dask child says whether an attempt left nothing, seeing a
+    command's background processes too, and the broker keeps no directory for one that did."""
+    with service:
+        quiet = [park.submit("park_test_tasks:noop", memo=False) for _ in range(3)]
+        lingering = park.run(["sh", "-c", "sleep 2 &"], memo=False)
+    for job in quiet:
+        assert job.wait(timeout=30) == "completed"
+        record = job.record()
+        assert record.left_nothing and not Path(record.directory).exists(), job.id
+        assert job.logs() == "" and job.logs("stderr") == ""
+    assert lingering.wait(timeout=30) == "completed"
+    record = lingering.record()
+    assert not record.left_nothing and Path(record.directory).is_dir(), "its background process could still write"

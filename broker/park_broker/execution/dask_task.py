@@ -8,9 +8,11 @@ park_broker.execution.dask_task FD`, in its own session) over a socket pair,
 waits for the answer without blocking that loop (no thread, no selector of its
 own per job), and returns the child's outcome dict, which it also sends to the
 broker with its finished event: the child calls
-`park_broker.execution.worker.run_task`, so the attempt directory, output capture
-and result storage are exactly those of the local executor (and, as there, the
-broker alone moves a current attempt's directory into place). Children
+`park_broker.execution.worker.serve`, so the attempt directory, output capture,
+result storage and the report of an attempt that left nothing (whose directory
+the broker keeps for the next attempt) are exactly those of the local executor
+(and, as there, the broker alone moves a current attempt's directory into
+place). Children
 are kept warm between tasks (at most one idle child per worker thread), and a
 child only takes tasks with the import path it was started with, as local
 workers do; so, as there, modules a job imported stay imported for the next.
@@ -55,7 +57,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from park_broker.execution.worker import recv, run_task, send
+from park_broker.execution.worker import adopt_orphans, serve
 
 log = logging.getLogger(__name__)
 POLL = 0.25   # seconds between checks that the scheduler still wants a running task
@@ -304,10 +306,10 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main() -> None:
+    adopt_orphans()
     sock = socket.socket(fileno=int(sys.argv[1]))
     threading.Thread(target=_die_with_parent, args=(os.getppid(),), name="park-parent-watch", daemon=True).start()
-    while (task := recv(sock)) is not None:
-        send(sock, run_task(task))
+    serve(sock, reports=False)
 
 
 if __name__ == "__main__":

@@ -274,9 +274,16 @@ def main() -> None:
         become(sys.argv[4])
     sock = socket.socket(fileno=int(sys.argv[1]))
     die_with_broker(int(sys.argv[2]))
+    serve(sock, reports=True)
+
+
+def serve(sock: socket.socket, *, reports: bool) -> None:
+    """Run the tasks read from `sock` one after another, sending back each outcome and whether the attempt
+    left nothing (call `adopt_orphans` first). `reports`: a Python call's `park.report` may write to `sock`
+    (the local executor reads them; a Dask child's reports go over the network instead)."""
     while (task := recv(sock)) is not None:
         try:
-            outcome = run_task(task, sock.fileno())
+            outcome = run_task(task, sock.fileno() if reports else -1)
         except Exception as exc:  # noqa: BLE001 - the worker's own failure is the task's, never a dead worker
             outcome = {"ok": False, "error": f"the worker could not run the job: {type(exc).__name__}: {exc}",
                        "traceback": traceback.format_exc()}
