@@ -82,3 +82,41 @@ def test_a_commit_whose_caller_hangs_up_still_releases_its_queued_jobs(tmp_path:
     released, stored = asyncio.run(main())
     assert stored is not None and stored.state == jpb.JOB_STATE_QUEUED
     assert released == ["a" * 26]
+
+
+def test_batches_of_a_stream_are_decided_in_the_order_they_were_sent(tmp_path: Path) -> None:
+    """A client keeps two batches in flight, and the second (whose job waits on a job of the first) reaches
+    the broker first: it waits for the first, instead of being refused for naming a job not yet there."""
+    async def main() -> None:
+        core, executor, store = in_process_core(tmp_path)
+        a, b = "a" * 26, "b" * 26
+        second = asyncio.create_task(core.submissions.submit_many(
+            "alice", [_spec(b, after=a)], stream=b"s" * 16, number=2, after=1))
+        await asyncio.wait({second}, timeout=0.5)   # let it go as far as it can on its own
+        first = await core.submissions.submit_many("alice", [_spec(a)], stream=b"s" * 16, number=1)
+        [later] = await second
+        assert first[0].error is None and first[0].job is not None
+        assert later.error is None, later.error.message
+        assert later.job is not None and later.job.state == jpb.JOB_STATE_WAITING
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_whose_predecessor_never_arrives_goes_on_without_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The batch a later one follows was lost (with a broker that restarted, or given up by its client): the
+    later one is decided anyway once ARRIVAL_WAIT has passed, and a job naming the lost batch's job is
+    refused as it would be without ordering."""
+    from park_broker.core import arrivals
+
+    monkeypatch.setattr(arrivals, "ARRIVAL_WAIT", 0.05)
+
+    async def main() -> None:
+        core, executor, store = in_process_core(tmp_path)
+        results = await core.submissions.submit_many(
+            "alice", [_spec("c" * 26), _spec("d" * 26, after="a" * 26)], stream=b"s" * 16, number=7, after=6)
+        assert results[0].error is None
+        assert results[1].error is not None and results[1].error.code.name == "NOT_FOUND"
+        store.close()
+
+    asyncio.run(main())

@@ -2,9 +2,12 @@
 
 `Service` is synchronous for scripts. Submissions do not wait for the broker:
 job ids are chosen here, so a job's id, filename and url are known when
-`submit` returns, and a background thread sends everything queued since the
-last send as one `SubmitMany` call. Sends are retried on UNAVAILABLE; a retry is
-safe because the broker recognises an id it already holds. A job the broker
+`submit` returns, and a background thread sends what is queued in `SubmitMany`
+calls of up to MAX_BATCH jobs, keeping up to MAX_IN_FLIGHT of them unanswered
+so that the broker admits one batch while it commits the one before. The
+batches are numbered, and the broker decides them in the order they were sent
+(a later batch may name jobs of an earlier one). Sends are retried on
+UNAVAILABLE; a retry is safe because the broker recognises an id it already holds. A job the broker
 refuses raises `SubmitError` from anything that needs it, and from
 `service.flush()`, which runs when a `with service:` block ends and when the
 interpreter exits.
@@ -24,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -39,6 +43,7 @@ from park.renewal import renew_quietly
 _default: contextvars.ContextVar[tuple[Service, ...]] = contextvars.ContextVar("park_default_service", default=())
 
 MAX_BATCH = 1000
+MAX_IN_FLIGHT = 2         # batches sent and not yet acknowledged: the broker admits one while it commits another
 RETRY_FOR = 60.0          # seconds a submission keeps retrying an unreachable broker
 
 
@@ -71,6 +76,17 @@ def remote_service(address_or_name: str, cert: str | os.PathLike[str] | None = N
     return Service(entry.address, entry.cert)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Jobs sent in one SubmitMany: its `number` in this service's stream, the batch it follows (`after`, 0:
+    none) and the call on its way."""
+
+    number: int
+    jobs: list[Pending]
+    after: int
+    call: grpc.Future
+
+
 class Service(Connection):
     """One broker. Use `with service:` to make it the default for submissions inside."""
 
@@ -79,7 +95,9 @@ class Service(Connection):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[Pending] = deque()
-        self._in_flight = 0
+        self._in_flight = 0       # jobs sent and not yet acknowledged or refused
+        self._stream = secrets.token_bytes(16)   # names this service's batches to the broker (their order)
+        self._sent = 0
         self._refused: list[SubmitError] = []
         self._closed = False
         self._sender: threading.Thread | None = None
@@ -118,7 +136,7 @@ class Service(Connection):
                 self._sender = threading.Thread(target=self._send_loop, name=f"park-submit-{self.address}",
                                                 daemon=True)
                 self._sender.start()
-            self._wake.notify()
+            self._wake.notify_all()
         return pending
 
     def background(self, work: Callable[[], None], what: str) -> None:
@@ -164,38 +182,66 @@ class Service(Connection):
             raise SubmitError(first.job_id, first.code, f"job {first.job_id} was refused{more}: {first.message}")
 
     def _send_loop(self) -> None:
+        """Send what is queued, keeping up to MAX_IN_FLIGHT batches unacknowledged, and settle their answers in
+        the order they were sent."""
+        in_flight: deque[_Batch] = deque()
         while True:
             with self._lock:
-                while not self._queue and not self._closed:
+                while not (in_flight and in_flight[0].call.done()) and not (
+                        self._queue and len(in_flight) < MAX_IN_FLIGHT):
+                    if self._closed and not self._queue and not in_flight:
+                        return
                     self._wake.wait()
-                if not self._queue:
-                    return
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
-                self._in_flight = len(batch)
-            self._send(batch)
+                if self._queue and len(in_flight) < MAX_IN_FLIGHT:
+                    jobs = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+                    self._in_flight += len(jobs)
+                    self._sent += 1
+                    number = self._sent
+                else:
+                    jobs = []
+            if jobs:
+                # Decided after the batch sent just before it, if that one is not acknowledged yet.
+                after = in_flight[-1].number if in_flight else 0
+                batch = _Batch(number, jobs, after, self._submit(number, jobs, after))
+                batch.call.add_done_callback(self._answered)
+                in_flight.append(batch)
+                continue
+            oldest = in_flight.popleft()
+            self._settle(oldest)
             with self._lock:
-                self._in_flight = 0
+                self._in_flight -= len(oldest.jobs)
                 self._wake.notify_all()
 
-    def _send(self, batch: list[Pending]) -> None:
-        request = jpb.SubmitManyRequest(jobs=[p.spec for p in batch])
+    def _submit(self, number: int, jobs: list[Pending], after: int) -> grpc.Future:
+        request = jpb.SubmitManyRequest(jobs=[p.spec for p in jobs], stream=self._stream, number=number, after=after)
+        return self.jobs_stub.SubmitMany.future(request, timeout=60)
+
+    def _answered(self, call: grpc.Future) -> None:
+        with self._lock:
+            self._wake.notify_all()
+
+    def _settle(self, batch: _Batch) -> None:
+        """Take a sent batch's answer, sending it again while the broker is unreachable (a retry is safe: the
+        broker recognises the ids it holds); each job is then acknowledged or refused."""
         deadline = time.monotonic() + RETRY_FOR
         delay = 0.1
+        call = batch.call
         while True:
             try:
-                response = self.jobs_stub.SubmitMany(request, timeout=60)
+                response = call.result()
                 break
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
+                    call = self._submit(batch.number, batch.jobs, 0)   # every batch sent before it is settled
                     continue
                 error = self.error(exc, "submitting jobs")
-                for p in batch:
+                for p in batch.jobs:
                     p.error = SubmitError(p.spec.id, error.code, error.message)
                     self._finish(p)
                 return
-        for p, result in zip(batch, response.results):
+        for p, result in zip(batch.jobs, response.results):
             if result.code:
                 p.error = SubmitError(p.spec.id, status_name(result.code), result.message)
             else:

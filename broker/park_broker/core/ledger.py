@@ -171,10 +171,16 @@ class Ledger:
         return self._reports.get(job_id, [])
 
     async def lookup(self, job_ids: Iterable[str]) -> dict[str, jpb.Job]:
-        """Stored records of the ids (and the jobs their aliases name) that are not in memory."""
+        """Stored records of the ids (and the jobs their aliases name) that are not in memory. An alias made
+        in memory names its job's record here even before the alias is committed (a batch decided while the
+        one that made it is being written)."""
         wanted = set(job_ids)
-        wanted |= {self._aliases.get(j, j) for j in wanted}
-        return await self.store.get_many(j for j in wanted if j not in self._active)
+        aliased = {j: self._aliases[j] for j in wanted if j in self._aliases}
+        found = await self.store.get_many(j for j in wanted | set(aliased.values()) if j not in self._active)
+        for alias, target in aliased.items():
+            if target in found:
+                found.setdefault(alias, found[target])
+        return found
 
     async def get(self, caller: str, job_id: str, *, admin: bool = False) -> jpb.Job:
         """A copy of a job's record, from memory or the store; NOT_FOUND unless the caller owns it."""

@@ -23,6 +23,7 @@ from park._proto import jobs_pb2 as jpb
 from park.conditions import Condition
 from park_broker.core import memo
 from park_broker.core.admission import DEFAULT_OUTPUT, Admission, Checked
+from park_broker.core.arrivals import Arrivals, Turn
 from park_broker.core.fairness import NO_LIMITS, Limits
 from park_broker.core.jobgroups import check_joinable
 from park_broker.core.ledger import Batch, Ledger
@@ -79,25 +80,34 @@ class Submissions:
         self.admission = admission
         self.transitions = transitions
         self.remote = remote
+        self.arrivals = Arrivals()
 
     async def submit_many(self, owner: str, specs: list[jpb.JobSpec],
-                          may: frozenset[str] = frozenset({"submit", "upload"})) -> list[Submission]:
+                          may: frozenset[str] = frozenset({"submit", "upload"}), *,
+                          stream: bytes = b"", number: int = 0, after: int = 0) -> list[Submission]:
         """Validate and store a batch; each spec is accepted or refused on its own.
 
         `may` is what the submitter is allowed: an install job (`install_service`) needs `upload`,
-        every other job `submit`.
+        every other job `submit`. `stream`, `number` and `after` place the batch among the submitter's
+        batches in flight (core.arrivals): it is decided only after the batch it follows.
 
-        Later specs may name earlier ones of the same batch in their conditions and
-        arguments. Re-submitting an id with the same spec returns the existing job (a
+        Later specs may name earlier ones of the same batch (or of the batch it follows) in their
+        conditions and arguments. Re-submitting an id with the same spec returns the existing job (a
         safe retry). A spec whose memo key matches a completed or still active job
         becomes another name (an alias) of that job: a memo hit.
         """
-        if len(specs) > MAX_BATCH:
-            fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
-        with self.ledger.submitting():
-            return await self._submit_many(owner, specs, may)
+        turn = self.arrivals.arrive(owner, stream, number, after)
+        try:
+            if len(specs) > MAX_BATCH:
+                fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
+            await turn.wait()
+            with self.ledger.submitting():
+                return await self._submit_many(owner, specs, may, turn)
+        finally:
+            turn.decided()   # also when the batch failed as a whole: the next one goes on
 
-    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str]) -> list[Submission]:
+    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str], turn: Turn
+                           ) -> list[Submission]:
         prepared: list[_Prepared | BrokerError] = []
         for spec in specs:
             try:
@@ -211,6 +221,9 @@ class Submissions:
             results.append(Submission(job=job))
         for group, last in joined.values():   # one change of each group for the batch's joins
             self.transitions.announce(group, last, batch)
+        # The next batch of the stream may be decided as soon as this one's changes are in the store's line,
+        # which the commit below does before it first waits: so its admission overlaps this commit.
+        turn.decided()
         if not links:
             await self.ledger.commit(batch)
             return results
