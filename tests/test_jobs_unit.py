@@ -120,3 +120,52 @@ def test_a_batch_whose_predecessor_never_arrives_goes_on_without_it(tmp_path: Pa
         store.close()
 
     asyncio.run(main())
+
+
+def test_a_batch_decided_while_the_memo_hit_it_names_is_written_finds_the_job_the_hit_names(
+        tmp_path: Path) -> None:
+    """Batch 1 is a memo hit of a finished job (an alias, kept in memory until its commit); batch 2 waits on the
+    alias and is decided while batch 1 is still being written: the alias names the finished job already, and
+    batch 2's memo key chains that job's key, as it would once batch 1 is committed."""
+    import threading
+
+    async def main() -> None:
+        core, executor, store = in_process_core(tmp_path)
+        a, hit, c = "a" * 26, "h" * 26, "c" * 26
+        work = jpb.JobSpec(id=a, call=jpb.PythonCall(target="m:f", args_json="[1]"))
+        await core.submissions.submit_many("alice", [work])
+        core.transitions.on_started(a, 1)
+        core.transitions.on_finished(a, 1, Outcome(ok=True, result_json="1"))
+        for _ in range(500):
+            if (await store.get(a) or jpb.Job()).state == jpb.JOB_STATE_COMPLETED:
+                break
+            await asyncio.sleep(0.01)
+        held, write = threading.Event(), store._write
+
+        def slow_write(changes):  # type: ignore[no-untyped-def]
+            held.wait()
+            write(changes)
+
+        store._write = slow_write  # type: ignore[method-assign]
+        again = jpb.JobSpec()
+        again.CopyFrom(work)
+        again.id = hit
+        first = asyncio.create_task(core.submissions.submit_many("alice", [again], stream=b"s" * 16, number=1))
+        def downstream(job_id: str) -> jpb.JobSpec:
+            spec = _spec(job_id, after=hit)
+            spec.no_memo = False
+            return spec
+
+        second = asyncio.create_task(core.submissions.submit_many("alice", [downstream(c)], stream=b"s" * 16,
+                                                                  number=2, after=1))
+        await asyncio.wait({second}, timeout=0.5)   # decided while the first is held in its commit
+        held.set()
+        [reused], [waiting] = await first, await second
+        assert reused.memo_hit and reused.job is not None and reused.job.id == a
+        assert waiting.error is None, waiting.error.message
+        assert waiting.job is not None and waiting.job.state == jpb.JOB_STATE_QUEUED
+        [rerun] = await core.submissions.submit_many("alice", [downstream("d" * 26)])
+        assert rerun.memo_hit and rerun.job is not None and rerun.job.id == c
+        store.close()
+
+    asyncio.run(main())

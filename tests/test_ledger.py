@@ -179,3 +179,33 @@ def test_serialized_records_of_any_size_and_shape_read_back_as_written(tmp_path:
         store.close()
 
     asyncio.run(main())
+
+
+def test_a_submission_naming_waiting_jobs_reads_their_owner_state_and_memo_key_without_unpacking(
+        tmp_path: Path) -> None:
+    """A job that waits on a packed waiting job, and whose memo key chains its key, needs only its owner,
+    state and memo key: no record is unpacked for it (a million waiting jobs named one by one)."""
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        gate, ids = _id(0), [_id(i) for i in range(1, 21)]
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=gate, command=jpb.CommandLine(argv=["true"]))])
+        await core.submissions.submit_many("alice", [_spec(j, after=gate) for j in ids[:10]])
+        ledger = core.ledger
+        glance = ledger.glance(ids[0])
+        packed = ledger.peek(ids[0])
+        assert glance is not None and packed is not None and not _live(ledger, ids[0])
+        assert glance == (packed.owner, jpb.JOB_STATE_WAITING, packed.memo_key) and packed.memo_key
+        unpacked: list[bytes] = []
+        unpack = ledger._packer.unpack
+        ledger._packer.unpack = lambda data: unpacked.append(data) or unpack(data)  # type: ignore[method-assign]
+        results = await core.submissions.submit_many("alice", [_spec(ids[10 + k], after=ids[k], arg=ids[k])
+                                                               for k in range(10)])
+        assert all(r.error is None for r in results)
+        assert unpacked == []
+        ledger._packer.unpack = unpack  # type: ignore[method-assign]
+        # The key chained through the glance is the one the record holds.
+        [again] = await core.submissions.submit_many("alice", [_spec(_id(99), after=ids[0], arg=ids[0])])
+        assert again.memo_hit and again.job is not None and again.job.id == ids[10]
+        store.close()
+
+    asyncio.run(main())

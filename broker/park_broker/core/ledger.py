@@ -41,7 +41,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from park._proto import jobs_pb2 as jpb
 from park.wire import TERMINAL_STATES, InvalidInput, check_job_id
@@ -59,10 +59,33 @@ _NOT_STARTED = (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED)
 @dataclass(slots=True)
 class _Packed:
     """A waiting job's record, serialized and compressed (`_Packer`), beside its owner, which per-owner
-    questions ask without unpacking the record."""
+    questions ask without unpacking the record. `data` starts with the digest of the job's memo key
+    (`_digest`; 32 zero bytes for a job without one), so that a submission naming the job reads its key
+    without unpacking it either."""
 
     owner: str
     data: bytes
+
+    @classmethod
+    def of(cls, job: jpb.Job, packed: bytes) -> _Packed:
+        return cls(sys.intern(job.owner), (_digest(job.memo_key) if job.memo_key else _NO_DIGEST) + packed)
+
+    @property
+    def memo_key(self) -> str:
+        digest = self.data[:_DIGEST_SIZE]
+        return "" if digest == _NO_DIGEST else digest.hex()
+
+    @property
+    def record(self) -> bytes:
+        return self.data[_DIGEST_SIZE:]
+
+
+class Glance(NamedTuple):
+    """What a submission reads of a job it names (its owner, state and memo key), without its record."""
+
+    owner: str
+    state: int
+    memo_key: str
 
 
 class _Packer:
@@ -93,6 +116,10 @@ class _Packer:
 def _digest(memo_key: str) -> bytes:
     """A memo key (a sha256 in hex, core.memo) as the memo index holds it: 32 bytes, not 64 characters."""
     return bytes.fromhex(memo_key)
+
+
+_DIGEST_SIZE = 32
+_NO_DIGEST = bytes(_DIGEST_SIZE)
 
 
 def _packable(job: jpb.Job) -> bool:
@@ -144,6 +171,16 @@ class Ledger:
         or an unpacked copy of a packed one, not kept (so changing it would change nothing)."""
         entry = self._active.get(self._aliases.get(job_id, job_id))
         return None if entry is None else self._parse(entry)
+
+    def glance(self, job_id: str) -> Glance | None:
+        """An active job's owner, state and memo key, named by its id or one of its aliases: what `peek`
+        would say of them, without unpacking a packed record (a packed job is waiting)."""
+        entry = self._active.get(self._aliases.get(job_id, job_id))
+        if entry is None:
+            return None
+        if isinstance(entry, _Packed):
+            return Glance(entry.owner, jpb.JOB_STATE_WAITING, entry.memo_key)
+        return Glance(entry.owner, entry.state, entry.memo_key)
 
     def owned(self, owner: str) -> Iterator[jpb.Job]:
         """The records of `owner`'s active jobs, only to read (as `peek`)."""
@@ -217,8 +254,7 @@ class Ledger:
         for record in records:
             job = jpb.Job.FromString(record)
             job_id = sys.intern(job.id)
-            self._active[job_id] = _Packed(sys.intern(job.owner), self._packer.pack(record)) if _packable(job) \
-                else job
+            self._active[job_id] = _Packed.of(job, self._packer.pack(record)) if _packable(job) else job
             if job.memo_key:   # identical work submitted again is this job, as it was before the restart
                 self._memo[_digest(job.memo_key)] = job_id
             ids.append(job_id)
@@ -308,7 +344,7 @@ class Ledger:
     def _pack(self, job: jpb.Job) -> None:
         """Keep a waiting job's live record packed."""
         if _packable(job):
-            self._active[job.id] = _Packed(sys.intern(job.owner), self._packer.pack(job.SerializeToString()))
+            self._active[job.id] = _Packed.of(job, self._packer.pack(job.SerializeToString()))
 
     def _release(self, batch: Batch) -> None:
         if batch.release_after > 0 and batch.queued:
@@ -317,7 +353,7 @@ class Ledger:
             self.release(batch.queued)
 
     def _parse(self, entry: jpb.Job | _Packed) -> jpb.Job:
-        return entry if isinstance(entry, jpb.Job) else jpb.Job.FromString(self._packer.unpack(entry.data))
+        return entry if isinstance(entry, jpb.Job) else jpb.Job.FromString(self._packer.unpack(entry.record))
 
     def _retire(self) -> None:
         """Forget committed terminal jobs, unless a submission is between its reads and its decisions."""

@@ -235,7 +235,7 @@ class Submissions:
         return results
 
     def _memo_key_now(self, job_id: str, stored: dict[str, jpb.Job]) -> str:
-        job = self.ledger.peek(job_id) or stored.get(job_id)
+        job = self.ledger.glance(job_id) or stored.get(job_id)
         return job.memo_key if job is not None else ""
 
     def _group_of(self, owner: str, spec: jpb.JobSpec, stored: dict[str, jpb.Job]) -> jpb.Job | None:
@@ -296,7 +296,7 @@ class Submissions:
                 used[job_id] = foreseen[job_id]
             if job_id in in_batch:
                 return in_batch[job_id]
-            job = self.ledger.peek(job_id) or stored.get(job_id)
+            job = self.ledger.glance(job_id) or stored.get(job_id)
             return job.memo_key if job is not None else None
 
         for p in batch:
