@@ -19,7 +19,6 @@ per thread and per asyncio task.
 from __future__ import annotations
 
 import atexit
-import base64
 import contextvars
 import os
 import secrets
@@ -47,9 +46,14 @@ MAX_IN_FLIGHT = 2         # batches sent and not yet acknowledged: the broker ad
 RETRY_FOR = 60.0          # seconds a submission keeps retrying an unreachable broker
 
 
+# Each random byte names one of the 32 characters of a job id (256 is a multiple of 32: uniform).
+_ID_CHARACTERS = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[i % 32] for i in range(256))
+
+
 def new_job_id() -> str:
-    """128 random bits as 26 lowercase base32 characters."""
-    return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+    """130 random bits as 26 lowercase base32 characters (a translation of random bytes: a script may submit
+    a million jobs, and base64.b32encode costs six times as much)."""
+    return secrets.token_bytes(26).translate(_ID_CHARACTERS).decode()
 
 
 def default_service(service: Service | None = None) -> Service:
