@@ -131,7 +131,7 @@ class Service(Connection):
     # -- submission pipeline -----------------------------------------------------------
 
     def enqueue(self, spec: jpb.JobSpec) -> Pending:
-        pending = Pending(spec, threading.Event())
+        pending = Pending(spec, self._wake)
         with self._lock:
             if self._closed:
                 raise ServiceError("FAILED_PRECONDITION", f"{self} is closed")
@@ -140,7 +140,8 @@ class Service(Connection):
                 self._sender = threading.Thread(target=self._send_loop, name=f"park-submit-{self.address}",
                                                 daemon=True)
                 self._sender.start()
-            self._wake.notify_all()
+            if len(self._queue) == 1:   # else the sender knows there is work, and takes it once it may
+                self._wake.notify_all()
         return pending
 
     def background(self, work: Callable[[], None], what: str) -> None:
@@ -212,7 +213,8 @@ class Service(Connection):
                 continue
             oldest = in_flight.popleft()
             self._settle(oldest)
-            with self._lock:
+            with self._lock:   # wakes flush() and whoever waits for one of these jobs (Pending.wait)
+                self._refused += [p.error for p in oldest.jobs if p.error is not None]
                 self._in_flight -= len(oldest.jobs)
                 self._wake.notify_all()
 
@@ -226,7 +228,7 @@ class Service(Connection):
 
     def _settle(self, batch: _Batch) -> None:
         """Take a sent batch's answer, sending it again while the broker is unreachable (a retry is safe: the
-        broker recognises the ids it holds); each job is then acknowledged or refused."""
+        broker recognises the ids it holds); each job is then acknowledged or refused (the caller notifies)."""
         deadline = time.monotonic() + RETRY_FOR
         delay = 0.1
         call = batch.call
@@ -243,20 +245,12 @@ class Service(Connection):
                 error = self.error(exc, "submitting jobs")
                 for p in batch.jobs:
                     p.error = SubmitError(p.spec.id, error.code, error.message)
-                    self._finish(p)
                 return
         for p, result in zip(batch.jobs, response.results):
             if result.code:
                 p.error = SubmitError(p.spec.id, status_name(result.code), result.message)
             else:
                 p.ref = result.ref
-            self._finish(p)
-
-    def _finish(self, pending: Pending) -> None:
-        if pending.error is not None:
-            with self._lock:
-                self._refused.append(pending.error)
-        pending.done.set()
 
     def close(self) -> None:
         """Send what is queued, then close the connection."""
