@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from park import tokens
 from park._proto import jobs_pb2 as jpb
@@ -56,7 +55,7 @@ class _Prepared:
     checked: Checked
     dirs: list[Path] = field(default_factory=list)
     coming: dict[str, str] = field(default_factory=dict)   # pins an install job has yet to receive
-    inputs: dict[str, Any] | None = None
+    inputs: str = ""    # the canonical document its memo key hashes (memo.canonical), if it has one
     key: str = ""
     error: BrokerError | None = None
     # Groups whose memo key the key depends on, as foreseen from members earlier in the batch: checked
@@ -81,6 +80,7 @@ class Submissions:
         self.transitions = transitions
         self.remote = remote
         self.arrivals = Arrivals()
+        self.files_root = os.fspath(site.files_root)
 
     async def submit_many(self, owner: str, specs: list[jpb.JobSpec],
                           may: frozenset[str] = frozenset({"submit", "upload"}), *,
@@ -176,7 +176,7 @@ class Submissions:
                 results.append(Submission(error=exc))
                 continue
             if any(self._memo_key_now(g, stored) != key for g, key in p.foreseen.items()):
-                p.key, p.inputs = "", None   # a member foreseen was refused after all: no key, no memo hit
+                p.key = p.inputs = ""   # a member foreseen was refused after all: no key, no memo hit
             twin = self.ledger.memo_twin(p.key) or hits.get(p.key or "")
             if twin is not None:
                 self.ledger.alias(spec.id, owner, twin, batch, member_of=spec.member_of)
@@ -205,7 +205,7 @@ class Submissions:
             waiting += 1
             job = self._new_job(owner, spec, now)
             if p.key:
-                job.memo_key, job.memo_inputs = p.key, memo.canonical(p.inputs)
+                job.memo_key, job.memo_inputs = p.key, p.inputs
             self.ledger.add(job, self.admission.installs(owner, spec))
             batch.changes.append(self.ledger.change(
                 job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
@@ -265,8 +265,8 @@ class Submissions:
                 return canonical
             return stored[job_id].id if job_id in stored else job_id
 
-        names = [n.atom.job_id for n in spec.when.postfix if n.HasField("atom")] + list(spec.race.contestants)
-        if all(resolve(j) == j for j in names):
+        # The condition's atoms name every job a spec names: those of its `when`, or a race's contestants.
+        if cond is None or all(resolve(a.key.job_id) == a.key.job_id for a in cond.depends):
             return spec, cond
         canonical = jpb.JobSpec()
         canonical.CopyFrom(spec)
@@ -303,16 +303,17 @@ class Submissions:
             if p.error is not None:
                 continue
             try:
-                p.inputs = self.admission.memo_inputs(owner, p.spec, p.checked, p.dirs, p.coming, digests,
-                                                      functools.partial(key_of_job, p.foreseen))
+                inputs = self.admission.memo_inputs(owner, p.spec, p.checked, p.dirs, p.coming, digests,
+                                                    functools.partial(key_of_job, p.foreseen))
             except BrokerError as exc:
                 p.error = exc
                 continue
             except Exception as exc:  # noqa: BLE001 - as above
                 p.error = _unexpected(p.spec, exc)
                 continue
-            if p.inputs is not None:
-                p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
+            if inputs is not None:
+                p.inputs = memo.canonical(inputs)
+                p.key = in_batch[p.spec.id] = memo.digest(p.inputs)
             group_id = p.spec.member_of
             if not group_id:
                 continue
@@ -326,17 +327,20 @@ class Submissions:
                 in_batch[group_id] = foreseen[group_id] = key
 
     def _new_job(self, owner: str, spec: jpb.JobSpec, now: float) -> jpb.Job:
-        # os.path rather than Path objects: this runs for every job submitted.
-        directory = os.path.join(self.site.files_root, owner, spec.id)
+        # Strings rather than Path objects or os.path.join: this runs for every job submitted, and the owner,
+        # id and output name are checked plain names.
+        directory = f"{self.files_root}/{owner}/{spec.id}"
         output = spec.output_name or DEFAULT_OUTPUT
         return jpb.Job(id=spec.id, site=self.site.name, owner=owner, spec=spec, state=jpb.JOB_STATE_WAITING,
                        url=f"park://{self.site.name}/files/{owner}/{spec.id}/{output}",
-                       filename=os.path.join(directory, output), directory=directory, submitted_at=now)
+                       filename=f"{directory}/{output}", directory=directory, submitted_at=now)
 
 
 def _check_delegation(owner: str, spec: jpb.JobSpec) -> None:
     """A delegated token inside a submission (a fetch's, a watch grant) must speak for the submitter: else
     this site would present another user's token on the submitter's behalf (a confused deputy)."""
+    if not spec.grants and spec.WhichOneof("work") != "fetch":
+        return   # carries no token
     carried = [("the fetch's token", spec.fetch.token)] if spec.HasField("fetch") else []
     carried += [(f"the grant for site {site}", token) for site, token in sorted(spec.grants.items())]
     for what, token in carried:
