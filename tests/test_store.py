@@ -63,3 +63,28 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
         Store(path).open()
+
+
+def test_a_job_inserted_and_changed_in_one_transaction_is_stored_as_last_changed(tmp_path: Path) -> None:
+    """The writer puts rows in by table (inserts before updates): a job's changes still land in their order."""
+    store = Store(tmp_path / "park.db")
+    store.open()
+
+    async def main() -> None:
+        first = _job(1)
+        queued, running = jpb.Job(), jpb.Job()
+        queued.CopyFrom(first)
+        queued.state = jpb.JOB_STATE_QUEUED
+        running.CopyFrom(first)
+        running.state = jpb.JOB_STATE_RUNNING
+        changes = [Change(first, jpb.Event(), insert=True), Change(queued, jpb.Event()), Change(running, jpb.Event())]
+        await store.commit(changes)
+        assert [c.event.seq for c in changes] == [1, 2, 3]
+        stored = await store.get(first.id)
+        assert stored is not None and stored.state == jpb.JOB_STATE_RUNNING and stored.last_seq == 3
+        later = Change(_job(2), jpb.Event(), insert=True)
+        await store.commit([later])
+        assert later.event.seq == 4 and await store.head_seq() == 4
+
+    asyncio.run(main())
+    store.close()
