@@ -14,7 +14,9 @@ Invariants this module guarantees:
   from the store, where it is committed and terminal.
 - A waiting job's record is kept packed, serialized and compressed, once its
   change is committed (`_Packer`: ~200 bytes, where a parsed `jpb.Job` takes
-  ~3 KB, and a million jobs may wait). `record(id)` gives the live record to
+  ~3 KB, and a million jobs may wait); the compression runs in a thread, so a
+  record stays live for a moment after its commit, and a record changed
+  meanwhile stays live until the commit of that change. `record(id)` gives the live record to
   change, unpacking a packed one and keeping it live (a promotion); `peek(id)`
   gives one only to read, without promoting it, so that reading a waiting job
   (its owner, state or memo key, for a submission that names it) never makes
@@ -37,6 +39,7 @@ import contextlib
 import functools
 import logging
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -100,13 +103,20 @@ class _Packer:
     def __init__(self) -> None:
         self._compress: Any = None
         self._decompress: Any = None
+        self._priming = threading.Lock()   # packing runs on the event loop (recovery) and in threads
 
     def pack(self, record: bytes) -> bytes:
         if self._compress is None:
-            self._compress = zlib.compressobj(1, zlib.DEFLATED, self._WBITS, 2, zlib.Z_DEFAULT_STRATEGY, record)
-            self._decompress = zlib.decompressobj(self._WBITS, record)
+            with self._priming:
+                if self._compress is None:
+                    self._decompress = zlib.decompressobj(self._WBITS, record)
+                    self._compress = zlib.compressobj(1, zlib.DEFLATED, self._WBITS, 2, zlib.Z_DEFAULT_STRATEGY,
+                                                      record)
         compress = self._compress.copy()
         return compress.compress(record) + compress.flush()
+
+    def pack_many(self, records: list[bytes]) -> list[bytes]:
+        return [self.pack(record) for record in records]
 
     def unpack(self, data: bytes) -> bytes:
         decompress = self._decompress.copy()
@@ -331,20 +341,33 @@ class Ledger:
             if change.job.id in self._active and (active := self.record(change.job.id)) is not None:
                 active.last_seq = max(active.last_seq, change.event.seq)
         self._release(batch)
+        waiting: dict[str, jpb.Job] = {}
         for change in batch.changes:
             job = self._active.get(change.job.id)
             if not isinstance(job, jpb.Job):
                 continue
             if job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
                 self._retiring.append(job.id)
-            else:
-                self._pack(job)
+            elif _packable(job):
+                waiting[job.id] = job
+        if waiting:
+            self._pack_soon(list(waiting.values()))
         self._retire()
 
-    def _pack(self, job: jpb.Job) -> None:
-        """Keep a waiting job's live record packed."""
-        if _packable(job):
-            self._active[job.id] = _Packed.of(job, self._packer.pack(job.SerializeToString()))
+    def _pack_soon(self, jobs: list[jpb.Job]) -> None:
+        """Keep committed waiting jobs' live records packed. Compressing is done in a thread (zlib lets go of
+        the GIL): it cost the event loop more than any other step of a submission after its commit. A
+        record changed in the meantime is left live, and packed after the commit of that change."""
+        records = [job.SerializeToString() for job in jobs]
+        packing = asyncio.get_running_loop().run_in_executor(None, self._packer.pack_many, records)
+        packing.add_done_callback(functools.partial(self._packed, jobs, records))
+
+    def _packed(self, jobs: list[jpb.Job], records: list[bytes], packing: asyncio.Future[list[bytes]]) -> None:
+        if packing.cancelled() or packing.exception() is not None:
+            return   # the records stay live: correct, only larger (a loop closing, or no memory)
+        for job, record, packed in zip(jobs, records, packing.result()):
+            if self._active.get(job.id) is job and _packable(job) and job.SerializeToString() == record:
+                self._active[job.id] = _Packed.of(job, packed)
 
     def _release(self, batch: Batch) -> None:
         if batch.release_after > 0 and batch.queued:
