@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from park._proto import jobs_pb2 as jpb
-from park_broker.core.store import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION, WAL_AUTOCHECKPOINT, Change, Store, StoreError
+from park_broker.core.store import SCHEMA_VERSION, WAL_AUTOCHECKPOINT, Change, Store, StoreError
 
 
 def _job(i: int) -> jpb.Job:
@@ -95,8 +95,12 @@ def test_a_version_3_database_is_migrated_to_index_owners_jobs_in_submission_ord
     """Version 4 replaces the index on (owner, id), where each new job went to a random place, with one on
     (owner): a database of version 3 is migrated, and listing an owner's jobs still pages in submission order."""
     path = tmp_path / "park.db"
+    current = Store(path)
+    current.open()   # version 4, taken back to version 3's index below
+    current.close()
     old = sqlite3.connect(path)
-    old.executescript(f"BEGIN; {_SCHEMA} {''.join(_MIGRATIONS[:2])} PRAGMA user_version = 3; COMMIT;")
+    old.executescript("BEGIN; DROP INDEX jobs_by_owner; CREATE INDEX jobs_owner ON jobs(owner, id); "
+                      "PRAGMA user_version = 3; COMMIT;")
     for i in (3, 1, 2):
         old.execute("INSERT INTO jobs (id, owner, state, record) VALUES (?, 'alice', 1, ?)",
                     (f"{i:026d}", _job(i).SerializeToString()))
