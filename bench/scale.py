@@ -95,7 +95,7 @@ def main() -> int:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         fanned: list[park.Job] = []
         window: list[park.Job] = []   # the last STRIDE jobs: what the next ones wait on
-        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        cpu0, t0, client0 = cpu_seconds(pid), time.perf_counter(), time.process_time()
         with service:
             for i in range(args.jobs):
                 if i < args.fan:
@@ -112,10 +112,12 @@ def main() -> int:
                     print(f"  {i} submitted, {i / (time.perf_counter() - t0):.0f}/s, broker RSS "
                           f"{memory(pid)['VmRSS'] / 2**20:.0f} MiB", flush=True)
         seconds, broker_cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+        client_cpu = time.process_time() - client0
         mem = memory(pid)
         db = sum(f.stat().st_size for f in broker.directory.glob("*.db*"))
         print(f"\n{args.jobs} waiting jobs acknowledged in {seconds:.1f} s: {args.jobs / seconds:.0f} submissions/s; "
-              f"broker CPU {broker_cpu:.1f} s ({broker_cpu / args.jobs * 1e6:.0f} us/job)")
+              f"broker CPU {broker_cpu:.1f} s ({broker_cpu / args.jobs * 1e6:.0f} us/job), "
+              f"client CPU {client_cpu:.1f} s ({client_cpu / args.jobs * 1e6:.0f} us/job)")
         print(f"broker RSS {mem['VmRSS'] / 2**20:.0f} MiB (peak {mem['VmHWM'] / 2**20:.0f} MiB), "
               f"database {db / 2**20:.0f} MiB", flush=True)
 

@@ -171,6 +171,29 @@ def test_resubmitting_the_same_id_is_a_safe_retry(service: park.Service) -> None
     assert len(service.list_jobs()) == 1
 
 
+def test_a_service_keeps_two_batches_in_flight_and_the_broker_decides_them_in_order(service: park.Service) -> None:
+    """The sender does not wait for a batch's answer before sending the next one (the broker admits it while it
+    commits the first); each names the one it follows, and a chain of jobs across batches is all accepted."""
+    sent: list[jpb.SubmitManyRequest] = []
+    submit_many = service.jobs_stub.SubmitMany
+
+    class Recording:
+        def future(self, request: jpb.SubmitManyRequest, timeout: float):  # type: ignore[no-untyped-def]
+            sent.append(request)
+            return submit_many.future(request, timeout=timeout)
+
+    service.jobs_stub.SubmitMany = Recording()  # type: ignore[assignment]
+    with service:
+        jobs = [park.submit("park_test_tasks:noop", 0, memo=False)]
+        for i in range(1, 3000):
+            jobs.append(park.submit("park_test_tasks:noop", i, when=jobs[-1].isfinished, memo=False))
+    assert [r.number for r in sent] == list(range(1, len(sent) + 1))
+    assert len({r.stream for r in sent}) == 1 and len(sent[0].stream) == 16
+    assert any(r.after == r.number - 1 for r in sent[1:]), [(r.number, r.after, len(r.jobs)) for r in sent]
+    assert all(r.after in (0, r.number - 1) for r in sent)
+    assert sum(len(r.jobs) for r in sent) == 3000 and not any(job.memo_hit for job in jobs)
+
+
 def test_default_service_nests_and_is_per_thread(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     outer, inner = broker.service(), broker.service()
     seen: list[object] = []

@@ -82,3 +82,90 @@ def test_a_commit_whose_caller_hangs_up_still_releases_its_queued_jobs(tmp_path:
     released, stored = asyncio.run(main())
     assert stored is not None and stored.state == jpb.JOB_STATE_QUEUED
     assert released == ["a" * 26]
+
+
+def test_batches_of_a_stream_are_decided_in_the_order_they_were_sent(tmp_path: Path) -> None:
+    """A client keeps two batches in flight, and the second (whose job waits on a job of the first) reaches
+    the broker first: it waits for the first, instead of being refused for naming a job not yet there."""
+    async def main() -> None:
+        core, executor, store = in_process_core(tmp_path)
+        a, b = "a" * 26, "b" * 26
+        second = asyncio.create_task(core.submissions.submit_many(
+            "alice", [_spec(b, after=a)], stream=b"s" * 16, number=2, after=1))
+        await asyncio.wait({second}, timeout=0.5)   # let it go as far as it can on its own
+        first = await core.submissions.submit_many("alice", [_spec(a)], stream=b"s" * 16, number=1)
+        [later] = await second
+        assert first[0].error is None and first[0].job is not None
+        assert later.error is None, later.error.message
+        assert later.job is not None and later.job.state == jpb.JOB_STATE_WAITING
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_whose_predecessor_never_arrives_goes_on_without_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The batch a later one follows was lost (with a broker that restarted, or given up by its client): the
+    later one is decided anyway once ARRIVAL_WAIT has passed, and a job naming the lost batch's job is
+    refused as it would be without ordering."""
+    from park_broker.core import arrivals
+
+    monkeypatch.setattr(arrivals, "ARRIVAL_WAIT", 0.05)
+
+    async def main() -> None:
+        core, executor, store = in_process_core(tmp_path)
+        results = await core.submissions.submit_many(
+            "alice", [_spec("c" * 26), _spec("d" * 26, after="a" * 26)], stream=b"s" * 16, number=7, after=6)
+        assert results[0].error is None
+        assert results[1].error is not None and results[1].error.code.name == "NOT_FOUND"
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_decided_while_the_memo_hit_it_names_is_written_finds_the_job_the_hit_names(
+        tmp_path: Path) -> None:
+    """Batch 1 is a memo hit of a finished job (an alias, kept in memory until its commit); batch 2 waits on the
+    alias and is decided while batch 1 is still being written: the alias names the finished job already, and
+    batch 2's memo key chains that job's key, as it would once batch 1 is committed."""
+    import threading
+
+    async def main() -> None:
+        core, executor, store = in_process_core(tmp_path)
+        a, hit, c = "a" * 26, "h" * 26, "c" * 26
+        work = jpb.JobSpec(id=a, call=jpb.PythonCall(target="m:f", args_json="[1]"))
+        await core.submissions.submit_many("alice", [work])
+        core.transitions.on_started(a, 1)
+        core.transitions.on_finished(a, 1, Outcome(ok=True, result_json="1"))
+        for _ in range(500):
+            if (await store.get(a) or jpb.Job()).state == jpb.JOB_STATE_COMPLETED:
+                break
+            await asyncio.sleep(0.01)
+        held, write = threading.Event(), store._write
+
+        def slow_write(changes):  # type: ignore[no-untyped-def]
+            held.wait()
+            write(changes)
+
+        store._write = slow_write  # type: ignore[method-assign]
+        again = jpb.JobSpec()
+        again.CopyFrom(work)
+        again.id = hit
+        first = asyncio.create_task(core.submissions.submit_many("alice", [again], stream=b"s" * 16, number=1))
+        def downstream(job_id: str) -> jpb.JobSpec:
+            spec = _spec(job_id, after=hit)
+            spec.no_memo = False
+            return spec
+
+        second = asyncio.create_task(core.submissions.submit_many("alice", [downstream(c)], stream=b"s" * 16,
+                                                                  number=2, after=1))
+        await asyncio.wait({second}, timeout=0.5)   # decided while the first is held in its commit
+        held.set()
+        [reused], [waiting] = await first, await second
+        assert reused.memo_hit and reused.job is not None and reused.job.id == a
+        assert waiting.error is None, waiting.error.message
+        assert waiting.job is not None and waiting.job.state == jpb.JOB_STATE_QUEUED
+        [rerun] = await core.submissions.submit_many("alice", [downstream("d" * 26)])
+        assert rerun.memo_hit and rerun.job is not None and rerun.job.id == c
+        store.close()
+
+    asyncio.run(main())

@@ -31,6 +31,15 @@ def _live(ledger: Ledger, job_id: str) -> bool:
     return ledger.peek(job_id) is ledger.peek(job_id)
 
 
+async def _packed(ledger: Ledger, *job_ids: str) -> None:
+    """Once the jobs' records are packed: that is done in a thread after their commit."""
+    for _ in range(1000):
+        if not any(_live(ledger, j) for j in job_ids):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still live: {[j for j in job_ids if _live(ledger, j)]}")
+
+
 async def _queued(ledger: Ledger, job_id: str) -> jpb.Job:
     """The job's record once it is queued (its release is committed, with an fsync, first)."""
     for _ in range(1000):
@@ -57,7 +66,7 @@ def test_a_chain_of_waiting_jobs_naming_each_other_stays_serialized(tmp_path: Pa
                 _spec(ids[i], after=ids[i - 1] if i else hold.id) for i in range(start, start + 20)])
             assert all(r.error is None for r in results), [r.error.message for r in results if r.error]
         ledger = core.ledger
-        assert not any(_live(ledger, j) for j in [hold.id, *ids])
+        await _packed(ledger, hold.id, *ids)
         assert _live(ledger, first.id)
         for job_id in ids:
             job = ledger.peek(job_id)
@@ -68,7 +77,7 @@ def test_a_chain_of_waiting_jobs_naming_each_other_stays_serialized(tmp_path: Pa
         # A memo hit of a waiting job reads it too, and leaves it serialized.
         [hit] = await core.submissions.submit_many("alice", [_spec(_id(500), after=ids[4], arg=ids[5])])
         assert hit.memo_hit and hit.job is not None and hit.job.id == ids[5]
-        assert not _live(ledger, ids[5]) and not _live(ledger, ids[4])
+        await _packed(ledger, ids[4], ids[5])
         store.close()
 
     asyncio.run(main())
@@ -81,7 +90,7 @@ def test_a_promoted_record_is_written_at_its_next_commit_and_serialized_again(tm
         await core.submissions.submit_many("alice", [jpb.JobSpec(id=a, command=jpb.CommandLine(argv=["true"])),
                                                      _spec(b, after=a)])
         ledger = core.ledger
-        assert not _live(ledger, b)
+        await _packed(ledger, b)
         job = ledger.record(b)
         assert job is not None and _live(ledger, b) and ledger.record(b) is job
         job.attention = "changed while it waits"
@@ -96,7 +105,7 @@ def test_a_promoted_record_is_written_at_its_next_commit_and_serialized_again(tm
         between = ledger.peek(b)   # what later decisions read while the second change is still to be written
         assert between is not None and between.attention == "changed twice"
         await ledger.commit(Batch([second]))
-        assert not _live(ledger, b)
+        await _packed(ledger, b)
         seen = ledger.peek(b)
         stored = await store.get(b)
         assert seen is not None and stored is not None
@@ -173,9 +182,84 @@ def test_serialized_records_of_any_size_and_shape_read_back_as_written(tmp_path:
                  _spec(_id(4), after=_id(3))]
         results = await core.submissions.submit_many("alice", specs)
         assert all(r.error is None for r in results), [r.error.message for r in results if r.error]
+        await _packed(core.ledger, *(spec.id for spec in specs))
         for spec in specs:
-            assert not _live(core.ledger, spec.id)
             assert core.ledger.peek(spec.id) == await store.get(spec.id)
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_submission_naming_waiting_jobs_reads_their_owner_state_and_memo_key_without_unpacking(
+        tmp_path: Path) -> None:
+    """A job that waits on a packed waiting job, and whose memo key chains its key, needs only its owner,
+    state and memo key: no record is unpacked for it (a million waiting jobs named one by one)."""
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        gate, ids = _id(0), [_id(i) for i in range(1, 21)]
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=gate, command=jpb.CommandLine(argv=["true"]))])
+        await core.submissions.submit_many("alice", [_spec(j, after=gate) for j in ids[:10]])
+        ledger = core.ledger
+        await _packed(ledger, *ids[:10])
+        glance = ledger.glance(ids[0])
+        packed = ledger.peek(ids[0])
+        assert glance is not None and packed is not None and not _live(ledger, ids[0])
+        assert glance == (packed.owner, jpb.JOB_STATE_WAITING, packed.memo_key) and packed.memo_key
+        unpacked: list[bytes] = []
+        unpack = ledger._packer.unpack
+        ledger._packer.unpack = lambda data: unpacked.append(data) or unpack(data)  # type: ignore[method-assign]
+        results = await core.submissions.submit_many("alice", [_spec(ids[10 + k], after=ids[k], arg=ids[k])
+                                                               for k in range(10)])
+        assert all(r.error is None for r in results)
+        assert unpacked == []
+        ledger._packer.unpack = unpack  # type: ignore[method-assign]
+        # The key chained through the glance is the one the record holds.
+        [again] = await core.submissions.submit_many("alice", [_spec(_id(99), after=ids[0], arg=ids[0])])
+        assert again.memo_hit and again.job is not None and again.job.id == ids[10]
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_record_changed_while_it_is_being_packed_stays_as_changed(tmp_path: Path) -> None:
+    """Records are packed in a thread after their commit: a record changed before its packing is done keeps the
+    change (the stale packing is dropped), and is packed after the commit of that change."""
+    import threading
+
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        a, b = _id(1), _id(2)
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=a, command=jpb.CommandLine(argv=["true"])),
+                                                     _spec(b, after=a)])
+        ledger = core.ledger
+        await _packed(ledger, b)
+        go, done = threading.Event(), threading.Event()
+        pack_many = ledger._packer.pack_many
+
+        def held(records):  # type: ignore[no-untyped-def]
+            go.wait()
+            try:
+                return pack_many(records)
+            finally:
+                done.set()
+
+        ledger._packer.pack_many = held  # type: ignore[method-assign]
+        job = ledger.record(b)
+        assert job is not None
+        job.attention = "committed"
+        await ledger.commit(Batch([ledger.change(job, jpb.Event(renewed=jpb.Renewed(site="x")))]))
+        job.attention = "changed since"   # while its packing waits in the thread
+        go.set()
+        await asyncio.get_running_loop().run_in_executor(None, done.wait)
+        for _ in range(10):
+            await asyncio.sleep(0)   # the packing's callback runs
+        seen = ledger.peek(b)
+        assert seen is not None and seen.attention == "changed since" and _live(ledger, b)
+        ledger._packer.pack_many = pack_many  # type: ignore[method-assign]
+        await ledger.commit(Batch([ledger.change(job, jpb.Event(renewed=jpb.Renewed(site="y")))]))
+        await _packed(ledger, b)
+        seen = ledger.peek(b)
+        assert seen is not None and seen.attention == "changed since"
         store.close()
 
     asyncio.run(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from park._proto import jobs_pb2 as jpb
-from park_broker.core.store import SCHEMA_VERSION, Change, Store, StoreError
+from park_broker.core.store import SCHEMA_VERSION, WAL_AUTOCHECKPOINT, Change, Store, StoreError
 
 
 def _job(i: int) -> jpb.Job:
@@ -39,6 +39,7 @@ def test_durability_settings(tmp_path: Path) -> None:
     assert store._writer is not None
     assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT > 1000
     store.close()
 
 
@@ -95,4 +96,56 @@ def test_a_job_changed_several_times_in_one_transaction_is_written_once_as_it_wa
         assert [e.seq for e in await store.events(0, job_id=None, owner="alice", limit=100)] == list(range(1, 8))
 
     asyncio.run(main())
+    store.close()
+
+
+def test_a_job_inserted_and_changed_in_one_transaction_is_stored_as_last_changed(tmp_path: Path) -> None:
+    """The writer puts rows in by table (inserts before updates): a job's changes still land in their order."""
+    store = Store(tmp_path / "park.db")
+    store.open()
+
+    async def main() -> None:
+        first = _job(1)
+        queued, running = jpb.Job(), jpb.Job()
+        queued.CopyFrom(first)
+        queued.state = jpb.JOB_STATE_QUEUED
+        running.CopyFrom(first)
+        running.state = jpb.JOB_STATE_RUNNING
+        changes = [Change(first, jpb.Event(), insert=True), Change(queued, jpb.Event()), Change(running, jpb.Event())]
+        await store.commit(changes)
+        assert [c.event.seq for c in changes] == [1, 2, 3]
+        stored = await store.get(first.id)
+        assert stored is not None and stored.state == jpb.JOB_STATE_RUNNING and stored.last_seq == 3
+        later = Change(_job(2), jpb.Event(), insert=True)
+        await store.commit([later])
+        assert later.event.seq == 4 and await store.head_seq() == 4
+
+    asyncio.run(main())
+    store.close()
+
+
+def test_a_version_3_database_is_migrated_to_index_owners_jobs_in_submission_order(tmp_path: Path) -> None:
+    """Version 4 replaces the index on (owner, id), where each new job went to a random place, with one on
+    (owner): a database of version 3 is migrated, and listing an owner's jobs still pages in submission order."""
+    path = tmp_path / "park.db"
+    current = Store(path)
+    current.open()   # version 4, taken back to version 3's index below
+    current.close()
+    old = sqlite3.connect(path)
+    old.executescript("BEGIN; DROP INDEX jobs_by_owner; CREATE INDEX jobs_owner ON jobs(owner, id); "
+                      "PRAGMA user_version = 3; COMMIT;")
+    for i in (3, 1, 2):
+        old.execute("INSERT INTO jobs (id, owner, state, record) VALUES (?, 'alice', 1, ?)",
+                    (f"{i:026d}", _job(i).SerializeToString()))
+    old.commit()
+    old.close()
+    store = Store(path)
+    store.open()
+    assert store._writer is not None
+    indexes = {row[0] for row in store._writer.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "jobs_by_owner" in indexes and "jobs_owner" not in indexes
+    assert store._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    first = asyncio.run(store.list("alice", [], "", 2))
+    rest = asyncio.run(store.list("alice", [], first[-1].id, 2))
+    assert [j.id for j in first + rest] == [f"{i:026d}" for i in (3, 1, 2)]
     store.close()

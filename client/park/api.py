@@ -73,10 +73,12 @@ class Controls:
             raise ValueError(f"priority={self.priority!r}: a whole number (higher runs first)")
         spec.retries, spec.retry_delay, spec.timeout = self.retries, float(self.retry_delay), float(self.timeout or 0)
         spec.priority = self.priority
-        unknown = set(self.resources or {}) - {"cpus", "memory", "gpus"}
+        if not self.resources:
+            return   # unset: what the broker reads as none asked for
+        unknown = set(self.resources) - {"cpus", "memory", "gpus"}
         if unknown:
             raise ValueError(f"resources: unknown {sorted(unknown)[0]!r}; ask for cpus, memory and gpus")
-        asked = dict(self.resources or {})
+        asked = dict(self.resources)
         cpus, gpus = asked.get("cpus", 0), asked.get("gpus", 0)
         if not (isinstance(cpus, (int, float)) and not isinstance(cpus, bool) and 0 <= cpus <= 1e6):
             raise ValueError(f"resources: cpus={cpus!r} must be a number of cpus, 0 or more")

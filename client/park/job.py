@@ -74,12 +74,19 @@ class MemoReport:
 
 @dataclass(slots=True)
 class Pending:
-    """A submission on its way to the broker: `done` is set once it was acknowledged (`ref`) or refused (`error`)."""
+    """A submission on its way to the broker, acknowledged (`ref`) or refused (`error`) once its batch is
+    answered. `answered` is its service's condition, notified once per batch answered (an Event per job
+    would cost more than the rest of its way through the client)."""
 
     spec: jpb.JobSpec
-    done: threading.Event
+    answered: threading.Condition
     ref: jpb.JobRef | None = None
     error: SubmitError | None = None
+
+    def wait(self, timeout: float | None) -> bool:
+        """Whether the submission was acknowledged or refused within `timeout` seconds."""
+        with self.answered:
+            return self.answered.wait_for(lambda: self.ref is not None or self.error is not None, timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +174,7 @@ class Job:
         pending = self._pending
         if pending is None:
             return jpb.JobRef(id=self.id, url=self.url, filename=self.filename)
-        if not pending.done.wait(timeout):
+        if not pending.wait(timeout):
             raise TimeoutError(f"the submission of {self.id} was not acknowledged within {timeout} s")
         if pending.error is not None:
             raise pending.error

@@ -2,9 +2,12 @@
 
 `Service` is synchronous for scripts. Submissions do not wait for the broker:
 job ids are chosen here, so a job's id, filename and url are known when
-`submit` returns, and a background thread sends everything queued since the
-last send as one `SubmitMany` call. Sends are retried on UNAVAILABLE; a retry is
-safe because the broker recognises an id it already holds. A job the broker
+`submit` returns, and a background thread sends what is queued in `SubmitMany`
+calls of up to MAX_BATCH jobs, keeping up to MAX_IN_FLIGHT of them unanswered
+so that the broker admits one batch while it commits the one before. The
+batches are numbered, and the broker decides them in the order they were sent
+(a later batch may name jobs of an earlier one). Sends are retried on
+UNAVAILABLE; a retry is safe because the broker recognises an id it already holds. A job the broker
 refuses raises `SubmitError` from anything that needs it, and from
 `service.flush()`, which runs when a `with service:` block ends and when the
 interpreter exits.
@@ -16,7 +19,6 @@ per thread and per asyncio task.
 from __future__ import annotations
 
 import atexit
-import base64
 import contextvars
 import os
 import secrets
@@ -24,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -39,12 +42,18 @@ from park.renewal import renew_quietly
 _default: contextvars.ContextVar[tuple[Service, ...]] = contextvars.ContextVar("park_default_service", default=())
 
 MAX_BATCH = 1000
+MAX_IN_FLIGHT = 2         # batches sent and not yet acknowledged: the broker admits one while it commits another
 RETRY_FOR = 60.0          # seconds a submission keeps retrying an unreachable broker
 
 
+# Each random byte names one of the 32 characters of a job id (256 is a multiple of 32: uniform).
+_ID_CHARACTERS = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[i % 32] for i in range(256))
+
+
 def new_job_id() -> str:
-    """128 random bits as 26 lowercase base32 characters."""
-    return base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+    """130 random bits as 26 lowercase base32 characters (a translation of random bytes: a script may submit
+    a million jobs, and base64.b32encode costs six times as much)."""
+    return secrets.token_bytes(26).translate(_ID_CHARACTERS).decode()
 
 
 def default_service(service: Service | None = None) -> Service:
@@ -71,6 +80,17 @@ def remote_service(address_or_name: str, cert: str | os.PathLike[str] | None = N
     return Service(entry.address, entry.cert)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Jobs sent in one SubmitMany: its `number` in this service's stream, the batch it follows (`after`, 0:
+    none) and the call on its way."""
+
+    number: int
+    jobs: list[Pending]
+    after: int
+    call: grpc.Future
+
+
 class Service(Connection):
     """One broker. Use `with service:` to make it the default for submissions inside."""
 
@@ -79,7 +99,9 @@ class Service(Connection):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[Pending] = deque()
-        self._in_flight = 0
+        self._in_flight = 0       # jobs sent and not yet acknowledged or refused
+        self._stream = secrets.token_bytes(16)   # names this service's batches to the broker (their order)
+        self._sent = 0
         self._refused: list[SubmitError] = []
         self._closed = False
         self._sender: threading.Thread | None = None
@@ -109,7 +131,7 @@ class Service(Connection):
     # -- submission pipeline -----------------------------------------------------------
 
     def enqueue(self, spec: jpb.JobSpec) -> Pending:
-        pending = Pending(spec, threading.Event())
+        pending = Pending(spec, self._wake)
         with self._lock:
             if self._closed:
                 raise ServiceError("FAILED_PRECONDITION", f"{self} is closed")
@@ -118,7 +140,8 @@ class Service(Connection):
                 self._sender = threading.Thread(target=self._send_loop, name=f"park-submit-{self.address}",
                                                 daemon=True)
                 self._sender.start()
-            self._wake.notify()
+            if len(self._queue) == 1:   # else the sender knows there is work, and takes it once it may
+                self._wake.notify_all()
         return pending
 
     def background(self, work: Callable[[], None], what: str) -> None:
@@ -164,49 +187,70 @@ class Service(Connection):
             raise SubmitError(first.job_id, first.code, f"job {first.job_id} was refused{more}: {first.message}")
 
     def _send_loop(self) -> None:
+        """Send what is queued, keeping up to MAX_IN_FLIGHT batches unacknowledged, and settle their answers in
+        the order they were sent."""
+        in_flight: deque[_Batch] = deque()
         while True:
             with self._lock:
-                while not self._queue and not self._closed:
+                while not (in_flight and in_flight[0].call.done()) and not (
+                        self._queue and len(in_flight) < MAX_IN_FLIGHT):
+                    if self._closed and not self._queue and not in_flight:
+                        return
                     self._wake.wait()
-                if not self._queue:
-                    return
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
-                self._in_flight = len(batch)
-            self._send(batch)
-            with self._lock:
-                self._in_flight = 0
+                if self._queue and len(in_flight) < MAX_IN_FLIGHT:
+                    jobs = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+                    self._in_flight += len(jobs)
+                    self._sent += 1
+                    number = self._sent
+                else:
+                    jobs = []
+            if jobs:
+                # Decided after the batch sent just before it, if that one is not acknowledged yet.
+                after = in_flight[-1].number if in_flight else 0
+                batch = _Batch(number, jobs, after, self._submit(number, jobs, after))
+                batch.call.add_done_callback(self._answered)
+                in_flight.append(batch)
+                continue
+            oldest = in_flight.popleft()
+            self._settle(oldest)
+            with self._lock:   # wakes flush() and whoever waits for one of these jobs (Pending.wait)
+                self._refused += [p.error for p in oldest.jobs if p.error is not None]
+                self._in_flight -= len(oldest.jobs)
                 self._wake.notify_all()
 
-    def _send(self, batch: list[Pending]) -> None:
-        request = jpb.SubmitManyRequest(jobs=[p.spec for p in batch])
+    def _submit(self, number: int, jobs: list[Pending], after: int) -> grpc.Future:
+        request = jpb.SubmitManyRequest(jobs=[p.spec for p in jobs], stream=self._stream, number=number, after=after)
+        return self.jobs_stub.SubmitMany.future(request, timeout=60)
+
+    def _answered(self, call: grpc.Future) -> None:
+        with self._lock:
+            self._wake.notify_all()
+
+    def _settle(self, batch: _Batch) -> None:
+        """Take a sent batch's answer, sending it again while the broker is unreachable (a retry is safe: the
+        broker recognises the ids it holds); each job is then acknowledged or refused (the caller notifies)."""
         deadline = time.monotonic() + RETRY_FOR
         delay = 0.1
+        call = batch.call
         while True:
             try:
-                response = self.jobs_stub.SubmitMany(request, timeout=60)
+                response = call.result()
                 break
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
+                    call = self._submit(batch.number, batch.jobs, 0)   # every batch sent before it is settled
                     continue
                 error = self.error(exc, "submitting jobs")
-                for p in batch:
+                for p in batch.jobs:
                     p.error = SubmitError(p.spec.id, error.code, error.message)
-                    self._finish(p)
                 return
-        for p, result in zip(batch, response.results):
+        for p, result in zip(batch.jobs, response.results):
             if result.code:
                 p.error = SubmitError(p.spec.id, status_name(result.code), result.message)
             else:
                 p.ref = result.ref
-            self._finish(p)
-
-    def _finish(self, pending: Pending) -> None:
-        if pending.error is not None:
-            with self._lock:
-                self._refused.append(pending.error)
-        pending.done.set()
 
     def close(self) -> None:
         """Send what is queued, then close the connection."""

@@ -14,7 +14,9 @@ Invariants this module guarantees:
   from the store, where it is committed and terminal.
 - A waiting job's record is kept packed, serialized and compressed, once its
   change is committed (`_Packer`: ~200 bytes, where a parsed `jpb.Job` takes
-  ~3 KB, and a million jobs may wait). `record(id)` gives the live record to
+  ~3 KB, and a million jobs may wait); the compression runs in a thread, so a
+  record stays live for a moment after its commit, and a record changed
+  meanwhile stays live until the commit of that change. `record(id)` gives the live record to
   change, unpacking a packed one and keeping it live (a promotion); `peek(id)`
   gives one only to read, without promoting it, so that reading a waiting job
   (its owner, state or memo key, for a submission that names it) never makes
@@ -37,11 +39,12 @@ import contextlib
 import functools
 import logging
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from park._proto import jobs_pb2 as jpb
 from park.wire import TERMINAL_STATES, InvalidInput, check_job_id
@@ -59,10 +62,33 @@ _NOT_STARTED = (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED)
 @dataclass(slots=True)
 class _Packed:
     """A waiting job's record, serialized and compressed (`_Packer`), beside its owner, which per-owner
-    questions ask without unpacking the record."""
+    questions ask without unpacking the record. `data` starts with the digest of the job's memo key
+    (`_digest`; 32 zero bytes for a job without one), so that a submission naming the job reads its key
+    without unpacking it either."""
 
     owner: str
     data: bytes
+
+    @classmethod
+    def of(cls, job: jpb.Job, packed: bytes) -> _Packed:
+        return cls(sys.intern(job.owner), (_digest(job.memo_key) if job.memo_key else _NO_DIGEST) + packed)
+
+    @property
+    def memo_key(self) -> str:
+        digest = self.data[:_DIGEST_SIZE]
+        return "" if digest == _NO_DIGEST else digest.hex()
+
+    @property
+    def record(self) -> bytes:
+        return self.data[_DIGEST_SIZE:]
+
+
+class Glance(NamedTuple):
+    """What a submission reads of a job it names (its owner, state and memo key), without its record."""
+
+    owner: str
+    state: int
+    memo_key: str
 
 
 class _Packer:
@@ -77,13 +103,20 @@ class _Packer:
     def __init__(self) -> None:
         self._compress: Any = None
         self._decompress: Any = None
+        self._priming = threading.Lock()   # packing runs on the event loop (recovery) and in threads
 
     def pack(self, record: bytes) -> bytes:
         if self._compress is None:
-            self._compress = zlib.compressobj(1, zlib.DEFLATED, self._WBITS, 2, zlib.Z_DEFAULT_STRATEGY, record)
-            self._decompress = zlib.decompressobj(self._WBITS, record)
+            with self._priming:
+                if self._compress is None:
+                    self._decompress = zlib.decompressobj(self._WBITS, record)
+                    self._compress = zlib.compressobj(1, zlib.DEFLATED, self._WBITS, 2, zlib.Z_DEFAULT_STRATEGY,
+                                                      record)
         compress = self._compress.copy()
         return compress.compress(record) + compress.flush()
+
+    def pack_many(self, records: list[bytes]) -> list[bytes]:
+        return [self.pack(record) for record in records]
 
     def unpack(self, data: bytes) -> bytes:
         decompress = self._decompress.copy()
@@ -93,6 +126,10 @@ class _Packer:
 def _digest(memo_key: str) -> bytes:
     """A memo key (a sha256 in hex, core.memo) as the memo index holds it: 32 bytes, not 64 characters."""
     return bytes.fromhex(memo_key)
+
+
+_DIGEST_SIZE = 32
+_NO_DIGEST = bytes(_DIGEST_SIZE)
 
 
 def _packable(job: jpb.Job) -> bool:
@@ -145,6 +182,16 @@ class Ledger:
         entry = self._active.get(self._aliases.get(job_id, job_id))
         return None if entry is None else self._parse(entry)
 
+    def glance(self, job_id: str) -> Glance | None:
+        """An active job's owner, state and memo key, named by its id or one of its aliases: what `peek`
+        would say of them, without unpacking a packed record (a packed job is waiting)."""
+        entry = self._active.get(self._aliases.get(job_id, job_id))
+        if entry is None:
+            return None
+        if isinstance(entry, _Packed):
+            return Glance(entry.owner, jpb.JOB_STATE_WAITING, entry.memo_key)
+        return Glance(entry.owner, entry.state, entry.memo_key)
+
     def owned(self, owner: str) -> Iterator[jpb.Job]:
         """The records of `owner`'s active jobs, only to read (as `peek`)."""
         return (self._parse(entry) for entry in self._active.values() if entry.owner == owner)
@@ -171,10 +218,16 @@ class Ledger:
         return self._reports.get(job_id, [])
 
     async def lookup(self, job_ids: Iterable[str]) -> dict[str, jpb.Job]:
-        """Stored records of the ids (and the jobs their aliases name) that are not in memory."""
+        """Stored records of the ids (and the jobs their aliases name) that are not in memory. An alias made
+        in memory names its job's record here even before the alias is committed (a batch decided while the
+        one that made it is being written)."""
         wanted = set(job_ids)
-        wanted |= {self._aliases.get(j, j) for j in wanted}
-        return await self.store.get_many(j for j in wanted if j not in self._active)
+        aliased = {j: self._aliases[j] for j in wanted if j in self._aliases}
+        found = await self.store.get_many(j for j in wanted | set(aliased.values()) if j not in self._active)
+        for alias, target in aliased.items():
+            if target in found:
+                found.setdefault(alias, found[target])
+        return found
 
     async def get(self, caller: str, job_id: str, *, admin: bool = False) -> jpb.Job:
         """A copy of a job's record, from memory or the store; NOT_FOUND unless the caller owns it."""
@@ -217,8 +270,7 @@ class Ledger:
         for record in records:
             job = jpb.Job.FromString(record)
             job_id = sys.intern(job.id)
-            self._active[job_id] = _Packed(sys.intern(job.owner), self._packer.pack(record)) if _packable(job) \
-                else job
+            self._active[job_id] = _Packed.of(job, self._packer.pack(record)) if _packable(job) else job
             self._index(job_id, job, install_pin(job.owner, job.spec))
             ids.append(job_id)
         return ids
@@ -294,20 +346,33 @@ class Ledger:
             if change.job.id in self._active and (active := self.record(change.job.id)) is not None:
                 active.last_seq = max(active.last_seq, change.event.seq)
         self._release(batch)
+        waiting: dict[str, jpb.Job] = {}
         for change in batch.changes:
             job = self._active.get(change.job.id)
             if not isinstance(job, jpb.Job):
                 continue
             if job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
                 self._retiring.append(job.id)
-            else:
-                self._pack(job)
+            elif _packable(job):
+                waiting[job.id] = job
+        if waiting:
+            self._pack_soon(list(waiting.values()))
         self._retire()
 
-    def _pack(self, job: jpb.Job) -> None:
-        """Keep a waiting job's live record packed."""
-        if _packable(job):
-            self._active[job.id] = _Packed(sys.intern(job.owner), self._packer.pack(job.SerializeToString()))
+    def _pack_soon(self, jobs: list[jpb.Job]) -> None:
+        """Keep committed waiting jobs' live records packed. Compressing is done in a thread (zlib lets go of
+        the GIL): it cost the event loop more than any other step of a submission after its commit. A
+        record changed in the meantime is left live, and packed after the commit of that change."""
+        records = [job.SerializeToString() for job in jobs]
+        packing = asyncio.get_running_loop().run_in_executor(None, self._packer.pack_many, records)
+        packing.add_done_callback(functools.partial(self._packed, jobs, records))
+
+    def _packed(self, jobs: list[jpb.Job], records: list[bytes], packing: asyncio.Future[list[bytes]]) -> None:
+        if packing.cancelled() or packing.exception() is not None:
+            return   # the records stay live: correct, only larger (a loop closing, or no memory)
+        for job, record, packed in zip(jobs, records, packing.result()):
+            if self._active.get(job.id) is job and _packable(job) and job.SerializeToString() == record:
+                self._active[job.id] = _Packed.of(job, packed)
 
     def _release(self, batch: Batch) -> None:
         if batch.release_after > 0 and batch.queued:
@@ -316,7 +381,7 @@ class Ledger:
             self.release(batch.queued)
 
     def _parse(self, entry: jpb.Job | _Packed) -> jpb.Job:
-        return entry if isinstance(entry, jpb.Job) else jpb.Job.FromString(self._packer.unpack(entry.data))
+        return entry if isinstance(entry, jpb.Job) else jpb.Job.FromString(self._packer.unpack(entry.record))
 
     def _retire(self) -> None:
         """Forget committed terminal jobs, unless a submission is between its reads and its decisions."""

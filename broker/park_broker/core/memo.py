@@ -39,7 +39,12 @@ def canonical(value: Any) -> str:
 
 
 def key_of(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(inputs).encode()).hexdigest()
+    return digest(canonical(inputs))
+
+
+def digest(document: str) -> str:
+    """The key of a canonical document (`canonical`): what a submission keeps both of computes it once."""
+    return hashlib.sha256(document.encode()).hexdigest()
 
 
 NO_KEY = "-"   # a group's running digest once a member has no memo key: the group has none either

@@ -68,15 +68,16 @@ class Scheduler:
         """Register a job; returns its verdict at once if the condition is already decided."""
         if condition is None:
             return Decision(job_id, Verdict.START, ())
-        resolved = {a: state for a in condition.depends if (state := states.get(a.key, State.PENDING))
-                    is not State.PENDING}
-        decision = self._decide(job_id, condition, resolved)
+        atoms = condition.depends
+        resolved = {a: state for a in atoms if (state := states.get(a.key, State.PENDING)) is not State.PENDING}
+        # Every atom pending, and no NOT: such a condition is pending and can still hold (most jobs submitted).
+        decision = self._decide(job_id, condition, resolved) if resolved or condition.negates else None
         if decision is None:
             job_id = sys.intern(job_id)   # one string for the ledger, the index and the conditions naming it
             self._waiting[job_id] = condition
             if resolved:
                 self._resolved[job_id] = resolved
-            for atom in condition.depends:
+            for atom in atoms:
                 if atom not in resolved:
                     self._index_add(atom.key, job_id)
                     if atom.key.kind in EXPR_KINDS:

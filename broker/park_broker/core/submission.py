@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from park import tokens
 from park._proto import jobs_pb2 as jpb
 from park.conditions import Condition
 from park_broker.core import memo
 from park_broker.core.admission import DEFAULT_OUTPUT, Admission, Checked
+from park_broker.core.arrivals import Arrivals, Turn
 from park_broker.core.fairness import NO_LIMITS, Limits
 from park_broker.core.jobgroups import check_joinable
 from park_broker.core.ledger import Batch, Ledger
@@ -55,7 +55,7 @@ class _Prepared:
     checked: Checked
     dirs: list[Path] = field(default_factory=list)
     coming: dict[str, str] = field(default_factory=dict)   # pins an install job has yet to receive
-    inputs: dict[str, Any] | None = None
+    inputs: str = ""    # the canonical document its memo key hashes (memo.canonical), if it has one
     key: str = ""
     error: BrokerError | None = None
     # Groups whose memo key the key depends on, as foreseen from members earlier in the batch: checked
@@ -79,25 +79,35 @@ class Submissions:
         self.admission = admission
         self.transitions = transitions
         self.remote = remote
+        self.arrivals = Arrivals()
+        self.files_root = os.fspath(site.files_root)
 
     async def submit_many(self, owner: str, specs: list[jpb.JobSpec],
-                          may: frozenset[str] = frozenset({"submit", "upload"})) -> list[Submission]:
+                          may: frozenset[str] = frozenset({"submit", "upload"}), *,
+                          stream: bytes = b"", number: int = 0, after: int = 0) -> list[Submission]:
         """Validate and store a batch; each spec is accepted or refused on its own.
 
         `may` is what the submitter is allowed: an install job (`install_service`) needs `upload`,
-        every other job `submit`.
+        every other job `submit`. `stream`, `number` and `after` place the batch among the submitter's
+        batches in flight (core.arrivals): it is decided only after the batch it follows.
 
-        Later specs may name earlier ones of the same batch in their conditions and
-        arguments. Re-submitting an id with the same spec returns the existing job (a
+        Later specs may name earlier ones of the same batch (or of the batch it follows) in their
+        conditions and arguments. Re-submitting an id with the same spec returns the existing job (a
         safe retry). A spec whose memo key matches a completed or still active job
         becomes another name (an alias) of that job: a memo hit.
         """
-        if len(specs) > MAX_BATCH:
-            fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
-        with self.ledger.submitting():
-            return await self._submit_many(owner, specs, may)
+        turn = self.arrivals.arrive(owner, stream, number, after)
+        try:
+            if len(specs) > MAX_BATCH:
+                fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
+            await turn.wait()
+            with self.ledger.submitting():
+                return await self._submit_many(owner, specs, may, turn)
+        finally:
+            turn.decided()   # also when the batch failed as a whole: the next one goes on
 
-    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str]) -> list[Submission]:
+    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str], turn: Turn
+                           ) -> list[Submission]:
         prepared: list[_Prepared | BrokerError] = []
         for spec in specs:
             try:
@@ -166,7 +176,7 @@ class Submissions:
                 results.append(Submission(error=exc))
                 continue
             if any(self._memo_key_now(g, stored) != key for g, key in p.foreseen.items()):
-                p.key, p.inputs = "", None   # a member foreseen was refused after all: no key, no memo hit
+                p.key = p.inputs = ""   # a member foreseen was refused after all: no key, no memo hit
             twin = self.ledger.memo_twin(p.key) or hits.get(p.key or "")
             if twin is not None:
                 self.ledger.alias(spec.id, owner, twin, batch, member_of=spec.member_of)
@@ -195,7 +205,7 @@ class Submissions:
             waiting += 1
             job = self._new_job(owner, spec, now)
             if p.key:
-                job.memo_key, job.memo_inputs = p.key, memo.canonical(p.inputs)
+                job.memo_key, job.memo_inputs = p.key, p.inputs
             self.ledger.add(job, self.admission.installs(owner, spec))
             batch.changes.append(self.ledger.change(
                 job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
@@ -211,6 +221,9 @@ class Submissions:
             results.append(Submission(job=job))
         for group, last in joined.values():   # one change of each group for the batch's joins
             self.transitions.announce(group, last, batch)
+        # The next batch of the stream may be decided as soon as this one's changes are in the store's line,
+        # which the commit below does before it first waits: so its admission overlaps this commit.
+        turn.decided()
         if not links:
             await self.ledger.commit(batch)
             return results
@@ -222,7 +235,7 @@ class Submissions:
         return results
 
     def _memo_key_now(self, job_id: str, stored: dict[str, jpb.Job]) -> str:
-        job = self.ledger.peek(job_id) or stored.get(job_id)
+        job = self.ledger.glance(job_id) or stored.get(job_id)
         return job.memo_key if job is not None else ""
 
     def _group_of(self, owner: str, spec: jpb.JobSpec, stored: dict[str, jpb.Job]) -> jpb.Job | None:
@@ -252,8 +265,8 @@ class Submissions:
                 return canonical
             return stored[job_id].id if job_id in stored else job_id
 
-        names = [n.atom.job_id for n in spec.when.postfix if n.HasField("atom")] + list(spec.race.contestants)
-        if all(resolve(j) == j for j in names):
+        # The condition's atoms name every job a spec names: those of its `when`, or a race's contestants.
+        if cond is None or all(resolve(a.key.job_id) == a.key.job_id for a in cond.depends):
             return spec, cond
         canonical = jpb.JobSpec()
         canonical.CopyFrom(spec)
@@ -283,23 +296,24 @@ class Submissions:
                 used[job_id] = foreseen[job_id]
             if job_id in in_batch:
                 return in_batch[job_id]
-            job = self.ledger.peek(job_id) or stored.get(job_id)
+            job = self.ledger.glance(job_id) or stored.get(job_id)
             return job.memo_key if job is not None else None
 
         for p in batch:
             if p.error is not None:
                 continue
             try:
-                p.inputs = self.admission.memo_inputs(owner, p.spec, p.checked, p.dirs, p.coming, digests,
-                                                      functools.partial(key_of_job, p.foreseen))
+                inputs = self.admission.memo_inputs(owner, p.spec, p.checked, p.dirs, p.coming, digests,
+                                                    functools.partial(key_of_job, p.foreseen))
             except BrokerError as exc:
                 p.error = exc
                 continue
             except Exception as exc:  # noqa: BLE001 - as above
                 p.error = _unexpected(p.spec, exc)
                 continue
-            if p.inputs is not None:
-                p.key = in_batch[p.spec.id] = memo.key_of(p.inputs)
+            if inputs is not None:
+                p.inputs = memo.canonical(inputs)
+                p.key = in_batch[p.spec.id] = memo.digest(p.inputs)
             group_id = p.spec.member_of
             if not group_id:
                 continue
@@ -313,17 +327,20 @@ class Submissions:
                 in_batch[group_id] = foreseen[group_id] = key
 
     def _new_job(self, owner: str, spec: jpb.JobSpec, now: float) -> jpb.Job:
-        # os.path rather than Path objects: this runs for every job submitted.
-        directory = os.path.join(self.site.files_root, owner, spec.id)
+        # Strings rather than Path objects or os.path.join: this runs for every job submitted, and the owner,
+        # id and output name are checked plain names.
+        directory = f"{self.files_root}/{owner}/{spec.id}"
         output = spec.output_name or DEFAULT_OUTPUT
         return jpb.Job(id=spec.id, site=self.site.name, owner=owner, spec=spec, state=jpb.JOB_STATE_WAITING,
                        url=f"park://{self.site.name}/files/{owner}/{spec.id}/{output}",
-                       filename=os.path.join(directory, output), directory=directory, submitted_at=now)
+                       filename=f"{directory}/{output}", directory=directory, submitted_at=now)
 
 
 def _check_delegation(owner: str, spec: jpb.JobSpec) -> None:
     """A delegated token inside a submission (a fetch's, a watch grant) must speak for the submitter: else
     this site would present another user's token on the submitter's behalf (a confused deputy)."""
+    if not spec.grants and spec.WhichOneof("work") != "fetch":
+        return   # carries no token
     carried = [("the fetch's token", spec.fetch.token)] if spec.HasField("fetch") else []
     carried += [(f"the grant for site {site}", token) for site, token in sorted(spec.grants.items())]
     for what, token in carried:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from park._proto import jobs_pb2 as jpb
-from park.conditions import AtomKey, Condition, State
+from park.conditions import EXPR_KINDS, AtomKey, Condition, State
 from park.counting import count_state
 from park.expressions import improved_state
 from park.wire import STATE_NAMES, TERMINAL_STATES, atom_to_proto
@@ -56,10 +56,14 @@ class Transitions:
             if key.site != self.site:
                 states[key] = State.PENDING   # until its site says otherwise (federation)
                 continue
-            job = self.ledger.peek(key.job_id) or stored.get(key.job_id)
-            if job is None or job.owner != owner:
+            seen = self.ledger.glance(key.job_id) or stored.get(key.job_id)
+            if seen is None or seen.owner != owner:
                 fail(Code.NOT_FOUND, f"condition names job {key.job_id}, which site {self.site!r} "
                                      "does not have; submit it first (earlier in the same batch is fine)")
+            if key.kind not in EXPR_KINDS:   # its state is all it takes: the record stays packed
+                states[key] = job_atom_states(STATE_NAMES[seen.state])[key.kind]
+                continue
+            job = self.ledger.peek(key.job_id) or stored[key.job_id]
             if key.kind == "improved":
                 states[key] = self.improved_state(job, key, self.ledger.history(job.id) or histories.get(job.id, []))
             elif key.kind == "count":
@@ -67,8 +71,6 @@ class Transitions:
                     fail(Code.INVALID_ARGUMENT, f"condition counts the members of job {key.job_id}, which is not "
                                                 "a group (park.map makes one)")
                 states[key] = count_state(key.expr, job.group, ended=job.state in TERMINAL_STATES)
-            else:
-                states[key] = job_atom_states(STATE_NAMES[job.state])[key.kind]
         return states
 
     def improved_state(self, job: jpb.Job, key: AtomKey, reports: list[dict[str, float]]) -> State:

@@ -26,7 +26,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     async def SubmitMany(self, request: jpb.SubmitManyRequest, context: grpc.aio.ServicerContext
                          ) -> jpb.SubmitManyResponse:
         caller = current_identity.get()
-        submissions = await self.core.submissions.submit_many(caller.user, list(request.jobs), caller.permissions)
+        submissions = await self.core.submissions.submit_many(caller.user, list(request.jobs), caller.permissions,
+                                                              stream=request.stream, number=request.number,
+                                                              after=request.after)
         response = jpb.SubmitManyResponse()
         for spec, sub in zip(request.jobs, submissions):
             result = response.results.add(id=spec.id)

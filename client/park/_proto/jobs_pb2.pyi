@@ -1110,16 +1110,31 @@ class SubmitManyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    stream: _builtins.bytes
+    """A client that keeps several batches in flight numbers them, so that the broker decides them in the
+    order they were sent (a later batch may name jobs of an earlier one): `stream` names the client's
+    sequence of batches (16 random bytes), `number` this batch's place in it (from 1), and `after` the
+    number of the batch sent just before it while that one is still unacknowledged (0: none). A
+    broker decides this batch only once `after` is decided, or has not arrived within a few seconds.
+    """
+    number: _builtins.int
+    after: _builtins.int
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobSpec]: ...
     def __init__(
         self,
         *,
         jobs: _abc.Iterable[Global___JobSpec] | None = ...,
+        stream: _builtins.bytes = ...,
+        number: _builtins.int = ...,
+        after: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "jobs", b"jobs", "number", b"number", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
