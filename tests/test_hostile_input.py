@@ -105,3 +105,19 @@ def test_hostile_specs_fail_alone_and_the_rest_of_the_batch_is_admitted(service:
         assert HOSTILE[name][1] in result.message, (name, result.message)
     assert [service.job(g.id).result(timeout=30) for g in good] == [5, 9]
     assert "Traceback" not in broker.log()
+
+
+def test_a_batch_stream_name_longer_than_any_client_sends_is_invalid_argument(service: park.Service, broker) -> None:  # type: ignore[no-untyped-def]
+    """The fields that order a client's batches in flight (core.arrivals): the broker remembers stream names
+    for a while, so one longer than any client sends is refused, and nothing of its batch is kept."""
+    spec = _call(args="[1, 2]")
+    with pytest.raises(grpc.RpcError) as refused:
+        service.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec], stream=b"x" * 65, number=1), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 64 bytes" in (refused.value.details() or "")
+    with pytest.raises(park.ServiceError, match="NOT_FOUND"):
+        service.job(spec.id).record()
+    [result] = service.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec], stream=b"x" * 64, number=1),
+                                            timeout=30).results
+    assert result.code == 0 and service.job(spec.id).result(timeout=30) == 3
+    assert "Traceback" not in broker.log()

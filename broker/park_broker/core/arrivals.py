@@ -28,8 +28,11 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from park_broker.errors import Code, fail
+
 ARRIVAL_WAIT = 10.0      # seconds a batch waits for the batch it follows to arrive
 MAX_STREAMS = 4096       # idle streams remembered (their last decided number)
+MAX_STREAM_NAME = 64     # bytes: a client names its stream with 16 random ones
 
 
 @dataclass(slots=True)
@@ -68,7 +71,11 @@ class Arrivals:
         self._streams: OrderedDict[tuple[str, bytes], _Stream] = OrderedDict()
 
     def arrive(self, owner: str, stream: bytes, number: int, after: int) -> Turn:
-        """The turn of batch `number` of `owner`'s `stream`, which follows batch `after` (0: none)."""
+        """The turn of batch `number` of `owner`'s `stream`, which follows batch `after` (0: none);
+        INVALID_ARGUMENT for a stream name longer than MAX_STREAM_NAME (every name is kept a while)."""
+        if len(stream) > MAX_STREAM_NAME:
+            fail(Code.INVALID_ARGUMENT, f"a batch's stream is named by at most {MAX_STREAM_NAME} bytes "
+                                        f"(park clients send 16 random ones); got {len(stream)}")
         if not stream or not number:
             return UNORDERED
         key = (owner, stream)
