@@ -12,6 +12,7 @@ import park
 from harness import alive, wait_for  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
 from park._proto import jobs_pb2_grpc as jpb_grpc
+from park._proto import site_pb2
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -255,3 +256,31 @@ def test_live_condition_interface_of_the_seed(service: park.Service) -> None:
     with pytest.raises(park.Condition.Cancelled):
         (a.iscompleted & bad.iscompleted).ready
 
+
+
+def test_a_service_sends_one_batch_at_a_time_to_a_broker_that_does_not_order_them(service: park.Service) -> None:
+    """An older broker decides batches as they come (no `ordered-batches` capability): the client waits for
+    each answer before it sends the next, as before, and a chain across batches is still accepted."""
+    from park.wire import ORDERED_BATCHES
+
+    info = site_pb2.InfoResponse()
+    info.CopyFrom(service.info)
+    info.ClearField("capabilities")
+    info.capabilities.extend(c for c in service.info.capabilities if c != ORDERED_BATCHES)
+    service._info = info   # what an older broker says of itself
+    sent: list[jpb.SubmitManyRequest] = []
+    submit_many = service.jobs_stub.SubmitMany
+
+    class Recording:
+        def future(self, request: jpb.SubmitManyRequest, timeout: float):  # type: ignore[no-untyped-def]
+            sent.append(request)
+            return submit_many.future(request, timeout=timeout)
+
+    service.jobs_stub.SubmitMany = Recording()  # type: ignore[assignment]
+    with service:
+        jobs = [park.submit("park_test_tasks:noop", 0, memo=False)]
+        for i in range(1, 3000):
+            jobs.append(park.submit("park_test_tasks:noop", i, when=jobs[-1].isfinished, memo=False))
+    assert len(sent) > 1 and all(r.after == 0 for r in sent), [(r.number, r.after) for r in sent]
+    assert sum(len(r.jobs) for r in sent) == 3000
+    assert jobs[-1].acknowledged(timeout=30).id == jobs[-1].id

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from park._proto import jobs_pb2 as jpb
 from park._proto import federation_pb2_grpc, files_pb2_grpc, jobs_pb2_grpc, packages_pb2_grpc, site_pb2, site_pb2_grpc
+from park.wire import ORDERED_BATCHES
 from park_broker.transfer.tuning import tune_allocator
 from park_broker.core.events import EventHub
 from park_broker.core.lifecycle import Lifecycle
@@ -179,7 +180,9 @@ async def _serve(site: SiteConfig, options: ServeOptions, stop: asyncio.Event | 
         site=site.name, files_root=str(site.files_root), identity_public_key=identity,
         certificate_pem=site.certificate().decode(), executor=executor_kind(options.executor), isolation=accounts.description,
         max_delegation_seconds=options.max_delegation, resources=jpb.Resources(
-            cpus=info.resources.cpus, memory_bytes=info.resources.memory, gpus=info.resources.gpus), capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files"])
+            cpus=info.resources.cpus, memory_bytes=info.resources.memory, gpus=info.resources.gpus),
+        capabilities=["jobs", "watch", "report", "race", "tokens", "memo", "packages", "federation", "files",
+                      ORDERED_BATCHES])
     publisher = None if gate.authority is None else \
         Publisher(site.name, gate.authority, hub, core.remote.atom_states, core.remote.resolved_by)
     site_pb2_grpc.add_SiteServicer_to_server(SiteServicer(site_info, links, publisher), server)

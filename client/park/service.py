@@ -38,6 +38,7 @@ from park.config import load_services
 from park.errors import ConfigError, NoServiceError, ServiceError, SubmitError
 from park.job import Job, Pending
 from park.renewal import renew_quietly
+from park.wire import ORDERED_BATCHES
 
 _default: contextvars.ContextVar[tuple[Service, ...]] = contextvars.ContextVar("park_default_service", default=())
 
@@ -190,14 +191,15 @@ class Service(Connection):
         """Send what is queued, keeping up to MAX_IN_FLIGHT batches unacknowledged, and settle their answers in
         the order they were sent."""
         in_flight: deque[_Batch] = deque()
+        limit = self._batches_in_flight()
         while True:
             with self._lock:
                 while not (in_flight and in_flight[0].call.done()) and not (
-                        self._queue and len(in_flight) < MAX_IN_FLIGHT):
+                        self._queue and len(in_flight) < limit):
                     if self._closed and not self._queue and not in_flight:
                         return
                     self._wake.wait()
-                if self._queue and len(in_flight) < MAX_IN_FLIGHT:
+                if self._queue and len(in_flight) < limit:
                     jobs = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
                     self._in_flight += len(jobs)
                     self._sent += 1
@@ -217,6 +219,15 @@ class Service(Connection):
                 self._refused += [p.error for p in oldest.jobs if p.error is not None]
                 self._in_flight -= len(oldest.jobs)
                 self._wake.notify_all()
+
+    def _batches_in_flight(self) -> int:
+        """MAX_IN_FLIGHT for a broker that decides a client's batches in the order they were sent; one at a
+        time for any other (an older broker decides them as they come), or one not reached yet."""
+        try:
+            ordered = ORDERED_BATCHES in self.info.capabilities   # fetched before the first submission
+        except ServiceError:
+            ordered = False
+        return MAX_IN_FLIGHT if ordered else 1
 
     def _submit(self, number: int, jobs: list[Pending], after: int) -> grpc.Future:
         request = jpb.SubmitManyRequest(jobs=[p.spec for p in jobs], stream=self._stream, number=number, after=after)

@@ -20,7 +20,7 @@ from park.conditions import ATOM_KINDS, And, Atom, AtomKey, Condition, Not, Or
 
 __all__ = [
     "InvalidInput", "condition_to_proto", "condition_from_proto", "check_job_id", "check_site",
-    "check_target", "check_name", "STATE_NAMES", "TERMINAL_STATES", "JOB_ID_LENGTH",
+    "check_target", "check_name", "STATE_NAMES", "TERMINAL_STATES", "JOB_ID_LENGTH", "ORDERED_BATCHES",
     "MAX_CONDITION_NODES", "MAX_CONDITION_ATOMS", "MAX_CONDITION_DEPTH", "MAX_ARGS_BYTES",
 ]
 
@@ -47,6 +47,10 @@ STATE_NAMES = {
     jpb.JOB_STATE_CANCELLED: "cancelled",
 }
 TERMINAL_STATES = frozenset((jpb.JOB_STATE_COMPLETED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED))
+# The capability (`InfoResponse.capabilities`) of a broker that decides a client's numbered SubmitMany batches
+# in the order they were sent: only to such a broker does a client send a batch before the last is answered
+# (an older one would decide them as they come, and refuse a job naming one of a batch not yet decided).
+ORDERED_BATCHES = "ordered-batches"
 
 _KIND_TO_PROTO = {
     "completed": cpb.ATOM_KIND_COMPLETED,
