@@ -172,9 +172,9 @@ def test_resubmitting_the_same_id_is_a_safe_retry(service: park.Service) -> None
     assert len(service.list_jobs()) == 1
 
 
-def test_a_service_keeps_two_batches_in_flight_and_the_broker_decides_them_in_order(service: park.Service) -> None:
-    """The sender does not wait for a batch's answer before sending the next one (the broker admits it while it
-    commits the first); each names the one it follows, and a chain of jobs across batches is all accepted."""
+def _submit_a_chain_recording_batches(service: park.Service, n: int) -> tuple[list[jpb.SubmitManyRequest],
+                                                                             list[park.Job]]:
+    """Submit `n` jobs, each waiting on the one before, and record the SubmitMany requests the sender made."""
     sent: list[jpb.SubmitManyRequest] = []
     submit_many = service.jobs_stub.SubmitMany
 
@@ -186,8 +186,15 @@ def test_a_service_keeps_two_batches_in_flight_and_the_broker_decides_them_in_or
     service.jobs_stub.SubmitMany = Recording()  # type: ignore[assignment]
     with service:
         jobs = [park.submit("park_test_tasks:noop", 0, memo=False)]
-        for i in range(1, 3000):
+        for i in range(1, n):
             jobs.append(park.submit("park_test_tasks:noop", i, when=jobs[-1].isfinished, memo=False))
+    return sent, jobs
+
+
+def test_a_service_keeps_two_batches_in_flight_and_the_broker_decides_them_in_order(service: park.Service) -> None:
+    """The sender does not wait for a batch's answer before sending the next one (the broker admits it while it
+    commits the first); each names the one it follows, and a chain of jobs across batches is all accepted."""
+    sent, jobs = _submit_a_chain_recording_batches(service, 3000)
     assert [r.number for r in sent] == list(range(1, len(sent) + 1))
     assert len({r.stream for r in sent}) == 1 and len(sent[0].stream) == 16
     assert any(r.after == r.number - 1 for r in sent[1:]), [(r.number, r.after, len(r.jobs)) for r in sent]
@@ -268,19 +275,7 @@ def test_a_service_sends_one_batch_at_a_time_to_a_broker_that_does_not_order_the
     info.ClearField("capabilities")
     info.capabilities.extend(c for c in service.info.capabilities if c != ORDERED_BATCHES)
     service._info = info   # what an older broker says of itself
-    sent: list[jpb.SubmitManyRequest] = []
-    submit_many = service.jobs_stub.SubmitMany
-
-    class Recording:
-        def future(self, request: jpb.SubmitManyRequest, timeout: float):  # type: ignore[no-untyped-def]
-            sent.append(request)
-            return submit_many.future(request, timeout=timeout)
-
-    service.jobs_stub.SubmitMany = Recording()  # type: ignore[assignment]
-    with service:
-        jobs = [park.submit("park_test_tasks:noop", 0, memo=False)]
-        for i in range(1, 3000):
-            jobs.append(park.submit("park_test_tasks:noop", i, when=jobs[-1].isfinished, memo=False))
+    sent, jobs = _submit_a_chain_recording_batches(service, 3000)
     assert len(sent) > 1 and all(r.after == 0 for r in sent), [(r.number, r.after) for r in sent]
     assert sum(len(r.jobs) for r in sent) == 3000
     assert jobs[-1].acknowledged(timeout=30).id == jobs[-1].id
