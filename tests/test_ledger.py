@@ -13,6 +13,8 @@ from park._proto import jobs_pb2 as jpb
 from park.conditions import Atom, AtomKey
 from park.wire import condition_to_proto
 from park_broker.core.ledger import Batch, Ledger
+from park_broker.core.lifecycle import Lifecycle
+from park_broker.core.store import Store
 from park_broker.execution.base import Outcome
 
 
@@ -83,14 +85,20 @@ def test_a_chain_of_waiting_jobs_naming_each_other_stays_serialized(tmp_path: Pa
     asyncio.run(main())
 
 
+async def _one_packed_waiting_job(tmp_path: Path) -> tuple[Lifecycle, Store, str, str]:
+    """A core whose job b waits on job a, which has not run, once b's record is packed."""
+    core, _, store = in_process_core(tmp_path)
+    a, b = _id(1), _id(2)
+    await core.submissions.submit_many("alice", [jpb.JobSpec(id=a, command=jpb.CommandLine(argv=["true"])),
+                                                 _spec(b, after=a)])
+    await _packed(core.ledger, b)
+    return core, store, a, b
+
+
 def test_a_promoted_record_is_written_at_its_next_commit_and_serialized_again(tmp_path: Path) -> None:
     async def main() -> None:
-        core, _, store = in_process_core(tmp_path)
-        a, b = _id(1), _id(2)
-        await core.submissions.submit_many("alice", [jpb.JobSpec(id=a, command=jpb.CommandLine(argv=["true"])),
-                                                     _spec(b, after=a)])
+        core, store, a, b = await _one_packed_waiting_job(tmp_path)
         ledger = core.ledger
-        await _packed(ledger, b)
         job = ledger.record(b)
         assert job is not None and _live(ledger, b) and ledger.record(b) is job
         job.attention = "changed while it waits"
@@ -227,12 +235,8 @@ def test_a_record_changed_while_it_is_being_packed_stays_as_changed(tmp_path: Pa
     import threading
 
     async def main() -> None:
-        core, _, store = in_process_core(tmp_path)
-        a, b = _id(1), _id(2)
-        await core.submissions.submit_many("alice", [jpb.JobSpec(id=a, command=jpb.CommandLine(argv=["true"])),
-                                                     _spec(b, after=a)])
+        core, store, a, b = await _one_packed_waiting_job(tmp_path)
         ledger = core.ledger
-        await _packed(ledger, b)
         go, done = threading.Event(), threading.Event()
         pack_many = ledger._packer.pack_many
 
