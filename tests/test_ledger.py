@@ -2,20 +2,29 @@
 changed through `record` is written and serialized again at its next commit, and a restart rebuilds it all.
 
 Whether a record is held live is seen through the public interface: a live record's peeks are one object, a
-serialized one's are a fresh parse each time."""
+serialized one's are a fresh parse each time. Records are packed only above `PACK_ABOVE` active jobs: most tests
+here set it to 0, so that a few jobs show what a million would do."""
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import pytest
 from core_harness import in_process_core  # type: ignore[import-not-found]
 from park._proto import jobs_pb2 as jpb
 from park.conditions import Atom, AtomKey
 from park.wire import condition_to_proto
+from park_broker.core import ledger as ledger_module
 from park_broker.core.ledger import Batch, Ledger
 from park_broker.core.lifecycle import Lifecycle
 from park_broker.core.store import Store
 from park_broker.execution.base import Outcome
+
+
+@pytest.fixture(autouse=True)
+def pack_every_waiting_record(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "keeps_small_backlogs_live" not in request.node.name:
+        monkeypatch.setattr(ledger_module, "PACK_ABOVE", 0)
 
 
 def _spec(job_id: str, after: str | None = None, arg: str = "") -> jpb.JobSpec:
@@ -264,6 +273,31 @@ def test_a_record_changed_while_it_is_being_packed_stays_as_changed(tmp_path: Pa
         await _packed(ledger, b)
         seen = ledger.peek(b)
         assert seen is not None and seen.attention == "changed since"
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_ledger_keeps_small_backlogs_live_and_packs_waiting_records_above_pack_above(tmp_path: Path) -> None:
+    """A few thousand waiting jobs are not worth compressing (each would be unpacked again to start): records
+    are packed only while the ledger holds more than `pack_above` active jobs, after a restart too."""
+    async def main() -> None:
+        core, _, store = in_process_core(tmp_path)
+        assert core.ledger.pack_above == ledger_module.PACK_ABOVE >= 1000
+        core.ledger.pack_above = 10
+        gate, ids = _id(0), [_id(i) for i in range(1, 21)]
+        await core.submissions.submit_many("alice", [jpb.JobSpec(id=gate, command=jpb.CommandLine(argv=["true"]))])
+        for job_id in ids:   # one batch each: the ledger holds 2, 3, ... 21 active jobs at their commits
+            await core.submissions.submit_many("alice", [_spec(job_id, after=gate)])
+        await _packed(core.ledger, *ids[9:])   # committed while more than 10 jobs were active
+        assert all(_live(core.ledger, j) for j in ids[:9])
+        store.close()
+
+        core, _, store = in_process_core(tmp_path)
+        core.ledger.pack_above = 10
+        await core.start()   # read back in order: the gate and 9 waiting jobs live, the rest packed
+        assert all(_live(core.ledger, j) for j in (gate, *ids[:9]))
+        assert not any(_live(core.ledger, j) for j in ids[10:])
         store.close()
 
     asyncio.run(main())

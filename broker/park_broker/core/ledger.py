@@ -14,7 +14,10 @@ Invariants this module guarantees:
   from the store, where it is committed and terminal.
 - A waiting job's record is kept packed, serialized and compressed, once its
   change is committed (`_Packer`: ~200 bytes, where a parsed `jpb.Job` takes
-  ~3 KB, and a million jobs may wait); the compression runs in a thread, so a
+  ~3 KB, and a million jobs may wait), while the ledger holds more than
+  `pack_above` active jobs: a smaller backlog (a few MB live) is not worth
+  compressing a record that waits a few milliseconds and unpacking it again
+  to start it. The compression runs in a thread, so a
   record stays live for a moment after its commit, and a record changed
   meanwhile stays live until the commit of that change. `record(id)` gives the live record to
   change, unpacking a packed one and keeping it live (a promotion); `peek(id)`
@@ -54,6 +57,7 @@ from park_broker.errors import Code, fail
 log = logging.getLogger(__name__)
 
 MAX_HISTORY = 10_000      # progress reports kept in memory per active job
+PACK_ABOVE = 4096         # active jobs held before waiting records are packed (4,096 live: about 12 MB)
 
 Pin = tuple[str, str, str]     # (owner or "" for site-wide, package, version) an install job provides
 _NOT_STARTED = (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED)
@@ -156,6 +160,7 @@ class Ledger:
         self.release: Callable[[list[str]], None] = lambda queued: None
         self._active: dict[str, jpb.Job | _Packed] = {}
         self._packer = _Packer()
+        self.pack_above = PACK_ABOVE
         self._memo: dict[bytes, str] = {}           # memo key (its digest: `_digest`) -> id, for active jobs
         self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
         self._aliased: dict[str, set[str]] = {}     # job id -> its alias ids (to forget them with it)
@@ -270,7 +275,8 @@ class Ledger:
         for record in records:
             job = jpb.Job.FromString(record)
             job_id = sys.intern(job.id)
-            self._active[job_id] = _Packed.of(job, self._packer.pack(record)) if _packable(job) else job
+            self._active[job_id] = _Packed.of(job, self._packer.pack(record)) if (
+                _packable(job) and len(self._active) >= self.pack_above) else job
             self._index(job_id, job, install_pin(job.owner, job.spec))
             ids.append(job_id)
         return ids
@@ -347,13 +353,14 @@ class Ledger:
                 active.last_seq = max(active.last_seq, change.event.seq)
         self._release(batch)
         waiting: dict[str, jpb.Job] = {}
+        packing = len(self._active) > self.pack_above
         for change in batch.changes:
             job = self._active.get(change.job.id)
             if not isinstance(job, jpb.Job):
                 continue
             if job.state in TERMINAL_STATES and change.job.state in TERMINAL_STATES:
                 self._retiring.append(job.id)
-            elif _packable(job):
+            elif packing and _packable(job):
                 waiting[job.id] = job
         if waiting:
             self._pack_soon(list(waiting.values()))
