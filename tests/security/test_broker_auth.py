@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -251,18 +252,26 @@ def test_no_answer_carries_a_delegated_token_even_to_an_admin(new_broker) -> Non
     secret = "c2VjcmV0LWRlbGVnYXRlZC10b2tlbg"
     spec = jpb.JobSpec(id=park.service.new_job_id(), call=jpb.PythonCall(target="park_test_tasks:noop"),
                        grants={"sns": secret})
+    live = service.jobs_stub.Watch(jpb.WatchRequest(), timeout=20)   # events as they are committed
+    assert next(live).HasField("progress")   # caught up: what follows is live
     [result] = service.jobs_stub.SubmitMany(jpb.SubmitManyRequest(jobs=[spec]), timeout=10).results
     assert result.code == 0, result.message
     service.job(spec.id).wait(timeout=30)
-    answers = [service.jobs_stub.Get(jpb.GetRequest(job_id=spec.id), timeout=10),
-               *service.jobs_stub.List(jpb.ListRequest(), timeout=10).jobs]
-    stream = service.jobs_stub.Watch(jpb.WatchRequest(job_id=spec.id), timeout=10)
+    answers: list[Any] = []
+    while not any(e.WhichOneof("kind") == "completed" for e in answers):
+        answers.extend(next(live).events)
+    live.cancel()
+    assert answers[0].WhichOneof("kind") == "submitted" and "sns" in answers[0].submitted.spec.grants
+    answers += [service.jobs_stub.Get(jpb.GetRequest(job_id=spec.id), timeout=10),
+                *service.jobs_stub.List(jpb.ListRequest(), timeout=10).jobs]
+    stream = service.jobs_stub.Watch(jpb.WatchRequest(job_id=spec.id), timeout=10)   # replayed from the store
     for response in stream:
         if response.HasField("progress"):   # caught up with the log
             stream.cancel()
             break
         answers.extend(response.events)
-    assert answers[2].WhichOneof("kind") == "submitted" and "sns" in answers[2].submitted.spec.grants
+    assert [e.WhichOneof("kind") for e in answers[-4:]] == ["submitted", "queued", "started", "completed"]
+    assert "sns" in answers[-4].submitted.spec.grants
     for answer in answers:
         assert secret.encode() not in answer.SerializeToString(), answer
 

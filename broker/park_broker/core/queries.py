@@ -81,9 +81,17 @@ def without_tokens(job: jpb.Job) -> jpb.Job:
 
 
 def event_without_tokens(event: jpb.Event) -> jpb.Event:
-    if event.HasField("submitted"):
-        _blank(event.submitted.spec)
-    return event
+    """`event` as it may be shown: itself if it carries no delegated token, else a copy with them blanked
+    (live events are shared by every watcher and the store's line, so never blanked in place)."""
+    if not event.HasField("submitted") or not _carries_tokens(event.submitted.spec):
+        return event
+    shown = jpb.Event.FromString(event.SerializeToString())
+    _blank(shown.submitted.spec)
+    return shown
+
+
+def _carries_tokens(spec: jpb.JobSpec) -> bool:
+    return bool(spec.grants) or (spec.HasField("fetch") and bool(spec.fetch.token))
 
 
 def _blank(spec: jpb.JobSpec) -> None:

@@ -85,11 +85,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                     ) -> AsyncIterator[jpb.WatchResponse]:
         caller = current_identity.get()
         async for item in self.core.queries.watch(caller.user, request.job_id, request.from_seq, admin=caller.admin):
-            if any(event.HasField("submitted") for event in item.events):   # live events are shared: copy
-                item = jpb.WatchResponse(events=[
-                    event_without_tokens(jpb.Event.FromString(event.SerializeToString()))
-                    if event.HasField("submitted") else event for event in item.events])
-            yield item
+            shown = [event_without_tokens(event) for event in item.events]
+            yield item if all(s is e for s, e in zip(shown, item.events)) else jpb.WatchResponse(events=shown)
 
 
     async def Report(self, request_iterator: AsyncIterator[jpb.ReportRequest], context: grpc.aio.ServicerContext
