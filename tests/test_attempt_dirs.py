@@ -117,7 +117,7 @@ def test_a_job_whose_directory_cannot_be_made_fails_saying_so_and_frees_its_slot
 
 def test_a_log_left_as_a_link_is_replaced_and_its_target_untouched(tmp_path: Path) -> None:
     """A half-run (a retry on Dask) may have left anything in the directory: only real log files are reused."""
-    from park_broker.execution.worker import run_task
+    from park_broker.execution.worker import WorkerProcess, run_task
 
     work, target = tmp_path / ".job.attempt-1", tmp_path / "precious"
     work.mkdir(mode=0o700)
@@ -125,11 +125,34 @@ def test_a_log_left_as_a_link_is_replaced_and_its_target_untouched(tmp_path: Pat
     (work / "stdout.log").symlink_to(target)
     (work / "stderr.log").mkdir()
     outcome = run_task({"kind": "command", "argv": ["sh", "-c", "echo fresh"], "work_dir": str(work),
-                        "output_name": "output", "env": {}})
+                        "output_name": "output", "env": {}}, WorkerProcess())
     assert outcome["ok"], outcome
     assert target.read_text() == "keep me"
     assert not (work / "stdout.log").is_symlink() and (work / "stdout.log").read_text() == "fresh\n"
     assert (work / "stderr.log").is_file()
+
+
+def test_a_warm_worker_gives_each_task_exactly_its_own_variables(tmp_path: Path) -> None:
+    """A worker process runs one user's tasks one after another: each sees its own values of the variables the
+    broker sets, even those an earlier job changed in the process, and none of an earlier task's others (a GPU
+    job's CUDA_VISIBLE_DEVICES must not reach the next job)."""
+    from park_broker.execution.worker import WorkerProcess, run_task
+
+    process = WorkerProcess()
+    first, second = tmp_path / "first", tmp_path / "second"
+    for work in (first, second):
+        work.mkdir(mode=0o700)
+    try:
+        outcome = run_task({"kind": "call", "target": "os:environ.__setitem__", "kwargs_json": "",
+                            "args_json": '["PARK_SITE", "changed"]', "work_dir": str(first), "output_name": "output",
+                            "env": {"PARK_SITE": "sns", "CUDA_VISIBLE_DEVICES": "0"}}, process)
+        assert outcome["ok"], outcome
+        outcome = run_task({"kind": "command", "argv": ["sh", "-c", 'echo "$PARK_SITE ${CUDA_VISIBLE_DEVICES-unset}"'],
+                            "work_dir": str(second), "output_name": "output", "env": {"PARK_SITE": "sns"}}, process)
+        assert outcome["ok"], outcome
+    finally:
+        process.enter({})   # this test's process is the worker: leave it none of the tasks' variables
+    assert (second / "stdout.log").read_text() == "sns unset\n"
 
 
 def test_a_running_jobs_logs_are_read_from_its_current_attempt_and_grow(service: park.Service,

@@ -113,28 +113,43 @@ def _run(task: dict[str, Any], work_dir: str) -> dict[str, Any]:
     return {"ok": True, **_store_result(fn(*args, **kwargs), work_dir)}
 
 
-def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
+class WorkerProcess:
+    """What a worker process keeps from one task to the next: its own stdout and stderr (a task's logs take
+    fds 1 and 2 while it runs), and the variables its last task set. A task's variables are set as it starts
+    (those already holding its values are left alone) and the last task's others removed: restoring them
+    after each task would cost a trivial job as much again."""
+
+    def __init__(self) -> None:
+        self.stdio = (os.dup(1), os.dup(2))
+        self._env: dict[str, str] = {}
+
+    def enter(self, env: dict[str, str]) -> None:
+        for key in self._env.keys() - env.keys():
+            os.environ.pop(key, None)
+        for key, value in env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        self._env = env
+
+
+def run_task(task: dict[str, Any], process: WorkerProcess, report_fd: int = -1) -> dict[str, Any]:
     """Run one task with its output captured in its attempt directory; never raises for the task's own errors.
 
     `report_fd`: the socket to the broker, which a Python call's `park.report` may write its reports to
     (park.progress) until the call returns."""
     work_dir = task["work_dir"]   # made by the broker, for the account this process runs as
     try:
-        left = os.listdir(work_dir)   # a half-run of this attempt (a retry by Dask); a spare's empty logs
+        with os.scandir(work_dir) as entries:   # a half-run of this attempt (a retry by Dask); a spare's empty logs
+            left = [(entry.name, entry.path, entry.is_file(follow_symlinks=False),
+                     entry.is_dir(follow_symlinks=False)) for entry in entries]
     except FileNotFoundError:
         return {"ok": False, "error": "the attempt's directory is gone: its broker no longer wants this attempt"}
     except OSError as exc:
         return {"ok": False, "error": f"the job's process (uid {os.getuid()}) cannot use its directory: {exc}"}
-    for name in left:
-        path = os.path.join(work_dir, name)
-        if name in LOGS and os.path.isfile(path) and not os.path.islink(path):
+    for name, path, is_file, is_dir in left:
+        if name in LOGS and is_file:
             continue   # truncated when opened: a log file is reused, not made again
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
-    # Only the task's own variables are set and restored: copying the whole environment
-    # back and forth costs more than a trivial job.
-    saved_env = {k: os.environ.get(k) for k in task["env"]}
-    saved_cwd = os.getcwd()
-    saved_fds = [os.dup(1), os.dup(2)]
+        shutil.rmtree(path) if is_dir else os.unlink(path)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -143,7 +158,7 @@ def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
                              os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
             os.dup2(log_fd, fd)
             os.close(log_fd)
-        os.environ.update(task["env"])
+        process.enter(task["env"])
         if report_fd >= 0 and task["kind"] != "command":   # a command's processes have no such fd
             os.environ["PARK_REPORT_FD"] = f"{os.getpid()}:{report_fd}"
         os.chdir(work_dir)
@@ -168,17 +183,10 @@ def run_task(task: dict[str, Any], report_fd: int = -1) -> dict[str, Any]:
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
-        os.dup2(saved_fds[0], 1)
-        os.dup2(saved_fds[1], 2)
-        for fd in saved_fds:
-            os.close(fd)
-        os.chdir(saved_cwd)
+        os.dup2(process.stdio[0], 1)
+        os.dup2(process.stdio[1], 2)
+        os.chdir("/")   # not left in a directory the broker moves or removes next
         os.environ.pop("PARK_REPORT_FD", None)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     output = os.path.join(work_dir, task["output_name"])
     if os.path.isfile(output):
         size, sha = file_digest(output)
@@ -281,9 +289,10 @@ def serve(sock: socket.socket, *, reports: bool) -> None:
     """Run the tasks read from `sock` one after another, sending back each outcome and whether the attempt
     left nothing (call `adopt_orphans` first). `reports`: a Python call's `park.report` may write to `sock`
     (the local executor reads them; a Dask child's reports go over the network instead)."""
+    process = WorkerProcess()
     while (task := recv(sock)) is not None:
         try:
-            outcome = run_task(task, sock.fileno() if reports else -1)
+            outcome = run_task(task, process, sock.fileno() if reports else -1)
         except Exception as exc:  # noqa: BLE001 - the worker's own failure is the task's, never a dead worker
             outcome = {"ok": False, "error": f"the worker could not run the job: {type(exc).__name__}: {exc}",
                        "traceback": traceback.format_exc()}
