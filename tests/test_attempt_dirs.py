@@ -37,8 +37,8 @@ def test_a_job_that_leaves_nothing_keeps_no_directory_and_lends_it_to_the_next(b
         assert job.state == "completed" and record.left_nothing, job.id
         assert not Path(record.directory).exists()
         assert job.logs() == "" and job.logs("stderr") == ""
-    # The five attempts, one after another, went through one directory: one spare is left, not five.
-    [spare] = (broker.directory / "files" / ".spare").iterdir()
+    # The five attempts, one after another, ran in one directory: one spare is left, not five.
+    [spare] = (broker.directory / "files" / default_subject() / ".attempts").iterdir()
     witness = tmp_path / "witness"
     os.link(spare / "stdout.log", witness)   # the spare's log file, under another name
     with service:
@@ -49,7 +49,26 @@ def test_a_job_that_leaves_nothing_keeps_no_directory_and_lends_it_to_the_next(b
     assert (Path(kept.directory) / "output").read_text() == "x"
     # It ran in the spare, and wrote into its log file (truncated, not made again).
     assert witness.read_text() == "wrote 1 characters\n"
-    assert list((broker.directory / "files" / ".spare").iterdir()) == []
+    assert list((broker.directory / "files" / default_subject() / ".attempts").iterdir()) == []
+
+
+def test_a_broker_starting_removes_what_attempts_left_in_the_owners_folders(new_broker) -> None:  # type: ignore[no-untyped-def]
+    """After a crash: a half-run attempt's directory (and its files) goes before anything runs again; its
+    successor runs in a directory named for the new broker, never in the old one."""
+    broker = new_broker("sns").start()
+    with broker.service():
+        first = park.submit("park_test_tasks:noop", memo=False)
+    assert first.wait(timeout=60) == "completed"
+    folder = broker.directory / "files" / default_subject() / ".attempts"
+    [spare] = folder.iterdir()
+    (spare / "half-written").write_text("from an attempt the crash interrupted")
+    broker.kill()
+    broker.start()
+    assert not spare.exists()
+    with broker.service():
+        again = park.submit("park_test_tasks:noop", memo=False)
+    assert again.wait(timeout=60) == "completed"
+    assert [p.name for p in folder.iterdir()] != [spare.name]
 
 
 @pytest.mark.parametrize("argv, why", [

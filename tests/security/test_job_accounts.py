@@ -29,6 +29,8 @@ for f in identity.key tls.key park.db users.toml; do
 done
 if ls "$SITE" >/dev/null 2>&1; then echo "listed site"; else echo "denied listing"; fi
 if cat "$OTHER" >/dev/null 2>&1; then echo "read other"; else echo "denied other"; fi
+if ls "$OTHERS" >/dev/null 2>&1; then echo "listed others"; else echo "denied listing others"; fi
+if ls "$OTHERS/.attempts" >/dev/null 2>&1; then echo "listed attempts"; else echo "denied listing attempts"; fi
 id -un
 """
 
@@ -61,11 +63,15 @@ def test_each_users_jobs_run_as_their_account_and_reach_neither_the_sites_secret
     assert bob_output.parent.stat().st_uid == pwd.getpwnam(bob_account).pw_uid
 
     with broker.service():
-        probe = park.run(["env", f"SITE={broker.directory}", f"OTHER={bob_output}", "sh", "-c", PROBE])
+        probe = park.run(["env", f"SITE={broker.directory}", f"OTHER={bob_output}",
+                          f"OTHERS={bob_output.parent.parent}", "sh", "-c", PROBE])
         assert probe.wait(timeout=60) == "completed"
     said = (Path(probe.filename).parent / "stdout.log").read_text().split("\n")
-    assert said[:7] == ["denied identity.key", "denied tls.key", "denied park.db", "denied users.toml",
-                        "denied listing", "denied other", alice_account], said
+    assert said[:9] == ["denied identity.key", "denied tls.key", "denied park.db", "denied users.toml",
+                        "denied listing", "denied other", "denied listing others", "denied listing attempts",
+                        alice_account], said
+    for folder in (bob_output.parent.parent, bob_output.parent.parent / ".attempts"):   # the broker's, passed through
+        assert folder.stat().st_uid == 0 and folder.stat().st_mode & 0o777 == 0o711, folder
     assert Path(probe.filename).parent.stat().st_uid == pwd.getpwnam(alice_account).pw_uid
 
 

@@ -1,12 +1,13 @@
 """Attempt directories: where each attempt of a job runs, when it is made, and what becomes of it.
 
-Each attempt runs in a directory of its own, `.<job>.attempt-<n>-<run>` beside
-the job's final directory, where `<run>` names this broker process: an attempt
-that outlived a crash (its start had not been committed, so the re-run has the
-same number) never shares a directory with its re-run. It is made when the
-attempt is handed to its executor, not while the attempt waits its turn in the
-fair queue, for the account the job runs as (execution.accounts). When the
-attempt ends:
+Each attempt runs in a directory of its own in its owner's `.attempts` folder,
+`<files root>/<owner>/.attempts/<run>-<n>`, where `<run>` names this broker
+process: an attempt that outlived a crash (its start had not been committed, so
+the re-run has the same number) never shares a directory with its re-run, and
+the folders are emptied when a broker starts (`clear`). A directory is chosen
+when the attempt is handed to its executor, not while the attempt waits its turn
+in the fair queue, for the account the job runs as (execution.accounts). When
+the attempt ends:
 
 - the current attempt's directory is moved into place as the job's (`adopt`),
   replacing what an earlier attempt left there; a stale attempt's (one that
@@ -15,19 +16,19 @@ attempt ends:
 - unless the attempt left nothing (its logs empty, no other file, no process of
   its own still running: `execution.worker.left_nothing`) and the job has no
   earlier directory. Then the job keeps no directory (its record says
-  `left_nothing`, and its logs read as empty), and the attempt's directory
-  becomes a *spare* in `<files root>/.spare`, which the next attempt of the same
-  Unix account is renamed into. A trivial job then costs two renames, where it
-  cost creating three files, a chown and a rename; creating a file is the
-  slowest of these on a file system with many recent deletions (ext4 searches
-  past recently freed inodes).
+  `left_nothing`, and its logs read as empty), and the attempt's directory stays
+  where it is as a *spare*, which the next attempt of the same owner and Unix
+  account runs in. A trivial job then costs no file system change at all, where
+  a new directory costs a mkdir and a chown, and its move into place a rename.
 
-Spares belong to no job: `clear` removes them when the broker starts.
+The `.attempts` folder is the broker's (mode 0711, like the owner's folder): a
+job's account reaches its own attempt's directory in it, and lists nothing.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import glob
 import itertools
 import os
 import secrets
@@ -37,52 +38,54 @@ from pathlib import Path
 from park_broker.execution.accounts import Account, Accounts
 from park_broker.execution.base import Outcome
 
-MAX_SPARES = 64   # per account: more attempts of one account than this rarely run at once
+MAX_SPARES = 64   # per owner and account: more attempts of one user than this rarely run at once
+FOLDER = ".attempts"
 
-_Owner = tuple[int, int] | None   # (uid, gid) a spare belongs to; None: the broker's own account
+_Key = tuple[str, int, int] | tuple[str, None, None]   # (owner folder, uid, gid) a spare belongs to
 
 
 class AttemptDirs:
     def __init__(self, files_root: str, accounts: Accounts):
         self.accounts = accounts
-        self._spare_root = os.path.join(files_root, ".spare")
-        self._spares: dict[_Owner, list[str]] = {}
+        self._files_root = files_root
+        self._spares: dict[_Key, list[str]] = {}
+        self._folders: set[str] = set()   # `.attempts` folders made (or found) by this broker
         self._names = itertools.count()
         self._run = secrets.token_hex(4)
 
     def clear(self) -> None:
-        """Remove what earlier brokers kept (blocking: run it in a thread, before any attempt starts)."""
-        shutil.rmtree(self._spare_root, ignore_errors=True)
-        os.makedirs(self._spare_root, 0o700, exist_ok=True)
+        """Remove what earlier brokers left in the owners' `.attempts` folders (blocking: run it in a thread,
+        before any attempt starts)."""
+        for folder in glob.glob(os.path.join(glob.escape(self._files_root), "*", FOLDER)):
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def path(self, final: str, job_id: str, attempt: int) -> str:
-        """Where attempt `attempt` of the job whose directory is `final` runs."""
-        return os.path.join(os.path.dirname(final), f".{job_id}.attempt-{attempt}-{self._run}")
-
-    def make(self, where: str, account: Account | None) -> None:
-        """Give an attempt its directory: a spare of its account's, else a new one."""
-        spares = self._spares.get(_owner(account))
+    def make(self, owner: str, account: Account | None) -> str:
+        """A directory for an attempt of one of `owner`'s jobs: a spare of that owner's and account's, else a
+        new one."""
+        folder = os.path.join(self._files_root, owner, FOLDER)
+        spares = self._spares.get(_key(folder, account))
         if spares:
-            try:
-                os.rename(spares.pop(), where)
-                return
-            except OSError:   # the owner's first job here (no tree yet), or a half-run of this attempt is there
-                pass
+            return spares.pop()
+        if folder not in self._folders:
+            # The owner's folder too, on their first job here: jobs pass through both, and list neither.
+            for directory in (os.path.dirname(folder), folder):
+                try:
+                    os.mkdir(directory, 0o711)
+                except FileExistsError:
+                    pass
+            self._folders.add(folder)
+        where = os.path.join(folder, f"{self._run}-{next(self._names)}")
         self.accounts.prepare(Path(where), account)
+        return where
 
     def adopt(self, work: str, final: str, outcome: Outcome, account: Account | None) -> Outcome:
-        """The current attempt's directory `work` becomes the job's `final` one, or a spare if the attempt left
-        nothing; the outcome returned says which (`left_nothing`) and where its files are now."""
+        """The current attempt's directory `work` becomes the job's `final` one, or stays a spare if the attempt
+        left nothing; the outcome returned says which (`left_nothing`) and where its files are now."""
         if outcome.left_nothing:
-            spares = self._spares.setdefault(_owner(account), [])
+            spares = self._spares.setdefault(_key(os.path.dirname(work), account), [])
             if len(spares) < MAX_SPARES and not os.path.lexists(final):
-                spare = os.path.join(self._spare_root, str(next(self._names)))
-                try:
-                    os.rename(work, spare)
-                    spares.append(spare)
-                    return outcome
-                except OSError:
-                    pass
+                spares.append(work)
+                return outcome
             outcome = dataclasses.replace(outcome, left_nothing=False)
         return _adopt(work, final, outcome)
 
@@ -92,8 +95,8 @@ class AttemptDirs:
         asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, work, True)
 
 
-def _owner(account: Account | None) -> _Owner:
-    return None if account is None else (account.uid, account.gid)
+def _key(folder: str, account: Account | None) -> _Key:
+    return (folder, None, None) if account is None else (folder, account.uid, account.gid)
 
 
 def _adopt(work: str, final: str, outcome: Outcome) -> Outcome:
@@ -102,7 +105,7 @@ def _adopt(work: str, final: str, outcome: Outcome) -> Outcome:
     happens off the event loop."""
     try:
         os.rename(work, final)   # the common case: nothing was at `final`
-    except FileNotFoundError:    # the attempt never got as far as making its directory
+    except FileNotFoundError:    # the attempt's directory is gone (removed by hand, or by a broker starting)
         return outcome
     except OSError:              # an earlier attempt's directory is there (ENOTEMPTY, EEXIST)
         replaced = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.replaced-{secrets.token_hex(4)}")

@@ -5,7 +5,7 @@ network work the broker does itself (transfer.fetches); an install job waits
 for its upload (packages.installs), not for a runner. The dispatcher is the
 ledger's `release`: it only ever sees jobs whose QUEUED state is committed.
 
-Each attempt runs in a directory of its own (core.attempts), made when the
+Each attempt runs in a directory of its own (core.attempts), chosen when the
 fair queue hands the attempt to its executor. When an executor reports an
 attempt's end, `finished` adopts that directory only if the attempt is the job's
 current one; a stale attempt's directory (one that outlived a crash or a
@@ -14,7 +14,6 @@ cancellation) is removed instead, so it can never replace a recorded result.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -107,7 +106,8 @@ class Dispatcher:
             self.fetcher.cancel(job_id)
 
     def running_dir(self, job_id: str, owner: str) -> str | None:
-        """The directory of `owner`'s job's current attempt, if it has one here (it may not be made yet)."""
+        """The directory of `owner`'s job's current attempt, if it has one here: "" while the attempt waits its
+        turn (it has no directory yet)."""
         task = self._attempts.get(job_id)
         return task.work_dir if task is not None and task.owner == owner else None
 
@@ -116,13 +116,14 @@ class Dispatcher:
         self.accounts.hand_over(directory, self.accounts.of(owner))
 
     def _hand_over(self, task: Task) -> None:
-        """The fair queue's turn for `task`: its directory is made now (not while it waited), then it runs."""
+        """The fair queue's turn for `task`: its directory is chosen now (not while it waited), then it runs."""
         try:
-            self.attempts.make(task.work_dir, task.account)
+            task = task.placed(self.attempts.make(task.owner, task.account))
         except OSError as exc:
             # After the queue's pump returns: ending the slot pumps again.
             asyncio.get_running_loop().call_soon(self._cannot_start, task, exc)
             return
+        self._attempts[task.job_id] = task
         self.executor.submit(task)
 
     def _cannot_start(self, task: Task, exc: OSError) -> None:
@@ -136,16 +137,14 @@ class Dispatcher:
     def _task(self, job: jpb.Job) -> Task:
         spec = job.spec
         attempt = job.attempts + 1
-        where = self.attempts.path(job.directory, job.id, attempt)
         account = self.accounts.of(job.owner)
         output = spec.output_name or DEFAULT_OUTPUT
-        env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_DIR": where,
-               "PARK_JOB_FILENAME": os.path.join(where, output), "PARK_JOB_URL": job.url,
+        env = {"PARK_JOB_ID": job.id, "PARK_SITE": self.site.name, "PARK_JOB_URL": job.url,
                "PARK_BROKER_ADDRESS": self.site.address, "PARK_BROKER_CERT": self.site.cert_path,
-               "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}
+               "PARK_REPORT_TOKEN": self._report_token(job.id, attempt)}   # and its directory's, once placed
         python_path = tuple(str(d) for d in self.packages.resolve(list(spec.requires), job.owner))
-        common = dict(job_id=job.id, attempt=attempt, owner=job.owner, account=account, work_dir=where,
-                      output_name=output, env=env, python_path=python_path,
+        common = dict(job_id=job.id, attempt=attempt, owner=job.owner, account=account, output_name=output,
+                      env=env, python_path=python_path,
                       timeout=spec.timeout or self.site.max_walltime, cpus=spec.resources.cpus or 1.0,
                       memory_limit=spec.resources.memory_bytes, gpus=spec.resources.gpus)
         if spec.WhichOneof("work") == "call":

@@ -9,10 +9,7 @@ groups' records, written with the changes that moved them).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import shutil
-from pathlib import Path
 
 from park._proto import jobs_pb2 as jpb
 from park.conditions import Condition
@@ -67,10 +64,8 @@ async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler,
             transitions.apply(decision, batch, stored)
         else:
             remote.watch(job.spec, condition)
-    # What interrupted attempts left behind goes before anything runs again; their processes died
+    # What interrupted attempts left behind went before this (core.attempts: `clear`): their processes died
     # with the broker (execution.worker), and no attempt directory is ever adopted but the current one's.
-    queued = [job for job_id in ids if (job := ledger.peek(job_id)) is not None and job.state == jpb.JOB_STATE_QUEUED]
-    await asyncio.to_thread(_clear_attempts, queued)
     await ledger.commit(batch)
     log.info("recovered %d active jobs, %d to run", len(ids), len(batch.queued))
 
@@ -85,10 +80,3 @@ def _record(ledger: Ledger, job_id: str) -> jpb.Job:
     job = ledger.record(job_id)
     assert job is not None, job_id
     return job
-
-
-def _clear_attempts(jobs: list[jpb.Job]) -> None:
-    for job in jobs:
-        directory = Path(job.directory)
-        for attempt in directory.parent.glob(f".{job.id}.attempt-[0-9]*"):   # a fetch resumes from its own
-            shutil.rmtree(attempt, ignore_errors=True)

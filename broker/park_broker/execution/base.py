@@ -6,6 +6,8 @@ the store or the network; the job manager does not know which executor runs.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,7 +26,8 @@ class Task:
     args_json: str = ""
     kwargs_json: str = ""
     argv: tuple[str, ...] = ()
-    work_dir: str                  # where the attempt runs and leaves what it made; the broker moves it into place
+    work_dir: str = ""             # where the attempt runs and leaves what it made (chosen when it is handed
+                                   # to the executor: `placed`); the broker moves it into place
     output_name: str
     env: dict[str, str] = field(default_factory=dict)
     python_path: tuple[str, ...] = ()   # package directories the job requires, first on sys.path
@@ -32,6 +35,11 @@ class Task:
     cpus: float = 1.0              # what it asked of the site (core.fairness); its GPUs are in env
     memory_limit: int = 0          # bytes it may allocate; 0: no limit
     gpus: int = 0
+
+    def placed(self, work_dir: str) -> Task:
+        """This attempt, to run in `work_dir`, which the job finds in PARK_JOB_DIR."""
+        return dataclasses.replace(self, work_dir=work_dir, env={
+            **self.env, "PARK_JOB_DIR": work_dir, "PARK_JOB_FILENAME": os.path.join(work_dir, self.output_name)})
 
     def message(self) -> dict[str, object]:
         """What a worker process reads to run the attempt (`execution.worker.run_task`), JSON-ready."""

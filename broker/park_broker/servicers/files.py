@@ -3,6 +3,7 @@ path's `files.read` scope."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -37,16 +38,20 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
         source.authorize_read(identity.token, request.path)
         within = source.owner_root(self.files_root, request.path)
         chunks: AsyncIterator[tuple[int, bytes, int, str]] | None = None
-        if (running := self._running_log(request.path)) is not None:
+        if (running := self._running_log(request.path)) == "":   # its attempt waits its turn: no log yet
+            yield _empty(request.offset, request.no_digest)
+            return
+        if running is not None:
             try:   # opened before the first item
-                chunks = source.read_chunks(running, request.offset, within=within, digest=not request.no_digest)
+                chunks = source.read_chunks(Path(running), request.offset, within=within,
+                                            digest=not request.no_digest)
                 first = await anext(chunks)
             except BrokerError as exc:
                 if exc.code != Code.NOT_FOUND:
                     raise
                 chunks = None
-                # Still running: the log is not made yet (the attempt waits its turn, or its worker starts), so
-                # it is empty. Else the attempt ended meanwhile and its logs moved with its directory.
+                # Still running: the log is not made yet (its worker starts), so it is empty. Else the attempt
+                # ended meanwhile and its logs moved with its directory.
                 if self._running_log(request.path) == running:
                     yield _empty(request.offset, request.no_digest)
                     return
@@ -66,14 +71,15 @@ class FilesServicer(files_pb2_grpc.FilesServicer):
         async for offset, data, size, sha256 in chunks:
             yield fipb.Chunk(offset=offset, data=data, size=size, sha256=sha256)
 
-    def _running_log(self, path: str) -> Path | None:
+    def _running_log(self, path: str) -> str | None:
         """Where a log of a job still running here is: in its current attempt's directory, which becomes the
-        job's only when the attempt ends (core.attempts). A read of it is the prefix written so far."""
+        job's only when the attempt ends (core.attempts). A read of it is the prefix written so far. "": the
+        job's attempt waits its turn; None: the job has no attempt here."""
         owner, job_id, *name = source.split_path(path)
         if len(name) != 1 or name[0] not in LOGS:
             return None
         work = self.running_dir(job_id, owner)
-        return None if work is None else Path(work, name[0])
+        return os.path.join(work, name[0]) if work else work
 
     async def _left_nothing(self, path: str) -> bool:
         """Whether `path` is a log of a job whose last attempt wrote nothing, so it has no directory
