@@ -68,11 +68,8 @@ class AttemptDirs:
             return spares.pop()
         if folder not in self._folders:
             # The owner's folder too, on their first job here: jobs pass through both, and list neither.
-            for directory in (os.path.dirname(folder), folder):
-                try:
-                    os.mkdir(directory, 0o711)
-                except FileExistsError:
-                    pass
+            os.makedirs(os.path.dirname(folder), 0o711, exist_ok=True)
+            os.makedirs(folder, 0o711, exist_ok=True)
             self._folders.add(folder)
         where = os.path.join(folder, f"{self._run}-{next(self._names)}")
         self.accounts.prepare(Path(where), account)
