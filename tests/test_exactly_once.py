@@ -110,6 +110,36 @@ def test_an_interrupted_attempt_never_becomes_the_result_of_its_rerun(tmp_path: 
     asyncio.run(main())
 
 
+def test_a_rerun_that_leaves_nothing_replaces_what_its_interrupted_attempt_moved_into_place(tmp_path: Path) -> None:
+    """The broker stopped after an attempt's directory became the job's, before its start was committed: the
+    job runs again as attempt 1, and that attempt, leaving nothing, must still replace the directory (its logs
+    are the rerun's, empty), though a first attempt is not otherwise looked for."""
+    async def main() -> None:
+        first, executor, store = in_process_core(tmp_path)
+        await first.start()
+        await first.submissions.submit_many("alice", [SPEC])
+        [interrupted] = executor.tasks
+        record = await first.queries.get("alice", SPEC.id)
+        Path(interrupted.work_dir, "stdout.log").write_text("the interrupted attempt's\n")
+        os.rename(interrupted.work_dir, record.directory)   # moved into place; the broker stopped there
+        await asyncio.sleep(0.1)
+        store.close()
+        second, executor, store = in_process_core(tmp_path)
+        await second.start()
+        [rerun] = executor.tasks
+        assert rerun.attempt == interrupted.attempt == 1
+        second.transitions.on_started(SPEC.id, rerun.attempt)
+        Path(rerun.work_dir, "stdout.log").write_text("")   # as its worker leaves it
+        second.dispatch.finished(SPEC.id, rerun.attempt, Outcome(ok=True, result_json='"done"', left_nothing=True))
+        await asyncio.sleep(0.1)
+        record = await second.queries.get("alice", SPEC.id)
+        assert record.state == jpb.JOB_STATE_COMPLETED and not record.left_nothing
+        assert (Path(record.directory) / "stdout.log").read_text() == ""
+        store.close()
+
+    asyncio.run(main())
+
+
 def test_an_attempt_that_reports_after_its_job_was_cancelled_is_discarded(tmp_path: Path) -> None:
     async def main() -> None:
         core, executor, store = in_process_core(tmp_path)

@@ -15,7 +15,8 @@ the attempt ends:
   never replace a recorded result;
 - unless the attempt left nothing (its logs empty, no other file, no process of
   its own still running: `execution.worker.left_nothing`) and the job has no
-  earlier directory. Then the job keeps no directory (its record says
+  earlier directory (only a retry, or a job an earlier broker handed to an
+  executor before it stopped, can have one: those are looked for). Then the job keeps no directory (its record says
   `left_nothing`, and its logs read as empty), and the attempt's directory stays
   where it is as a *spare*, which the next attempt of the same owner and Unix
   account runs in. A trivial job then costs no file system change at all, where
@@ -50,6 +51,7 @@ class AttemptDirs:
         self._files_root = files_root
         self._spares: dict[_Key, list[str]] = {}
         self._folders: set[str] = set()   # `.attempts` folders made (or found) by this broker
+        self._interrupted: set[str] = set()   # jobs an earlier broker handed over: a directory of theirs may be there
         self._names = itertools.count()
         self._run = secrets.token_hex(4)
 
@@ -75,15 +77,26 @@ class AttemptDirs:
         self.accounts.prepare(Path(where), account)
         return where
 
-    def adopt(self, work: str, final: str, outcome: Outcome, account: Account | None) -> Outcome:
+    def interrupted(self, job_ids: list[str]) -> None:
+        """Jobs that run again after a restart: an attempt of theirs may have been moved into place before the
+        broker stopped (recovery, before it hands them over)."""
+        self._interrupted.update(job_ids)
+
+    def adopt(self, job_id: str, attempt: int, work: str, final: str, outcome: Outcome, account: Account | None
+              ) -> Outcome:
         """The current attempt's directory `work` becomes the job's `final` one, or stays a spare if the attempt
         left nothing; the outcome returned says which (`left_nothing`) and where its files are now."""
         if outcome.left_nothing:
             spares = self._spares.setdefault(_key(os.path.dirname(work), account), [])
-            if len(spares) < MAX_SPARES and not os.path.lexists(final):
+            # A file system lookup only where an earlier directory can be (a lookup lets go of the GIL, and the
+            # event loop waits for it back behind the store's writer).
+            earlier = attempt > 1 or job_id in self._interrupted
+            if len(spares) < MAX_SPARES and not (earlier and os.path.lexists(final)):
+                self._interrupted.discard(job_id)
                 spares.append(work)
                 return outcome
             outcome = dataclasses.replace(outcome, left_nothing=False)
+        self._interrupted.discard(job_id)
         return _adopt(work, final, outcome)
 
     @staticmethod

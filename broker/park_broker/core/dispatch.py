@@ -93,7 +93,8 @@ class Dispatcher:
         if job is None or job.state in TERMINAL_STATES or job.attempts != attempt:
             self.attempts.discard(work)
             return
-        self.on_finished(job_id, attempt, self.attempts.adopt(work, job.directory, outcome, task.account))
+        self.on_finished(job_id, attempt,
+                         self.attempts.adopt(job_id, attempt, work, job.directory, outcome, task.account))
 
     def stop(self, job_id: str) -> None:
         """End a queued or running job's attempt, wherever it runs; the executor removes what it left,

@@ -97,4 +97,4 @@ class Lifecycle:
         await asyncio.to_thread(self.dispatch.attempts.clear)
         await self.executor.start(self.transitions.on_started, self.dispatch.finished)
         await recover(self.site.name, self.store, self.ledger, self.scheduler, self.admission, self.transitions,
-                      self.remote)
+                      self.remote, self.dispatch.attempts.interrupted)

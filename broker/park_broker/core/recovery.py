@@ -10,6 +10,7 @@ groups' records, written with the changes that moved them).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from park._proto import jobs_pb2 as jpb
 from park.conditions import Condition
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler, admission: Admission,
-                  transitions: Transitions, remote: RemoteAtoms) -> None:
+                  transitions: Transitions, remote: RemoteAtoms, interrupted: Callable[[list[str]], None]) -> None:
     """Reload active jobs: re-run interrupted ones, re-evaluate waiting ones. Records are read through the
-    ledger one at a time (`peek`), and changed through it (`record`), since it keeps waiting ones serialized."""
+    ledger one at a time (`peek`), and changed through it (`record`), since it keeps waiting ones serialized.
+    `interrupted` is told the jobs an earlier broker had queued or started, before they are handed over again."""
     ids = ledger.add_recovered(await store.active(), admission.installs)
     for job_id, history in (await store.reports(ids)).items():
         ledger.add_reports(job_id, history)
@@ -64,8 +66,9 @@ async def recover(site: str, store: Store, ledger: Ledger, scheduler: Scheduler,
             transitions.apply(decision, batch, stored)
         else:
             remote.watch(job.spec, condition)
-    # What interrupted attempts left behind went before this (core.attempts: `clear`): their processes died
-    # with the broker (execution.worker), and no attempt directory is ever adopted but the current one's.
+    # What interrupted attempts left in the attempt folders went before this (core.attempts: `clear`), and their
+    # processes died with the broker (execution.worker); one may have been moved into place already.
+    interrupted(batch.queued)
     await ledger.commit(batch)
     log.info("recovered %d active jobs, %d to run", len(ids), len(batch.queued))
 
