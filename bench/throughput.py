@@ -30,6 +30,11 @@ threads_per_worker=1, processes=True)` and waits for its workers (not timed);
 the clock runs from the first `client.submit` / `client.map` (with `pure=False`)
 until `client.gather` of every future returns.
 
+Each run also prints the CPU time per job of every process of the benchmark
+(this one, with the client and, for Dask, the scheduler; the broker and its
+workers, or the Dask workers), read from /proc: how much of the machine each
+system needed, a figure that moves less with the machine's load than the rate.
+
 Each (system, shape) is measured `--repeat` times, Park and Dask runs
 alternating; the table shows the median rate in jobs/s and the ratio park/dask.
 A run that fails (a refused submission, a job that did not complete) is
@@ -54,6 +59,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -146,8 +152,40 @@ def watch_until_done(service: park.Service, expected: int, done: threading.Event
         done.set()
 
 
+@dataclass(frozen=True)
+class Run:
+    """One timed run: its wall time, and the CPU time every process of the benchmark used meanwhile (this
+    one, the client, and all it started: a broker and its workers, or a Dask cluster)."""
+
+    seconds: float
+    cpu: float
+
+
+def tree_cpu() -> float:
+    """User and system CPU seconds of this process and its descendants now (from /proc; a process that
+    ended meanwhile is not counted, and none does during a run: brokers, workers and clusters live on)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            times[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    mine, grew = {os.getpid()}, True
+    while grew:   # until no further descendant turns up
+        grew = False
+        for pid, parent in parents.items():
+            if parent in mine and pid not in mine:
+                mine.add(pid)
+                grew = True
+    return sum(times[pid] for pid in mine if pid in times)
+
+
 def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, root: Path,
-             executor: str = "local") -> float:
+             executor: str = "local") -> Run:
     """Seconds from the first submit until every job's terminal event has been watched."""
     if executor == "dask":   # Park on Dask: the cluster, like the broker, is started before the clock
         with _cluster(workers) as cluster:
@@ -156,7 +194,7 @@ def run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, ro
     return _run_park(shape, jobs, workers, width, timeout, Broker(workers, root))
 
 
-def _run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, broker: Broker) -> float:
+def _run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, broker: Broker) -> Run:
     try:
         service = park.Service(broker.address, broker.directory / "tls.crt")
         try:
@@ -165,7 +203,7 @@ def _run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, b
             watcher = threading.Thread(target=watch_until_done, args=(service, jobs, done, outcome), daemon=True)
             watcher.start()
             edges = dag_edges(jobs, width) if shape == "dag" else [None] * jobs
-            start = time.perf_counter()
+            cpu, start = tree_cpu(), time.perf_counter()
             with service:
                 submitted: list[park.Job] = []
                 for i, edge in enumerate(edges):
@@ -173,7 +211,7 @@ def _run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, b
                     submitted.append(park.submit(TARGET, i, when=when))
             if not done.wait(timeout):
                 raise TimeoutError(f"park {shape}: not finished after {timeout} s ({outcome})")
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, tree_cpu() - cpu
             watcher.join()
         finally:
             service.close()
@@ -181,7 +219,7 @@ def _run_park(shape: str, jobs: int, workers: int, width: int, timeout: float, b
         broker.close()
     if outcome.get("completed") != jobs:
         raise RuntimeError(f"park {shape}: expected {jobs} completed jobs, got {outcome}")
-    return elapsed
+    return Run(elapsed, cpu)
 
 
 # -- Dask ----------------------------------------------------------------------------
@@ -197,10 +235,10 @@ def _cluster(workers: int) -> Iterator[distributed.LocalCluster]:
         yield cluster
 
 
-def run_dask(shape: str, jobs: int, workers: int, width: int) -> float:
+def run_dask(shape: str, jobs: int, workers: int, width: int) -> Run:
     """Seconds from the first submit until every result has been gathered, on a fresh LocalCluster."""
     with _cluster(workers) as cluster, distributed.Client(cluster) as client:
-        start = time.perf_counter()
+        cpu, start = tree_cpu(), time.perf_counter()
         if shape == "independent":
             futures = client.map(noop, range(jobs), pure=False)
         else:
@@ -209,7 +247,7 @@ def run_dask(shape: str, jobs: int, workers: int, width: int) -> float:
                 deps = () if edge is None else (futures[edge[0]], futures[edge[1]])
                 futures.append(client.submit(noop, i, *deps, pure=False))
         client.gather(futures)
-        return time.perf_counter() - start
+        return Run(time.perf_counter() - start, tree_cpu() - cpu)
 
 
 # -- report --------------------------------------------------------------------------
@@ -250,25 +288,26 @@ def machine_facts(site_root: Path) -> list[tuple[str, str]]:
     ]
 
 
-def timed_run(label: str, jobs: int, fn: Callable[[], float]) -> float | None:
-    """The rate of one run of `fn` in jobs/s, or None if the run failed; prints it either way."""
+def timed_run(label: str, jobs: int, fn: Callable[[], Run]) -> Run | None:
+    """One run of `fn`, or None if it failed; prints its rate and CPU time per job either way."""
     try:
-        seconds = fn()
+        run = fn()
     except (park.ParkError, RuntimeError, TimeoutError) as exc:
         print(f"  {label:<24} FAILED: {exc}", flush=True)
         return None
-    print(f"  {label:<24} {seconds:7.2f} s  {jobs / seconds:8.1f} jobs/s", flush=True)
-    return jobs / seconds
+    print(f"  {label:<24} {run.seconds:7.2f} s  {jobs / run.seconds:8.1f} jobs/s  "
+          f"{run.cpu / jobs * 1e3:6.3f} ms CPU/job", flush=True)
+    return run
 
 
-def summary(rates: list[float | None]) -> tuple[str, float | None]:
-    """The median of the successful runs, as a table cell and a number."""
-    ok = [r for r in rates if r is not None]
+def summary(values: list[float | None], digits: int = 0) -> tuple[str, float | None]:
+    """The median of the successful runs' values, as a table cell and a number."""
+    ok = [v for v in values if v is not None]
     if not ok:
         return "all runs failed", None
     median = statistics.median(ok)
-    failed = len(rates) - len(ok)
-    return f"{median:.0f}" + (f" ({failed} of {len(rates)} runs failed)" if failed else ""), median
+    failed = len(values) - len(ok)
+    return f"{median:.{digits}f}" + (f" ({failed} of {len(values)} runs failed)" if failed else ""), median
 
 
 def main() -> int:
@@ -302,33 +341,39 @@ def _measure(args: argparse.Namespace, root: Path) -> int:
 
     executors = ["local", "dask"] if args.executor == "both" else [args.executor]
     systems = [f"park-{e}" for e in executors] + ["dask"]
-    rates: dict[tuple[str, str], list[float | None]] = {(system, shape): [] for system in systems
-                                                        for shape in SHAPES}
+    runs: dict[tuple[str, str], list[Run | None]] = {(system, shape): [] for system in systems for shape in SHAPES}
     # Park and Dask alternate, so that a change in the machine's load affects both alike; each run
     # has the machine to itself (its broker or cluster is started before and stopped after it).
     for shape in SHAPES:
         for i in range(1, args.repeat + 1):
             for executor in executors:
-                rates[f"park-{executor}", shape].append(timed_run(
+                runs[f"park-{executor}", shape].append(timed_run(
                     f"park-{executor} {shape} run {i}", args.jobs,
                     functools.partial(run_park, shape, args.jobs, args.workers, args.width, args.timeout, root,
                                       executor)))
-            rates["dask", shape].append(timed_run(
+            runs["dask", shape].append(timed_run(
                 f"dask {shape} run {i}", args.jobs,
                 functools.partial(run_dask, shape, args.jobs, args.workers, args.width)))
 
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     parks = [f"park-{e}" for e in executors]
-    print(f"median of {args.repeat} runs\n\n| shape | " + " | ".join(f"{p} jobs/s" for p in parks) +
-          " | dask jobs/s | " + " | ".join(f"{p}/dask" for p in parks) + " |")
-    print("|---|" + "---:|" * (2 * len(parks) + 1))
-    for shape in SHAPES:
-        cells = {system: summary(rates[system, shape]) for system in systems}
-        d = cells["dask"][1]
-        ratios = [f"{cells[p][1] / d:.2f}" if cells[p][1] is not None and d is not None else "-" for p in parks]
-        print(f"| {shape} | " + " | ".join(cells[p][0] for p in parks) + f" | {cells['dask'][0]} | " +
-              " | ".join(ratios) + " |")
-    return 1 if any(r is None for runs in rates.values() for r in runs) else 0
+    print(f"median of {args.repeat} runs")
+    # The rate is what the issue compares; the CPU time per job (every process of the run) says how much of the
+    # machine each system needed for it, and moves less with the machine's load.
+    for what, value, digits, higher_is_better in (("jobs/s", lambda r: args.jobs / r.seconds, 0, True),
+                                                  ("ms CPU/job", lambda r: r.cpu / args.jobs * 1e3, 3, False)):
+        print(f"\n| shape | " + " | ".join(f"{p} {what}" for p in parks) + f" | dask {what} | " +
+              " | ".join(f"{p}/dask" if higher_is_better else f"dask/{p}" for p in parks) + " |")
+        print("|---|" + "---:|" * (2 * len(parks) + 1))
+        for shape in SHAPES:
+            cells = {system: summary([None if r is None else value(r) for r in runs[system, shape]], digits)
+                     for system in systems}
+            d = cells["dask"][1]
+            ratios = [f"{cells[p][1] / d if higher_is_better else d / cells[p][1]:.2f}"
+                      if cells[p][1] and d else "-" for p in parks]
+            print(f"| {shape} | " + " | ".join(cells[p][0] for p in parks) + f" | {cells['dask'][0]} | " +
+                  " | ".join(ratios) + " |")
+    return 1 if any(r is None for rs in runs.values() for r in rs) else 0
 
 
 if __name__ == "__main__":
