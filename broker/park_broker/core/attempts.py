@@ -16,11 +16,12 @@ the attempt ends:
 - unless the attempt left nothing (its logs empty, no other file, no process of
   its own still running: `execution.worker.left_nothing`) and the job has no
   earlier directory (only a retry, or a job an earlier broker handed to an
-  executor before it stopped, can have one: those are looked for). Then the job keeps no directory (its record says
-  `left_nothing`, and its logs read as empty), and the attempt's directory stays
-  where it is as a *spare*, which the next attempt of the same owner and Unix
-  account runs in. A trivial job then costs no file system change at all, where
-  a new directory costs a mkdir and a chown, and its move into place a rename.
+  executor before it stopped, can have one: those are looked for). Then the
+  job keeps no directory (its record says `left_nothing`, and its logs read as
+  empty), and the attempt's directory stays where it is as a *spare*, which
+  the next attempt of the same owner and Unix account runs in. A trivial job
+  then costs no file system change at all, where a new directory costs a mkdir
+  and a chown, and its move into place a rename.
 
 The `.attempts` folder is the broker's (mode 0711, like the owner's folder): a
 job's account reaches its own attempt's directory in it, and lists nothing.
