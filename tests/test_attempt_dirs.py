@@ -193,6 +193,26 @@ def test_a_running_jobs_logs_are_read_from_its_current_attempt_and_grow(service:
     assert job.logs() == "first\nsecond\n" and job.logs("stderr") == "oops\n"
 
 
+def test_the_logs_of_a_job_that_waits_its_turn_are_empty(new_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A queued job has no attempt directory yet (it is chosen when a worker is free): its logs read as empty
+    files, not as missing ones, and then as its attempt writes them."""
+    broker = new_broker("sns", workers=1).start()
+    gate = tmp_path / "gate"
+    with broker.service():
+        busy = park.run(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done"], memo=False)
+        queued = park.run(["echo", "at last"], memo=False)
+    deadline = time.monotonic() + 30
+    while busy.state != "running" or queued.state != "queued":
+        assert time.monotonic() < deadline, (busy.state, queued.state)
+        time.sleep(0.05)
+    stub = files_pb2_grpc.FilesStub(broker.service().channel)
+    for name in ("stdout.log", "stderr.log"):
+        chunks = list(stub.Read(fipb.ReadRequest(path=file_path(default_subject(), queued.id, name), no_digest=True)))
+        assert [(c.offset, c.data, c.size) for c in chunks] == [(0, b"", 0)], name
+    gate.touch()
+    assert queued.wait(timeout=30) == "completed" and queued.logs() == "at last\n"
+
+
 def test_a_retried_jobs_logs_while_it_runs_again_are_the_new_attempts(service: park.Service,
                                                                       tmp_path: Path) -> None:
     """The first attempt's directory became the job's; while the second runs, its own logs are served."""
