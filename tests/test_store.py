@@ -149,3 +149,51 @@ def test_a_version_3_database_is_migrated_to_index_owners_jobs_in_submission_ord
     rest = asyncio.run(store.list("alice", [], first[-1].id, 2))
     assert [j.id for j in first + rest] == [f"{i:026d}" for i in (3, 1, 2)]
     store.close()
+
+
+def test_a_transaction_writes_each_table_in_one_statement_not_one_per_row(tmp_path: Path) -> None:
+    """The sqlite3 module lets go of the GIL around each statement step: a step per row made the writer wait
+    for the event loop thousands of times per transaction. 300 jobs, their events and updates of 300 more
+    go in as a handful of statements, and read back as written."""
+    store = Store(tmp_path / "park.db")
+    store.open()
+    assert store._writer is not None
+    statements: list[str] = []
+    earlier = [_job(i) for i in range(300)]
+
+    async def main() -> None:
+        await store.commit([Change(job, jpb.Event(job_id=job.id), insert=True) for job in earlier])
+        store._writer.set_trace_callback(statements.append)   # type: ignore[union-attr]
+        queued = []
+        for job in earlier:
+            changed = jpb.Job()
+            changed.CopyFrom(job)
+            changed.state = jpb.JOB_STATE_QUEUED
+            queued.append(Change(changed, jpb.Event(job_id=job.id, queued=jpb.Queued())))
+        later = [Change(_job(i), jpb.Event(job_id=f"{i:026d}"), insert=True) for i in range(300, 600)]
+        await store.commit(queued + later)
+        store._writer.set_trace_callback(None)   # type: ignore[union-attr]
+
+    asyncio.run(main())
+    assert len(statements) <= 8, statements[:10]
+    stored = asyncio.run(store.get_many([f"{i:026d}" for i in range(600)]))
+    assert [stored[f"{i:026d}"].state for i in range(600)] == [jpb.JOB_STATE_QUEUED] * 300 + [jpb.JOB_STATE_WAITING] * 300
+    assert stored[f"{599:026d}"].last_seq == 900
+    events = asyncio.run(store.events(300, job_id=None, owner="alice", limit=1000))
+    assert [e.seq for e in events] == list(range(301, 901)) and all(e.HasField("queued") for e in events[:300])
+    store.close()
+
+
+def test_rows_whose_blobs_exceed_a_statement_are_split_and_keep_their_order(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("park_broker.core.store._BLOBS_PER_STATEMENT", 200)
+    store = Store(tmp_path / "park.db")
+    store.open()
+    order = [7, 3, 9, 1, 5, 0, 8, 2, 6, 4] * 5
+    jobs = [jpb.Job(id=f"{i:02d}{n:024d}", owner="alice", state=jpb.JOB_STATE_WAITING,
+                    spec=jpb.JobSpec(label="x" * 60))
+            for n, i in enumerate(order)]
+    asyncio.run(store.commit([Change(job, jpb.Event(job_id=job.id), insert=True) for job in jobs]))
+    listed = asyncio.run(store.list("alice", [], "", 1000))
+    assert listed == [jpb.Job.FromString(job.SerializeToString()) for job in jobs]   # as written, in submission order
+    store.close()

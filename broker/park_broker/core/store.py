@@ -18,10 +18,12 @@ queries filter on; the schema version is `PRAGMA user_version`.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import accumulate
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,57 @@ def _work(spec: jpb.JobSpec) -> str:
     if which == "command":
         return spec.command.argv[0] if spec.command.argv else ""
     return which or ""
+
+
+# Rows go in as one JSON array (`json_each(:rows)`), with the row's blob, if the table takes one, as its
+# [start, length] in one concatenated blob (:blobs): see `_write_rows`.
+def _column(i: int) -> str:
+    return f"json_extract(r.value, '$[{i}]')"
+
+
+def _blob(i: int) -> str:
+    # substr() of an empty blob (every blob of the statement empty) is NULL, not an empty blob
+    return f"ifnull(substr(:blobs, {_column(i)}, {_column(i + 1)}), x'')"
+
+
+def _next_rowid(table: str) -> str:
+    """The rowid of a row: the next free one plus its place in the array, so rows keep their order (the order
+    an owner's jobs are listed in, and a job's group joins are read in) without sorting them."""
+    return f"(SELECT ifnull(max(rowid), 0) FROM {table}) + 1 + r.key"
+
+
+_ROWS = "FROM json_each(:rows) AS r"
+_INSERT_ALIASES = f"INSERT INTO aliases (rowid, id, target, owner, member_of) SELECT {_next_rowid('aliases')}, " \
+                  f"{', '.join(map(_column, range(4)))} {_ROWS}"
+_INSERT_EVENTS = f"INSERT INTO events (seq, job_id, owner, body) SELECT {_column(0)}, {_column(1)}, {_column(2)}, " \
+                 f"{_blob(3)} {_ROWS}"
+_INSERT_JOBS = f"INSERT INTO jobs (rowid, id, owner, state, memo_key, work, record) SELECT {_next_rowid('jobs')}, " \
+               f"{', '.join(map(_column, range(5)))}, {_blob(5)} {_ROWS}"
+_UPDATE_JOBS = f"UPDATE jobs SET state = {_column(1)}, record = {_blob(2)} {_ROWS} WHERE jobs.id = {_column(0)}"
+_BLOBS_PER_STATEMENT = 64 * 2**20   # bytes: far under SQLite's limit of 1e9 for one value
+
+
+def _write_rows(conn: sqlite3.Connection, statement: str, rows: list[tuple[Any, ...]],
+                blobs: list[bytes] | None = None) -> None:
+    """Run `statement` (one of the above) over `rows` of text, integers and None, with `blobs[i]` the blob of
+    row i if the table takes one, in a statement or a few rather than one per row. A statement is one step of
+    SQLite's, and the sqlite3 module lets go of the GIL around each step and must take it back after: a step
+    per row (`executemany`) meant thousands of hand-offs per transaction, each waiting up to the interpreter's
+    switch interval (5 ms) while the event loop computed, so the writer advanced only when the loop was idle."""
+    if not rows:
+        return
+    if blobs is None:
+        conn.execute(statement, {"rows": json.dumps(rows, separators=(",", ":"), ensure_ascii=False)})
+        return
+    lengths = [len(blob) for blob in blobs]
+    if len(rows) > 1 and sum(lengths) > _BLOBS_PER_STATEMENT:
+        half = len(rows) // 2
+        _write_rows(conn, statement, rows[:half], blobs[:half])
+        _write_rows(conn, statement, rows[half:], blobs[half:])
+        return
+    document = [(*row, start, length) for row, start, length in zip(rows, accumulate(lengths, initial=1), lengths)]
+    conn.execute(statement, {"rows": json.dumps(document, separators=(",", ":"), ensure_ascii=False),
+                             "blobs": b"".join(blobs)})
 
 
 class StoreError(RuntimeError):
@@ -196,11 +249,10 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Sequence numbers are given here, in order, from where AUTOINCREMENT would start: the writer holds
-            # the database's write lock, and rows go in with one executemany per table (a statement per row
-            # cost more than the rest of a job's write).
+            # the database's write lock, and rows go in with one statement per table (`_write_rows`).
             seq = conn.execute("SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0), "
                                "COALESCE((SELECT MAX(seq) FROM events), 0))").fetchone()[0]
-            aliases, events = [], []
+            aliases, events, bodies = [], [], []
             rows: dict[str, tuple[jpb.Job, bool]] = {}   # job id -> (its last record, whether its row is new)
             for change in changes:
                 job, event = change.job, change.event
@@ -208,18 +260,20 @@ class Store:
                     aliases.append((job.id, change.alias_of, job.owner, job.spec.member_of or None))
                 seq += 1
                 event.ClearField("seq")
-                events.append((seq, job.id, job.owner, event.SerializeToString()))
+                events.append((seq, job.id, job.owner))
+                bodies.append(event.SerializeToString())
                 event.seq = job.last_seq = seq
                 if change.record:
                     earlier = rows.get(job.id)
                     rows[job.id] = (job, change.insert or (earlier is not None and earlier[1]))
-            conn.executemany("INSERT INTO aliases (id, target, owner, member_of) VALUES (?, ?, ?, ?)", aliases)
-            conn.executemany("INSERT INTO events (seq, job_id, owner, body) VALUES (?, ?, ?, ?)", events)
-            conn.executemany("INSERT INTO jobs (id, owner, state, record, memo_key, work) VALUES (?, ?, ?, ?, ?, ?)",
-                             [(job.id, job.owner, job.state, job.SerializeToString(), job.memo_key or None,
-                               _work(job.spec)) for job, new in rows.values() if new])
-            conn.executemany("UPDATE jobs SET state = ?, record = ? WHERE id = ?",
-                             [(job.state, job.SerializeToString(), job.id) for job, new in rows.values() if not new])
+            new = [job for job, inserted in rows.values() if inserted]
+            changed = [job for job, inserted in rows.values() if not inserted]
+            _write_rows(conn, _INSERT_ALIASES, aliases)
+            _write_rows(conn, _INSERT_EVENTS, events, bodies)
+            _write_rows(conn, _INSERT_JOBS, [(job.id, job.owner, job.state, job.memo_key or None, _work(job.spec))
+                                             for job in new], [job.SerializeToString() for job in new])
+            _write_rows(conn, _UPDATE_JOBS, [(job.id, job.state) for job in changed],
+                        [job.SerializeToString() for job in changed])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -236,6 +290,8 @@ class Store:
         return conn
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # Callers with nothing to ask skip this: a submission asks several questions per batch, and a hop
+        # to a reader thread waits for the GIL behind the writer and the event loop.
         return await asyncio.get_running_loop().run_in_executor(self._reader_pool, fn, *args)
 
     async def get(self, job_id: str) -> jpb.Job | None:
@@ -246,7 +302,8 @@ class Store:
         return jpb.Job.FromString(row[0]) if row else None
 
     async def get_many(self, job_ids: Iterable[str]) -> dict[str, jpb.Job]:
-        return await self._read(self._get_many, list(job_ids))
+        wanted = list(job_ids)
+        return await self._read(self._get_many, wanted) if wanted else {}
 
     def _get_many(self, job_ids: list[str]) -> dict[str, jpb.Job]:
         """Records by id; an alias id maps to the record of the job it names."""
@@ -269,7 +326,8 @@ class Store:
 
     async def by_memo_keys(self, keys: Iterable[str]) -> dict[str, jpb.Job]:
         """The completed job of each memo key that has one (the earliest, if several)."""
-        return await self._read(self._by_memo_keys, sorted(set(keys)))
+        wanted = sorted(set(keys))
+        return await self._read(self._by_memo_keys, wanted) if wanted else {}
 
     def _by_memo_keys(self, keys: list[str]) -> dict[str, jpb.Job]:
         rows = self._rows(f"SELECT memo_key, record FROM jobs WHERE memo_key IN ({{}}) AND state = "
@@ -354,7 +412,8 @@ class Store:
 
     async def reports(self, job_ids: Iterable[str]) -> dict[str, list[dict[str, float]]]:
         """The progress reports of each job, oldest first."""
-        return await self._read(self._reports, list(job_ids))
+        wanted = list(job_ids)
+        return await self._read(self._reports, wanted) if wanted else {}
 
     def _reports(self, job_ids: list[str]) -> dict[str, list[dict[str, float]]]:
         out: dict[str, list[dict[str, float]]] = {}
