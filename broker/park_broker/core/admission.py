@@ -207,6 +207,8 @@ class Admission:
         """Content digests of the plain files the specs' arguments name (read in a thread)."""
         paths = {s for checked in specs for s in checked.strings
                  if os.path.isabs(s) and self.output_reference(s) is None}
+        if not paths:
+            return {}
         found = await asyncio.to_thread(lambda: {p: self.digests.digest(p) for p in paths})
         return {p: d for p, d in found.items() if d is not None}
 

@@ -100,14 +100,18 @@ class Submissions:
         try:
             if len(specs) > MAX_BATCH:
                 fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
+            # Each spec is checked on its own, before the batch's turn: while the batch it follows is still
+            # being decided (or reads the store), this one's checks use the event loop.
+            prepared = self._check(owner, specs, may)
             await turn.wait()
             with self.ledger.submitting():
-                return await self._submit_many(owner, specs, may, turn)
+                return await self._submit_many(owner, prepared, turn)
         finally:
             turn.decided()   # also when the batch failed as a whole: the next one goes on
 
-    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str], turn: Turn
-                           ) -> list[Submission]:
+    def _check(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str]) -> list[_Prepared | BrokerError]:
+        """Each spec checked on its own (its shape, and whether `owner` may submit it), reading nothing of
+        other jobs."""
         prepared: list[_Prepared | BrokerError] = []
         for spec in specs:
             try:
@@ -123,6 +127,10 @@ class Submissions:
                 prepared.append(exc)
             except Exception as exc:  # noqa: BLE001 - a check that broke refuses its spec, not the batch
                 prepared.append(_unexpected(spec, exc))
+        return prepared
+
+    async def _submit_many(self, owner: str, prepared: list[_Prepared | BrokerError], turn: Turn
+                           ) -> list[Submission]:
         ok = [p for p in prepared if isinstance(p, _Prepared)]
         installing = self.ledger.installing()
         for p in ok:
