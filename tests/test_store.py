@@ -129,10 +129,12 @@ def test_a_version_3_database_is_migrated_to_index_owners_jobs_in_submission_ord
     (owner): a database of version 3 is migrated, and listing an owner's jobs still pages in submission order."""
     path = tmp_path / "park.db"
     current = Store(path)
-    current.open()   # version 4, taken back to version 3's index below
+    current.open()   # the current version, taken back to version 3's indexes below
     current.close()
     old = sqlite3.connect(path)
     old.executescript("BEGIN; DROP INDEX jobs_by_owner; CREATE INDEX jobs_owner ON jobs(owner, id); "
+                      "DROP INDEX jobs_memo_finished; "
+                      "CREATE INDEX jobs_memo ON jobs(memo_key) WHERE memo_key IS NOT NULL; "
                       "PRAGMA user_version = 3; COMMIT;")
     for i in (3, 1, 2):
         old.execute("INSERT INTO jobs (id, owner, state, record) VALUES (?, 'alice', 1, ?)",
@@ -144,7 +146,7 @@ def test_a_version_3_database_is_migrated_to_index_owners_jobs_in_submission_ord
     assert store._writer is not None
     indexes = {row[0] for row in store._writer.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "jobs_by_owner" in indexes and "jobs_owner" not in indexes
-    assert store._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert store._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     first = asyncio.run(store.list("alice", [], "", 2))
     rest = asyncio.run(store.list("alice", [], first[-1].id, 2))
     assert [j.id for j in first + rest] == [f"{i:026d}" for i in (3, 1, 2)]
@@ -196,4 +198,44 @@ def test_rows_whose_blobs_exceed_a_statement_are_split_and_keep_their_order(tmp_
     asyncio.run(store.commit([Change(job, jpb.Event(job_id=job.id), insert=True) for job in jobs]))
     listed = asyncio.run(store.list("alice", [], "", 1000))
     assert listed == [jpb.Job.FromString(job.SerializeToString()) for job in jobs]   # as written, in submission order
+    store.close()
+
+
+def test_a_version_4_database_is_migrated_to_index_only_finished_jobs_memo_keys(tmp_path: Path) -> None:
+    """Version 5 indexes a job's memo key once it has finished (an active job's key is in the ledger's memory):
+    a submitted job no longer writes a page of the memo index. A version 4 database is migrated, and its
+    completed job is still reused and its failed one still named by `park why`."""
+    path = tmp_path / "park.db"
+    current = Store(path)
+    current.open()
+    current.close()
+    old = sqlite3.connect(path)
+    old.executescript("BEGIN; DROP INDEX jobs_memo_finished; "
+                      "CREATE INDEX jobs_memo ON jobs(memo_key) WHERE memo_key IS NOT NULL; "
+                      "PRAGMA user_version = 4; COMMIT;")
+    done, failed, again = "a" * 64, "b" * 64, jpb.Job(id=f"{3:026d}", owner="alice", memo_key="b" * 64)
+    for i, (state, key) in enumerate([(jpb.JOB_STATE_COMPLETED, done), (jpb.JOB_STATE_FAILED, failed),
+                                      (jpb.JOB_STATE_WAITING, failed)], start=1):
+        job = jpb.Job(id=f"{i:026d}", owner="alice", state=state, memo_key=key)
+        old.execute("INSERT INTO jobs (id, owner, state, record, memo_key) VALUES (?, 'alice', ?, ?, ?)",
+                    (job.id, state, job.SerializeToString(), key))
+    old.commit()
+    old.close()
+    store = Store(path)
+    store.open()
+    assert store._writer is not None
+    assert store._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    [definition] = store._writer.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND sql LIKE '%memo_key%'")
+    assert "jobs_memo_finished" in definition[0] and "state IN (4, 5, 6)" in definition[0]
+    assert {k: j.id for k, j in asyncio.run(store.by_memo_keys([done, failed])).items()} == {done: f"{1:026d}"}
+    same = asyncio.run(store.same_key_before(again))
+    assert same is not None and same.id == f"{2:026d}" and same.state == jpb.JOB_STATE_FAILED
+    for query, args in [(store._by_memo_keys, [done]), (store._same_key_before, again)]:
+        plan: list[str] = []
+        reader = store._reader()
+        reader.set_trace_callback(plan.append)
+        query(args)   # type: ignore[operator]
+        reader.set_trace_callback(None)
+        detail = " ".join(str(row) for row in reader.execute(f"EXPLAIN QUERY PLAN {plan[-1]}"))
+        assert "jobs_memo_finished" in detail, detail
     store.close()
