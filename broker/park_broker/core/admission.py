@@ -234,8 +234,9 @@ class Admission:
 
         if which == "call":
             work: Any = spec.call.target
-            args = memo.substitute(checked.args, resolve)
-            kwargs = memo.substitute(checked.kwargs, resolve)
+            # Without strings there is nothing to resolve (most calls of a large workflow: numbers).
+            args = memo.substitute(checked.args, resolve) if checked.strings else checked.args
+            kwargs = memo.substitute(checked.kwargs, resolve) if checked.strings else checked.kwargs
         elif which == "command":
             work, args, kwargs = memo.substitute(checked.args, resolve), [], {}
         elif which == "fetch":   # a job's output never changes once it exists: the url names the content

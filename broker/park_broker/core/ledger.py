@@ -295,7 +295,9 @@ class Ledger:
         event.job_id = job.id
         event.time = time.time()
         # Snapshot: later in-memory changes to the job must not be written under this event.
-        snapshot = jpb.Job.FromString(job.SerializeToString()) if record else jpb.Job(id=job.id, owner=job.owner)
+        snapshot = jpb.Job(id=job.id, owner=job.owner)
+        if record:
+            snapshot.CopyFrom(job)   # half the cost of a serialize and a parse
         return Change(job=snapshot, event=event, insert=insert, record=record)
 
     # -- committing ------------------------------------------------------------------------

@@ -215,8 +215,7 @@ class Submissions:
             if p.key:
                 job.memo_key, job.memo_inputs = p.key, p.inputs
             self.ledger.add(job, self.admission.installs(owner, spec))
-            batch.changes.append(self.ledger.change(
-                job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
+            batch.changes.append(self.ledger.change(job, _submitted(spec, owner), insert=True))
             if group is not None:   # before its condition is judged: a job cancelled at once still counts
                 joined[group.id] = (group, job.id)
                 for decision in self.transitions.join(job, group, batch):
@@ -261,8 +260,7 @@ class Submissions:
         job = self._new_job(owner, spec, now)
         job.group.size = spec.group.size
         self.ledger.add(job)
-        batch.changes.append(self.ledger.change(
-            job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
+        batch.changes.append(self.ledger.change(job, _submitted(spec, owner), insert=True))
 
     def _canonical(self, spec: jpb.JobSpec, cond: Condition | None, stored: dict[str, jpb.Job]
                    ) -> tuple[jpb.JobSpec, Condition | None]:
@@ -342,6 +340,14 @@ class Submissions:
         return jpb.Job(id=spec.id, site=self.site.name, owner=owner, spec=spec, state=jpb.JOB_STATE_WAITING,
                        url=f"park://{self.site.name}/files/{owner}/{spec.id}/{output}",
                        filename=f"{directory}/{output}", directory=directory, submitted_at=now)
+
+
+def _submitted(spec: jpb.JobSpec, owner: str) -> jpb.Event:
+    """A new job's first event. Filled in place: `Event(submitted=Submitted(spec=spec))` copies the spec twice."""
+    event = jpb.Event()
+    event.submitted.owner = owner
+    event.submitted.spec.CopyFrom(spec)
+    return event
 
 
 def _check_delegation(owner: str, spec: jpb.JobSpec) -> None:
