@@ -267,3 +267,42 @@ def test_a_record_changed_while_it_is_being_packed_stays_as_changed(tmp_path: Pa
         store.close()
 
     asyncio.run(main())
+
+
+def test_the_credentials_an_owner_holds_are_read_from_the_jobs_that_carry_tokens_alone(tmp_path: Path) -> None:
+    """`park renew` lists the delegated tokens of a user's active jobs: reading them unpacks the jobs that carry
+    tokens, not each of the user's waiting jobs (a million of them took seconds), and a job that finished
+    carries none any more."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from park import tokens
+
+    async def main() -> None:
+        core, store, _, _ = await _one_packed_waiting_job(tmp_path)
+        ledger = core.ledger
+        plain = [_id(i) for i in range(10, 60)]
+        await core.submissions.submit_many("alice", [_spec(j, after=_id(1), arg=j) for j in plain])
+        carrier = _id(99)
+        grant = tokens.encode(tokens.issue(Ed25519PrivateKey.generate(), subject="alice", audience="cluster",
+                                           scopes=[f"jobs.read:/{_id(98)}"], confirm="c" * 64, lifetime=3600))
+        job = jpb.Job(id=carrier, owner="alice", state=jpb.JOB_STATE_WAITING,
+                      spec=jpb.JobSpec(id=carrier, grants={"cluster": grant}, command=jpb.CommandLine(argv=["true"])))
+        ledger.add(job)
+        await ledger.commit(Batch([ledger.change(job, jpb.Event(), insert=True)]))
+        await _packed(ledger, carrier, *plain)
+        unpacked: list[bytes] = []
+        unpack = ledger._packer.unpack
+
+        def counting(data: bytes) -> bytes:
+            unpacked.append(data)
+            return unpack(data)
+
+        ledger._packer.unpack = counting  # type: ignore[method-assign]
+        [held] = core.credentials.held("alice", 0)
+        assert (held.job_id, held.site, held.use) == (carrier, "cluster", "grant") and len(unpacked) == 1
+        assert core.credentials.held("bob", 0) == []
+        await core.transitions.cancel("alice", carrier, "done with it")
+        assert core.credentials.held("alice", 0) == []
+        store.close()
+
+    asyncio.run(main())

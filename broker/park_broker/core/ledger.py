@@ -162,6 +162,8 @@ class Ledger:
         self._installing: dict[Pin, str] = {}       # (package, version) -> active install job
         self._install_pin: dict[str, Pin] = {}      # install job -> its pin
         self._reports: dict[str, list[dict[str, float]]] = {}   # progress reports of active jobs
+        # owner -> its active jobs whose specs carry delegated tokens, in the order they came (as keys)
+        self._carrying: dict[str, dict[str, None]] = {}
         self._submitting = 0
         self._retiring: list[str] = []
 
@@ -192,9 +194,10 @@ class Ledger:
             return Glance(entry.owner, jpb.JOB_STATE_WAITING, entry.memo_key)
         return Glance(entry.owner, entry.state, entry.memo_key)
 
-    def owned(self, owner: str) -> Iterator[jpb.Job]:
-        """The records of `owner`'s active jobs, only to read (as `peek`)."""
-        return (self._parse(entry) for entry in self._active.values() if entry.owner == owner)
+    def carrying_tokens(self, owner: str) -> Iterator[jpb.Job]:
+        """The records of `owner`'s active jobs whose specs carry delegated tokens (a fetch's, or grants for
+        other sites), only to read (as `peek`): a handful, where the owner may have a million jobs waiting."""
+        return (job for job_id in list(self._carrying.get(owner, ())) if (job := self.peek(job_id)) is not None)
 
     def not_started(self, owner: str) -> int:
         """How many of `owner`'s active jobs wait or are queued, groups aside (what the waiting quota counts)."""
@@ -255,6 +258,9 @@ class Ledger:
     def _index(self, job_id: str, job: jpb.Job, install_pin: Pin | None) -> None:
         if job.memo_key:
             self._memo[_digest(job.memo_key)] = job_id
+        spec = job.spec
+        if spec.grants or spec.HasField("fetch"):   # a token is replaced when renewed, never added
+            self._carrying.setdefault(job.owner, {})[job_id] = None
         if install_pin is not None:
             self._installing[install_pin] = job_id
             self._install_pin[job_id] = install_pin
@@ -399,6 +405,11 @@ class Ledger:
                 del self._memo[key]
             for alias in self._aliased.pop(job.id, ()):
                 self._aliases.pop(alias, None)
+            carrying = self._carrying.get(job.owner)
+            if carrying is not None:
+                carrying.pop(job.id, None)
+                if not carrying:
+                    del self._carrying[job.owner]
             pin = self._install_pin.pop(job.id, None)
             if pin is not None and self._installing.get(pin) == job.id:
                 del self._installing[pin]
