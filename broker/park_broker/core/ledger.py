@@ -155,6 +155,10 @@ class Ledger:
         # Called with the committed QUEUED jobs of each batch (set by the lifecycle: the dispatcher).
         self.release: Callable[[list[str]], None] = lambda queued: None
         self._active: dict[str, jpb.Job | _Packed] = {}
+        # The live records among them (those not packed), and how many packed ones each owner has: what the
+        # waiting quota counts, without a look at each of a million packed jobs per batch (`_hold`).
+        self._live: dict[str, jpb.Job] = {}
+        self._packed_by_owner: dict[str, int] = {}
         self._packer = _Packer()
         self._memo: dict[bytes, str] = {}           # memo key (its digest: `_digest`) -> id, for active jobs
         self._aliases: dict[str, str] = {}          # alias id -> job id, for active jobs' aliases
@@ -175,7 +179,8 @@ class Ledger:
         job_id = self._aliases.get(job_id, job_id)
         entry = self._active.get(job_id)
         if isinstance(entry, _Packed):
-            entry = self._active[job_id] = self._parse(entry)
+            entry = self._parse(entry)
+            self._hold(job_id, entry)
         return entry
 
     def peek(self, job_id: str) -> jpb.Job | None:
@@ -200,9 +205,10 @@ class Ledger:
         return (job for job_id in list(self._carrying.get(owner, ())) if (job := self.peek(job_id)) is not None)
 
     def not_started(self, owner: str) -> int:
-        """How many of `owner`'s active jobs wait or are queued, groups aside (what the waiting quota counts)."""
-        return sum(1 for entry in self._active.values() if entry.owner == owner and (
-            isinstance(entry, _Packed) or entry.state in _NOT_STARTED and not entry.spec.HasField("group")))
+        """How many of `owner`'s active jobs wait or are queued, groups aside (what the waiting quota counts):
+        each packed job waits."""
+        return self._packed_by_owner.get(owner, 0) + sum(1 for job in self._live.values() if job.owner == owner and (
+            job.state in _NOT_STARTED and not job.spec.HasField("group")))
 
     def canonical(self, job_id: str) -> str:
         """The job an alias (a memo hit) names, for active jobs; any other id unchanged."""
@@ -252,8 +258,20 @@ class Ledger:
     def add(self, job: jpb.Job, install_pin: Pin | None = None) -> None:
         """Hold a new job's record (with its memo key and what it installs) until it is terminal."""
         job_id = sys.intern(job.id)   # one string for every index that names it (the scheduler's interns it too)
-        self._active[job_id] = job
+        self._hold(job_id, job)
         self._index(job_id, job, install_pin)
+
+    def _hold(self, job_id: str, entry: jpb.Job | _Packed) -> None:
+        """Keep an active job's record, live or packed, in place of what was kept of it."""
+        was = self._active.get(job_id)
+        if isinstance(was, _Packed):
+            self._packed_by_owner[was.owner] -= 1
+        self._active[job_id] = entry
+        if isinstance(entry, _Packed):
+            self._packed_by_owner[entry.owner] = self._packed_by_owner.get(entry.owner, 0) + 1
+            self._live.pop(job_id, None)
+        else:
+            self._live[job_id] = entry
 
     def _index(self, job_id: str, job: jpb.Job, install_pin: Pin | None) -> None:
         if job.memo_key:
@@ -276,7 +294,7 @@ class Ledger:
         for record in records:
             job = jpb.Job.FromString(record)
             job_id = sys.intern(job.id)
-            self._active[job_id] = _Packed.of(job, self._packer.pack(record)) if _packable(job) else job
+            self._hold(job_id, _Packed.of(job, self._packer.pack(record)) if _packable(job) else job)
             self._index(job_id, job, install_pin(job.owner, job.spec))
             ids.append(job_id)
         return ids
@@ -380,7 +398,7 @@ class Ledger:
             return   # the records stay live: correct, only larger (a loop closing, or no memory)
         for job, record, packed in zip(jobs, records, packing.result()):
             if self._active.get(job.id) is job and _packable(job) and job.SerializeToString() == record:
-                self._active[job.id] = _Packed.of(job, packed)
+                self._hold(job.id, _Packed.of(job, packed))
 
     def _release(self, batch: Batch) -> None:
         if batch.release_after > 0 and batch.queued:
@@ -399,6 +417,7 @@ class Ledger:
             entry = self._active.pop(job_id, None)
             if entry is None:
                 continue
+            self._live.pop(job_id, None)
             job = self._parse(entry)   # retiring jobs are terminal, so live: this parses nothing
             self._reports.pop(job.id, None)
             if job.memo_key and self._memo.get(key := _digest(job.memo_key)) == job.id:
