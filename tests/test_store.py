@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from park._proto import jobs_pb2 as jpb
-from park_broker.core.store import SCHEMA_VERSION, WAL_AUTOCHECKPOINT, Change, Store, StoreError
+from park_broker.core.store import SCHEMA_VERSION, WAL_AUTOCHECKPOINT, WRITER_AUTOCHECKPOINT, Change, Store, StoreError
 
 
 def _job(i: int) -> jpb.Job:
@@ -39,7 +39,7 @@ def test_durability_settings(tmp_path: Path) -> None:
     assert store._writer is not None
     assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT > 1000
+    assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WRITER_AUTOCHECKPOINT > WAL_AUTOCHECKPOINT > 1000
     store.close()
 
 
@@ -239,3 +239,37 @@ def test_a_version_4_database_is_migrated_to_index_only_finished_jobs_memo_keys(
         detail = " ".join(str(row) for row in reader.execute(f"EXPLAIN QUERY PLAN {plan[-1]}"))
         assert "jobs_memo_finished" in detail, detail
     store.close()
+
+
+def test_the_wal_is_checkpointed_by_a_thread_of_its_own_not_by_a_commit(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that copied the WAL into the database took 60-110 ms instead of 10, and held up the next one
+    (the release of waiting jobs, say). Once enough changes are written, a checkpointer does it on its own
+    connection while the writer goes on; the writer's own checkpoint is only a backstop."""
+    import threading
+
+    monkeypatch.setattr("park_broker.core.store.CHANGES_PER_CHECKPOINT", 100)
+    store = Store(tmp_path / "park.db")
+    store.open()
+    ran: list[tuple[str, tuple[int, int, int]]] = []
+
+    def checkpoint() -> None:
+        conn = store._reader()
+        ran.append((threading.current_thread().name, conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()))
+
+    store._checkpoint = checkpoint  # type: ignore[method-assign]
+
+    async def main() -> None:
+        for start in (0, 60, 120):
+            await store.commit([Change(_job(i), jpb.Event(job_id=f"{i:026d}"), insert=True)
+                                for i in range(start, start + 60)])
+        for _ in range(500):
+            if ran:
+                break
+            await asyncio.sleep(0.01)
+        assert len(await store.get_many([f"{i:026d}" for i in range(180)])) == 180
+
+    asyncio.run(main())
+    store.close()
+    [(thread, (busy, frames, copied))] = ran   # after the second commit (120 changes), not after the third
+    assert thread.startswith("park-store-checkpoint") and busy == 0 and frames == copied > 0
