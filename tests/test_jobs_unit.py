@@ -169,3 +169,57 @@ def test_a_batch_decided_while_the_memo_hit_it_names_is_written_finds_the_job_th
         store.close()
 
     asyncio.run(main())
+
+
+def test_a_batch_is_checked_while_the_batch_it_follows_is_still_to_be_decided(tmp_path: Path) -> None:
+    """Checking a spec reads nothing of other jobs, so a batch's checks use the event loop while the batch
+    before it is being decided (here: has not even arrived); its decisions still wait for that batch."""
+    async def main() -> None:
+        core, executor, store = in_process_core(tmp_path)
+        checked: list[str] = []
+        validate = core.admission.validate
+
+        def spy(spec: jpb.JobSpec):  # type: ignore[no-untyped-def]
+            checked.append(spec.id)
+            return validate(spec)
+
+        core.admission.validate = spy  # type: ignore[method-assign]
+        a, b = "a" * 26, "b" * 26
+        second = asyncio.create_task(core.submissions.submit_many(
+            "alice", [_spec(b, after=a), _spec("bad id")], stream=b"s" * 16, number=2, after=1))
+        await asyncio.wait({second}, timeout=0.2)
+        assert checked == [b, "bad id"] and not second.done()
+        await core.submissions.submit_many("alice", [_spec(a)], stream=b"s" * 16, number=1)
+        later, bad = await second
+        assert later.error is None and later.job is not None and later.job.state == jpb.JOB_STATE_WAITING
+        assert bad.error is not None and bad.error.code.name == "INVALID_ARGUMENT"
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_naming_jobs_in_memory_asks_the_store_only_what_memory_cannot_answer(tmp_path: Path) -> None:
+    """A read from the store is a hop to a reader thread, which waits for the GIL behind the writer and the
+    event loop: a batch whose jobs wait on active jobs asks only whether its ids are taken by finished jobs
+    and whether its work was done before, not for the reports or records of jobs memory holds."""
+    async def main() -> None:
+        core, executor, store = in_process_core(tmp_path)
+        a = "a" * 26
+        await core.submissions.submit_many("alice", [_spec(a)])
+        asked: list[str] = []
+        read = store._read
+
+        async def spy(fn, *args):  # type: ignore[no-untyped-def]
+            asked.append(fn.__name__)
+            return await read(fn, *args)
+
+        store._read = spy  # type: ignore[method-assign]
+        specs = [_spec(c * 26, after=a) for c in "bcd"]
+        for spec in specs:
+            spec.no_memo = False
+        results = await core.submissions.submit_many("alice", specs)
+        assert [r.error.message for r in results if r.error is not None] == []
+        assert asked == ["_get_many", "_by_memo_keys"]
+        store.close()
+
+    asyncio.run(main())

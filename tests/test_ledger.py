@@ -301,3 +301,75 @@ def test_a_ledger_keeps_small_backlogs_live_and_packs_waiting_records_above_pack
         store.close()
 
     asyncio.run(main())
+
+
+def test_the_credentials_an_owner_holds_are_read_from_the_jobs_that_carry_tokens_alone(tmp_path: Path) -> None:
+    """`park renew` lists the delegated tokens of a user's active jobs: reading them unpacks the jobs that carry
+    tokens, not each of the user's waiting jobs (a million of them took seconds), and a job that finished
+    carries none any more."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from park import tokens
+
+    async def main() -> None:
+        core, store, _, _ = await _one_packed_waiting_job(tmp_path)
+        ledger = core.ledger
+        plain = [_id(i) for i in range(10, 60)]
+        await core.submissions.submit_many("alice", [_spec(j, after=_id(1), arg=j) for j in plain])
+        carrier = _id(99)
+        grant = tokens.encode(tokens.issue(Ed25519PrivateKey.generate(), subject="alice", audience="cluster",
+                                           scopes=[f"jobs.read:/{_id(98)}"], confirm="c" * 64, lifetime=3600))
+        job = jpb.Job(id=carrier, owner="alice", state=jpb.JOB_STATE_WAITING,
+                      spec=jpb.JobSpec(id=carrier, grants={"cluster": grant}, command=jpb.CommandLine(argv=["true"])))
+        ledger.add(job)
+        await ledger.commit(Batch([ledger.change(job, jpb.Event(), insert=True)]))
+        await _packed(ledger, carrier, *plain)
+        unpacked: list[bytes] = []
+        unpack = ledger._packer.unpack
+
+        def counting(data: bytes) -> bytes:
+            unpacked.append(data)
+            return unpack(data)
+
+        ledger._packer.unpack = counting  # type: ignore[method-assign]
+        [held] = core.credentials.held("alice", 0)
+        assert (held.job_id, held.site, held.use) == (carrier, "cluster", "grant") and len(unpacked) == 1
+        assert core.credentials.held("bob", 0) == []
+        await core.transitions.cancel("alice", carrier, "done with it")
+        assert core.credentials.held("alice", 0) == []
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_the_waiting_quota_counts_packed_jobs_without_looking_at_each(tmp_path: Path) -> None:
+    """A quota is checked once per batch: it counts an owner's packed (waiting) jobs by a number kept as they
+    are packed and promoted, and looks only at the live records, as a scan of every active job counted."""
+    async def main() -> None:
+        core, store, a, b = await _one_packed_waiting_job(tmp_path)
+        ledger = core.ledger
+        plain = [_id(i) for i in range(10, 40)]
+        await core.submissions.submit_many("alice", [_spec(j, after=a, arg=j) for j in plain])
+        await core.submissions.submit_many("bob", [_spec(_id(50), arg="bob's")])
+        await _packed(ledger, b, *plain)
+        promoted = ledger.record(plain[0])   # live again, still waiting
+        assert promoted is not None
+
+        def scanned(owner: str) -> int:
+            return sum(1 for j in ledger._active if (job := ledger.peek(j)) is not None and job.owner == owner
+                       and job.state in (jpb.JOB_STATE_WAITING, jpb.JOB_STATE_QUEUED))
+
+        active = ledger._active
+        ledger._active = {}   # type: ignore[assignment]   # counting must not look at each active job
+        try:
+            counted = ledger.not_started("alice"), ledger.not_started("bob"), ledger.not_started("carol")
+        finally:
+            ledger._active = active
+        assert counted == (scanned("alice"), scanned("bob"), 0) == (32, 1, 0)   # a queued, b and 30 waiting
+        core.transitions.on_started(a, 1)
+        core.transitions.on_finished(a, 1, Outcome(ok=True, result_json="1"))
+        await _queued(ledger, plain[-1])
+        assert ledger.not_started("alice") == scanned("alice") == 31   # a is gone; the others were released
+        store.close()
+
+    asyncio.run(main())

@@ -302,3 +302,37 @@ def test_a_memo_hit_is_a_reused_event_of_the_submitted_id(new_broker, tmp_path: 
     with as_user(broker, "alice", tmp_path, "--allow", "submit"):
         with park.Service(broker.address, broker.cert) as alices:
             assert _events(alices) == []       # another user's stream carries nothing of it
+
+
+def test_memo_keys_are_the_ones_earlier_brokers_computed(tmp_path: Path) -> None:
+    """A rerun must hit the jobs a site already holds, so the canonical document and its key never change for
+    the same job: these keys were computed by the broker before the memo document's encoder was made once and
+    arguments without strings skipped substitution. Nested and unsorted objects, floats, non-ASCII text, an
+    upstream job's output, a condition with a NOT, and a command line."""
+    import json
+
+    from park.conditions import Atom, AtomKey
+    from park.wire import condition_to_proto
+    from park_broker.core import memo
+    from park_broker.core.admission import Admission
+    from park_broker.packages.store import PackageStore
+
+    admission = Admission("sns", tmp_path / "files", PackageStore(tmp_path / "packages"))
+    upstream = "b" * 26
+    call = jpb.JobSpec(id="a" * 26, versions={"numpy": "2.1.0", "m": "1.0"}, call=jpb.PythonCall(
+        target="m:f", args_json="[1, 2.5, -0.0, 1e300]", kwargs_json='{"z": "\\u00e9t\\u00e9", "a": {"y": [true, null], "b": "x"}}'))
+    call.when.CopyFrom(condition_to_proto(Atom(AtomKey("sns", upstream, "completed"))
+                                          & ~Atom(AtomKey("sns", "e" * 26, "finished"))))
+    reading = jpb.JobSpec(id="c" * 26, output_name="out", call=jpb.PythonCall(
+        target="m:g", args_json=f'["park://sns/files/alice/{upstream}/output", 3]'))
+    command = jpb.JobSpec(id="d" * 26, command=jpb.CommandLine(argv=["sh", "-c", "echo \u2603"]))
+    keys = []
+    for spec in (call, reading, command):
+        inputs = admission.memo_inputs("alice", spec, admission.validate(spec), [], {}, {},
+                                       lambda job_id: {upstream: "f" * 64}.get(job_id))
+        assert memo.canonical(inputs) == json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                                    allow_nan=False)
+        keys.append(memo.key_of(inputs))
+    assert keys == ["8d503083032d4e066b58f31b388c6e8bfc8fb7f3e36c8705e48eb9c6942255f5",
+                    "d13000cf45ab6f061369a8b10c0db48a2596d817036b742eb9b916ddb71c36fe",
+                    "62e6dc1d872707d97dfcace6b9c40e747c254db7f6b4216a6debc83b4efcf73f"]

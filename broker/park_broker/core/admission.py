@@ -207,6 +207,8 @@ class Admission:
         """Content digests of the plain files the specs' arguments name (read in a thread)."""
         paths = {s for checked in specs for s in checked.strings
                  if os.path.isabs(s) and self.output_reference(s) is None}
+        if not paths:
+            return {}
         found = await asyncio.to_thread(lambda: {p: self.digests.digest(p) for p in paths})
         return {p: d for p, d in found.items() if d is not None}
 
@@ -232,8 +234,9 @@ class Admission:
 
         if which == "call":
             work: Any = spec.call.target
-            args = memo.substitute(checked.args, resolve)
-            kwargs = memo.substitute(checked.kwargs, resolve)
+            # Without strings there is nothing to resolve (most calls of a large workflow: numbers).
+            args = memo.substitute(checked.args, resolve) if checked.strings else checked.args
+            kwargs = memo.substitute(checked.kwargs, resolve) if checked.strings else checked.kwargs
         elif which == "command":
             work, args, kwargs = memo.substitute(checked.args, resolve), [], {}
         elif which == "fetch":   # a job's output never changes once it exists: the url names the content

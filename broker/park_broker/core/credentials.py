@@ -50,7 +50,7 @@ class Credentials:
         """The credentials `owner`'s active jobs hold that expire within `within` seconds (0: all)."""
         horizon = time.time() + within if within > 0 else float("inf")
         found = []
-        for job in self.ledger.owned(owner):
+        for job in self.ledger.carrying_tokens(owner):
             if job.state in TERMINAL_STATES:
                 continue
             for use, site, token in _held(job.spec):

@@ -34,8 +34,12 @@ VERSION = 1
 Resolver = Callable[[str], Any]
 
 
+# Made once: json.dumps with options builds an encoder per call, about a third of the cost of a memo document.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
 def key_of(inputs: dict[str, Any]) -> str:

@@ -11,6 +11,8 @@ Constraints this module guarantees:
 - Event sequence numbers are the event table's primary key, assigned in commit
   order, so they are strictly increasing and never reused.
 - Readers use their own connections on other threads and see only committed data.
+- The WAL is copied into the database (checkpointed) on a connection of its own, PASSIVE, off the
+  commit path; a checkpoint only copies, and losing one loses nothing.
 
 Jobs are kept as a serialized `park.v1.Job` record beside the columns that
 queries filter on; the schema version is `PRAGMA user_version`.
@@ -18,17 +20,22 @@ queries filter on; the schema version is `PRAGMA user_version`.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from park._proto import jobs_pb2 as jpb
 
-SCHEMA_VERSION = 4
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE jobs (
@@ -72,12 +79,28 @@ _MIGRATIONS = [
     DROP INDEX jobs_owner;
     CREATE INDEX jobs_by_owner ON jobs(owner);
     """,
+    # Memo keys indexed once a job has finished: an active job's key is found in memory (the ledger's), and
+    # an index of random keys cost each submitted job a page of its own (about a third of its write).
+    """
+    DROP INDEX jobs_memo;
+    CREATE INDEX jobs_memo_finished ON jobs(memo_key) WHERE memo_key IS NOT NULL AND state IN (4, 5, 6);
+    """,
 ]
-# Pages the WAL may hold before a commit copies them into the database (SQLite's default is 1,000). A batch
-# of a thousand submissions changes a few thousand index pages, so the default checkpointed at every commit;
+# Spelled as in the index jobs_memo_finished's definition: SQLite uses a partial index only for a query that
+# names its condition.
+_FINISHED = "state IN (4, 5, 6)"
+# Pages the WAL may hold before they are copied into the database (SQLite's default is 1,000). A batch of a
+# thousand submissions changes a few thousand index pages, so the default checkpointed at every commit;
 # checkpointing less often writes each page once for many commits. Durability is the WAL's (its fsync at
 # every commit), not the checkpoint's.
 WAL_AUTOCHECKPOINT = 16_384
+# The copying is done by a checkpointer thread on a connection of its own, PASSIVE (it never holds up the
+# writer), once about that many pages are written: a submitted job's change writes about four (its row, its
+# event, two index entries at random places). A commit that checkpointed itself took 60-110 ms instead of 10,
+# and the release of waiting jobs could be that commit. The writer checkpoints only as a backstop, should the
+# checkpointer fall far behind.
+CHANGES_PER_CHECKPOINT = WAL_AUTOCHECKPOINT // 4
+WRITER_AUTOCHECKPOINT = 2 * WAL_AUTOCHECKPOINT
 
 
 def _work(spec: jpb.JobSpec) -> str:
@@ -88,6 +111,57 @@ def _work(spec: jpb.JobSpec) -> str:
     if which == "command":
         return spec.command.argv[0] if spec.command.argv else ""
     return which or ""
+
+
+# Rows go in as one JSON array (`json_each(:rows)`), with the row's blob, if the table takes one, as its
+# [start, length] in one concatenated blob (:blobs): see `_write_rows`.
+def _column(i: int) -> str:
+    return f"json_extract(r.value, '$[{i}]')"
+
+
+def _blob(i: int) -> str:
+    # substr() of an empty blob (every blob of the statement empty) is NULL, not an empty blob
+    return f"ifnull(substr(:blobs, {_column(i)}, {_column(i + 1)}), x'')"
+
+
+def _next_rowid(table: str) -> str:
+    """The rowid of a row: the next free one plus its place in the array, so rows keep their order (the order
+    an owner's jobs are listed in, and a job's group joins are read in) without sorting them."""
+    return f"(SELECT ifnull(max(rowid), 0) FROM {table}) + 1 + r.key"
+
+
+_ROWS = "FROM json_each(:rows) AS r"
+_INSERT_ALIASES = f"INSERT INTO aliases (rowid, id, target, owner, member_of) SELECT {_next_rowid('aliases')}, " \
+                  f"{', '.join(map(_column, range(4)))} {_ROWS}"
+_INSERT_EVENTS = f"INSERT INTO events (seq, job_id, owner, body) SELECT {_column(0)}, {_column(1)}, {_column(2)}, " \
+                 f"{_blob(3)} {_ROWS}"
+_INSERT_JOBS = f"INSERT INTO jobs (rowid, id, owner, state, memo_key, work, record) SELECT {_next_rowid('jobs')}, " \
+               f"{', '.join(map(_column, range(5)))}, {_blob(5)} {_ROWS}"
+_UPDATE_JOBS = f"UPDATE jobs SET state = {_column(1)}, record = {_blob(2)} {_ROWS} WHERE jobs.id = {_column(0)}"
+_BLOBS_PER_STATEMENT = 64 * 2**20   # bytes: far under SQLite's limit of 1e9 for one value
+
+
+def _write_rows(conn: sqlite3.Connection, statement: str, rows: list[tuple[Any, ...]],
+                blobs: list[bytes] | None = None) -> None:
+    """Run `statement` (one of the above) over `rows` of text, integers and None, with `blobs[i]` the blob of
+    row i if the table takes one, in a statement or a few rather than one per row. A statement is one step of
+    SQLite's, and the sqlite3 module lets go of the GIL around each step and must take it back after: a step
+    per row (`executemany`) meant thousands of hand-offs per transaction, each waiting up to the interpreter's
+    switch interval (5 ms) while the event loop computed, so the writer advanced only when the loop was idle."""
+    if not rows:
+        return
+    if blobs is None:
+        conn.execute(statement, {"rows": json.dumps(rows, separators=(",", ":"), ensure_ascii=False)})
+        return
+    lengths = [len(blob) for blob in blobs]
+    if len(rows) > 1 and sum(lengths) > _BLOBS_PER_STATEMENT:
+        half = len(rows) // 2
+        _write_rows(conn, statement, rows[:half], blobs[:half])
+        _write_rows(conn, statement, rows[half:], blobs[half:])
+        return
+    document = [(*row, start, length) for row, start, length in zip(rows, accumulate(lengths, initial=1), lengths)]
+    conn.execute(statement, {"rows": json.dumps(document, separators=(",", ":"), ensure_ascii=False),
+                             "blobs": b"".join(blobs)})
 
 
 class StoreError(RuntimeError):
@@ -122,6 +196,9 @@ class Store:
         self._on_commit = on_commit
         self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="park-store-writer")
         self._reader_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="park-store-reader")
+        self._checkpoint_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="park-store-checkpoint")
+        self._unchecked = 0          # changes committed since the last checkpoint began
+        self._checkpointing = False
         self._local = threading.local()
         self._writer: sqlite3.Connection | None = None
         self._pending: list[tuple[list[Change], asyncio.Future[None]]] = []
@@ -132,7 +209,7 @@ class Store:
     def open(self) -> None:
         """Create or check the schema. Raises StoreError for an unknown version."""
         self._writer = self._writer_pool.submit(_connect, self.path).result()
-        self._writer.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+        self._writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}")
         version = self._writer.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}; this broker knows {SCHEMA_VERSION}")
@@ -143,6 +220,7 @@ class Store:
     def close(self) -> None:
         self._writer_pool.shutdown(wait=True)
         self._reader_pool.shutdown(wait=True)
+        self._checkpoint_pool.shutdown(wait=True)
         if self._writer is not None:
             self._writer.close()
 
@@ -184,8 +262,22 @@ class Store:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
+                self._unchecked += sum(len(cs) for cs, _ in batch)
+                if self._unchecked >= CHANGES_PER_CHECKPOINT and not self._checkpointing:
+                    self._unchecked, self._checkpointing = 0, True
+                    checkpoint = loop.run_in_executor(self._checkpoint_pool, self._checkpoint)
+                    checkpoint.add_done_callback(self._checkpointed)
         finally:
             self._flushing = False
+
+    def _checkpoint(self) -> None:
+        self._reader().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    def _checkpointed(self, checkpoint: asyncio.Future[None]) -> None:
+        self._checkpointing = False
+        if not checkpoint.cancelled() and checkpoint.exception() is not None:
+            # Nothing is lost: the pages stay in the WAL for the next checkpoint (or the writer's backstop).
+            log.warning("checkpoint failed: %s", checkpoint.exception())
 
     def _write(self, changes: Sequence[Change]) -> None:
         """One transaction: every change's event, in order, and each job's row once, as its last change left
@@ -196,11 +288,10 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Sequence numbers are given here, in order, from where AUTOINCREMENT would start: the writer holds
-            # the database's write lock, and rows go in with one executemany per table (a statement per row
-            # cost more than the rest of a job's write).
+            # the database's write lock, and rows go in with one statement per table (`_write_rows`).
             seq = conn.execute("SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0), "
                                "COALESCE((SELECT MAX(seq) FROM events), 0))").fetchone()[0]
-            aliases, events = [], []
+            aliases, events, bodies = [], [], []
             rows: dict[str, tuple[jpb.Job, bool]] = {}   # job id -> (its last record, whether its row is new)
             for change in changes:
                 job, event = change.job, change.event
@@ -208,18 +299,20 @@ class Store:
                     aliases.append((job.id, change.alias_of, job.owner, job.spec.member_of or None))
                 seq += 1
                 event.ClearField("seq")
-                events.append((seq, job.id, job.owner, event.SerializeToString()))
+                events.append((seq, job.id, job.owner))
+                bodies.append(event.SerializeToString())
                 event.seq = job.last_seq = seq
                 if change.record:
                     earlier = rows.get(job.id)
                     rows[job.id] = (job, change.insert or (earlier is not None and earlier[1]))
-            conn.executemany("INSERT INTO aliases (id, target, owner, member_of) VALUES (?, ?, ?, ?)", aliases)
-            conn.executemany("INSERT INTO events (seq, job_id, owner, body) VALUES (?, ?, ?, ?)", events)
-            conn.executemany("INSERT INTO jobs (id, owner, state, record, memo_key, work) VALUES (?, ?, ?, ?, ?, ?)",
-                             [(job.id, job.owner, job.state, job.SerializeToString(), job.memo_key or None,
-                               _work(job.spec)) for job, new in rows.values() if new])
-            conn.executemany("UPDATE jobs SET state = ?, record = ? WHERE id = ?",
-                             [(job.state, job.SerializeToString(), job.id) for job, new in rows.values() if not new])
+            new = [job for job, inserted in rows.values() if inserted]
+            changed = [job for job, inserted in rows.values() if not inserted]
+            _write_rows(conn, _INSERT_ALIASES, aliases)
+            _write_rows(conn, _INSERT_EVENTS, events, bodies)
+            _write_rows(conn, _INSERT_JOBS, [(job.id, job.owner, job.state, job.memo_key or None, _work(job.spec))
+                                             for job in new], [job.SerializeToString() for job in new])
+            _write_rows(conn, _UPDATE_JOBS, [(job.id, job.state) for job in changed],
+                        [job.SerializeToString() for job in changed])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -236,6 +329,8 @@ class Store:
         return conn
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # Callers with nothing to ask skip this: a submission asks several questions per batch, and a hop
+        # to a reader thread waits for the GIL behind the writer and the event loop.
         return await asyncio.get_running_loop().run_in_executor(self._reader_pool, fn, *args)
 
     async def get(self, job_id: str) -> jpb.Job | None:
@@ -246,7 +341,8 @@ class Store:
         return jpb.Job.FromString(row[0]) if row else None
 
     async def get_many(self, job_ids: Iterable[str]) -> dict[str, jpb.Job]:
-        return await self._read(self._get_many, list(job_ids))
+        wanted = list(job_ids)
+        return await self._read(self._get_many, wanted) if wanted else {}
 
     def _get_many(self, job_ids: list[str]) -> dict[str, jpb.Job]:
         """Records by id; an alias id maps to the record of the job it names."""
@@ -269,21 +365,24 @@ class Store:
 
     async def by_memo_keys(self, keys: Iterable[str]) -> dict[str, jpb.Job]:
         """The completed job of each memo key that has one (the earliest, if several)."""
-        return await self._read(self._by_memo_keys, sorted(set(keys)))
+        wanted = sorted(set(keys))
+        return await self._read(self._by_memo_keys, wanted) if wanted else {}
 
     def _by_memo_keys(self, keys: list[str]) -> dict[str, jpb.Job]:
-        rows = self._rows(f"SELECT memo_key, record FROM jobs WHERE memo_key IN ({{}}) AND state = "
+        rows = self._rows(f"SELECT memo_key, record FROM jobs WHERE memo_key IN ({{}}) AND {_FINISHED} AND state = "
                           f"{jpb.JOB_STATE_COMPLETED} ORDER BY rowid DESC", keys)
         return {key: jpb.Job.FromString(record) for key, record in rows}
 
     async def same_key_before(self, job: jpb.Job) -> jpb.Job | None:
-        """The latest job before `job` of the same owner and memo key (one that did not complete)."""
+        """The latest finished job before `job` of the same owner and memo key (one that did not complete: an
+        earlier one still active, or completed, when `job` came would have been reused)."""
         return await self._read(self._same_key_before, job)
 
     def _same_key_before(self, job: jpb.Job) -> jpb.Job | None:
         row = self._reader().execute(
-            "SELECT record FROM jobs WHERE owner = ? AND memo_key = ? AND rowid < (SELECT rowid FROM jobs WHERE id = ?) "
-            "ORDER BY rowid DESC LIMIT 1", (job.owner, job.memo_key, job.id)).fetchone()
+            f"SELECT record FROM jobs WHERE owner = ? AND memo_key = ? AND {_FINISHED} "
+            "AND rowid < (SELECT rowid FROM jobs WHERE id = ?) ORDER BY rowid DESC LIMIT 1",
+            (job.owner, job.memo_key, job.id)).fetchone()
         return jpb.Job.FromString(row[0]) if row else None
 
     async def nearest(self, job: jpb.Job) -> jpb.Job | None:
@@ -354,7 +453,8 @@ class Store:
 
     async def reports(self, job_ids: Iterable[str]) -> dict[str, list[dict[str, float]]]:
         """The progress reports of each job, oldest first."""
-        return await self._read(self._reports, list(job_ids))
+        wanted = list(job_ids)
+        return await self._read(self._reports, wanted) if wanted else {}
 
     def _reports(self, job_ids: list[str]) -> dict[str, list[dict[str, float]]]:
         out: dict[str, list[dict[str, float]]] = {}

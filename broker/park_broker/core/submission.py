@@ -100,14 +100,18 @@ class Submissions:
         try:
             if len(specs) > MAX_BATCH:
                 fail(Code.INVALID_ARGUMENT, f"a batch holds at most {MAX_BATCH} jobs; got {len(specs)}")
+            # Each spec is checked on its own, before the batch's turn: while the batch it follows is still
+            # being decided (or reads the store), this one's checks use the event loop.
+            prepared = self._check(owner, specs, may)
             await turn.wait()
             with self.ledger.submitting():
-                return await self._submit_many(owner, specs, may, turn)
+                return await self._submit_many(owner, prepared, turn)
         finally:
             turn.decided()   # also when the batch failed as a whole: the next one goes on
 
-    async def _submit_many(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str], turn: Turn
-                           ) -> list[Submission]:
+    def _check(self, owner: str, specs: list[jpb.JobSpec], may: frozenset[str]) -> list[_Prepared | BrokerError]:
+        """Each spec checked on its own (its shape, and whether `owner` may submit it), reading nothing of
+        other jobs."""
         prepared: list[_Prepared | BrokerError] = []
         for spec in specs:
             try:
@@ -123,6 +127,10 @@ class Submissions:
                 prepared.append(exc)
             except Exception as exc:  # noqa: BLE001 - a check that broke refuses its spec, not the batch
                 prepared.append(_unexpected(spec, exc))
+        return prepared
+
+    async def _submit_many(self, owner: str, prepared: list[_Prepared | BrokerError], turn: Turn
+                           ) -> list[Submission]:
         ok = [p for p in prepared if isinstance(p, _Prepared)]
         installing = self.ledger.installing()
         for p in ok:
@@ -207,8 +215,7 @@ class Submissions:
             if p.key:
                 job.memo_key, job.memo_inputs = p.key, p.inputs
             self.ledger.add(job, self.admission.installs(owner, spec))
-            batch.changes.append(self.ledger.change(
-                job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
+            batch.changes.append(self.ledger.change(job, _submitted(spec, owner), insert=True))
             if group is not None:   # before its condition is judged: a job cancelled at once still counts
                 joined[group.id] = (group, job.id)
                 for decision in self.transitions.join(job, group, batch):
@@ -253,8 +260,7 @@ class Submissions:
         job = self._new_job(owner, spec, now)
         job.group.size = spec.group.size
         self.ledger.add(job)
-        batch.changes.append(self.ledger.change(
-            job, jpb.Event(submitted=jpb.Submitted(spec=spec, owner=owner)), insert=True))
+        batch.changes.append(self.ledger.change(job, _submitted(spec, owner), insert=True))
 
     def _canonical(self, spec: jpb.JobSpec, cond: Condition | None, stored: dict[str, jpb.Job]
                    ) -> tuple[jpb.JobSpec, Condition | None]:
@@ -334,6 +340,14 @@ class Submissions:
         return jpb.Job(id=spec.id, site=self.site.name, owner=owner, spec=spec, state=jpb.JOB_STATE_WAITING,
                        url=f"park://{self.site.name}/files/{owner}/{spec.id}/{output}",
                        filename=f"{directory}/{output}", directory=directory, submitted_at=now)
+
+
+def _submitted(spec: jpb.JobSpec, owner: str) -> jpb.Event:
+    """A new job's first event. Filled in place: `Event(submitted=Submitted(spec=spec))` copies the spec twice."""
+    event = jpb.Event()
+    event.submitted.owner = owner
+    event.submitted.spec.CopyFrom(spec)
+    return event
 
 
 def _check_delegation(owner: str, spec: jpb.JobSpec) -> None:
