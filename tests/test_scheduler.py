@@ -94,3 +94,23 @@ def test_atoms_resolved_before_a_job_arrives_count_for_its_verdict() -> None:
     assert s.pending_atoms() == {key("b"), key("c")}
     [d] = s.resolve_all({key("b"): State.READY})
     assert d.verdict is Verdict.START and d.atoms == (key("a"), key("b"))
+
+
+def test_a_verdict_waits_for_the_rest_of_a_transition_a_peer_brings_in_parts() -> None:
+    """A peer answers atoms asked in different requests in different messages: the job's completion may arrive
+    before its `finished`. `x & ~y` must not start on the first part; it is decided once both are in (never,
+    as when they come together), while a condition with no other atom of that job is decided at once."""
+    completed, finished = AtomKey("cluster", "j" * 26, "completed"), AtomKey("cluster", "j" * 26, "finished")
+    other = AtomKey("cluster", "k" * 26, "completed")
+    s = Scheduler()
+    assert s.add("split", Atom(completed) & ~Atom(finished), {}) is None
+    assert s.add("plain", Atom(completed) | Atom(other), {}) is None
+    assert s.add("improved", Atom(completed) & ~Atom(AtomKey("cluster", "j" * 26, "improved", "chisq < 1")), {}) is None
+    first = s.resolve_all({completed: State.READY})
+    assert [(d.job_id, d.verdict) for d in first] == [("plain", Verdict.START)]
+    assert [(d.job_id, d.verdict) for d in s.resolve_all({finished: State.READY})] == [("split", Verdict.NEVER)]
+    assert "improved" in s   # its improved(...) atom, of the same ended job, is still to come
+    together = Scheduler()
+    together.add("split", Atom(completed) & ~Atom(finished), {})
+    assert [(d.job_id, d.verdict) for d in together.resolve_all({completed: State.READY, finished: State.READY})] \
+        == [("split", Verdict.NEVER)]

@@ -49,6 +49,13 @@ def job_atom_states(job_state: str) -> dict[str, State]:
             "improved": State.PENDING}
 
 
+def _ends(key: AtomKey, state: State) -> bool:
+    """Whether an atom's resolution says its job has ended: its completed, cancelled and finished atoms resolve
+    only at its terminal transition, and an improved(...) atom is CANCELLED only there."""
+    return state is not State.PENDING and (
+        key.kind in ("completed", "cancelled", "finished") or (key.kind == "improved" and state is State.CANCELLED))
+
+
 class Scheduler:
     """The atom -> waiting-jobs index and the verdicts it implies."""
 
@@ -108,13 +115,26 @@ class Scheduler:
             for job_id in waiting:
                 self._resolved.setdefault(job_id, {})[atom] = state
             affected |= waiting
+        ended = {(key.site, key.job_id) for key, state in updates.items() if _ends(key, state)}
         decisions = []
         for job_id in sorted(affected):
+            if ended and self._awaits_rest_of_transition(job_id, ended):
+                continue   # decided when the rest arrives: it is already on its way
             decision = self._decide(job_id, self._waiting[job_id], self._resolved[job_id])
             if decision is not None:
                 self.remove(job_id)
                 decisions.append(decision)
         return decisions
+
+    def _awaits_rest_of_transition(self, job_id: str, ended: set[tuple[str, str]]) -> bool:
+        """Whether a waiting job still waits on an atom of a job whose terminal transition these updates come
+        from. That transition resolved all of its job's atoms at once, but a peer's answers may bring them in
+        parts (atoms asked for in different requests are answered in different messages): a verdict on part
+        of a transition could differ from the verdict on all of it (`x & ~y` of one job's completed and
+        finished), and must not depend on how the atoms were asked for (DESIGN §2)."""
+        resolved = self._resolved[job_id]
+        return any(atom not in resolved and (atom.key.site, atom.key.job_id) in ended
+                   for atom in self._waiting[job_id].depends)
 
     def pending_atoms(self) -> set[AtomKey]:
         return set(self._index)
